@@ -1,0 +1,342 @@
+"""Continual-learning metrics from per-probe scores (pure numpy; formulas in docs/metrics.md).
+
+Input everywhere is one dict of per-probe scores per evaluated model state:
+``rows[0]`` is the base model before any training and ``rows[k]`` (k = 1..T) the model after
+training period k. Every row must score every probe: a metric that compares rows is only
+meaningful when the rows scored the same probes, so a missing probe id is a ValueError, never a
+silently smaller mean.
+
+Two kinds of metric are derived:
+
+* matrix metrics (ACC, BWT, FWT, forgetting) from the score matrix R (rows = model states,
+  columns = the periods whose probes are asked), on standard (non-paraphrase) probes;
+* subset metrics (plasticity, stability, temporal recall, paraphrase) that pick probes by kind /
+  validity inside one row. These are computed from per-probe scores directly, not from R,
+  because R averages over all kinds of a period and would mix re-trained and retained facts.
+
+Every value returned by ``derive_metrics`` is JSON-safe: NaN (nothing to average) becomes None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from data.schema import PROBE_KINDS, Probe
+
+Rows = Sequence[Mapping[str, float]]
+
+# Kinds whose value is in the period's own training data: what plasticity measures. Period 1
+# holds only "new" probes, later periods "changed" ones (and "new" ones if a benchmark introduces
+# subjects later; those are also learned in that period, so they belong here too).
+PLASTICITY_KINDS: frozenset[str] = frozenset({"new", "changed"})
+# Kind whose value is NOT re-trained in the period: what stability measures (see docs/metrics.md).
+STABILITY_KINDS: frozenset[str] = frozenset({"unchanged"})
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and small helpers
+
+
+def _check_inputs(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]) -> None:
+    """Raise ValueError on inputs no metric can be computed from, naming what to fix."""
+    if not period_names:
+        raise ValueError("period_names is empty: need at least one period")
+    if len(set(period_names)) != len(period_names):
+        raise ValueError(f"period_names has duplicates: {list(period_names)}")
+    if len(rows) != len(period_names) + 1:
+        raise ValueError(
+            f"got {len(rows)} score rows for {len(period_names)} periods: need T+1 = "
+            f"{len(period_names) + 1} (row 0 = base model, row k = after period k)"
+        )
+    known = set(period_names)
+    seen: set[str] = set()
+    for p in probes:
+        if p.id in seen:
+            raise ValueError(f"duplicate probe id {p.id!r}: it would be counted twice")
+        seen.add(p.id)
+        if p.period not in known:
+            raise ValueError(f"probe {p.id!r} has period {p.period!r}, not in {list(period_names)}")
+        if p.valid_until is not None and p.valid_until not in known:
+            raise ValueError(
+                f"probe {p.id!r} has valid_until {p.valid_until!r}, not in {list(period_names)}"
+            )
+
+
+def _check_rows_cover(rows: Rows, probes: Sequence[Probe]) -> None:
+    """Every row must hold a finite score for every probe (same probes across rows)."""
+    for k, row in enumerate(rows):
+        for p in probes:
+            if p.id not in row:
+                raise ValueError(
+                    f"score row {k} has no score for probe {p.id!r}: every row must score the same "
+                    f"probes (re-run the evaluation of that row)"
+                )
+            if not math.isfinite(float(row[p.id])):
+                raise ValueError(f"score row {k} has a non-finite score for probe {p.id!r}")
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN when there are none (no RuntimeWarning, unlike nanmean)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _subset_score(row: Mapping[str, float], subset: Sequence[Probe]) -> float:
+    """Mean score of one row over a subset of probes; NaN for an empty subset."""
+    if not subset:
+        return math.nan
+    return float(np.mean([float(row[p.id]) for p in subset]))
+
+
+def _json_safe(x: Any) -> Any:
+    """Floats (numpy too) as Python floats, NaN/inf as None, recursing through lists and dicts."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# the score matrix and the matrix metrics
+
+
+def score_matrix(
+    rows: Rows,
+    probes: Sequence[Probe],
+    period_names: Sequence[str],
+    select: Callable[[Probe], bool] = lambda p: True,
+) -> np.ndarray:
+    """R of shape (T+1, T): R[k, t] = mean score in row k over period t's probes with select(p).
+
+    Row index k is the 1-based period after which the row was scored (0 = base); column t is the
+    0-based position of the probe's period in ``period_names``. NaN where no probe is selected.
+    Raises ValueError if any row lacks a selected probe id.
+    """
+    _check_inputs(rows, probes, period_names)
+    chosen = [p for p in probes if select(p)]
+    _check_rows_cover(rows, chosen)
+    by_period = {name: [p for p in chosen if p.period == name] for name in period_names}
+    matrix = np.full((len(rows), len(period_names)), np.nan, dtype=float)
+    for k, row in enumerate(rows):
+        for t, name in enumerate(period_names):
+            matrix[k, t] = _subset_score(row, by_period[name])
+    return matrix
+
+
+def _check_matrix(r: np.ndarray) -> int:
+    """Return T for a (T+1, T) matrix; assert the shape (an invariant of score_matrix)."""
+    assert r.ndim == 2 and r.shape[0] == r.shape[1] + 1, f"R must be (T+1, T), got {r.shape}"
+    return r.shape[1]
+
+
+def average_accuracy(r: np.ndarray) -> float:
+    """ACC = 1/T * sum_{t=1..T} R[T][t]: final-model score averaged over periods."""
+    t_count = _check_matrix(r)
+    return _mean(r[t_count, :].tolist())
+
+
+def backward_transfer(r: np.ndarray) -> float:
+    """BWT = 1/(T-1) * sum_{t=1..T-1} (R[T][t] - R[t][t]); NaN for T = 1.
+
+    1-based formula on a 0-based array: period t is column t-1 and the row after period t is row t.
+    """
+    t_count = _check_matrix(r)
+    terms = [r[t_count, t - 1] - r[t, t - 1] for t in range(1, t_count)]
+    return _mean(terms)
+
+
+def forward_transfer(r: np.ndarray) -> float:
+    """FWT = 1/(T-1) * sum_{t=2..T} (R[t-1][t] - R[0][t]); NaN for T = 1.
+
+    Lopez-Paz & Ranzato (2017) with the base model (row 0) as the reference b_t: how much training
+    up to period t-1 already helps on period t's probes, before period t is seen.
+    """
+    t_count = _check_matrix(r)
+    terms = [r[t - 1, t - 1] - r[0, t - 1] for t in range(2, t_count + 1)]
+    return _mean(terms)
+
+
+def forgetting(r: np.ndarray) -> float:
+    """F = 1/(T-1) * sum_{t=1..T-1} (max_{l=t..T-1} R[l][t] - R[T][t]) (Chaudhry et al. 2018).
+
+    The best score a period ever had after it was trained (rows t..T-1) minus its final score.
+    NaN for T = 1.
+    """
+    t_count = _check_matrix(r)
+    terms = []
+    for t in range(1, t_count):
+        column = r[t:t_count, t - 1]  # rows l = t..T-1
+        best = np.nan if np.all(np.isnan(column)) else float(np.nanmax(column))
+        terms.append(best - r[t_count, t - 1])
+    return _mean(terms)
+
+
+# ----------------------------------------------------------------------------------------------
+# subset metrics, from per-probe scores
+
+
+def _per_period_subset(
+    rows: Rows,
+    probes: Sequence[Probe],
+    period_names: Sequence[str],
+    pick: Callable[[Probe, int], bool],
+) -> list[float]:
+    """For k = 1..T: mean score in row k over the probes with pick(probe, k); NaN where none."""
+    return [
+        _subset_score(rows[k], [p for p in probes if pick(p, k)])
+        for k in range(1, len(period_names) + 1)
+    ]
+
+
+def plasticity(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]) -> list[float]:
+    """For k = 1..T: score on period k's standard probes of kind new/changed, after period k."""
+    index = {name: i + 1 for i, name in enumerate(period_names)}
+    return _per_period_subset(
+        rows,
+        probes,
+        period_names,
+        lambda p, k: not p.paraphrase and index[p.period] == k and p.kind in PLASTICITY_KINDS,
+    )
+
+
+def stability(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]) -> list[float]:
+    """For k = 1..T: score on period k's standard "unchanged" probes after period k (NaN if none).
+
+    Only facts absent from period k's training data count: a re-trained fact measures
+    re-learning, not retention.
+    """
+    index = {name: i + 1 for i, name in enumerate(period_names)}
+    return _per_period_subset(
+        rows,
+        probes,
+        period_names,
+        lambda p, k: not p.paraphrase and index[p.period] == k and p.kind in STABILITY_KINDS,
+    )
+
+
+def temporal_recall(
+    rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]
+) -> list[float]:
+    """For k = 1..T: score after period k on standard probes of earlier periods (t < k) whose value
+    no longer holds at period k (valid_until is set and index(valid_until) <= k). NaN if none
+    (always for k = 1)."""
+    index = {name: i + 1 for i, name in enumerate(period_names)}
+
+    def formerly_true(p: Probe, k: int) -> bool:
+        return (
+            not p.paraphrase
+            and index[p.period] < k
+            and p.valid_until is not None
+            and index[p.valid_until] <= k
+        )
+
+    return _per_period_subset(rows, probes, period_names, formerly_true)
+
+
+def routing_accuracy(
+    routed: Mapping[str, str] | None, probes: Sequence[Probe]
+) -> float | None:
+    """Fraction of probes whose routed memory version (a period name) equals the probe's period.
+
+    ``routed`` maps probe id -> the period name of the memory version the router chose at
+    evaluation time (from the prompt alone). None means the method does not route: the metric is
+    then None, never NaN. A routing method must route every probe (ValueError otherwise).
+    """
+    if routed is None or not probes:
+        return None
+    missing = [p.id for p in probes if p.id not in routed]
+    if missing:
+        raise ValueError(
+            f"routing decisions missing for {len(missing)} probe(s), e.g. {missing[0]!r}: a "
+            f"routing method must record a routed version for every probe it answers"
+        )
+    return float(np.mean([routed[p.id] == p.period for p in probes]))
+
+
+# ----------------------------------------------------------------------------------------------
+# everything at once, JSON-safe
+
+
+def _count_probes(probes: Sequence[Probe]) -> dict[str, Any]:
+    counts: dict[str, Any] = {"total": len(probes)}
+    for group, flag in (("standard", False), ("paraphrase", True)):
+        counts[group] = {
+            kind: sum(1 for p in probes if p.paraphrase == flag and p.kind == kind)
+            for kind in PROBE_KINDS
+        }
+        counts[group]["total"] = sum(1 for p in probes if p.paraphrase == flag)
+    return counts
+
+
+def _matrix_metrics(r: np.ndarray, suffix: str) -> dict[str, float]:
+    return {
+        f"acc{suffix}": average_accuracy(r),
+        f"bwt{suffix}": backward_transfer(r),
+        f"fwt{suffix}": forward_transfer(r),
+        f"forgetting{suffix}": forgetting(r),
+    }
+
+
+def derive_metrics(
+    rows_em: Rows,
+    rows_f1: Rows,
+    probes: Sequence[Probe],
+    period_names: Sequence[str],
+) -> dict[str, Any]:
+    """All continual-learning metrics of one run, JSON-safe (NaN -> None). Keys: docs/metrics.md."""
+    for rows in (rows_em, rows_f1):
+        _check_inputs(rows, probes, period_names)
+        _check_rows_cover(rows, probes)
+
+    def standard(p: Probe) -> bool:
+        return not p.paraphrase
+
+    def paraphrase(p: Probe) -> bool:
+        return p.paraphrase
+
+    t_count = len(period_names)
+    r_em = score_matrix(rows_em, probes, period_names, standard)
+    r_f1 = score_matrix(rows_f1, probes, period_names, standard)
+    r_para_em = score_matrix(rows_em, probes, period_names, paraphrase)
+
+    out: dict[str, Any] = {
+        "period_names": list(period_names),
+        "matrix_em": r_em,
+        "matrix_f1": r_f1,
+        "matrix_paraphrase_em": r_para_em,
+        **_matrix_metrics(r_em, ""),
+        **_matrix_metrics(r_f1, "_f1"),
+    }
+
+    for name, fn in (
+        ("plasticity", plasticity),
+        ("stability", stability),
+        ("temporal_recall", temporal_recall),
+    ):
+        per_k_em = fn(rows_em, probes, period_names)
+        per_k_f1 = fn(rows_f1, probes, period_names)
+        out[name] = per_k_em
+        out[f"{name}_mean"] = _mean(per_k_em)
+        out[f"{name}_mean_f1"] = _mean(per_k_f1)
+        if name == "temporal_recall":
+            out["temporal_recall_final"] = per_k_em[-1]
+            out["temporal_recall_final_f1"] = per_k_f1[-1]
+
+    # Paraphrase: pooled over all paraphrase probes for the final model, and the diagonal of the
+    # paraphrase matrix (each period's paraphrases right after that period was trained).
+    para_probes = [p for p in probes if p.paraphrase]
+    out["paraphrase_em_final"] = _subset_score(rows_em[t_count], para_probes)
+    out["paraphrase_em_diag"] = _mean([r_para_em[k, k - 1] for k in range(1, t_count + 1)])
+    out["num_probes"] = _count_probes(probes)
+    return _json_safe(out)
