@@ -1,0 +1,51 @@
+"""Shared helpers: run main.py as a real process on a small synthetic benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough for seconds per run, large enough for several optimizer steps per period.
+SMALL = ["--mode", "synthetic", "--set", "data.num_facts=12", "--set", "train.epochs=4",
+         "--set", "train.max_batch_size=4", "--set", "train.progress=false"]
+
+
+def main_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "main.py"), *args]
+
+
+def run_main(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(main_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def only_run_dir(run_root: Path) -> Path:
+    dirs = [d for d in run_root.iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def comparable(results: dict) -> dict:
+    """What must be identical between an interrupted and an uninterrupted run."""
+    return {k: results[k] for k in ("metrics", "final_state_sha256", "method_extras", "data_fingerprint",
+                                    "config_hash")}
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted small lora run, shared by the resume tests."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = run_main(*SMALL, "--method", "lora", "--run-root", str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_results(only_run_dir(root))

@@ -1,0 +1,96 @@
+"""The CLI as a user meets it: bad input exits 2 with one line and writes nothing; a run leaves
+exactly the documented files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from artifacts import verify_manifest
+from tests.conftest import SMALL, only_run_dir, run_main
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--method", "nope"], "method.name 'nope' is not a registered method; valid: full_ft, lora"),
+    (["--set", "train.bogus=1"], "unknown key train.bogus; known keys:"),
+    (["--set", "train.lr=fast"], "train.lr must be a number (got 'fast')"),
+    (["--mode", "real", "--model", "./no/such/model"], "model.name './no/such/model': no such directory"),
+    (["--benchmark", "/no/such/benchmark"], "/no/such/benchmark"),
+    (["--quantize", "4bit"], "model.quantize 4bit needs a CUDA GPU"),
+    (["--set", "data.change_share=2"], "data.change_share"),
+    (["--set", "method.lora.target_modules=[nope_proj]"], "method.lora.target_modules ['nope_proj']"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args, needle):
+    root = tmp_path / "runs"
+    proc = run_main("--mode", "synthetic", "--set", "train.progress=false", "--run-root", str(root), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line
+             and "warnings.warn" not in line]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert not root.exists()
+
+
+def test_malformed_yaml_and_malformed_data_file(tmp_path: Path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: [unclosed\n")
+    proc = run_main("--config", str(bad_yaml), "--run-root", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "bad.yaml" in proc.stderr and "line" in proc.stderr
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    (bench_dir / "benchmark.json").write_text("{not json")
+    proc = run_main("--mode", "synthetic", "--benchmark", str(bench_dir), "--run-root", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "benchmark.json" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_smoke_run_leaves_exactly_the_documented_files(tmp_path: Path):
+    root = tmp_path / "runs"
+    proc = run_main(*SMALL, "--method", "full_ft", "--run-root", str(root), "--seed", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ACC" in proc.stdout and str(root) in proc.stdout
+    run = only_run_dir(root)
+    assert run.name.startswith("temporalwiki-full_ft-s3-")
+    top = sorted(p.name for p in run.iterdir())
+    assert top == [".lock", "checkpoints", "config.yaml", "data", "periods", "results.json", "run.json",
+                   "tokenizer", "train_log.jsonl"]
+    assert list((run / "checkpoints").glob("*/step-*")) == []
+    periods = sorted(p.name for p in (run / "periods").iterdir())
+    assert periods == ["0-base", "1-2018", "2-2020", "3-2022", "4-2024"]
+    for name in periods:
+        files = sorted(str(p.relative_to(run / "periods" / name)) for p in (run / "periods" / name).rglob("*")
+                       if p.is_file())
+        assert files == ["eval/predictions.jsonl", "eval/scores.json", "manifest.json", "method_state.pt",
+                         "trainable.safetensors", "trainer_state.pt"]
+        ok, reason = verify_manifest(run / "periods" / name)
+        assert ok, reason
+    manifest = json.loads((run / "periods" / "2-2020" / "manifest.json").read_text())
+    for key in ("schema_version", "run_id", "method", "period_index", "period_name", "status", "config_hash",
+                "data_fingerprint", "code_version", "files", "metrics", "started_at", "finished_at",
+                "slurm_job_id", "restart_count", "trainable_sha256"):
+        assert key in manifest, key
+    assert manifest["status"] == "complete" and manifest["period_index"] == 2
+    results = json.loads((run / "results.json").read_text())
+    matrix = results["metrics"]["matrix_em"]
+    assert len(matrix) == 5 and all(len(row) == 4 for row in matrix)  # base row + 4 periods, 4 probe sets
+    # a rerun of a finished run is a no-op that reports the same numbers
+    again = run_main(*SMALL, "--method", "full_ft", "--run-root", str(root), "--seed", "3")
+    assert again.returncode == 0
+    assert json.loads((run / "results.json").read_text()) == results
+
+
+def test_second_writer_gets_a_clear_error_naming_the_holder(tmp_path: Path):
+    from artifacts import RunLock
+
+    root = tmp_path / "runs"
+    proc = run_main(*SMALL, "--method", "lora", "--run-root", str(root), "--run-id", "busy",
+                    "--set", "train.epochs=1")
+    assert proc.returncode == 0
+    # hold the lock from another process (this pytest process), then try to write
+    with RunLock(root / "busy"):
+        proc = run_main(*SMALL, "--method", "lora", "--run-root", str(root), "--run-id", "busy",
+                        "--set", "train.epochs=1")
+    assert proc.returncode == 3
+    assert "is locked by host=" in proc.stderr and "pid=" in proc.stderr

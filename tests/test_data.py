@@ -1,0 +1,376 @@
+"""Synthetic TemporalWiki generator, benchmark files, CASM raw reader and their error messages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from data import (
+    DataConfig,
+    DataError,
+    check_no_leakage,
+    load_benchmark,
+    read_benchmark,
+    read_casm_raw,
+    write_benchmark,
+)
+from data.build import fingerprint
+from data.schema import Benchmark, Passage, Period, Probe
+from data.templates import (
+    RELATIONS,
+    family_for,
+    family_problems,
+    normalise_relation,
+    prompt_of,
+    render,
+)
+from data.temporalwiki import generate
+
+PERIODS = ["2018", "2020", "2022", "2024"]
+
+# Real people, places and companies that must never appear in invented data.
+REAL_NAMES = ["London", "Paris", "Berlin", "Tokyo", "Madrid", "Rome", "Lima", "Oslo", "Vienna",
+              "Sydney", "Boston", "Chicago", "Texas", "Obama", "Einstein", "Newton", "Smith",
+              "Johnson", "Williams", "Mary", "John", "Google", "Microsoft", "Amazon", "Apple",
+              "Tesla", "Toyota", "Siemens"]
+
+
+@pytest.fixture(scope="module")
+def bench() -> Benchmark:
+    return generate(DataConfig())
+
+
+def facts_of(bench: Benchmark) -> dict[tuple[str, str], dict[str, str]]:
+    return {(f["subject"], f["relation"]): f["values"] for f in bench.meta["facts"]}
+
+
+def trained_keys(period: Period) -> set[tuple[str, str]]:
+    return {(p.subject, p.relation) for p in period.passages}
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def test_config_defaults_are_valid_and_errors_are_messages() -> None:
+    assert DataConfig().validate() == []
+    assert DataConfig(change_share=1.5).validate() == ["data.change_share must be in (0, 1] (got 1.5)"]
+    bad = DataConfig(seed=True, periods="2018", num_facts=0, passages_per_fact=4,  # type: ignore[arg-type]
+                     unchanged_probes_per_period=-1, paraphrase_share=float("nan"), benchmark="")
+    messages = bad.validate()  # must not raise, whatever the types
+    assert len(messages) == 7
+    assert all(m.startswith("data.") and "\n" not in m for m in messages)
+    assert DataConfig(periods=["2018", "2018"]).validate()
+    assert DataConfig(periods=["2018"]).validate()
+    assert DataConfig(periods=["20/18", "2020"]).validate()
+    with pytest.raises(DataError, match="data.num_facts"):
+        generate(DataConfig(num_facts=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# generator
+
+
+def test_generate_is_deterministic_and_files_byte_identical(tmp_path: Path) -> None:
+    a, b = generate(DataConfig()), generate(DataConfig())
+    assert a == b and a.meta == b.meta
+    write_benchmark(a, tmp_path / "a")
+    write_benchmark(b, tmp_path / "b")
+    assert (tmp_path / "a" / "benchmark.json").read_bytes() == \
+        (tmp_path / "b" / "benchmark.json").read_bytes()
+    other = generate(DataConfig(seed=1))
+    assert other.fingerprint != a.fingerprint
+    assert facts_of(other) != facts_of(a)
+
+
+def test_round_trip_through_files(tmp_path: Path, bench: Benchmark) -> None:
+    write_benchmark(bench, tmp_path)
+    back = read_benchmark(tmp_path)
+    assert back == bench and back.meta == bench.meta
+    assert load_benchmark(str(tmp_path), DataConfig()) == bench
+    assert load_benchmark(str(tmp_path / "benchmark.json"), DataConfig()) == bench
+
+
+def test_relations_and_templates() -> None:
+    assert len(RELATIONS) >= 15
+    assert len({spec.value_kind for spec in RELATIONS.values()}) >= 8
+    for spec in RELATIONS.values():
+        fam = spec.family
+        assert len(fam.training) >= 4 and len(fam.paraphrase) >= 2
+        assert family_problems(fam) == []
+        for template in fam.training + fam.paraphrase:
+            assert "{period}" in template and "{subject}" in template
+            assert template.endswith("{value}.")
+            text = render(template, "2020", "Zorvan Kell", "QX-4821")
+            assert text == prompt_of(template, "2020", "Zorvan Kell") + " QX-4821."
+    assert family_problems(family_for("harbour_master")) == []
+
+
+def test_uses_many_relations(bench: Benchmark) -> None:
+    assert len({p.relation for p in bench.periods[0].passages}) >= 15
+
+
+def test_names_are_invented() -> None:
+    for seed in range(3):
+        bench = generate(DataConfig(seed=seed, num_facts=60))
+        words = set()
+        for fact in bench.meta["facts"]:
+            for text in [fact["subject"], *fact["values"].values()]:
+                words.update(re.findall(r"[A-Za-z]+", text.lower()))
+        assert not words & {n.lower() for n in REAL_NAMES}
+
+
+def test_change_share_is_respected() -> None:
+    for num_facts, share in ((48, 0.25), (100, 0.3), (10, 0.05)):
+        bench = generate(DataConfig(num_facts=num_facts, change_share=share))
+        facts = facts_of(bench)
+        assert len(facts) == num_facts
+        for prev, cur in itertools.pairwise(PERIODS):
+            changed = sum(v[cur] != v[prev] for v in facts.values())
+            assert changed == max(1, int(share * num_facts + 0.5))
+
+
+def test_period_one_trains_every_fact_later_periods_only_the_diff(bench: Benchmark) -> None:
+    facts = facts_of(bench)
+    first = bench.periods[0]
+    assert trained_keys(first) == set(facts)
+    assert {p.kind for p in first.probes} == {"new"}
+    assert {(p.subject, p.relation) for p in first.probes} == set(facts)
+    for prev, period in itertools.pairwise(bench.periods):
+        changed = {k for k, v in facts.items() if v[period.name] != v[prev.name]}
+        assert trained_keys(period) == changed
+        assert {(p.subject, p.relation) for p in period.probes if p.kind == "changed"} == changed
+    for period in bench.periods:
+        per_fact: dict[tuple[str, str], list[Passage]] = {}
+        for passage in period.passages:
+            assert passage.value == facts[(passage.subject, passage.relation)][period.name]
+            assert passage.text.endswith(f" {passage.value}.") and period.name in passage.text
+            per_fact.setdefault((passage.subject, passage.relation), []).append(passage)
+        for passages in per_fact.values():
+            assert len(passages) == 2 and len({p.template_id for p in passages}) == 2
+
+
+def test_unchanged_probes_are_not_trained_in_their_period(bench: Benchmark) -> None:
+    for period in bench.periods[1:]:
+        unchanged = [p for p in period.probes if p.kind == "unchanged"]
+        assert len([p for p in unchanged if not p.paraphrase]) == 16
+        trained = trained_keys(period)
+        for probe in unchanged:
+            assert (probe.subject, probe.relation) not in trained
+            assert probe.value == probe.previous_value
+
+
+def test_probe_wording_never_trained(bench: Benchmark) -> None:
+    all_texts = [p.text for period in bench.periods for p in period.passages]
+    assert all(re.fullmatch(r"[a-z_]+/t\d", p.template_id)
+               for period in bench.periods for p in period.passages)
+    for period in bench.periods:
+        used = {}
+        for passage in period.passages:
+            used.setdefault((passage.subject, passage.relation), set()).add(passage.template_id)
+        for probe in period.probes:
+            if probe.paraphrase:
+                assert re.fullmatch(r"[a-z_]+/p\d", probe.template_id)
+                assert not any(probe.prompt in text for text in all_texts)
+            else:
+                assert probe.template_id not in used.get((probe.subject, probe.relation), set())
+    # every paraphrase wording of every relation, rendered for every trained fact: never a passage
+    for period in bench.periods:
+        for passage in period.passages:
+            for template in family_for(passage.relation).paraphrase:
+                assert render(template, period.name, passage.subject, passage.value) not in all_texts
+
+
+def test_paraphrase_share_and_ids(bench: Benchmark) -> None:
+    ids = [p.id for p in bench.all_probes()]
+    assert len(ids) == len(set(ids))
+    for period in bench.periods:
+        standard = [p for p in period.probes if not p.paraphrase]
+        paraphrase = [p for p in period.probes if p.paraphrase]
+        for kind in ("new", "changed", "unchanged"):
+            n = sum(p.kind == kind for p in standard)
+            assert sum(p.kind == kind for p in paraphrase) == int(0.5 * n + 0.5)
+        std_by_key = {(p.subject, p.relation): p for p in standard}
+        for para in paraphrase:
+            std = std_by_key[(para.subject, para.relation)]
+            assert para.id == std.id.replace(":std", ":para")
+            assert replace(para, id=std.id, prompt=std.prompt, template_id=std.template_id,
+                           paraphrase=False) == std
+
+
+def test_no_leakage_on_generated_data(bench: Benchmark) -> None:
+    check_no_leakage(bench)
+    check_no_leakage(generate(DataConfig(seed=7, num_facts=200, passages_per_fact=3)))
+
+
+def test_leakage_check_catches_a_leaky_benchmark(tmp_path: Path) -> None:
+    passage = Passage(text="In 2018, the mayor of Veltrassa was Zorvan Kell.", subject="Veltrassa",
+                      relation="mayor", value="Zorvan Kell", period="2018", template_id="mayor/t0")
+    probe = Probe(id="2018:Veltrassa:mayor:std", subject="Veltrassa", relation="mayor",
+                  value="Zorvan Kell", period="2018", valid_from="2018", valid_until=None,
+                  previous_value=None, kind="new", paraphrase=False,
+                  prompt="In 2018, the mayor of Veltrassa was", template_id="mayor/t0")
+    periods = (Period(1, "2018", (passage,), (probe,)), Period(2, "2020", (), ()))
+    leaky = Benchmark("leaky", periods, fingerprint("leaky", periods))
+    with pytest.raises(DataError, match=r"probe 2018:Veltrassa:mayor:std") as info:
+        check_no_leakage(leaky)
+    assert "\n" not in str(info.value)
+    write_benchmark(leaky, tmp_path)
+    with pytest.raises(DataError, match="appears verbatim"):
+        load_benchmark(str(tmp_path), DataConfig())
+
+
+def test_valid_from_until_previous_on_every_probe(bench: Benchmark) -> None:
+    facts = facts_of(bench)
+    for probe in bench.all_probes():
+        values = facts[(probe.subject, probe.relation)]
+        k = PERIODS.index(probe.period)
+        start = k
+        while start > 0 and values[PERIODS[start - 1]] == probe.value:
+            start -= 1
+        assert probe.valid_from == PERIODS[start]
+        later = [p for p in PERIODS[k + 1:] if values[p] != probe.value]
+        assert probe.valid_until == (later[0] if later else None)
+        assert probe.previous_value == (values[PERIODS[k - 1]] if k else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# CASM raw
+
+
+def raw_record(entity: str, relation: str, values: list[str], changed: bool | None = None) -> dict:
+    rec: dict = {"entity": entity, "relation": relation}
+    rec.update({f"value_{p}": v for p, v in zip(PERIODS, values)})
+    rec["changed"] = len(set(values)) > 1 if changed is None else changed
+    return rec
+
+
+def write_raw(directory: Path, records: list) -> Path:
+    path = directory / "synthetic_facts_raw.json"
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    return path
+
+
+CASM_RECORDS = [
+    raw_record("Veldris Harbour Authority", "harbour_master",
+               ["Maren Holt", "Dex Calloway", "Dex Calloway", "Sela Draven"]),
+    raw_record("Thornex Mining Co", "harbour master",  # spaces: same relation as above
+               ["Oryn Fass", "Oryn Fass", "Oryn Fass", "Oryn Fass"]),
+    raw_record("Brael Municipal District", "Census Commissioner",
+               ["Ilka Vorn", "Ilka Vorn", "Tamsin Reve", "Tamsin Reve"]),
+    raw_record("Brael Municipal District", "mayor", ["Odo Prell", "Odo Prell", "Odo Prell", "Ansa Weil"]),
+]
+
+
+def test_casm_raw_reader(tmp_path: Path) -> None:
+    path = write_raw(tmp_path, CASM_RECORDS)
+    bench = load_benchmark(str(path), DataConfig())
+    assert bench.period_names == PERIODS
+    assert bench.meta["records"] == 4 and len(bench.meta["facts"]) == 4
+    assert bench.meta["relations"] == ["census_commissioner", "harbour_master", "mayor"]
+    assert bench.meta["generic_template_relations"] == ["census_commissioner", "harbour_master"]
+    first = bench.periods[0]
+    assert len(first.passages) == 8 and sum(not p.paraphrase for p in first.probes) == 4
+    thornex = [p for p in first.passages if p.subject == "Thornex Mining Co"]
+    assert thornex and all(p.relation == "harbour_master" and "harbour master" in p.text
+                           for p in thornex)
+    assert load_benchmark(str(tmp_path), DataConfig()) == bench  # directory holding the file
+
+    # Hand-checked fact: Maren Holt (2018) -> Dex Calloway (2020, 2022) -> Sela Draven (2024).
+    probes = {(p.period, p.kind): p for p in bench.all_probes()
+              if p.subject == "Veldris Harbour Authority" and not p.paraphrase}
+    expected = {
+        ("2018", "new"): ("Maren Holt", "2018", "2020", None),
+        ("2020", "changed"): ("Dex Calloway", "2020", "2024", "Maren Holt"),
+        ("2022", "unchanged"): ("Dex Calloway", "2020", "2024", "Dex Calloway"),
+        ("2024", "changed"): ("Sela Draven", "2024", None, "Dex Calloway"),
+    }
+    assert {k: (p.value, p.valid_from, p.valid_until, p.previous_value)
+            for k, p in probes.items()} == expected
+    assert [p.subject for p in bench.periods[1].passages] == ["Veldris Harbour Authority"] * 2
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda recs: recs[1].pop("value_2022"), r"record 1 is missing field 'value_2022'"),
+    (lambda recs: recs[2].update(value_2020="  "), r"record 2 field 'value_2020' must be a non-empty"),
+    (lambda recs: recs[0].update(changed=False), r"record 0 .*changed is false but the values differ"),
+    (lambda recs: recs[1].update(changed=True), r"record 1 .*changed is true but the values are all"),
+    (lambda recs: recs[1].update(changed="yes"), r"record 1 field 'changed' must be true or false"),
+    (lambda recs: recs.append(raw_record("Veldris Harbour Authority", "Harbour-Master",
+                                         ["a", "a", "a", "a"])),
+     r"record 4 duplicates \(entity, relation\).*of record 0"),
+    (lambda recs: recs[3].update(value_2026="x"), r"record 3 has 'value_2026'"),
+])
+def test_casm_raw_errors(tmp_path: Path, mutate, message: str) -> None:
+    records = json.loads(json.dumps(CASM_RECORDS))
+    mutate(records)
+    path = write_raw(tmp_path, records)
+    with pytest.raises(DataError, match=message) as info:
+        read_casm_raw(path, DataConfig())
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "synthetic_facts_raw.json"
+    path.write_text('[\n  {"entity": "Veltrassa",\n  "relation": }\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"synthetic_facts_raw.json: malformed JSON at line 3") as info:
+        load_benchmark(str(path), DataConfig())
+    assert "\n" not in str(info.value)
+    bad_dir = tmp_path / "bench"
+    bad_dir.mkdir()
+    (bad_dir / "benchmark.json").write_text("{\n\n  oops\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"benchmark.json: malformed JSON at line 3"):
+        load_benchmark(str(bad_dir), DataConfig())
+
+
+def test_unknown_path_and_bad_files(tmp_path: Path, bench: Benchmark) -> None:
+    with pytest.raises(DataError, match=r"'/no/such/place'.*no such file.*temporalwiki") as info:
+        load_benchmark("/no/such/place", DataConfig())
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match=r"holds neither benchmark.json nor synthetic_facts_raw"):
+        load_benchmark(str(tmp_path), DataConfig())
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
+    with pytest.raises(DataError, match="not a .json file"):
+        load_benchmark(str(tmp_path / "notes.txt"), DataConfig())
+    with pytest.raises(DataError, match="data.seed"):
+        load_benchmark("temporalwiki", DataConfig(seed=-1))
+
+    # An edited benchmark file is refused: a missing field, then a changed answer.
+    path = write_benchmark(bench, tmp_path / "b")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    del doc["periods"][1]["probes"][0]["valid_from"]
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(DataError, match=r"periods\[1\].probes\[0\] is missing field 'valid_from'"):
+        read_benchmark(path.parent)
+    path = write_benchmark(bench, tmp_path / "c")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["periods"][0]["probes"][0]["value"] = "Someone Else"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(DataError, match="fingerprint mismatch"):
+        read_benchmark(path.parent)
+
+
+def test_relation_normalisation() -> None:
+    assert normalise_relation(" Harbour  Master ") == "harbour_master"
+    assert normalise_relation("harbour_master") == normalise_relation("harbour-master")
+    assert family_for("chief executive".replace(" ", "_")) is RELATIONS["chief_executive"].family
+
+
+def test_make_benchmark_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_benchmark", Path(__file__).resolve().parents[1] / "scripts" / "make_benchmark.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path), "--seed", "3", "--num-facts", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "2018" in out and "paraphrase" in out
+    assert read_benchmark(tmp_path) == generate(DataConfig(seed=3, num_facts=20))
+    assert module.main(["--out", str(tmp_path), "--num-facts", "0"]) == 2

@@ -1,0 +1,148 @@
+"""The contract every registered method passes: a new method gets these tests for free.
+
+prepare keeps the model's outputs; a training step changes only what the method says is trainable;
+trainable and method state round-trip exactly; checkpoints exclude the frozen backbone; and a run
+stopped mid-period by a signal resumes to the same results as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import DataConfig, load_benchmark
+from tests.conftest import comparable, only_run_dir, read_results
+from training import cli, trainer
+from training.config import ModelConfig
+from training.methods import METHODS, MethodContext
+from training.models import build_synthetic
+
+TINY = ["--mode", "synthetic", "--set", "data.num_facts=8", "--set", "train.epochs=2",
+        "--set", "train.max_batch_size=4", "--set", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("temporalwiki", DataConfig(num_facts=8))
+
+
+def _fresh(name: str, bench, seed: int = 0):
+    model, tok = build_synthetic(ModelConfig(), bench, seed=0)
+    ctx = MethodContext(tokenizer=tok, device=torch.device("cpu"), seed=seed, lr=1e-3,
+                        period_names=bench.period_names)
+    method = METHODS[name](METHODS[name].config_cls(), ctx)
+    torch.manual_seed(seed)
+    model = method.prepare(model)
+    return model, tok, method
+
+
+def _batch(tok, texts: list[str]) -> dict:
+    from training.batching import collate, tokenize
+
+    data = tokenize(tok, texts, 64)
+    batch = collate(data.token_ids, tok.pad_token_id)
+    batch["texts"] = texts
+    return batch
+
+
+def _logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_prepare_keeps_outputs_and_a_step_trains_only_trainable_state(name, bench):
+    base, tok = build_synthetic(ModelConfig(), bench, seed=0)
+    period = bench.periods[0]
+    texts = [p.text for p in period.passages[:6]]
+    batch = _batch(tok, texts)
+    before = _logits(base, batch)
+    model, tok, method = _fresh(name, bench)
+    assert torch.allclose(_logits(model, batch), before, atol=1e-5), "prepare must not change outputs"
+
+    texts = method.on_period_start(model, period, texts)
+    groups = method.trainable_parameters(model)
+    params = [p for g in groups for p in g["params"]]
+    assert params and all(p.requires_grad for p in params)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    state0 = {k: v.clone() for k, v in method.trainable_state_dict(model).items()}
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    model.train()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    loss = out.loss
+    extra = method.extra_loss(model, batch, out)
+    if extra is not None:
+        loss = loss + extra
+    assert torch.isfinite(loss)
+    loss.backward()
+    method.after_backward(model)
+    opt.step()
+    method.after_optimizer_step(model)
+    state1 = method.trainable_state_dict(model)
+    assert any(not torch.equal(state0[k], state1[k]) for k in state0), "a step must change the trainable state"
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_state_round_trips_exactly_and_excludes_the_backbone(name, bench):
+    model, tok, method = _fresh(name, bench)
+    period = bench.periods[0]
+    texts = method.on_period_start(model, period, [p.text for p in period.passages[:6]])
+    batch = _batch(tok, texts[:6])
+    opt = torch.optim.AdamW(method.trainable_parameters(model), lr=1e-2)
+    for _ in range(2):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        loss = out.loss + (method.extra_loss(model, batch, out) or 0)
+        loss.backward()
+        method.after_backward(model)
+        opt.step()
+        opt.zero_grad()
+        method.after_optimizer_step(model)
+    method.on_period_end(model, period, texts)
+    trainable, own = method.trainable_state_dict(model), method.state_dict()
+
+    other, _, other_method = _fresh(name, bench, seed=1)  # different init: the load must overwrite it
+    other_method.on_period_start(other, period, [p.text for p in period.passages[:6]])
+    other_method.load_trainable_state_dict(other, trainable)
+    other_method.load_state_dict(own)
+    assert torch.equal(_logits(other, batch), _logits(model, batch))
+    assert all(torch.equal(trainable[k], v) for k, v in other_method.trainable_state_dict(other).items())
+
+    backbone = sum(p.numel() for n, p in model.named_parameters()
+                   if not any(n.endswith(k) or n == k for k in trainable))
+    num_trainable = sum(t.numel() for t in trainable.values())
+    if name != "full_ft":  # the one method whose trainable state is the whole model by definition
+        assert num_trainable < sum(p.numel() for p in model.parameters()), "checkpoint must exclude the backbone"
+        assert backbone > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(METHODS))
+def test_signal_mid_period_then_resume_equals_uninterrupted(name, tmp_path: Path, monkeypatch):
+    ref_root, root = tmp_path / "ref", tmp_path / "run"
+    assert cli.main([*TINY, "--method", name, "--run-root", str(ref_root)]) == 0
+
+    real_step = trainer.Trainer.train_step
+    count = {"n": 0}
+
+    def step_then_signal(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == 7:  # mid period 1 for this size (it has more steps than that)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+    assert cli.main([*TINY, "--method", name, "--run-root", str(root)]) == 75
+    run_dir = only_run_dir(root)
+    assert not (run_dir / "periods" / "1-2018").exists()
+    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    assert cli.main([*TINY, "--method", name, "--run-root", str(root)]) == 0
+    assert comparable(read_results(run_dir)) == comparable(read_results(only_run_dir(ref_root)))

@@ -1,0 +1,137 @@
+"""Command line: parse, validate everything, then run one method after another.
+
+All validation (config, data files, model source, method options) happens before any run directory
+is created, so bad input exits 2 with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from artifacts import LockHeldError
+from data import DataError, load_benchmark
+from data.schema import Benchmark
+from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
+from training.methods import METHODS, MethodContext
+from training.models import check_model_source, load_model
+from training.run import open_run
+from training.seeding import derive_seed, seed_everything
+from training.signals import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, StopFlag, StopRequested
+from training.trainer import Trainer
+
+SUMMARY_COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forget"),
+                   ("plasticity_mean", "Plast"), ("stability_mean", "Stab"),
+                   ("temporal_recall_final", "TempRec"), ("acc_f1", "ACC-F1"), ("paraphrase_em_final", "ParaEM")]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        raise ConfigError([message])
+
+
+def make_parser() -> argparse.ArgumentParser:
+    epilog = "config keys for --set (section.key = default):\n" + "\n".join(describe(RunConfig))
+    p = _Parser(prog="main.py", description="Train one or more continual-learning methods through a sequence "
+                "of periods, evaluating every period after each.", epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (default: configs/<mode>.yaml)")
+    p.add_argument("--mode", choices=["real", "synthetic"], help="real: pretrained model; synthetic: tiny model")
+    p.add_argument("--method", help=f"one of {', '.join(METHODS)}; or a,b; or all")
+    p.add_argument("--model", help="HF hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--benchmark", help="temporalwiki (generated) or a path to benchmark files")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--run-root", help="directory holding run directories (default runs/)")
+    p.add_argument("--run-id", help="run directory name (default: derived from benchmark, method, seed, config)")
+    p.add_argument("--quantize", choices=["none", "4bit"], help="4bit: bitsandbytes NF4 (CUDA only)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key; repeatable")
+    return p
+
+
+def parse_configs(argv: list[str]) -> list[RunConfig]:
+    args = make_parser().parse_args(argv)
+    flags = {"mode": args.mode, "method.name": args.method, "model.name": args.model,
+             "data.benchmark": args.benchmark, "seed": args.seed, "run_root": args.run_root,
+             "run_id": args.run_id, "model.quantize": args.quantize}
+    tree = load_tree(args.config, args.mode, flags, args.set)
+    return build_run_configs(tree, METHODS)
+
+
+def run_one(cfg: RunConfig, bench: Benchmark, stop: StopFlag) -> dict[str, Any]:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    loaded = load_model(cfg.model, cfg.mode, bench, cfg.seed)
+    ctx = MethodContext(tokenizer=loaded.tokenizer, device=loaded.device, seed=cfg.seed, lr=cfg.train.lr,
+                        period_names=bench.period_names)
+    method = METHODS[cfg.method.name](cfg.method.options, ctx)
+    seed_everything(derive_seed(cfg.seed, "prepare"))
+    try:
+        model = method.prepare(loaded.model).to(loaded.device)
+    except ValueError as exc:  # e.g. LoRA target modules this model does not have
+        raise ConfigError([str(exc)]) from None
+    paths, lock = open_run(cfg, bench)
+    try:
+        print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}", file=sys.stderr)
+        if loaded.source == "synthetic" and not (paths.root / "tokenizer").exists():
+            loaded.tokenizer.save_pretrained(paths.root / "tokenizer")
+        trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, bench, stop,
+                          log=lambda m: print(m, file=sys.stderr))
+        results = trainer.run()
+    finally:
+        lock.release()
+    results["run_dir"] = str(paths.root)
+    return results
+
+
+def format_summary(all_results: list[dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return "   -  " if v is None else f"{v:6.3f}"
+    head = f"{'method':<10} " + " ".join(f"{label:>7}" for _, label in SUMMARY_COLUMNS)
+    lines = [head, "-" * len(head)]
+    for res in all_results:
+        m = res["metrics"]
+        lines.append(f"{res['method']:<10} " + " ".join(f"{fmt(m.get(key)):>7}" for key, _ in SUMMARY_COLUMNS))
+    lines.append("")
+    lines.extend(f"{res['method']:<10} {res['run_dir']}" for res in all_results)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        from scripts.status import main as status_main
+        return status_main(argv[1:])
+    started = time.time()
+    try:
+        configs = parse_configs(argv)
+        bench = load_benchmark(configs[0].data.benchmark, configs[0].data)
+        for cfg in configs:
+            check_model_source(cfg.model, cfg.mode)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    stop = StopFlag().install()
+    all_results = []
+    try:
+        for cfg in configs:
+            all_results.append(run_one(cfg, bench, stop))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except LockHeldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except StopRequested as exc:
+        print(f"stopped: {exc}; a step checkpoint is saved, run the same command again to resume "
+              f"(exit {EXIT_RESUME})", file=sys.stderr)
+        return EXIT_RESUME
+    finally:
+        stop.uninstall()
+    print(format_summary(all_results))
+    print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
+    return EXIT_OK

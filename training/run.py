@@ -1,0 +1,139 @@
+"""The run directory: creating it, locking it, and refusing to resume under a different config."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+from artifacts import RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir, staging_dir
+from data.io import write_benchmark
+from data.schema import Benchmark
+from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ
+
+_PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy", "gguf")
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    def period_dir(self, index: int, name: str) -> Path:
+        return self.root / "periods" / f"{index}-{name}"
+
+    def checkpoint_root(self, index: int, name: str) -> Path:
+        return self.root / "checkpoints" / f"{index}-{name}"
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def slurm_info() -> dict[str, str | int | None]:
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    return {"slurm_job_id": job, "restart_count": int(restarts) if restarts and restarts.isdigit() else 0}
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def open_run(cfg: RunConfig, bench: Benchmark) -> tuple[RunPaths, RunLock]:
+    """Create or reopen the run directory under an exclusive lock.
+
+    Refuses (ConfigError) when the directory holds a run whose resolved config differs, listing the
+    differing fields: resuming under another config would silently mix two experiments.
+    """
+    root = Path(cfg.run_root) / cfg.resolved_run_id()
+    paths = RunPaths(root)
+    current = cfg.to_dict()
+    current["run_id"] = cfg.resolved_run_id()
+    if paths.config.exists():
+        saved = yaml.safe_load(paths.config.read_text()) or {}
+        saved_identity = {k: v for k, v in saved.items() if k not in ("run_root",)}
+        ours = {k: v for k, v in current.items() if k not in ("run_root",)}
+        for tree in (saved_identity, ours):
+            tree.get("train", {}).pop("progress", None)
+            tree.get("train", {}).pop("step_sleep", None)
+            tree.pop("checkpoint", None)
+        diffs = configs_differ(saved_identity, ours)
+        if diffs:
+            raise ConfigError([f"run directory {root} holds a run with a different config; differing fields: "
+                               f"{', '.join(diffs)}. Use another --run-id or the original config"])
+    root.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(root)
+    lock.acquire()  # held until the caller's `with lock:` block ends
+    cleanup_stale_tmp(root)
+    for sub in ("periods", "checkpoints"):
+        if (root / sub).is_dir():
+            cleanup_stale_tmp(root / sub)
+    if not paths.config.exists():
+        atomic_write_text(paths.config, yaml.safe_dump(current, sort_keys=False))
+    if not (root / "data").is_dir():
+        staging = staging_dir(root / "data")
+        write_benchmark(bench, staging)
+        commit_dir(staging, root / "data")
+    meta = {
+        "run_id": cfg.resolved_run_id(),
+        "config_hash": cfg.config_hash(),
+        "code_version": code_version(),
+        "data_fingerprint": bench.fingerprint,
+        "packages": _package_versions(),
+        "python": sys.version.split()[0],
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        **slurm_info(),
+    }
+    atomic_write_json(root / "run.json", meta)
+    return paths, lock
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill mid-append; everything after it is untrusted
+    return rows

@@ -1,0 +1,361 @@
+"""The continual-learning loop: evaluate the base model, then train and evaluate period after period.
+
+    run()            row 0 = base eval; for each period not yet committed: run_period(k); results.json
+    run_period(k)    on_period_start -> (restore step checkpoint) -> train steps -> end checkpoint
+                     -> on_period_end -> evaluate every period's probes -> commit periods/<k>-<name>/
+    train_step()     zero_grad, forward, loss (+ method extra loss), backward, after_backward, clip, step
+
+A period is committed only after its evaluation, by a manifest written last. A kill at any point
+leaves either the committed period, or a step checkpoint to continue from; the loop reseeds at every
+period start and restores RNG, optimizer, scheduler and data position from step checkpoints, so the
+resumed run reproduces the uninterrupted one bit for bit on the same hardware.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from artifacts import (StepCheckpoints, atomic_write_json, atomic_write_text, commit_dir, read_manifest,
+                       staging_dir, verify_manifest, write_manifest)
+from data.schema import Benchmark, Period
+from eval_and_metrics.evaluate import EvalInterrupted, ProbeResult, evaluate_probes
+from eval_and_metrics.metrics import derive_metrics, score_matrix
+from training.batching import PeriodData, collate, epoch_batches, tokenize
+from training.config import RunConfig
+from training.methods.base import Method
+from training.run import RunPaths, read_jsonl, slurm_info
+from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+from training.signals import StopFlag, StopRequested
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Position:
+    """Where a period's training stands: a resume continues from exactly here."""
+
+    epoch: int = 0
+    batch: int = 0  # index of the next micro-batch within the epoch
+    step: int = 0  # optimizer steps done in this period
+    tokens: int = 0  # non-padding tokens trained on in this period
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, tokenizer: Any,
+                 device: torch.device, method: Method, bench: Benchmark, stop: StopFlag,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.paths = paths
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.method = method
+        self.bench = bench
+        self.stop = stop
+        self.say = log
+        self.probes = bench.all_probes()
+        self.started_at = time.time()
+
+    # -- outer loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        periods = self.bench.periods
+        done = self._committed_prefix()
+        if done >= 1:
+            self._load_committed(done)
+            self.say(f"resuming after committed period {done}/{len(periods)} ({periods[done - 1].name})")
+        self._truncate_log(done + 1, step=-1)
+        if done < 0:
+            self._commit_base()
+        for period in periods[max(done, 0):]:
+            self.run_period(period)
+        return self._write_results()
+
+    def run_period(self, period: Period) -> None:
+        k, cfg = period.index, self.cfg
+        seed_everything(derive_seed(cfg.seed, "period", k))
+        texts = self.method.on_period_start(self.model, period, [p.text for p in period.passages])
+        data = tokenize(self.tokenizer, texts, cfg.train.max_seq_len)
+        lengths = [len(t) for t in data.token_ids]
+        batches_per_epoch = len(epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size,
+                                              cfg.seed, k, 0))
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
+        total_steps = steps_per_epoch * cfg.train.epochs
+        params = self.method.trainable_parameters(self.model)
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                      weight_decay=cfg.train.weight_decay)
+        warmup = min(cfg.train.warmup_steps, int(cfg.train.warmup_max_frac * total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, warmup, cfg.train.min_lr_ratio))
+        ckpts = StepCheckpoints(self.paths.checkpoint_root(k, period.name), keep=cfg.checkpoint.keep)
+        pos = Position()
+        latest = ckpts.latest_valid()
+        if latest is not None:
+            pos = self._restore_step(latest[1], optimizer, scheduler)
+            self._truncate_log(k, pos.step)
+            self._log({"event": "resume", "period": k, "from_step": pos.step, "total_steps": total_steps,
+                       **slurm_info()})
+            self.say(f"period {k} ({period.name}): resuming from step checkpoint {pos.step}/{total_steps}")
+
+        def save_step() -> None:
+            ckpts.save(pos.step, lambda d: self._write_step(d, optimizer, scheduler, pos),
+                       {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
+                        "config_hash": cfg.config_hash(), **slurm_info()})
+
+        flat_params = [p for g in params for p in g["params"]]
+        bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.bench.periods)} "
+                   f"{period.name}", disable=not cfg.train.progress, dynamic_ncols=True, mininterval=1.0)
+        last_save, window_tokens, window_start = time.time(), 0, time.time()
+        while pos.epoch < cfg.train.epochs:
+            batches = epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size,
+                                    cfg.seed, k, pos.epoch)
+            epoch = pos.epoch
+            while pos.epoch == epoch:
+                group = batches[pos.batch:pos.batch + cfg.train.grad_accum]
+                micro = [self._batch(data, idx) for idx in group]
+                loss, grad_norm = self.train_step(micro, optimizer, scheduler, flat_params)
+                num_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                padded = sum(b["attention_mask"].numel() for b in micro)
+                pos.batch += len(group)
+                pos.step += 1
+                pos.tokens += num_tokens
+                window_tokens += num_tokens
+                tok_s = window_tokens / max(1e-9, time.time() - window_start)
+                self._log({"event": "train", "period": k, "step": pos.step, "loss": loss, "grad_norm": grad_norm,
+                           "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
+                bar.update(1)
+                if cfg.train.step_sleep:
+                    time.sleep(cfg.train.step_sleep)
+                if pos.batch >= len(batches):
+                    pos.epoch, pos.batch = pos.epoch + 1, 0
+                now = time.time()
+                due = ((cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0)
+                       or (cfg.checkpoint.every_seconds and now - last_save >= cfg.checkpoint.every_seconds))
+                if self.stop or due:
+                    save_step()
+                    last_save = now
+                if self.stop:
+                    bar.close()
+                    raise StopRequested(f"{self.stop.signal_name} during period {k} at step {pos.step}")
+        bar.close()
+        # The end-of-training checkpoint makes evaluation restartable: a kill during eval redoes the
+        # eval from here instead of retraining (or, worse, skipping) the period.
+        saved = ckpts.list_steps()
+        if not saved or saved[-1][0] != pos.step:
+            save_step()
+        self.method.on_period_end(self.model, period, texts)
+        results = self._evaluate(f"eval after {period.name}")
+        extras = self.method.eval_extras(self.model, self.probes)
+        self._commit_period(period, results, extras, train_info={"total_steps": total_steps,
+                                                                 "tokens": pos.tokens,
+                                                                 "num_texts": len(texts)})
+        ckpts.clear()
+
+    def train_step(self, micro: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, params: list[torch.nn.Parameter]
+                   ) -> tuple[float, float]:
+        self.model.train()
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in micro:
+            inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+            outputs = self.model(**inputs)
+            loss = outputs.loss
+            extra = self.method.extra_loss(self.model, {**batch, **inputs}, outputs)
+            if extra is not None:
+                loss = loss + extra
+            (loss / len(micro)).backward()
+            total += loss.item() / len(micro)
+        self.method.after_backward(self.model)
+        if self.cfg.train.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        optimizer.step()
+        scheduler.step()
+        self.method.after_optimizer_step(self.model)
+        return total, grad_norm
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _batch(self, data: PeriodData, idx: list[int]) -> dict[str, Any]:
+        batch: dict[str, Any] = collate([data.token_ids[i] for i in idx], self.tokenizer.pad_token_id)
+        batch["texts"] = [data.texts[i] for i in idx]
+        return batch
+
+    def _evaluate(self, desc: str) -> list[ProbeResult]:
+        bar = tqdm(total=len(self.probes), desc=desc, disable=not self.cfg.train.progress, dynamic_ncols=True,
+                   mininterval=1.0)
+        try:
+            return evaluate_probes(self.model, self.tokenizer, self.probes, self.device, self.cfg.eval.batch_size,
+                                   self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
+                                   progress=bar.update)
+        except EvalInterrupted:
+            raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
+        finally:
+            bar.close()
+
+    def _commit_base(self) -> None:
+        results = self._evaluate("eval base model")
+        extras = self.method.eval_extras(self.model, self.probes)
+        self._commit_period(Period(index=0, name="base", passages=(), probes=()), results, extras, train_info={})
+
+    def _row_summary(self, results: list[ProbeResult]) -> dict[str, Any]:
+        by_id = {r.id: r for r in results}
+        summary: dict[str, Any] = {}
+        for period in self.bench.periods:
+            for paraphrase in (False, True):
+                rows = [by_id[p.id] for p in period.probes if p.paraphrase == paraphrase]
+                if rows:
+                    key = f"{period.name}{'/paraphrase' if paraphrase else ''}"
+                    summary[key] = {"em": sum(r.em for r in rows) / len(rows),
+                                    "f1": sum(r.f1 for r in rows) / len(rows), "n": len(rows)}
+        return summary
+
+    def _commit_period(self, period: Period, results: list[ProbeResult], extras: dict[str, Any],
+                       train_info: dict[str, Any]) -> None:
+        final = self.paths.period_dir(period.index, period.name)
+        tmp = staging_dir(final)
+        trainable = self.method.trainable_state_dict(self.model)
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(self.method.state_dict(), tmp / "method_state.pt")
+        torch.save({"rng": rng_state(), "position": "done"}, tmp / "trainer_state.pt")
+        (tmp / "eval").mkdir()
+        atomic_write_text(tmp / "eval" / "predictions.jsonl",
+                          "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in results))
+        summary = self._row_summary(results)
+        atomic_write_json(tmp / "eval" / "scores.json", {"by_period": summary, "extras": extras})
+        write_manifest(tmp, {
+            "kind": "period", "status": "complete", "run_id": self.paths.root.name, "method": self.method.name,
+            "period_index": period.index, "period_name": period.name, "config_hash": self.cfg.config_hash(),
+            "data_fingerprint": self.bench.fingerprint, "code_version": _code_version(self.paths),
+            "metrics": {"by_period": summary, "extras": extras}, "train": train_info,
+            "trainable_sha256": state_sha256(trainable), "started_at": self.started_at,
+            "finished_at": time.time(), **slurm_info(),
+        })
+        commit_dir(tmp, final)
+        self._log({"event": "eval", "period": period.index, "scores": summary})
+        self.say(f"committed {final}")
+
+    def _committed_prefix(self) -> int:
+        """Highest k such that periods 0..k are all committed and valid; -1 if not even the base row."""
+        done = -1
+        names = ["base"] + self.bench.period_names
+        for k, name in enumerate(names):
+            directory = self.paths.period_dir(k, name)
+            if not directory.exists():
+                break
+            ok, reason = verify_manifest(directory)
+            manifest = read_manifest(directory) or {}
+            if ok and manifest.get("config_hash") != self.cfg.config_hash():
+                ok, reason = False, "config hash differs"
+            if not ok:
+                self.say(f"warning: {directory} is not a valid commit ({reason}); redoing it")
+                break
+            done = k
+        return done
+
+    def _load_committed(self, k: int) -> None:
+        directory = self.paths.period_dir(k, self.bench.period_names[k - 1])
+        self.method.load_trainable_state_dict(self.model, load_file(str(directory / "trainable.safetensors")))
+        self.method.load_state_dict(torch.load(directory / "method_state.pt", weights_only=False))
+
+    def _write_step(self, directory: Path, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, pos: Position) -> None:
+        trainable = self.method.trainable_state_dict(self.model)
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                  str(directory / "trainable.safetensors"))
+        torch.save(self.method.state_dict(), directory / "method_state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "position": vars(pos).copy()}, directory / "trainer_state.pt")
+
+    def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
+        self.method.load_trainable_state_dict(self.model, load_file(str(directory / "trainable.safetensors")))
+        self.method.load_state_dict(torch.load(directory / "method_state.pt", weights_only=False))
+        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return Position(**state["position"])
+
+    # -- logs and results ------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.paths.train_log, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def _truncate_log(self, period: int, step: int) -> None:
+        """Drop records a resumed run is about to produce again, so the log never holds duplicates."""
+        rows = read_jsonl(self.paths.train_log)
+
+        def keep(r: dict[str, Any]) -> bool:
+            p = r.get("period", 0)
+            if r.get("event") == "resume":
+                return p <= period
+            if p < period:
+                return True
+            return p == period and r.get("event") == "train" and r.get("step", 0) <= step
+        kept = [r for r in rows if keep(r)]
+        if kept != rows or self.paths.train_log.exists():
+            atomic_write_text(self.paths.train_log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def _write_results(self) -> dict[str, Any]:
+        names = ["base"] + self.bench.period_names
+        rows_em, rows_f1, rows_lp, extras = [], [], [], {}
+        for k, name in enumerate(names):
+            directory = self.paths.period_dir(k, name)
+            preds = read_jsonl(directory / "eval" / "predictions.jsonl")
+            rows_em.append({r["id"]: r["em"] for r in preds})
+            rows_f1.append({r["id"]: r["f1"] for r in preds})
+            rows_lp.append({r["id"]: r["logprob"] for r in preds})
+            scores = json.loads((directory / "eval" / "scores.json").read_text())
+            extras[name] = scores.get("extras", {})
+        metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names)
+        logprob = score_matrix(rows_lp, self.probes, self.bench.period_names, select=lambda p: not p.paraphrase)
+        metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
+        final = self.method.trainable_state_dict(self.model)
+        results = {
+            "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,
+            "mode": self.cfg.mode, "seed": self.cfg.seed, "benchmark": self.cfg.data.benchmark,
+            "benchmark_name": self.bench.name, "data_fingerprint": self.bench.fingerprint,
+            "model": self.cfg.model.name or "embedded:SmolLM2-135M-Instruct", "config_hash": self.cfg.config_hash(),
+            "periods": self.bench.period_names, "metrics": metrics, "method_extras": extras,
+            "final_state_sha256": state_sha256(final),
+        }
+        atomic_write_json(self.paths.results, results)
+        return results
+
+
+def _code_version(paths: RunPaths) -> str:
+    try:
+        return json.loads((paths.root / "run.json").read_text()).get("code_version", "unknown")
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
