@@ -18,7 +18,7 @@ from data import DataError, load_benchmark
 from data.schema import Benchmark
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
 from training.methods import METHODS, MethodContext
-from training.models import check_model_source, load_model
+from training.models import check_model_source, load_model, model_skeleton
 from training.run import open_run
 from training.seeding import derive_seed, seed_everything
 from training.signals import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, StopFlag, StopRequested
@@ -70,10 +70,7 @@ def run_one(cfg: RunConfig, bench: Benchmark, stop: StopFlag) -> dict[str, Any]:
                         period_names=bench.period_names)
     method = METHODS[cfg.method.name](cfg.method.options, ctx)
     seed_everything(derive_seed(cfg.seed, "prepare"))
-    try:
-        model = method.prepare(loaded.model).to(loaded.device)
-    except ValueError as exc:  # e.g. LoRA target modules this model does not have
-        raise ConfigError([str(exc)]) from None
+    model = method.prepare(loaded.model).to(loaded.device)
     paths, lock = open_run(cfg, bench)
     try:
         print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}", file=sys.stderr)
@@ -112,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         bench = load_benchmark(configs[0].data.benchmark, configs[0].data)
         for cfg in configs:
             check_model_source(cfg.model, cfg.mode)
+        # Every method's options are checked against the model's structure before the first run
+        # starts, so a bad option for the third method does not leave two finished runs behind.
+        skeleton = model_skeleton(configs[0].model, configs[0].mode, bench)
+        problems = [p for cfg in configs for p in METHODS[cfg.method.name].check(cfg.method.options, skeleton)]
+        if problems:
+            raise ConfigError(problems)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

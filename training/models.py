@@ -151,9 +151,8 @@ def benchmark_texts(bench: Benchmark) -> list[str]:
     return texts
 
 
-def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torch.nn.Module, Any]:
-    tokenizer = build_word_tokenizer(benchmark_texts(bench))
-    config = LlamaConfig(
+def synthetic_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.synthetic_hidden_size,
         intermediate_size=cfg.synthetic_hidden_size * 8 // 3 // 8 * 8 or 8,
         num_hidden_layers=cfg.synthetic_layers, num_attention_heads=cfg.synthetic_heads,
@@ -161,6 +160,11 @@ def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torc
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torch.nn.Module, Any]:
+    tokenizer = build_word_tokenizer(benchmark_texts(bench))
+    config = synthetic_config(cfg, tokenizer)
     # A private generator would be nicer, but HF initialisers draw from the global RNG; fork it so the
     # caller's RNG stream is unaffected by building a model.
     with torch.random.fork_rng(devices=[]):
@@ -171,6 +175,23 @@ def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torc
         # ~2 let a frozen head express confident predictions, as a pretrained model's head can.
         model.get_input_embeddings().weight.data.normal_(0.0, 2.0 / cfg.synthetic_hidden_size ** 0.5)
     return model, tokenizer
+
+
+def model_skeleton(cfg: ModelConfig, mode: str, bench: Benchmark) -> torch.nn.Module:
+    """The model's module structure on the meta device (no weights): for validating options cheaply."""
+    if mode == "synthetic":
+        tokenizer = build_word_tokenizer(benchmark_texts(bench))
+        config = synthetic_config(cfg, tokenizer)
+    else:
+        from transformers import AutoConfig
+
+        where = cfg.name if cfg.name else str(cached_embedded_dir(cfg))
+        try:
+            config = AutoConfig.from_pretrained(where)
+        except OSError as exc:
+            raise ConfigError([f"model.name {cfg.name!r}: cannot load ({str(exc).splitlines()[0]})"]) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> LoadedModel:

@@ -55,6 +55,11 @@ class Method:
         self.cfg = cfg
         self.ctx = ctx
 
+    @classmethod
+    def check(cls, cfg: Any, model: nn.Module) -> list[str]:
+        """Problems with these options for this model (a meta-device skeleton), before any run starts."""
+        return []
+
     # -- lifecycle hooks -------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         return model

@@ -46,12 +46,16 @@ class LoRA(Method):
     name = "lora"
     config_cls = LoraOptions
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    @classmethod
+    def check(cls, cfg: LoraOptions, model: nn.Module) -> list[str]:
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in self.cfg.target_modules if t not in present]
+        missing = [t for t in cfg.target_modules if t not in present]
         if missing:
-            raise ValueError(f"method.lora.target_modules {missing} are not modules of this model; "
-                             f"candidates: {sorted(m for m in present if m.endswith('proj'))}")
+            return [f"method.lora.target_modules {missing} are not modules of this model; "
+                    f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
+        return []
+
+    def prepare(self, model: nn.Module) -> nn.Module:
         peft_cfg = LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
                               target_modules=list(self.cfg.target_modules), bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, peft_cfg)
