@@ -17,10 +17,10 @@ from artifacts import LockHeldError
 from data import DataError, load_benchmark
 from data.schema import Benchmark
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
-from training.methods import METHODS, MethodContext
-from training.models import check_model_source, load_model, model_skeleton
+from training.methods import METHODS
+from training.models import check_model_source, model_skeleton
+from training.restore import build_model_and_method
 from training.run import open_run
-from training.seeding import derive_seed, seed_everything
 from training.signals import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, StopFlag, StopRequested
 from training.trainer import Trainer
 
@@ -65,12 +65,7 @@ def parse_configs(argv: list[str]) -> list[RunConfig]:
 def run_one(cfg: RunConfig, bench: Benchmark, stop: StopFlag) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    loaded = load_model(cfg.model, cfg.mode, bench, cfg.seed)
-    ctx = MethodContext(tokenizer=loaded.tokenizer, device=loaded.device, seed=cfg.seed, lr=cfg.train.lr,
-                        period_names=bench.period_names)
-    method = METHODS[cfg.method.name](cfg.method.options, ctx)
-    seed_everything(derive_seed(cfg.seed, "prepare"))
-    model = method.prepare(loaded.model).to(loaded.device)
+    loaded, method, model = build_model_and_method(cfg, bench)
     paths, lock = open_run(cfg, bench)
     try:
         print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}", file=sys.stderr)

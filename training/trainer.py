@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from artifacts import (StepCheckpoints, atomic_write_json, atomic_write_text, commit_dir, read_manifest,
@@ -34,6 +34,7 @@ from eval_and_metrics.metrics import derive_metrics, score_matrix
 from training.batching import PeriodData, collate, epoch_batches, tokenize
 from training.config import RunConfig
 from training.methods.base import Method
+from training.restore import load_saved_state
 from training.run import RunPaths, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
@@ -284,9 +285,7 @@ class Trainer:
         return done
 
     def _load_committed(self, k: int) -> None:
-        directory = self.paths.period_dir(k, self.bench.period_names[k - 1])
-        self.method.load_trainable_state_dict(self.model, load_file(str(directory / "trainable.safetensors")))
-        self.method.load_state_dict(torch.load(directory / "method_state.pt", weights_only=False))
+        load_saved_state(self.method, self.model, self.paths.period_dir(k, self.bench.period_names[k - 1]))
 
     def _write_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, pos: Position) -> None:
@@ -299,8 +298,7 @@ class Trainer:
 
     def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
-        self.method.load_trainable_state_dict(self.model, load_file(str(directory / "trainable.safetensors")))
-        self.method.load_state_dict(torch.load(directory / "method_state.pt", weights_only=False))
+        load_saved_state(self.method, self.model, directory)
         state = torch.load(directory / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -346,12 +344,18 @@ class Trainer:
             "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,
             "mode": self.cfg.mode, "seed": self.cfg.seed, "benchmark": self.cfg.data.benchmark,
             "benchmark_name": self.bench.name, "data_fingerprint": self.bench.fingerprint,
-            "model": self.cfg.model.name or "embedded:SmolLM2-135M-Instruct", "config_hash": self.cfg.config_hash(),
+            "model": model_label(self.cfg), "config_hash": self.cfg.config_hash(),
             "periods": self.bench.period_names, "metrics": metrics, "method_extras": extras,
             "final_state_sha256": state_sha256(final),
         }
         atomic_write_json(self.paths.results, results)
         return results
+
+
+def model_label(cfg: RunConfig) -> str:
+    if cfg.mode == "synthetic":
+        return "synthetic"
+    return cfg.model.name or "embedded:SmolLM2-135M-Instruct"
 
 
 def _code_version(paths: RunPaths) -> str:

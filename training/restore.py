@@ -1,0 +1,33 @@
+"""Building a run's model and method, and loading a saved state into them: one code path for training,
+resuming and the eval jobs (landscape, lm-eval), so an analysis never runs on a differently built model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from data.schema import Benchmark
+from training.config import RunConfig
+from training.methods import METHODS, Method, MethodContext
+from training.models import LoadedModel, load_model
+from training.seeding import derive_seed, seed_everything
+
+
+def build_model_and_method(cfg: RunConfig, bench: Benchmark) -> tuple[LoadedModel, Method, nn.Module]:
+    """Load the model and prepare the method on it, seeded so the prepared start is reproducible."""
+    loaded = load_model(cfg.model, cfg.mode, bench, cfg.seed)
+    ctx = MethodContext(tokenizer=loaded.tokenizer, device=loaded.device, seed=cfg.seed, lr=cfg.train.lr,
+                        period_names=bench.period_names)
+    method = METHODS[cfg.method.name](cfg.method.options, ctx)
+    seed_everything(derive_seed(cfg.seed, "prepare"))
+    model = method.prepare(loaded.model).to(loaded.device)
+    return loaded, method, model
+
+
+def load_saved_state(method: Method, model: nn.Module, directory: Path) -> None:
+    """Load trainable.safetensors and method_state.pt from a period or step checkpoint directory."""
+    method.load_trainable_state_dict(model, load_file(str(directory / "trainable.safetensors")))
+    method.load_state_dict(torch.load(directory / "method_state.pt", weights_only=False))
