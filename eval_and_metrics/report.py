@@ -1,0 +1,1137 @@
+"""Gather every run under a run root into tables, plots and one self-contained HTML page.
+
+    uv run python -m eval_and_metrics.report RUN_ROOT [--out DIR]
+
+What counts (docs/reports.md has the full description):
+
+* Only committed periods: ``periods/<k>-<name>/`` whose manifest verifies (every file's size and
+  sha256). ``.tmp-`` entries are in-flight writes and are never looked at, so the report is safe to
+  run while jobs are still training. A run's periods count as a prefix 0..k; the first period dir
+  that fails verification makes the run *corrupted* (with the reason); a dir that disappears while
+  it is being read (re-committed by its writer) simply does not count.
+* Run status: complete (all T+1 rows), running (k of T, a live process holds the run lock),
+  partial (k of T, nobody holds the lock: killed, preempted or crashed), corrupted (a committed
+  file fails its checksum or the manifests disagree), failed (unreadable: no config, no benchmark,
+  predictions that do not cover the probes, ...). Reading a run never raises: any error becomes
+  a *failed* status with the reason.
+* Metrics of a complete run are recomputed from its committed ``eval/predictions.jsonl`` with
+  ``eval_and_metrics.metrics.derive_metrics``; ``results.json`` (written outside any manifest) is
+  only cross-checked, and a disagreement is listed as a warning.
+* Groups: benchmark x model x method (x config variant, when runs of one method differ in more
+  than the seed). Seeds are aggregated over complete runs as mean and 95% t-interval:
+  mean ± t_{0.975, n-1} * sd / sqrt(n), sd with ddof=1; n is shown, n = 1 has no interval.
+
+Outputs, written into a staging dir and committed with one rename: summary.md, results.csv (tidy:
+one row per run x period x metric), results.json, plots/*.png, report.html (plots embedded as
+base64 PNG, no external resources) and a manifest.json marking the directory as a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from artifacts import (
+    MANIFEST_NAME,
+    TMP_PREFIX,
+    commit_dir,
+    live_holder,
+    read_manifest,
+    staging_dir,
+    utc_now_iso,
+    verify_manifest,
+    write_manifest,
+)
+from data.io import BENCHMARK_FILE, read_benchmark
+from data.schema import Benchmark
+from eval_and_metrics.metrics import derive_metrics, score_matrix
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_KIND = "report"
+# Eval jobs store their results beside a period's eval, each dir with its own manifest.
+LANDSCAPE_DIR = "landscape"
+LANDSCAPE_FILE = "landscape.json"
+LM_EVAL_DIR = "lm_eval"
+LM_EVAL_FILE = "results.json"
+
+STATUSES = ("complete", "running", "partial", "corrupted", "failed")
+CONFIDENCE = 0.95
+# Run-level metrics aggregated per group: every scalar of derive_metrics (summary ones first).
+SUMMARY_KEYS = ["acc", "bwt", "fwt", "forgetting", "plasticity_mean", "stability_mean", "temporal_recall_final",
+                "acc_f1", "paraphrase_em_final"]
+SUMMARY_LABELS = {"acc": "final ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting",
+                  "plasticity_mean": "plasticity", "stability_mean": "stability",
+                  "temporal_recall_final": "temporal recall", "acc_f1": "token F1",
+                  "paraphrase_em_final": "paraphrase EM"}
+LOWER_IS_BETTER = {"forgetting", "forgetting_f1"}
+SCALAR_KEYS = SUMMARY_KEYS + ["bwt_f1", "fwt_f1", "forgetting_f1", "plasticity_mean_f1", "stability_mean_f1",
+                              "temporal_recall_mean", "temporal_recall_mean_f1", "temporal_recall_final_f1",
+                              "paraphrase_em_diag"]
+PER_PERIOD_KEYS = ["plasticity", "stability", "temporal_recall"]
+LANDSCAPE_KEYS = ["center_loss", "max_loss", "min_loss", "std_loss", "loss_range", "max_curvature",
+                  "fisher_top_eigenvalue", "delta_w_norm", "forgetting_estimate"]
+# Config keys that never change results (same rule as RunConfig.identity_dict) plus the seed.
+_NOT_VARIANT = [("seed",), ("run_root",), ("run_id",), ("train", "progress"), ("train", "step_sleep"),
+                ("checkpoint",)]
+
+
+# ------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class PeriodRow:
+    """One committed, verified row of a run (k = 0 is the base model)."""
+
+    index: int
+    name: str
+    scores: dict[str, Any]  # eval/scores.json "by_period": {"<t>": {em, f1, n}, "<t>/paraphrase": ...}
+    extras: dict[str, Any]
+    train: dict[str, Any]
+    trainable_sha256: str | None
+    em: dict[str, float] = field(default_factory=dict, repr=False)  # per probe id, from eval/predictions.jsonl
+    f1: dict[str, float] = field(default_factory=dict, repr=False)
+    logprob: dict[str, float] = field(default_factory=dict, repr=False)
+    landscape: dict[str, Any] | None = None
+    lm_eval: dict[str, Any] | None = None
+
+
+@dataclass
+class Run:
+    run_id: str
+    path: Path
+    status: str = "failed"
+    reason: str = ""
+    config: dict[str, Any] | None = None
+    method: str = "?"
+    seed: int | None = None
+    mode: str = "?"
+    benchmark: str = "?"
+    fingerprint: str = ""
+    model: str = "?"
+    variant: str = ""
+    period_names: list[str] = field(default_factory=list)
+    rows: list[PeriodRow] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_periods(self) -> int:
+        return len(self.period_names)
+
+    @property
+    def num_committed(self) -> int:
+        """Periods committed after the base row."""
+        return max(0, len(self.rows) - 1)
+
+    def summary(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "path": str(self.path), "status": self.status, "reason": self.reason,
+                "method": self.method, "seed": self.seed, "mode": self.mode, "benchmark": self.benchmark,
+                "data_fingerprint": self.fingerprint, "model": self.model, "variant": self.variant,
+                "periods": self.period_names, "committed_periods": self.num_committed, "warnings": self.warnings}
+
+
+# ------------------------------------------------------------------------------------------
+# reading one run
+
+
+class _BenchmarkCache:
+    """read_benchmark is strict (it recomputes the fingerprint); a sweep shares one file content."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[str, Benchmark] = {}
+
+    def load(self, directory: Path) -> Benchmark:
+        raw = (directory / BENCHMARK_FILE).read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest not in self._by_digest:
+            self._by_digest[digest] = read_benchmark(directory)
+        return self._by_digest[digest]
+
+
+def _dir_token(directory: Path) -> tuple[int, int] | None:
+    try:
+        return directory.stat().st_ino, (directory / MANIFEST_NAME).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def verify_stable(directory: Path, attempts: int = 3) -> tuple[bool | None, str]:
+    """verify_manifest that tells a damaged dir from one replaced while we read it.
+
+    (True, "ok"), (False, reason) for a dir that fails twice in the same state, or (None, reason)
+    when the dir vanished (a writer is re-committing it): such a dir is simply not counted.
+    """
+    reason = "not checked"
+    for _ in range(attempts):
+        before = _dir_token(directory)
+        if before is None:
+            return None, "vanished while reading"
+        ok, reason = verify_manifest(directory)
+        if ok:
+            return True, reason
+        after = _dir_token(directory)
+        if after is None:
+            return None, "vanished while reading"
+        if after == before:
+            return False, reason
+        time.sleep(0.1)
+    return False, reason
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _drop(tree: dict[str, Any], keys: tuple[str, ...]) -> None:
+    node: Any = tree
+    for key in keys[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(keys[-1], None)
+
+
+def variant_of(config: dict[str, Any]) -> str:
+    """Hash of the config minus seed and fields that never change results: runs that are seeds of one setup."""
+    tree = json.loads(json.dumps(config, default=str))
+    for keys in _NOT_VARIANT:
+        _drop(tree, keys)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def model_label(config: dict[str, Any]) -> str:
+    model = config.get("model") or {}
+    if config.get("mode") == "synthetic":
+        return f"synthetic-llama(h{model.get('synthetic_hidden_size')},l{model.get('synthetic_layers')})"
+    name = model.get("name") or "SmolLM2-135M-Instruct (embedded)"
+    if model.get("quantize") not in (None, "none"):
+        name += f" [{model['quantize']}]"
+    return name
+
+
+def _last_event(run_dir: Path) -> str:
+    """A short description of the newest train_log record (cheap: reads the last 4 KiB)."""
+    path = run_dir / "train_log.jsonl"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 4096))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            bits = [str(rec.get("event", "?")), f"period {rec.get('period', '?')}"]
+            if "step" in rec:
+                bits.append(f"step {rec['step']}")
+            return "last log event: " + " ".join(bits)
+    return ""
+
+
+def _step_checkpoints(run_dir: Path) -> str:
+    root = run_dir / "checkpoints"
+    found = []
+    try:
+        for period in sorted(os.listdir(root)):
+            if period.startswith(TMP_PREFIX):
+                continue
+            steps = sorted(s for s in os.listdir(root / period) if s.startswith("step-"))
+            if steps:
+                found.append(f"{period}/{steps[-1]}")
+    except OSError:
+        return ""
+    return ("step checkpoint " + ", ".join(found)) if found else ""
+
+
+def _read_subresult(row_dir: Path, sub: str, filename: str, run: Run, label: str) -> dict[str, Any] | None:
+    directory = row_dir / sub
+    if not directory.is_dir():
+        return None
+    ok, reason = verify_stable(directory)
+    if ok is None:
+        return None
+    if not ok:
+        run.warnings.append(f"{row_dir.name}/{sub} ignored ({label}): {reason}")
+        return None
+    try:
+        return _read_json(directory / filename)
+    except (OSError, ValueError) as exc:
+        run.warnings.append(f"{row_dir.name}/{sub} ignored ({label}): {exc}")
+        return None
+
+
+def _read_row(directory: Path, k: int, name: str, run: Run,
+              attempts: int = 3) -> tuple[PeriodRow, dict[str, Any]] | str | None:
+    """Verify one period dir and read it, all within one unchanged state of the dir.
+
+    Returns (row, manifest), a reason string when the dir is damaged, or None when it vanished or
+    kept being replaced while we read (a writer re-committing it): such a row does not count.
+    """
+    for _ in range(attempts):
+        ok, reason = verify_stable(directory)
+        if ok is None:
+            return None
+        if not ok:
+            return reason
+        token = _dir_token(directory)
+        try:
+            manifest = read_manifest(directory) or {}
+            scores = _read_json(directory / "eval" / "scores.json")
+            preds = _read_jsonl(directory / "eval" / "predictions.jsonl")
+        except (OSError, ValueError):
+            if _dir_token(directory) == token:
+                raise
+            continue
+        if _dir_token(directory) != token:
+            continue
+        row = PeriodRow(index=k, name=name, scores=scores.get("by_period") or {}, extras=scores.get("extras") or {},
+                        train=manifest.get("train") or {}, trainable_sha256=manifest.get("trainable_sha256"),
+                        em={r["id"]: r["em"] for r in preds}, f1={r["id"]: r["f1"] for r in preds},
+                        logprob={r["id"]: r["logprob"] for r in preds})
+        row.landscape = _read_subresult(directory, LANDSCAPE_DIR, LANDSCAPE_FILE, run, "loss landscape")
+        row.lm_eval = _read_subresult(directory, LM_EVAL_DIR, LM_EVAL_FILE, run, "lm-eval")
+        return row, manifest
+    return None
+
+
+def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
+    probes = bench.all_probes()
+    metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names)
+    logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names,
+                           select=lambda p: not p.paraphrase)
+    metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
+    return metrics
+
+
+def _cross_check_results(run: Run) -> None:
+    """results.json is outside every manifest: compare it with what the committed files say."""
+    path = run.path / "results.json"
+    if not path.exists():
+        run.warnings.append("results.json missing (metrics recomputed from the committed periods)")
+        return
+    try:
+        saved = _read_json(path)
+    except (OSError, ValueError) as exc:
+        run.warnings.append(f"results.json unreadable ({exc}); metrics recomputed from the committed periods")
+        return
+    ours = run.metrics or {}
+    theirs = saved.get("metrics") or {}
+    diffs = []
+    for key in SCALAR_KEYS:
+        a, b = ours.get(key), theirs.get(key)
+        if (a is None) != (b is None) or (a is not None and abs(float(a) - float(b)) > 1e-9):
+            diffs.append(f"{key} {b} vs {a}")
+    last = run.rows[-1].trainable_sha256
+    if saved.get("final_state_sha256") and last and saved["final_state_sha256"] != last:
+        diffs.append("final_state_sha256 differs from the last period's trainable_sha256")
+    if diffs:
+        run.warnings.append("results.json disagrees with the committed predictions (used the latter): "
+                            + "; ".join(diffs[:4]))
+
+
+class _InFlux(Exception):
+    """A period dir was replaced while we read it; reading the run again gives a consistent view."""
+
+
+def read_run(path: Path, benches: _BenchmarkCache | None = None, attempts: int = 3) -> Run:
+    """Everything the report needs from one run directory; never raises (errors become status failed)."""
+    benches = benches or _BenchmarkCache()
+    for attempt in range(attempts):
+        run = Run(run_id=path.name, path=path)
+        try:
+            _read_run(run, benches)
+            return run
+        except _InFlux as exc:
+            if attempt + 1 == attempts:
+                run.status, run.metrics = "running", None
+                run.reason = f"{exc} {attempts} times (a writer is re-committing it); run the report again"
+                return run
+            time.sleep(0.2)
+        except Exception as exc:  # noqa: BLE001 -- a report must list a broken run, not die on it
+            run.status = "failed"
+            run.reason = f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            run.metrics = None
+            return run
+    return run
+
+
+def _read_run(run: Run, benches: _BenchmarkCache) -> None:
+    path = run.path
+    if not (path / "config.yaml").is_file():
+        run.reason = "no config.yaml (the run never got past validation)"
+        return
+    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        run.reason = "config.yaml is not a mapping"
+        return
+    run.config = config
+    run.method = str((config.get("method") or {}).get("name", "?"))
+    run.seed = config.get("seed")
+    run.mode = str(config.get("mode", "?"))
+    run.model = model_label(config)
+    run.variant = variant_of(config)
+    if not (path / "data" / BENCHMARK_FILE).is_file():
+        run.reason = f"data/{BENCHMARK_FILE} missing (the run never committed its data)"
+        run.benchmark = str((config.get("data") or {}).get("benchmark", "?"))
+        return
+    bench = benches.load(path / "data")
+    run.benchmark, run.fingerprint, run.period_names = bench.name, bench.fingerprint, bench.period_names
+
+    run_meta: dict[str, Any] = {}
+    try:
+        run_meta = _read_json(path / "run.json")
+    except (OSError, ValueError):
+        pass
+    expected_hash = run_meta.get("config_hash")
+    names = ["base"] + bench.period_names
+    problem = ""
+    periods_dir = path / "periods"
+    for k, name in enumerate(names):
+        directory = periods_dir / f"{k}-{name}"
+        if not directory.is_dir():
+            break
+        got = _read_row(directory, k, name, run)
+        if got is None:  # vanished or kept changing while read: a writer is re-committing it
+            raise _InFlux(f"periods/{directory.name} changed while being read")
+        if isinstance(got, str):
+            problem = f"periods/{directory.name}: {got}"
+            break
+        row, manifest = got
+        expected_hash = expected_hash or manifest.get("config_hash")
+        if manifest.get("config_hash") != expected_hash:
+            problem = (f"periods/{directory.name} was committed under config hash "
+                       f"{str(manifest.get('config_hash'))[:8]}, the run has {str(expected_hash)[:8]}")
+            break
+        if manifest.get("data_fingerprint") not in (None, bench.fingerprint):
+            problem = f"periods/{directory.name} was evaluated on other data (fingerprint differs)"
+            break
+        run.rows.append(row)
+
+    # Period dirs beyond the valid prefix (a gap, or names the benchmark does not have).
+    known = {f"{k}-{n}" for k, n in enumerate(names)}
+    valid = {f"{r.index}-{r.name}" for r in run.rows}
+    try:
+        present = sorted(e for e in os.listdir(periods_dir) if not e.startswith("."))
+    except OSError:
+        present = []
+    stray = [e for e in present if e not in valid and (path / "periods" / e).is_dir()]
+    if not problem:
+        unknown = [e for e in stray if e not in known]
+        later = [e for e in stray if e in known]
+        if unknown:
+            run.warnings.append(f"period dirs not in the benchmark ignored: {', '.join(unknown)}")
+        if later:
+            missing = f"{len(run.rows)}-{names[len(run.rows)]}" if len(run.rows) < len(names) else "?"
+            problem = f"periods/{', '.join(later)} present but periods/{missing} is not committed"
+
+    t_count = len(bench.period_names)
+    if problem:
+        run.status, run.reason = "corrupted", problem
+    elif len(run.rows) == t_count + 1:
+        run.status = "complete"
+    else:
+        holder = live_holder(path)
+        hints = [h for h in (_step_checkpoints(path), _last_event(path)) if h]
+        if holder is not None:
+            run.status = "running"
+            who = f"host={holder.get('host', '?')} pid={holder.get('pid', '?')} job={holder.get('slurm_job_id')}"
+            run.reason = f"{run.num_committed} of {t_count} periods committed; writer alive ({who})"
+        else:
+            run.status = "partial"
+            run.reason = (f"{run.num_committed} of {t_count} periods committed"
+                          + ("" if run.rows else " (not even the base row)")
+                          + "; no live writer (killed, preempted or crashed)")
+        if hints:
+            run.reason += "; " + "; ".join(hints)
+    if run.status == "complete":
+        run.metrics = _recompute_metrics(run, bench)
+        _cross_check_results(run)
+
+
+def find_run_dirs(root: Path, skip: Iterable[Path] = (), max_depth: int = 3) -> list[Path]:
+    """Run directories under root (a dir with config.yaml or periods/); root itself may be one."""
+    skip_set = {p.resolve() for p in skip}
+
+    def is_run(d: Path) -> bool:
+        return (d / "config.yaml").is_file() or (d / "periods").is_dir()
+
+    if is_run(root):
+        return [root]
+    found: list[Path] = []
+    stack = [(root, 0)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # hidden and in-flight (.tmp-) entries
+            sub = Path(entry.path)
+            if sub.resolve() in skip_set:
+                continue
+            if is_run(sub):
+                found.append(sub)
+            elif depth + 1 < max_depth:
+                stack.append((sub, depth + 1))
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------
+# aggregation
+
+
+def mean_ci(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean and the t-interval of the mean over finite values: mean ± t_{(1+c)/2, n-1} * sd / sqrt(n).
+
+    sd uses ddof = 1. n < 2 gives no interval (half = None); n = 0 gives mean None.
+    """
+    from scipy import stats
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    out: dict[str, Any] = {"n": n, "mean": None, "sd": None, "half": None, "low": None, "high": None,
+                           "values": xs}
+    if n == 0:
+        return out
+    mean = sum(xs) / n
+    out["mean"] = mean
+    if n >= 2:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+        out.update(sd=sd, half=half, low=mean - half, high=mean + half)
+    return out
+
+
+@dataclass
+class Group:
+    """Runs that are seeds of one setup: benchmark x model x method x config variant."""
+
+    benchmark: str
+    model: str
+    method: str
+    variant: str
+    label: str
+    period_names: list[str]
+    runs: list[Run]  # every run of the group, whatever its status
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_period: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    matrix_mean: list[list[float | None]] | None = None
+    matrix_half: list[list[float | None]] | None = None
+    forgetting_curve: list[dict[str, Any]] = field(default_factory=list)
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lm_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    landscape: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "complete"]
+
+    @property
+    def n(self) -> int:
+        return len(self.complete)
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted((r.seed for r in self.complete), key=lambda s: (s is None, s))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "model": self.model, "method": self.method, "variant": self.variant,
+                "label": self.label, "period_names": self.period_names, "n": self.n, "seeds": self.seeds,
+                "runs": [r.run_id for r in self.runs], "complete_runs": [r.run_id for r in self.complete],
+                "metrics": self.metrics, "per_period": self.per_period, "matrix_em_mean": self.matrix_mean,
+                "matrix_em_ci95_half": self.matrix_half, "forgetting_curve": self.forgetting_curve,
+                "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape}
+
+
+def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """F(k) for k = 2..T: mean over t < k of max_{l=t..k-1} R[l][t] - R[k][t] (1-based periods).
+
+    F(T) is exactly the run's ``forgetting`` metric; earlier points truncate the sequence at k.
+    """
+    t_count = len(matrix) - 1
+    out: list[float | None] = []
+    for k in range(2, t_count + 1):
+        terms = []
+        for t in range(1, k):
+            best = [matrix[l][t - 1] for l in range(t, k) if matrix[l][t - 1] is not None]
+            if best and matrix[k][t - 1] is not None:
+                terms.append(max(best) - matrix[k][t - 1])
+        out.append(sum(terms) / len(terms) if terms else None)
+    return out
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def _variant_labels(runs_by_key: dict[tuple, list[Run]]) -> dict[tuple, str]:
+    """method, or method [key=value ...] naming the config fields that tell variants of a method apart."""
+    labels: dict[tuple, str] = {}
+    siblings: dict[tuple, list[tuple]] = defaultdict(list)
+    for key in runs_by_key:
+        siblings[key[:4]].append(key)  # (bench, fingerprint, model, method)
+    for family, keys in siblings.items():
+        method = family[3]
+        if len(keys) == 1:
+            labels[keys[0]] = method
+            continue
+        flats = {}
+        for key in keys:
+            cfg = json.loads(json.dumps(runs_by_key[key][0].config or {}, default=str))
+            for drop in _NOT_VARIANT:
+                _drop(cfg, drop)
+            flats[key] = _flat(cfg)
+        all_fields = sorted(set().union(*flats.values()))
+        differing = [f for f in all_fields if len({json.dumps(fl.get(f)) for fl in flats.values()}) > 1]
+        for key in keys:
+            bits = ", ".join(f"{f}={flats[key].get(f)}" for f in differing[:3])
+            if len(differing) > 3:
+                bits += ", ..."
+            labels[key] = f"{method} [{bits or key[4]}]"
+    return labels
+
+
+def _agg_matrix(matrices: list[list[list[float | None]]]) -> tuple[list, list]:
+    rows, cols = len(matrices[0]), len(matrices[0][0])
+    mean, half = [], []
+    for i in range(rows):
+        m_row, h_row = [], []
+        for j in range(cols):
+            a = mean_ci(m[i][j] for m in matrices)
+            m_row.append(a["mean"])
+            h_row.append(a["half"])
+        mean.append(m_row)
+        half.append(h_row)
+    return mean, half
+
+
+def _numeric_leaves(tree: Any, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in _flat(tree, prefix).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def lm_eval_scores(result: dict[str, Any] | None) -> dict[str, tuple[float, bool]]:
+    """{"task/metric": (value, higher_is_better)} from an lm_eval job's stored results."""
+    if not result:
+        return {}
+    out = {}
+    for task, metrics in (result.get("scores") or {}).items():
+        for metric, entry in metrics.items():
+            value = entry.get("value")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"{task}/{metric}"] = (float(value), bool(entry.get("higher_is_better", True)))
+    return out
+
+
+def _aggregate_group(group: Group) -> None:
+    runs = [r for r in group.complete if r.metrics]
+    if not runs:
+        return
+    for key in SCALAR_KEYS:
+        group.metrics[key] = mean_ci(r.metrics.get(key) for r in runs)
+    for key in PER_PERIOD_KEYS:
+        group.per_period[key] = [mean_ci(r.metrics[key][k] for r in runs) for k in range(len(group.period_names))]
+    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix_em"] for r in runs])
+    curves = [forgetting_curve(r.metrics["matrix_em"]) for r in runs]
+    group.forgetting_curve = [mean_ci(c[i] for c in curves) for i in range(len(group.period_names) - 1)]
+    extras: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        for key, value in _numeric_leaves(r.rows[-1].extras).items():
+            extras[key].append(value)
+    group.extras = {k: mean_ci(v) for k, v in sorted(extras.items())}
+
+    # lm-eval: change of every task metric relative to the same run's base row.
+    keys = sorted({k for r in runs for row in r.rows for k in lm_eval_scores(row.lm_eval)})
+    for key in keys:
+        values, deltas, direction = [], [], True
+        for k in range(len(group.period_names) + 1):
+            vs, ds = [], []
+            for r in runs:
+                scores = lm_eval_scores(r.rows[k].lm_eval)
+                base = lm_eval_scores(r.rows[0].lm_eval).get(key)
+                if key in scores:
+                    vs.append(scores[key][0])
+                    direction = scores[key][1]
+                    if base is not None:
+                        ds.append(scores[key][0] - base[0])
+            values.append(mean_ci(vs))
+            deltas.append(mean_ci(ds))
+        group.lm_eval[key] = {"higher_is_better": direction, "value": values, "delta": deltas}
+
+    # Loss landscape: per period checkpoint, over the runs that have one.
+    if any(row.landscape for r in runs for row in r.rows):
+        for key in LANDSCAPE_KEYS:
+            per_k: list[dict[str, Any] | None] = []
+            for k in range(len(group.period_names) + 1):
+                vals = [(r.rows[k].landscape or {}).get("metrics", {}).get(key) for r in runs]
+                vals = [v for v in vals if v is not None]
+                per_k.append(mean_ci(vals) if vals else None)
+            group.landscape[key] = per_k
+
+
+def build_groups(runs: Sequence[Run]) -> list[Group]:
+    """Group runs by (benchmark, fingerprint, model, method, variant) and aggregate the complete ones."""
+    by_key: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.config is None or not run.period_names:
+            continue  # failed before we even know what it was
+        by_key[(run.benchmark, run.fingerprint, run.model, run.method, run.variant)].append(run)
+    fingerprints: dict[str, set[str]] = defaultdict(set)
+    for key in by_key:
+        fingerprints[key[0]].add(key[1])
+    labels = _variant_labels(by_key)
+    groups = []
+    for key in sorted(by_key):
+        bench, fp = key[0], key[1]
+        bench_label = bench if len(fingerprints[bench]) == 1 else f"{bench} [data {fp[:8]}]"
+        group = Group(benchmark=bench_label, model=key[2], method=key[3], variant=key[4], label=labels[key],
+                      period_names=by_key[key][0].period_names,
+                      runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)))
+        _aggregate_group(group)
+        groups.append(group)
+    return groups
+
+
+# ------------------------------------------------------------------------------------------
+# tidy rows
+
+
+CSV_COLUMNS = ["run_id", "status", "benchmark", "model", "method", "variant", "seed", "period_index", "period_name",
+               "scope", "probe_period", "metric", "value"]
+
+
+def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One row per run x period x metric. scope: cell (score of a row on one period's probes), period
+    (one value per model state), run (one value per run, reported at the last period)."""
+    bench_label = {r.run_id: g.benchmark for g in groups for r in g.runs}
+    out: list[dict[str, Any]] = []
+    for run in runs:
+        base = {"run_id": run.run_id, "status": run.status, "benchmark": bench_label.get(run.run_id, run.benchmark),
+                "model": run.model, "method": run.method, "variant": run.variant, "seed": run.seed}
+
+        def add(k: int, scope: str, metric: str, value: Any, probe_period: str = "", run: Run = run,
+                base: dict[str, Any] = base) -> None:
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                return
+            name = "base" if k == 0 else run.period_names[k - 1]
+            out.append({**base, "period_index": k, "period_name": name, "scope": scope,
+                        "probe_period": probe_period, "metric": metric, "value": value})
+
+        for row in run.rows:
+            for key, cell in sorted(row.scores.items()):
+                period, _, kind = key.partition("/")
+                prefix = "paraphrase_" if kind == "paraphrase" else ""
+                for m in ("em", "f1", "n"):
+                    add(row.index, "cell", f"{prefix}{m}", cell.get(m), period)
+            for key, value in _numeric_leaves(row.extras).items():
+                add(row.index, "period", f"extra/{key}", value)
+            for key in ("total_steps", "tokens"):
+                add(row.index, "period", f"train/{key}", row.train.get(key))
+            for key, value in sorted(((row.landscape or {}).get("metrics") or {}).items()):
+                add(row.index, "period", f"landscape/{key}", value)
+            for key, (value, _) in sorted(lm_eval_scores(row.lm_eval).items()):
+                add(row.index, "period", f"lm_eval/{key}", value)
+        if run.metrics:
+            t_count = run.num_periods
+            for k, row in enumerate(run.metrics.get("matrix_logprob") or []):
+                for t, value in enumerate(row):
+                    add(k, "cell", "logprob", value, run.period_names[t])
+            for key in PER_PERIOD_KEYS:
+                for k, value in enumerate(run.metrics.get(key) or [], start=1):
+                    add(k, "period", key, value)
+            for key in SCALAR_KEYS:
+                add(t_count, "run", key, run.metrics.get(key))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# rendering
+
+
+def fmt(agg: dict[str, Any] | None, group_n: int | None = None, digits: int = 3) -> str:
+    """'0.412 ± 0.031' (95% CI half-width); '(n=k)' appended when k differs from the group's n."""
+    if not agg or agg.get("mean") is None:
+        return "–"
+    text = f"{agg['mean']:.{digits}f}"
+    if agg.get("half") is not None:
+        text += f" ± {agg['half']:.{digits}f}"
+    if group_n is None or agg["n"] != group_n or agg.get("half") is None:
+        text += f" (n={agg['n']})"
+    return text
+
+
+def _by_benchmark(groups: Sequence[Group]) -> dict[str, list[Group]]:
+    out: dict[str, list[Group]] = defaultdict(list)
+    for g in groups:
+        out[g.benchmark].append(g)
+    return dict(out)
+
+
+def _summary_header(groups: Sequence[Group]) -> tuple[list[str], bool]:
+    multi_model = len({g.model for g in groups}) > 1
+    head = ["method"] + (["model"] if multi_model else []) + ["n", "seeds", "not complete"]
+    head += [f"{SUMMARY_LABELS[k]} {'↓' if k in LOWER_IS_BETTER else '↑'}" for k in SUMMARY_KEYS]
+    return head, multi_model
+
+
+def _summary_cells(g: Group, multi_model: bool) -> list[str]:
+    cells = [g.label] + ([g.model] if multi_model else [])
+    cells += [str(g.n), ",".join(str(s) for s in g.seeds) or "–", str(len(g.runs) - g.n)]
+    cells += [fmt(g.metrics.get(k), g.n) for k in SUMMARY_KEYS]
+    return cells
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _lm_eval_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    names = max((g.period_names for g in groups), key=len)
+    head = ["method", "task/metric", "better", "base"] + [f"Δ after {p}" for p in names]
+    rows = []
+    for g in groups:
+        for key, entry in sorted(g.lm_eval.items()):
+            rows.append([g.label, key, "higher" if entry["higher_is_better"] else "LOWER",
+                         fmt(entry["value"][0], g.n)] + [fmt(d, g.n) for d in entry["delta"][1:]])
+    return head, rows
+
+
+def _landscape_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "period", "center loss", "loss range", "std", "max curvature", "λmax (Fisher)",
+            "‖Δw‖", "forgetting estimate"]
+    keys = ["center_loss", "loss_range", "std_loss", "max_curvature", "fisher_top_eigenvalue", "delta_w_norm",
+            "forgetting_estimate"]
+    rows = []
+    for g in groups:
+        if not g.landscape:
+            continue
+        for k, name in enumerate(["base"] + g.period_names):
+            aggs = [g.landscape.get(key, [None] * (k + 1))[k] for key in keys]
+            if all(a is None for a in aggs):
+                continue
+            rows.append([g.label, name] + [fmt(a, g.n, 4) for a in aggs])
+    return head, rows
+
+
+def _attention_runs(runs: Sequence[Run]) -> list[Run]:
+    return [r for r in runs if r.status != "complete"]
+
+
+def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], generated: str) -> str:
+    counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
+    lines = [
+        "# Continual-learning report", "",
+        f"Run root: `{root}`  ",
+        f"Generated: {generated}  ",
+        f"Runs: {len(runs)} (" + ", ".join(f"{counts[s]} {s}" for s in STATUSES) + ")", "",
+        ("Cells are the mean over seeds ± the half-width of the 95% confidence interval of the mean "
+         "(t-distribution, n−1 degrees of freedom; sd with ddof = 1), over the complete runs of the group. "
+         "`(n=k)` marks a cell averaged over k runs, when that differs from the group's n or when "
+         "k = 1 (no interval). ↑ higher is better, ↓ lower is better. Metric formulas: docs/metrics.md."), "",
+    ]
+    for bench, gs in _by_benchmark(groups).items():
+        head, multi_model = _summary_header(gs)
+        models = ", ".join(sorted({g.model for g in gs}))
+        lines += [f"## {bench}", "", f"Periods: {', '.join(gs[0].period_names)}; model: {models}", ""]
+        lines += [_md_table(head, [_summary_cells(g, multi_model) for g in gs]), ""]
+        if any(g.lm_eval for g in gs):
+            h, rows = _lm_eval_rows(gs)
+            lines += ["### General ability (lm-eval), change vs the base model", "",
+                      ("Δ = score after the period − the same run's base score; for a metric marked LOWER "
+                       "(e.g. perplexity, CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is "
+                       "an improvement."), "", _md_table(h, rows), ""]
+        if any(g.landscape for g in gs):
+            h, rows = _landscape_rows(gs)
+            lines += ["### Loss landscape per period checkpoint", "", _md_table(h, rows), ""]
+    attention = _attention_runs(runs)
+    lines += ["## Runs not in the aggregates", ""]
+    if attention:
+        rows = [[r.run_id, r.status, f"{r.num_committed}/{r.num_periods or '?'}", r.reason] for r in attention]
+        lines += [_md_table(["run", "status", "periods committed", "reason"], rows), ""]
+    elif runs:
+        lines += ["None: every run is complete.", ""]
+    else:
+        lines += [f"No run directories found under `{root}` (a run directory holds config.yaml or periods/).", ""]
+    warned = [r for r in runs if r.warnings]
+    if warned:
+        lines += ["## Warnings", ""]
+        lines += [f"- `{r.run_id}`: {w}" for r in warned for w in r.warnings]
+        lines.append("")
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1500px}
+h1{margin-bottom:4px} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.badge{display:inline-block;padding:2px 8px;border-radius:10px;margin-right:6px;font-size:13px;color:#fff}
+.complete{background:#2e7d32}.running{background:#1565c0}.partial{background:#ef6c00}
+.corrupted{background:#c62828}.failed{background:#6a1b9a}
+.plots{display:flex;flex-wrap:wrap;gap:12px}
+.plots figure{margin:0;border:1px solid #eee;padding:6px;max-width:100%;box-sizing:border-box}
+.plots img{max-width:100%;height:auto;display:block} figcaption{font-size:12px;color:#555}
+pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px} .note{color:#555;font-size:13px}
+.warn{color:#b71c1c}
+"""
+
+# Marks images that failed to decode, so a broken page says so instead of showing blank boxes; the
+# body attribute lets a headless-browser test check that every plot rendered.
+_JS = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img'), ok = 0;
+  imgs.forEach(function (img) {
+    if (img.complete && img.naturalWidth > 0) { ok += 1; return; }
+    var p = document.createElement('p'); p.className = 'warn';
+    p.textContent = 'image failed to render: ' + img.alt; img.replaceWith(p);
+  });
+  document.body.setAttribute('data-images-ok', ok + '/' + imgs.length);
+});
+"""
+
+
+def _h(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def _html_table(head: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 99) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{_h(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = ' class="num"' if i >= numeric_from else ""
+            cells.append(f"<td{cls}>{cell if isinstance(cell, _Raw) else _h(cell)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+class _Raw(str):
+    """A table cell that is already HTML."""
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_h(caption)}">'
+            f"<figcaption>{_h(caption)}</figcaption></figure>")
+
+
+def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots: dict[str, list[tuple[Path, str]]],
+                generated: str) -> str:
+    counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             "<title>Continual-learning report</title>", f"<style>{_CSS}</style>", f"<script>{_JS}</script>",
+             "</head><body>", "<h1>Continual-learning report</h1>",
+             f"<p class='note'>Run root <code>{_h(root)}</code> · generated {_h(generated)} · {len(runs)} runs</p>",
+             "<p>" + "".join(f"<span class='badge {s}'>{counts[s]} {s}</span>" for s in STATUSES) + "</p>"]
+    attention = _attention_runs(runs)
+    if attention:
+        parts.append("<h2>Runs not in the aggregates</h2>")
+        rows = [[r.run_id, _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
+                 f"{r.num_committed}/{r.num_periods or '?'}", r.reason] for r in attention]
+        parts.append(_html_table(["run", "status", "periods committed", "reason"], rows))
+    parts.append("<p class='note'>Cells: mean over seeds ± half-width of the 95% t-interval of the mean "
+                 "(n−1 degrees of freedom), over complete runs; (n=k) marks cells over k runs when k differs "
+                 "from the group's n or k = 1. ↑ higher is better, ↓ lower is better. Formulas: "
+                 "docs/metrics.md.</p>")
+    for bench, gs in _by_benchmark(groups).items():
+        head, multi_model = _summary_header(gs)
+        numeric = len(head) - len(SUMMARY_KEYS)
+        models = ", ".join(sorted({g.model for g in gs}))
+        parts += [f"<h2>{_h(bench)}</h2>",
+                  f"<p class='note'>Periods {_h(', '.join(gs[0].period_names))} · model {_h(models)}</p>",
+                  _html_table(head, [_summary_cells(g, multi_model) for g in gs], numeric)]
+        parts.append("<div class='plots'>" + "".join(_img(p, c) for p, c in plots.get(bench, [])) + "</div>")
+        if any(g.lm_eval for g in gs):
+            h, rows = _lm_eval_rows(gs)
+            parts += ["<h3>General ability (lm-eval): change vs the base model</h3>",
+                      ("<p class='note'>Δ = score after the period − the same run's base score. For metrics "
+                       "marked LOWER a negative Δ is an improvement.</p>"), _html_table(h, rows, 3)]
+        if any(g.landscape for g in gs):
+            h, rows = _landscape_rows(gs)
+            parts += ["<h3>Loss landscape per period checkpoint</h3>", _html_table(h, rows, 2)]
+            figures = []
+            for g in gs:
+                for run in g.complete[:1]:
+                    for row in run.rows:
+                        d = run.path / "periods" / f"{row.index}-{row.name}" / LANDSCAPE_DIR
+                        if row.landscape and (d / "contour.png").is_file():
+                            figures.append(_img(d / "contour.png", f"{g.label} seed {run.seed}: {row.name}"))
+            if figures:
+                parts.append("<div class='plots'>" + "".join(figures[:12]) + "</div>")
+    parts.append("<h2>All runs</h2>")
+    rows = [[r.run_id, r.benchmark, r.method, r.seed, _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
+             f"{r.num_committed}/{r.num_periods or '?'}", "; ".join(r.warnings)] for r in runs]
+    parts.append(_html_table(["run", "benchmark", "method", "seed", "status", "periods", "warnings"], rows))
+    parts.append("<h2>Configs</h2><p class='note'>The resolved config.yaml of the first run of each group; "
+                 "the other runs differ only in the seed.</p>")
+    for g in groups:
+        first = g.runs[0]
+        parts.append(f"<details><summary>{_h(g.benchmark)} · {_h(g.label)} · {_h(g.model)} · "
+                     f"{len(g.runs)} runs</summary><p class='note'>runs: {_h(', '.join(r.run_id for r in g.runs))}"
+                     f"</p><pre>{_h(yaml.safe_dump(first.config, sort_keys=False))}</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
+
+
+def make_plots(groups: Sequence[Group], directory: Path) -> dict[str, list[tuple[Path, str]]]:
+    from eval_and_metrics import plots
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, list[tuple[Path, str]]] = {}
+    for i, (bench, gs) in enumerate(_by_benchmark(groups).items()):
+        stem = f"{i}-{_slug(bench)}"
+        made = []
+        for fn, name, caption in (
+            (plots.summary_bars, "summary", "summary metrics"),
+            (plots.accuracy_heatmaps, "matrix", "accuracy matrix per method"),
+            (plots.timelines, "timelines", "each period's score over the sequence"),
+            (plots.final_scores, "final", "final scores per period"),
+            (plots.forgetting_curves, "forgetting", "forgetting curves"),
+            (plots.plasticity_stability, "plasticity_stability", "plasticity vs stability"),
+            (plots.lm_eval_deltas, "lm_eval", "general ability vs base (lm-eval)"),
+            (plots.landscape_trends, "landscape", "loss landscape per period"),
+        ):
+            path = fn(gs, directory / f"{stem}-{name}.png", bench)
+            if path is not None:
+                made.append((path, f"{bench}: {caption}"))
+        out[bench] = made
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the job
+
+
+class ReportError(ValueError):
+    """Bad input for the report (exit 2)."""
+
+
+def _check_out(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ReportError(f"--out {out} exists and is not a directory")
+    if any(out.iterdir()) and (read_manifest(out) or {}).get("kind") != REPORT_KIND:
+        raise ReportError(f"--out {out} is a non-empty directory that is not a previous report; it would be "
+                          "replaced, so pick an empty or new directory")
+
+
+def gather(root: Path, skip: Iterable[Path] = (), jobs: int = 4) -> list[Run]:
+    dirs = find_run_dirs(root, skip)
+    benches = _BenchmarkCache()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # hashing releases the GIL
+        return list(pool.map(lambda d: read_run(d, benches), dirs))
+
+
+def build_report(root: Path, out: Path, jobs: int = 4) -> dict[str, Any]:
+    """Gather, aggregate and write every output; returns the results.json object."""
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise ReportError(f"run root {root} is not a directory")
+    _check_out(out)
+    generated = utc_now_iso()
+    runs = gather(root, skip=[out], jobs=jobs)
+    groups = build_groups(runs)
+    tmp = staging_dir(out)
+    try:
+        plots = make_plots(groups, tmp / "plots")
+        result = {
+            "schema_version": REPORT_SCHEMA_VERSION, "generated_at": generated, "run_root": str(root),
+            "confidence": CONFIDENCE, "interval": "t-interval of the mean: mean ± t_{0.975,n-1} * sd / sqrt(n)",
+            "counts": {s: sum(r.status == s for r in runs) for s in STATUSES},
+            "runs": [{**r.summary(), "metrics": r.metrics} for r in runs],
+            "groups": [g.to_json() for g in groups],
+            "plots": {b: [p.relative_to(tmp).as_posix() for p, _ in made] for b, made in plots.items()},
+        }
+        (tmp / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(tidy_rows(runs, groups))
+        (tmp / "results.csv").write_text(buf.getvalue())
+        (tmp / "summary.md").write_text(render_summary_md(root, runs, groups, generated))
+        (tmp / "report.html").write_text(render_html(root, runs, groups, plots, generated))
+        write_manifest(tmp, {"kind": REPORT_KIND, "run_root": str(root), "num_runs": len(runs),
+                             "counts": result["counts"]})
+        commit_dir(tmp, out)  # files are written plainly above; commit_dir fsyncs them all first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval_and_metrics.report",
+                                     description="Gather the runs under RUN_ROOT into summary.md, results.csv, "
+                                     "results.json, PNG plots and a self-contained report.html.")
+    parser.add_argument("run_root", help="directory holding run directories (searched 3 levels deep)")
+    parser.add_argument("--out", help="output directory (default: RUN_ROOT/report); replaced atomically")
+    parser.add_argument("--jobs", type=int, default=4, help="runs read in parallel (checksumming is I/O bound)")
+    args = parser.parse_args(argv)
+    root = Path(args.run_root)
+    out = Path(args.out) if args.out else root / "report"
+    started = time.time()
+    try:
+        result = build_report(root, out, jobs=args.jobs)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = result["counts"]
+    print(f"report of {len(result['runs'])} runs (" + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+          + f") written to {out} in {time.time() - started:.1f}s: summary.md, results.csv, results.json, "
+          "report.html, plots/")
+    for run in result["runs"]:
+        if run["status"] != "complete":
+            print(f"  {run['status']:<9} {run['run_id']}: {run['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
