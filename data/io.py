@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+from artifacts.atomic import atomic_write_bytes
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,32 +50,13 @@ def benchmark_to_json(bench: Benchmark) -> dict[str, Any]:
     return doc
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # Temp file in the same directory + fsync + rename: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_benchmark(bench: Benchmark, directory: str | os.PathLike[str]) -> Path:
     """Write ``<directory>/benchmark.json`` atomically; returns its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(benchmark_to_json(bench), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
     path = directory / BENCHMARK_FILE
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 
