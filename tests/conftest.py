@@ -48,4 +48,5 @@ def reference_lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("reference")
     proc = run_main(*SMALL, "--method", "lora", "--run-root", str(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return read_results(only_run_dir(root))
+    run_dir = only_run_dir(root)
+    return {**read_results(run_dir), "run_dir": str(run_dir)}

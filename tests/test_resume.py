@@ -31,6 +31,10 @@ def _train_records(run_dir: Path) -> list[dict]:
     return rows
 
 
+def reference_run_dir(results: dict) -> Path:
+    return Path(results["run_dir"])
+
+
 def _start(root: Path) -> subprocess.Popen:
     return subprocess.Popen(main_cmd(*SMALL, *SLOW_STEPS, "--method", "lora", "--run-root", str(root)),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,6 +90,13 @@ def test_sigkill_mid_period_and_corrupt_newest_checkpoint_resume_equals_uninterr
     # the log holds each step exactly once despite the replays
     train = [(r["period"], r["step"]) for r in _train_records(run_dir) if r["event"] == "train"]
     assert len(train) == len(set(train))
+    for period in (1, 2, 3, 4):  # every step logged exactly once: nothing lost, nothing repeated
+        steps = sorted(s for p, s in train if p == period)
+        assert steps == list(range(1, len(steps) + 1)) and steps, (period, steps)
+    reference_log = [(r["period"], r["step"], r["loss"]) for r in _train_records(reference_run_dir(reference_lora))
+                     if r["event"] == "train"]
+    assert sorted((r["period"], r["step"], r["loss"]) for r in _train_records(run_dir)
+                  if r["event"] == "train") == sorted(reference_log), "the same losses, step for step"
     for period_dir in (run_dir / "periods").iterdir():
         assert verify_manifest(period_dir) == (True, "ok")
     assert not any((run_dir / "checkpoints").glob("*/step-*")), "committed periods drop their step checkpoints"

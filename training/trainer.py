@@ -93,7 +93,6 @@ class Trainer:
         if done >= 1:
             self._load_committed(done)
             self.say(f"resuming after committed period {done}/{len(periods)} ({periods[done - 1].name})")
-        self._truncate_log(done + 1, step=-1)
         if done < 0:
             self._commit_base()
         for period in periods[max(done, 0):]:
@@ -121,7 +120,8 @@ class Trainer:
         latest = ckpts.latest_valid()
         if latest is not None:
             pos = self._restore_step(latest[1], optimizer, scheduler)
-            self._truncate_log(k, pos.step)
+        self._truncate_log(k, pos.step)
+        if latest is not None:
             self._log({"event": "resume", "period": k, "from_step": pos.step, "total_steps": total_steps,
                        **slurm_info()})
             self.say(f"period {k} ({period.name}): resuming from step checkpoint {pos.step}/{total_steps}")
@@ -322,7 +322,7 @@ class Trainer:
                 return True
             return p == period and r.get("event") == "train" and r.get("step", 0) <= step
         kept = [r for r in rows if keep(r)]
-        if kept != rows or self.paths.train_log.exists():
+        if kept != rows:
             atomic_write_text(self.paths.train_log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def _write_results(self) -> dict[str, Any]:
