@@ -57,16 +57,14 @@ def _gold_logprobs(model: nn.Module, prompts: list[list[int]], golds: list[list[
     seqs = [p + g for p, g in zip(prompts, golds)]
     ids, mask = _left_pad(seqs, pad_id, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = ids[:, 1:]
+    # Left padding puts every gold answer at the end, so the vocabulary head (49k wide for SmolLM2)
+    # only has to run on the last `keep` positions instead of the whole sequence.
+    keep = max(len(g) for g in golds) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
+    targets = ids[:, -(keep - 1):]
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    out = []
-    width = ids.shape[1]
-    for row, gold in enumerate(golds):
-        # gold tokens occupy the last len(gold) positions; their predictions sit one step earlier
-        out.append(token_logp[row, width - 1 - len(gold):].mean().item())
-    return out
+    return [token_logp[row, token_logp.shape[1] - len(gold):].mean().item() for row, gold in enumerate(golds)]
 
 
 @torch.inference_mode()
