@@ -6,7 +6,13 @@ after saving a checkpoint (run the same command again to resume), anything else 
 
 import sys
 
-from training.cli import main
+from training.signals import StopFlag
+
+# Before the heavy imports: a SIGUSR2/SIGTERM that arrives while torch loads (seconds on a busy node)
+# must set the flag, not kill the process, or the job dies instead of checkpointing and requeueing.
+STOP = StopFlag().install()
+
+from training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(stop=STOP))

@@ -160,3 +160,16 @@ def test_resume_with_a_different_config_is_refused_with_the_differing_fields(tmp
                     "--set", "train.lr=0.5", "--set", "method.lora.r=4")
     assert proc.returncode == 2
     assert "differing fields" in proc.stderr and "train.lr" in proc.stderr and "method.lora.r" in proc.stderr
+
+
+def test_signal_during_startup_imports_still_exits_75(tmp_path):
+    """The flag is installed before torch is imported: an early USR2 must not kill the process."""
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(main_cmd(*SMALL, "--method", "lora", "--run-root", str(root)), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # well inside the imports (several seconds)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    proc = run_main(*SMALL, "--method", "lora", "--run-root", str(root))
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -93,7 +93,8 @@ def format_summary(all_results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
+    """Run the CLI; `stop` is a StopFlag installed earlier by main.py (else installed here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["status"]:
         from scripts.status import main as status_main
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    stop = StopFlag().install()
+    owns_stop = stop is None
+    stop = stop if stop is not None else StopFlag().install()
     all_results = []
     try:
         for cfg in configs:
@@ -129,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(exit {EXIT_RESUME})", file=sys.stderr)
         return EXIT_RESUME
     finally:
-        stop.uninstall()
+        # main.py's flag stays installed to the end: a signal after the last run must not kill a
+        # process that has finished its work (the wrapper would then count it as failed).
+        if owns_stop:
+            stop.uninstall()
     print(format_summary(all_results))
     print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
     return EXIT_OK
