@@ -1,0 +1,323 @@
+"""Progress of every run under a run root, read from the run directories alone.
+
+    uv run python scripts/status.py RUN_ROOT [--logs DIR ...] [--json] [--no-verify]
+    uv run python main.py status RUN_ROOT            (same thing)
+
+For each run directory: periods committed k/T, the newest step checkpoint, how often Slurm restarted
+it, the job that last held it, and the last error line found in that job's log. Nothing here asks
+Slurm (no sacct, no squeue): many clusters run without accounting, and a run directory must be
+readable after the jobs are long gone.
+
+Where each column comes from (all written by main.py, see docs/design.md):
+- periods k/T: `periods/<k>-<name>/` whose manifest.json verifies (sha256 of every file), k >= 1;
+  T = len(results.json "periods"), else the run's data/benchmark.json, else config.yaml data.periods.
+- checkpoint: newest `checkpoints/<k>-<name>/step-NNNNNN/` whose manifest verifies.
+- restarts: the largest `restart_count` (SLURM_RESTART_COUNT) in any manifest, run.json or
+  train_log.jsonl "resume" record.
+- job / running: `.lock` holder (live if its flock is held now), else run.json's slurm_job_id.
+- last error: main.py writes no error file; its stderr goes to the Slurm log. With --logs DIR we look
+  for the newest log file whose name contains one of the run's job ids (run_job.sh: logs/<name>-<jobid>.out,
+  launch.py: logs/submitit/<jobid>_0_log.out) and report its last error line, if any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python scripts/status.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from artifacts import live_holder, read_holder, read_manifest, verify_manifest  # noqa: E402
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_PERIOD_DIR = re.compile(r"^(\d+)-(.+)$")
+# Lines worth calling "the error", most telling first: main.py's one-line bad-input message and the
+# last line of a Python traceback ("ValueError: ..."); then the wrappers' own lines (run_job.sh, srun,
+# slurmstepd), which only say that something failed. srun's "Exited with exit code 75" is a clean stop
+# for a requeue, not an error.
+_ERROR_LINE = re.compile(r"^(error: .*|[A-Za-z_][\w.]*(Error|Exception|Interrupt)(: .*)?)$")
+_WRAPPER_ERROR_LINE = re.compile(
+    r"^(run_job\.sh: (error|main\.py failed).*|srun: error: (?!.*exit code 75$).*"
+    r"|slurmstepd.*(DUE TO TIME LIMIT|oom-kill|Out Of Memory).*)$")
+# The first line of each attempt in a log that Slurm appends to across requeues (--open-mode=append):
+# only the newest attempt's errors are current.
+_ATTEMPT_START = re.compile(r"^(run_job\.sh: job \S+ .*restart|launch\.py task: )")
+
+
+@dataclass
+class RunStatus:
+    run_id: str
+    path: str
+    method: str | None = None
+    seed: int | None = None
+    periods_done: int = 0  # committed periods k >= 1 that verify, counted as a prefix 1..k
+    periods_total: int | None = None
+    base_done: bool = False  # periods/0-base (eval of the untrained model) verifies
+    results: bool = False  # results.json exists
+    invalid: list[str] = field(default_factory=list)  # "<dir>: <reason>" for dirs that fail verification
+    last_checkpoint: str | None = None  # "<k>-<name> step N"
+    restarts: int = 0
+    job: str | None = None  # last Slurm job that held the run (array tasks as <array>_<task>)
+    running: bool = False  # a live process holds the run lock right now
+    last_error: str | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        if self.running:
+            return "running"
+        if self.results and self.base_done and self.periods_total is not None \
+                and self.periods_done == self.periods_total:
+            return "complete"
+        if self.base_done or self.periods_done or self.last_checkpoint:
+            return "partial"
+        return "empty"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "state": self.state}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _period_names(run_dir: Path) -> list[str] | None:
+    results = _read_json(run_dir / "results.json")
+    if isinstance(results, dict) and isinstance(results.get("periods"), list):
+        return [str(p) for p in results["periods"]]
+    bench = _read_json(run_dir / "data" / "benchmark.json")
+    if isinstance(bench, dict) and isinstance(bench.get("periods"), list):
+        return [str(p.get("name")) for p in bench["periods"] if isinstance(p, dict)]
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    periods = (cfg.get("data") or {}).get("periods")
+    return [str(p) for p in periods] if isinstance(periods, list) else None
+
+
+def _numbered_dirs(parent: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+    if not parent.is_dir():
+        return []
+    out = []
+    for child in parent.iterdir():
+        m = pattern.match(child.name)
+        if m and child.is_dir():
+            out.append((int(m.group(1)), child))
+    return sorted(out)
+
+
+def _check(directory: Path, verify: bool) -> tuple[bool, str]:
+    if verify:
+        return verify_manifest(directory)
+    return (read_manifest(directory) is not None, "no readable manifest.json")
+
+
+def _restart_counts(run_dir: Path, manifests: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """Largest restart_count and every Slurm job id the run has recorded, oldest first."""
+    counts, jobs = [0], []
+    records: list[dict[str, Any]] = list(manifests)
+    run_json = _read_json(run_dir / "run.json")
+    if isinstance(run_json, dict):
+        records.append(run_json)
+    log = run_dir / "train_log.jsonl"
+    if log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            if '"resume"' not in line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a torn last line; the trainer drops it on resume too
+    for rec in records:
+        rc = rec.get("restart_count")
+        if isinstance(rc, int):
+            counts.append(rc)
+        job = rec.get("slurm_job_id")
+        if job and str(job) not in jobs:
+            jobs.append(str(job))
+    return max(counts), jobs
+
+
+def last_error_in(log_file: Path) -> str | None:
+    """The last line of the newest attempt in a job log that reads as an error, or None."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return None
+    found, wrapper = None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if _ATTEMPT_START.match(line):
+            found, wrapper = None, None
+        elif _ERROR_LINE.match(line):
+            found = line
+        elif _WRAPPER_ERROR_LINE.match(line):
+            wrapper = line
+    return found or wrapper
+
+
+def find_job_logs(log_dirs: list[Path], job_ids: list[str]) -> list[Path]:
+    """Log files of these jobs, newest first.
+
+    Names we know: run_job.sh `<name>-<jobid>.out` (or `<name>-<array>_<task>.out` with
+    --output=logs/%x-%A_%a.out) and submitit `<jobid>_<rank>_log.out`, where an array task's jobid is
+    `<array>_<task>`. Anchored on both sides, so job 4 never matches 14 or 14_4.
+    """
+    if not job_ids:
+        return []
+    ids = "|".join(re.escape(j) for j in job_ids)
+    pattern = re.compile(rf"(^|[-.])({ids})(\.(out|err|log)|_\d+_log\.(out|err))$")
+    hits = []
+    for d in log_dirs:
+        if not d.is_dir():
+            continue
+        for f in d.rglob("*"):
+            if pattern.search(f.name) and f.is_file():
+                hits.append(f)
+    return sorted(hits, key=lambda f: f.stat().st_mtime, reverse=True)
+
+
+def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool = True) -> RunStatus:
+    run_dir = Path(run_dir)
+    st = RunStatus(run_id=run_dir.name, path=str(run_dir))
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    st.method = (cfg.get("method") or {}).get("name")
+    st.seed = cfg.get("seed")
+    names = _period_names(run_dir)
+    st.periods_total = len(names) if names is not None else None
+    st.results = (run_dir / "results.json").is_file()
+
+    manifests: list[dict[str, Any]] = []
+    done_prefix, gap = 0, False
+    for k, pdir in _numbered_dirs(run_dir / "periods", _PERIOD_DIR):
+        ok, reason = _check(pdir, verify)
+        if not ok:
+            st.invalid.append(f"{pdir.name}: {reason}")
+            gap = gap or k >= 1
+            continue
+        manifests.append(read_manifest(pdir) or {})
+        if k == 0:
+            st.base_done = True
+        elif not gap and k == done_prefix + 1:
+            done_prefix = k
+        else:
+            gap = True
+    st.periods_done = done_prefix
+
+    newest: tuple[int, int, Path] | None = None  # (period, step, dir)
+    for k, croot in _numbered_dirs(run_dir / "checkpoints", _PERIOD_DIR):
+        for step, sdir in reversed(_numbered_dirs(croot, _STEP_DIR)):
+            ok, _ = _check(sdir, verify)
+            if ok:
+                manifests.append(read_manifest(sdir) or {})
+                if newest is None or (k, step) > newest[:2]:
+                    newest = (k, step, sdir)
+                break
+    if newest is not None:
+        st.last_checkpoint = f"{newest[2].parent.name} step {newest[1]}"
+
+    st.restarts, st.job_ids = _restart_counts(run_dir, manifests)
+    holder = live_holder(run_dir)
+    st.running = holder is not None
+    if holder is None:
+        holder = read_holder(run_dir)
+    if holder and holder.get("slurm_job_id"):
+        st.job = str(holder["slurm_job_id"])
+        if st.job not in st.job_ids:
+            st.job_ids.append(st.job)
+    elif st.job_ids:
+        st.job = st.job_ids[-1]
+    if log_dirs:
+        logs = find_job_logs(log_dirs, st.job_ids)
+        # Only the newest log: an error from an attempt that a later restart got past is history.
+        st.last_error = last_error_in(logs[0]) if logs else None
+    return st
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and (
+        (path / "config.yaml").exists() or (path / "periods").is_dir() or (path / "run.json").exists())
+
+
+def scan(run_root: Path, log_dirs: list[Path] | None = None, verify: bool = True) -> list[RunStatus]:
+    run_root = Path(run_root)
+    if not run_root.is_dir():
+        return []
+    return [run_status(p, log_dirs, verify) for p in sorted(run_root.iterdir()) if is_run_dir(p)]
+
+
+def format_table(statuses: list[RunStatus], missing: list[str] = ()) -> str:
+    header = ["RUN", "STATE", "PERIODS", "CHECKPOINT", "RESTARTS", "JOB", "LAST ERROR"]
+    rows = []
+    for st in statuses:
+        total = "?" if st.periods_total is None else str(st.periods_total)
+        error = st.last_error or ("; ".join(st.invalid) if st.invalid else "-")
+        rows.append([st.run_id, st.state, f"{st.periods_done}/{total}", st.last_checkpoint or "-",
+                     str(st.restarts), st.job or "-", error])
+    rows.extend([run_id, "missing", "-", "-", "-", "-", "no run directory"] for run_id in missing)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for r in [header, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return "\n".join(lines)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="status", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_root", nargs="?", default="runs", help="directory holding run directories (default runs/)")
+    p.add_argument("--logs", action="append", type=Path, default=None, metavar="DIR",
+                   help="where Slurm logs are (searched recursively; repeatable); default: ./logs if it exists")
+    p.add_argument("--expect", action="append", default=[], metavar="RUN_ID",
+                   help="a run id that should exist; listed as missing when it does not (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    p.add_argument("--no-verify", action="store_true",
+                   help="trust manifest.json without re-hashing the files (fast on multi-GB runs)")
+    p.add_argument("--fail-incomplete", action="store_true",
+                   help="exit 1 unless every run (and every --expect run) is complete")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    run_root = Path(args.run_root)
+    if not run_root.is_dir():
+        print(f"error: run root {run_root} does not exist", file=sys.stderr)
+        return 2
+    log_dirs = args.logs if args.logs is not None else ([Path("logs")] if Path("logs").is_dir() else [])
+    statuses = scan(run_root, log_dirs, verify=not args.no_verify)
+    present = {st.run_id for st in statuses}
+    missing = [r for r in args.expect if r not in present]
+    if args.expect:  # with an explicit list, report exactly those runs
+        statuses = [st for st in statuses if st.run_id in set(args.expect)]
+    if args.json:
+        for st in statuses:
+            print(json.dumps(st.to_json(), sort_keys=True))
+        for run_id in missing:
+            print(json.dumps({"run_id": run_id, "state": "missing"}, sort_keys=True))
+    else:
+        if not statuses and not missing:
+            print(f"no run directories under {run_root}")
+        else:
+            print(format_table(statuses, missing))
+    incomplete = missing or any(st.state != "complete" for st in statuses)
+    return 1 if args.fail_incomplete and incomplete else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

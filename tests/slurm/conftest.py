@@ -1,0 +1,128 @@
+"""The `slurm` session fixture: a real single-node Slurm cluster (scripts/local_slurm.sh) for the tests.
+
+Locally the Slurm tests skip, with the reason, when slurmctld is not installed or we are not root;
+with CI=true a missing Slurm is a failure: CI must run them (.ci/run installs slurm-wlm and munge).
+The cluster gets its own state dir and free ports, so it never collides with one started by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class SlurmCluster:
+    """Handle on the running test cluster: the environment to talk to it and small polling helpers."""
+
+    state_dir: Path
+    env: dict[str, str]  # os.environ + SLURM_CONF: pass to every subprocess that calls Slurm
+
+    def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(list(cmd), env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                              timeout=60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def signal(self, job_id: str, sig: str) -> None:
+        """`scancel --signal=SIG job_id`; the caller checks the effect (e.g. that the job was requeued).
+
+        Slurm 22.05 can deliver a signal to a running array task and still answer "Job can not be
+        altered now, try again later" (seen while tasks of the same array were pending); scancel then
+        retries after 5 s, 6 s, 7 s... and a retry hits the task again after its restart, or another
+        task. So: the first attempt only (it takes milliseconds); stop scancel before its first retry.
+        """
+        try:
+            subprocess.run(["scancel", f"--signal={sig}", job_id], env=self.env, capture_output=True, timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+        return self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).stdout.strip().split(";")[0]
+
+    def jobs(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job -o` as dicts (one per array task); [] once Slurm forgot the job."""
+        proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        if proc.returncode != 0:
+            return []
+        return [dict(re.findall(r"(\w[\w:/]*)=(\S*)", line)) for line in proc.stdout.splitlines() if line.strip()]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        found = self.jobs(job_id)
+        assert len(found) == 1, f"expected one job for {job_id}, got {len(found)}"
+        return found[0]
+
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout_s: float = 300, poll_s: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(poll_s)
+        raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{self.run('squeue').stdout}")
+
+    def wait_done(self, job_id: str, timeout_s: float = 300) -> dict[str, str]:
+        """Wait until the job (every task of an array) left the queue for good; return its last record."""
+        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                 "BOOT_FAIL", "DEADLINE"}
+        self.wait_for(f"job {job_id} to finish",
+                      lambda: all(j.get("JobState") in final for j in self.jobs(job_id) or [{}]), timeout_s)
+        return self.jobs(job_id)[-1]
+
+    def release_when_requeued(self, job_id: str, timeout_s: float = 120) -> dict[str, str]:
+        """A requeued job waits ~2 minutes (BeginTime) before it may start again; start it now."""
+        self.wait_for(f"job {job_id} to be requeued",
+                      lambda: (lambda j: j.get("JobState") == "PENDING" and int(j.get("Restarts", "0")) >= 1)(
+                          self.job(job_id)), timeout_s, poll_s=0.5)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        return self.job(job_id)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    problem = None
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        problem = "Slurm is not installed (apt-get install -y slurm-wlm munge; see docs/slurm.md)"
+    elif os.geteuid() != 0:
+        problem = "the local Slurm cluster needs root (slurmd launches jobs as the submitting user)"
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {problem}", pytrace=False)
+        pytest.skip(problem)
+    # Not under pytest's basetemp: munged insists that every directory above its socket is
+    # world-executable, and pytest makes its temp dirs 0700. Also keeps the socket path short (< 108 bytes).
+    state = Path(tempfile.mkdtemp(prefix="clkit-slurm-"))
+    state.chmod(0o755)
+    env = {**os.environ, "LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_CTLD_PORT": str(_free_port()),
+           "LOCAL_SLURM_SLURMD_PORT": str(_free_port()), "SLURM_CONF": str(state / "slurm.conf")}
+    started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True,
+                             timeout=180)
+    if started.returncode != 0:
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop"], env=env, capture_output=True, timeout=120)
+        pytest.fail(f"local_slurm.sh start failed:\n{started.stdout}\n{started.stderr}", pytrace=False)
+    try:
+        yield SlurmCluster(state_dir=state, env=env)
+    finally:
+        subprocess.run(["bash", str(LOCAL_SLURM), "stop"], env=env, capture_output=True, timeout=120)
+        if os.environ.get("CLKIT_KEEP_SLURM_STATE") != "1":  # set it to read the daemons' logs afterwards
+            shutil.rmtree(state, ignore_errors=True)
