@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as main.py does, before any test imports torch
+
+import json
 import subprocess
 import sys
 from pathlib import Path
