@@ -6,12 +6,16 @@ Keys are lowercase snake case and match the module names; tests/test_registry.py
 from __future__ import annotations
 
 from training.methods.base import Method, MethodContext
+from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.full_ft import FullFineTune
 from training.methods.lora import LoRA
+from training.methods.smf import SparseMemoryFinetune
 
 METHODS: dict[str, type[Method]] = {
     "full_ft": FullFineTune,
     "lora": LoRA,
+    "smf": SparseMemoryFinetune,
+    "casm": ContradictionAwareSparseMemory,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]

@@ -1,0 +1,430 @@
+"""Sparse memory finetuning (Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning",
+https://arxiv.org/abs/2510.15103), on product-key memory layers (Lample et al. 2019,
+https://arxiv.org/abs/1907.05242; Berges et al. 2024, https://arxiv.org/abs/2412.09764).
+
+    h_out = FFN(x) + sum_{i in topk(q(x))} softmax(s)_i * V[i]        x: the FFN input of a chosen layer
+
+A key-value memory is added as a residual branch next to the FFN of the chosen decoder layers. A token's
+query is split in two halves, each scored against `num_keys` sub-keys; the top-k of each half combine into
+k^2 candidates whose top-k are read, so `num_keys**2` slots cost two `num_keys`-wide products per token.
+Values start at zero, so the prepared model computes exactly what the base model does. The backbone is
+frozen. After each backward pass the slots the batch read are ranked by TF-IDF (how often this batch
+read a slot, discounted by how many earlier batches read it) and only the top-t slots' value rows keep
+their gradient; every other row is restored after the optimizer step, so Adam's momentum cannot move a
+slot the batch did not choose. Keys and the query projection are random and frozen: the paper starts
+from a pretrained memory, which we do not have, and a frozen random product-key index is a stable
+locality-sensitive hash of the hidden state (training keys would move old facts to new slots).
+
+Hooks: prepare (attach memories, freeze the backbone), trainable_parameters (value tables only),
+after_backward (TF-IDF top-t gradient mask, background counts), after_optimizer_step (restore the rows
+the mask excluded), eval_extras (how many slots were ever written). Checkpoints: trainable_state_dict
+holds only memory tensors (keys, query projection, values), state_dict the access statistics.
+
+The memory classes here are shared with casm (training/methods/casm), which gives each period its own
+value table over the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.schema import Probe
+from training.methods.base import Method
+from training.seeding import derive_seed
+
+MEMORY_ATTR = "memory"  # the memory is registered as <layer>.mlp.memory, so backbone names never change
+
+
+@dataclass
+class MemoryOptions:
+    """Options of the product-key memory shared by smf and casm."""
+
+    layers: list[int] = field(default_factory=list)  # decoder layers that get a memory branch; [] = middle layer
+    num_keys: int = 128  # sub-keys per query half; the memory has num_keys**2 slots
+    key_dim: int = 128  # query/key width (split into two halves of key_dim/2)
+    top_k: int = 32  # slots read per token
+    top_t: int = 1024  # slots (value rows) updated per optimizer step, chosen by TF-IDF
+    # Value rows start at zero and each is written only in the steps that choose it, so they need a far
+    # larger step than dense weights. Chosen on training loss only: 10 steps on one SmolLM2 batch take
+    # it from 5.97 to 5.66 (lr 0.01), 4.67 (0.05), 2.72 (0.2), 1.21 (0.5). 0 = train.lr.
+    lr: float = 0.5
+
+    def validate(self, section: str) -> list[str]:
+        problems = []
+        if any(not isinstance(x, int) for x in self.layers):
+            problems.append(f"method.{section}.layers must be a list of layer indices (got {self.layers!r})")
+        if self.num_keys < 2:
+            problems.append(f"method.{section}.num_keys must be >= 2 (got {self.num_keys})")
+        if self.key_dim < 2 or self.key_dim % 2:
+            problems.append(f"method.{section}.key_dim must be an even number >= 2 (got {self.key_dim})")
+        if not 1 <= self.top_k <= self.num_keys:
+            problems.append(f"method.{section}.top_k must be in [1, num_keys={self.num_keys}] (got {self.top_k})")
+        if self.top_t < 1:
+            problems.append(f"method.{section}.top_t must be >= 1 (got {self.top_t})")
+        if self.lr < 0:
+            problems.append(f"method.{section}.lr must be >= 0 (got {self.lr})")
+        return problems
+
+
+@dataclass
+class SmfOptions(MemoryOptions):
+    def validate(self) -> list[str]:  # type: ignore[override]
+        return MemoryOptions.validate(self, "smf")
+
+
+# ------------------------------------------------------------------------------------------------
+# the memory layer
+
+
+class ProductKeyMemory(nn.Module):
+    """Product-key memory with `num_banks` value tables over one set of keys.
+
+    smf uses one bank. casm uses one bank per period: a slot index is an address, and each bank holds
+    that address's content for one version, so a later period can override an address without
+    touching what an earlier period wrote there.
+    """
+
+    def __init__(self, hidden_size: int, opts: MemoryOptions, num_banks: int, seed: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.num_keys = opts.num_keys
+        self.num_slots = opts.num_keys ** 2
+        self.top_k = opts.top_k
+        half = opts.key_dim // 2
+        gen = torch.Generator().manual_seed(seed)
+        # Random frozen index: unit-variance queries against unit-norm sub-keys.
+        query = torch.randn(opts.key_dim, hidden_size, generator=gen) / math.sqrt(hidden_size)
+        keys = F.normalize(torch.randn(2, opts.num_keys, half, generator=gen), dim=-1)
+        self.query = nn.Parameter(query.to(dtype=dtype, device=device), requires_grad=False)
+        self.keys = nn.Parameter(keys.to(dtype=dtype, device=device), requires_grad=False)
+        # Zero values: the branch adds exactly 0 until training writes a slot.
+        self.values = nn.ParameterList([
+            nn.Parameter(torch.zeros(self.num_slots, hidden_size, dtype=dtype, device=device))
+            for _ in range(num_banks)])
+        # Per-forward bookkeeping, set by the owning method (never saved).
+        self.counts: torch.Tensor | None = None  # slot access counts of the current optimizer step
+        self.token_mask: torch.Tensor | None = None  # (B, L) 1 for real tokens, from the model's forward
+        self.past_len = 0  # tokens already in the KV cache when this forward started (generation)
+        self.gates: torch.Tensor | None = None  # (B, L, num_banks) bank gates (casm); None = bank 0 only
+        self.last_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, weights), when asked
+        self.keep_lookup = False
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, weights) of shape (..., top_k): the slots a token reads and their softmax weights."""
+        xf = x.float()
+        # RMS-normalise so the index does not depend on the scale of the hidden state.
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        q = xf @ self.query.float().t()
+        q1, q2 = q.chunk(2, dim=-1)
+        s1 = q1 @ self.keys[0].float().t()  # (..., n)
+        s2 = q2 @ self.keys[1].float().t()
+        v1, i1 = s1.topk(self.top_k, dim=-1)
+        v2, i2 = s2.topk(self.top_k, dim=-1)
+        combo = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., k, k)
+        cidx = i1.unsqueeze(-1) * self.num_keys + i2.unsqueeze(-2)
+        scores, pos = combo.flatten(-2).topk(self.top_k, dim=-1)
+        indices = cidx.flatten(-2).gather(-1, pos)
+        # Sharpened softmax: scores of unit vectors are O(1); a temperature of sqrt(dim) makes reads
+        # selective enough that two facts rarely share most of their weight.
+        weights = torch.softmax(scores * math.sqrt(q1.shape[-1]), dim=-1)
+        return indices, weights
+
+    def read(self, bank: int, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        flat_i = indices.reshape(-1, self.top_k)
+        flat_w = weights.reshape(-1, self.top_k).to(self.values[bank].dtype)
+        out = F.embedding_bag(flat_i, self.values[bank], per_sample_weights=flat_w, mode="sum")
+        return out.reshape(*indices.shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            indices, weights = self.lookup(x)
+        if self.keep_lookup:
+            self.last_lookup = (indices, weights)
+        if self.counts is not None and torch.is_grad_enabled():
+            mask = self._mask_like(indices)
+            picked = indices[mask] if mask is not None else indices
+            self.counts += torch.bincount(picked.reshape(-1), minlength=self.num_slots).to(self.counts)
+        if self.gates is None:
+            return self.read(0, indices, weights).to(x.dtype)
+        out = torch.zeros_like(x)
+        for bank in range(self.gates.shape[-1]):
+            out = out + self.gates[..., bank:bank + 1].to(x.dtype) * self.read(bank, indices, weights).to(x.dtype)
+        return out
+
+    def _mask_like(self, indices: torch.Tensor) -> torch.Tensor | None:
+        if self.token_mask is None or indices.dim() != 3:
+            return None
+        mask = self.token_mask
+        if mask.shape[0] != indices.shape[0] or mask.shape[1] < indices.shape[1]:
+            return None
+        return mask[:, -indices.shape[1]:].bool()  # with a KV cache only the newest positions are here
+
+
+def _attach_hook(mlp: nn.Module, memory: ProductKeyMemory) -> None:
+    mlp.add_module(MEMORY_ATTR, memory)
+
+    def add_memory(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output + module.memory(args[0])
+
+    mlp.register_forward_hook(add_memory)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Llama-style model (model.model.layers), through a peft wrapper if any."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "mlp"):
+            return list(module)
+    raise ValueError("this model has no decoder layers with an .mlp (expected a Llama-style *.layers list)")
+
+
+def resolve_layers(requested: list[int], num_layers: int, section: str) -> list[int]:
+    if not requested:
+        return [num_layers // 2]  # the paper puts its memory in the middle of the network
+    out = sorted({i % num_layers for i in requested if -num_layers <= i < num_layers})
+    if len(out) != len(set(requested)):
+        raise ValueError(f"method.{section}.layers {requested} must be distinct indices in "
+                         f"[{-num_layers}, {num_layers - 1}] for this {num_layers}-layer model")
+    return out
+
+
+def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed: int,
+                    section: str) -> dict[int, ProductKeyMemory]:
+    """Freeze the backbone and add a memory next to the FFN of each chosen layer."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = decoder_layers(model)
+    chosen = resolve_layers(list(opts.layers), len(layers), section)
+    memories: dict[int, ProductKeyMemory] = {}
+    for i in chosen:
+        mlp = layers[i].mlp
+        if hasattr(mlp, MEMORY_ATTR):
+            raise ValueError(f"layer {i} already has a memory; prepare() was called twice")
+        ref = next(mlp.parameters())
+        hidden = int(getattr(model.config, "hidden_size"))
+        memories[i] = ProductKeyMemory(hidden, opts, num_banks, derive_seed(seed, section, "memory", i),
+                                       ref.dtype, ref.device)
+        _attach_hook(mlp, memories[i])
+    return memories
+
+
+def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -> None:
+    """Give the memories the attention mask of each forward, so padding never counts as an access."""
+    def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values")
+        # generate() drops an all-ones attention_mask, so the cache length is the reliable signal
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        for mem in memories.values():
+            mem.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            mem.past_len = past
+
+    model.register_forward_pre_hook(grab, with_kwargs=True)
+
+
+def memory_param_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if f".{MEMORY_ATTR}." in n]
+
+
+# ------------------------------------------------------------------------------------------------
+# TF-IDF slot selection
+
+
+def tfidf_top_t(counts: torch.Tensor, doc_freq: torch.Tensor, num_docs: int, top_t: int) -> torch.Tensor:
+    """Indices of the top-t read slots by TF-IDF; ties go to the lower index (deterministic).
+
+    tf = counts / sum(counts); idf = log((1 + num_docs) / (1 + doc_freq)) + 1 (smoothed as in
+    scikit-learn, so with no background yet the ranking is plain access frequency). doc_freq counts the
+    earlier optimizer steps that read a slot: slots every batch reads (function words, formatting) rank
+    low, slots specific to this batch's facts rank high. Only slots read in this step are candidates.
+    """
+    counts = counts.double()
+    total = counts.sum()
+    if total <= 0:
+        return torch.zeros(0, dtype=torch.long, device=counts.device)
+    idf = torch.log((1.0 + num_docs) / (1.0 + doc_freq.double())) + 1.0
+    score = counts / total * idf
+    score[counts <= 0] = -1.0
+    num = min(top_t, int((counts > 0).sum()))
+    order = torch.sort(-score, stable=True).indices
+    return order[:num]
+
+
+class SparseSlotUpdater:
+    """Per-step TF-IDF selection, gradient mask and exact restore of the unchosen rows.
+
+    `bank_of` says which value table of each memory trains now (smf: 0; casm: the current period's).
+    """
+
+    def __init__(self, memories: dict[int, ProductKeyMemory], top_t: int) -> None:
+        self.memories = memories
+        self.top_t = top_t
+        ref = next(iter(memories.values()))
+        self.doc_freq = {i: torch.zeros(m.num_slots, dtype=torch.long) for i, m in memories.items()}
+        self.num_docs = 0
+        self.ever_updated = {i: torch.zeros(ref.num_slots, dtype=torch.bool) for i in memories}
+        self._snapshot: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.last_selected: dict[int, torch.Tensor] = {}
+
+    def start_recording(self) -> None:
+        for mem in self.memories.values():
+            if mem.counts is None:
+                mem.counts = torch.zeros(mem.num_slots, dtype=torch.long, device=mem.values[0].device)
+
+    def stop_recording(self) -> None:
+        for mem in self.memories.values():
+            mem.counts = None
+
+    def after_backward(self, bank_of: Callable[[int], int]) -> None:
+        """Rank, mask the gradient of every unchosen row, snapshot for the restore, update background."""
+        for i, mem in self.memories.items():
+            counts = mem.counts.cpu() if mem.counts is not None else torch.zeros(mem.num_slots, dtype=torch.long)
+            chosen = tfidf_top_t(counts, self.doc_freq[i], self.num_docs, self.top_t)
+            bank = bank_of(i)
+            values = mem.values[bank]
+            keep = torch.zeros(mem.num_slots, dtype=torch.bool)
+            keep[chosen] = True
+            keep_dev = keep.to(values.device)
+            if values.grad is not None:
+                values.grad[~keep_dev] = 0
+            self._snapshot[i] = (bank, keep_dev, values.detach().clone())
+            self.last_selected[i] = chosen
+            self.ever_updated[i] |= keep
+            self.doc_freq[i] += (counts > 0).long()
+            if mem.counts is not None:
+                mem.counts.zero_()
+        self.num_docs += 1
+
+    def after_optimizer_step(self) -> None:
+        """Put back every row the mask excluded: AdamW would otherwise move it by momentum/decay."""
+        with torch.no_grad():
+            for i, (bank, keep, before) in self._snapshot.items():
+                values = self.memories[i].values[bank]
+                values[~keep] = before[~keep]
+        self._snapshot = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"doc_freq": {str(i): t.clone() for i, t in self.doc_freq.items()}, "num_docs": self.num_docs,
+                "ever_updated": {str(i): t.clone() for i, t in self.ever_updated.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.doc_freq = {int(i): t.clone() for i, t in state["doc_freq"].items()}
+        self.ever_updated = {int(i): t.clone() for i, t in state["ever_updated"].items()}
+        self.num_docs = int(state["num_docs"])
+
+
+ROWS, DATA = ".rows", ".data"  # suffixes of a value table stored as (written row indices, those rows)
+
+
+def memory_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every memory tensor; value tables as their written (non-zero) rows only.
+
+    Value tables start at zero and sparse finetuning writes a small share of their rows, so storing
+    (row indices, rows) keeps a checkpoint proportional to what was learnt, not to the table size.
+    The encoding is exact: a row absent from `.rows` is exactly zero.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if f".{MEMORY_ATTR}." not in name:
+            continue
+        tensor = param.detach()
+        if f".{MEMORY_ATTR}.values." in name:
+            rows = torch.nonzero(tensor.ne(0).any(-1)).flatten()
+            state[name + ROWS] = rows.cpu()
+            state[name + DATA] = tensor[rows].clone()
+        else:
+            state[name] = tensor.clone()
+    return state
+
+
+def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str,
+                           extra: tuple[str, ...] = ()) -> None:
+    """Inverse of memory_state_dict (plus the named `extra` dense tensors); a missing or unknown
+    name is an error, as in Method.load_trainable_state_dict."""
+    params = dict(model.named_parameters())
+    expected: set[str] = set(extra)
+    for n in memory_param_names(model):
+        expected |= {n + ROWS, n + DATA} if f".{MEMORY_ATTR}.values." in n else {n}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise RuntimeError(f"{name}: trainable state mismatch, missing={missing[:5]} unexpected={unexpected[:5]}")
+    with torch.no_grad():
+        for n in sorted(expected):
+            if n.endswith(DATA):
+                continue
+            if n.endswith(ROWS):
+                base = n[:-len(ROWS)]
+                table = params[base]
+                table.zero_()
+                rows = state[n].to(table.device, torch.long)
+                table[rows] = state[base + DATA].to(table.device, table.dtype)
+            else:
+                params[n].copy_(state[n].to(params[n].device, params[n].dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# the method
+
+
+class SparseMemoryFinetune(Method):
+    name = "smf"
+    config_cls = SmfOptions
+
+    def __init__(self, cfg: SmfOptions, ctx: Any) -> None:
+        super().__init__(cfg, ctx)
+        self.memories: dict[int, ProductKeyMemory] = {}
+        self.updater: SparseSlotUpdater | None = None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.memories = attach_memories(model, self.cfg, num_banks=1, seed=self.ctx.seed, section="smf")
+        install_mask_hook(model, self.memories)
+        self.updater = SparseSlotUpdater(self.memories, self.cfg.top_t)
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
+        assert self.updater is not None, "prepare() first"
+        params = [m.values[0] for _, m in sorted(self.memories.items())]
+        for p in params:
+            p.requires_grad_(True)
+        self.updater.start_recording()  # counting starts with the first training forward
+        return [{"params": params, "lr": self.cfg.lr or self.ctx.lr}]
+
+    def after_backward(self, model: nn.Module) -> None:
+        assert self.updater is not None
+        self.updater.after_backward(lambda i: 0)
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        assert self.updater is not None
+        self.updater.after_optimizer_step()
+
+    def on_period_end(self, model: nn.Module, period: Any, texts: list[str]) -> None:
+        assert self.updater is not None
+        self.updater.stop_recording()
+
+    def eval_extras(self, model: nn.Module, probes: list[Probe]) -> dict[str, Any]:
+        if self.updater is None:
+            return {}
+        written = sum(int(t.sum()) for t in self.updater.ever_updated.values())
+        total = sum(m.num_slots for m in self.memories.values())
+        return {"memory_slots_written": written, "memory_slots": total}
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return memory_state_dict(model)
+
+    def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_memory_state_dict(model, state, self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.updater is not None
+        return {"access": self.updater.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.updater is not None
+        self.updater.load_state_dict(state["access"])
