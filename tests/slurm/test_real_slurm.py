@@ -1,6 +1,6 @@
 """run_job.sh and launch.py on a real single-node Slurm cluster, with the real main.py (synthetic mode).
 
-(1) `sbatch run_job.sh lora` completes with a verified manifest for every period.
+(1) `sbatch run_job.sh casm` completes with a verified manifest for every period.
 (2) The same job preempted mid-period, by `scontrol requeue` (SIGTERM path) and by
     `scancel --signal=USR2` (the configured time-limit signal), comes back (Restarts >= 1), resumes from
     its step checkpoint rather than from the start of the period, and ends with the results of (1).
@@ -41,6 +41,7 @@ PERIODS = ["0-base", "1-2018", "2-2020", "3-2022", "4-2024"]
 # job because the test node has 2 CPUs and runs two jobs at once.
 TRAIN_ARGS = ["--set", "train.epochs=2", "--set", "train.threads=1", "--set", "train.progress=false"]
 SLOW = ["--set", "train.step_sleep=1.0"]  # time to hit a period mid-training; not part of the run id
+METHOD = "casm"  # the toolkit's own method; its exact resume under Slurm is what users rely on
 PREEMPT_PERIOD = 2  # interrupt while training period 2 ("2020"), after at least 2 of its steps
 
 
@@ -58,7 +59,7 @@ def sbatch_run_job(slurm: SlurmCluster, submit_dir: Path, run_root: Path, config
     itself (scontrol's Command=), and the header's logs/%x-%j.out lands in submit_dir/logs."""
     # --gres=none: the test node has no GPU and the header asks for one; the other overrides fit the node.
     return slurm.sbatch("--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=20", "--job-name=clkit-test",
-                        str(REPO / "run_job.sh"), "lora", *TRAIN_ARGS, *main_args,
+                        str(REPO / "run_job.sh"), METHOD, *TRAIN_ARGS, *main_args,
                         env={"MODE": "synthetic", "RUN_ROOT": str(run_root), "SEED": "0", "CONFIG": str(config)},
                         cwd=submit_dir)
 
