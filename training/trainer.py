@@ -105,10 +105,11 @@ class Trainer:
         texts = self.method.on_period_start(self.model, period, [p.text for p in period.passages])
         data = tokenize(self.tokenizer, texts, cfg.train.max_seq_len)
         lengths = [len(t) for t in data.token_ids]
-        batches_per_epoch = len(epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size,
-                                              cfg.seed, k, 0))
-        steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
-        total_steps = steps_per_epoch * cfg.train.epochs
+        # Every epoch's batch plan up front: bucketing can give epochs slightly different batch counts,
+        # and the cosine horizon and the ETA need the exact number of optimizer steps.
+        plans = [epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size, cfg.seed, k, e)
+                 for e in range(cfg.train.epochs)]
+        total_steps = sum(math.ceil(len(plan) / cfg.train.grad_accum) for plan in plans)
         params = self.method.trainable_parameters(self.model)
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                       weight_decay=cfg.train.weight_decay)
@@ -136,8 +137,7 @@ class Trainer:
                    f"{period.name}", disable=not cfg.train.progress, dynamic_ncols=True, mininterval=1.0)
         last_save, window_tokens, window_start = time.time(), 0, time.time()
         while pos.epoch < cfg.train.epochs:
-            batches = epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size,
-                                    cfg.seed, k, pos.epoch)
+            batches = plans[pos.epoch]
             epoch = pos.epoch
             while pos.epoch == epoch:
                 group = batches[pos.batch:pos.batch + cfg.train.grad_accum]
