@@ -37,7 +37,9 @@ def checkout(tmp_path: Path) -> Path:
 def submit(slurm: SlurmCluster, checkout: Path, *args: str, sbatch_args: tuple[str, ...] = ()) -> str:
     env = {"MODE": "synthetic", "RUN_ROOT": str(checkout / "runs"),
            "ENV_CMD": f"env PATH={Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return slurm.sbatch("--gres=none", "--cpus-per-task=1", "--mem=1G", "--time=5", "--job-name=wrap",
+    # --time well above run_job.sh's --signal=USR2@300: with --time=5 the warning signal was due from
+    # the start, and slurmctld's periodic check sent a second USR2 (and a second requeue) at random.
+    return slurm.sbatch("--gres=none", "--cpus-per-task=1", "--mem=1G", "--time=20", "--job-name=wrap",
                         *sbatch_args, str(checkout / "run_job.sh"), *args, env=env, cwd=checkout)
 
 
