@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from training.methods import METHODS, MethodContext
-from training.methods.smf import MEMORY_ATTR, SmfOptions, SparseMemoryFinetune, tfidf_top_t
+from training.methods.smf import MEMORY_ATTR, SmfOptions, SparseMemoryFinetune, resolve_layers, tfidf_top_t
 
 VOCAB = 50
 
@@ -77,9 +77,10 @@ def test_prepare_leaves_outputs_unchanged_and_freezes_the_backbone():
     assert all(f".{MEMORY_ATTR}.values." in n for n, p in model.named_parameters() if id(p) in trainable)
 
 
-def test_memory_goes_to_the_middle_layer_by_default_and_to_the_configured_ones():
+def test_memory_goes_to_three_quarters_depth_by_default_and_to_the_configured_ones():
     model, method = make()
     assert list(method.memories) == [1]  # 2 layers -> layer 1
+    assert resolve_layers([], 30, "smf") == [22]  # SmolLM2-135M
     ctx = MethodContext(tokenizer=None, device=torch.device("cpu"), seed=0, lr=1e-2, period_names=["a"])
     m2 = SparseMemoryFinetune(SmfOptions(layers=[0, -1], num_keys=8, key_dim=8, top_k=2), ctx)
     m2.prepare(tiny_llama())
