@@ -114,13 +114,19 @@ def verify_manifest(directory: StrPath) -> tuple[bool, str]:
         ):
             return False, f"malformed {MANIFEST_NAME}: bad entry for {rel!r}"
         p = directory / rel
-        if not p.is_file():
+        try:
+            size = p.stat().st_size if p.is_file() else None
+        except OSError:  # gone between the two calls: the dir is being replaced
+            size = None
+        if size is None:
             return False, f"missing file {rel}"
-        size = p.stat().st_size
         if size != entry["size"]:
             return False, f"size mismatch for {rel}: expected {entry['size']} bytes, found {size}"
     for rel, entry in sorted(files.items()):
-        digest = sha256_file(directory / rel)
+        try:
+            digest = sha256_file(directory / rel)
+        except OSError as exc:  # e.g. the dir was renamed away while we hashed it
+            return False, f"unreadable file {rel}: {type(exc).__name__}"
         if digest != entry["sha256"]:
             return False, f"sha256 mismatch for {rel}"
     return True, "ok"

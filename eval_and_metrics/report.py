@@ -449,6 +449,11 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             run.warnings.append(f"period dirs not in the benchmark ignored: {', '.join(unknown)}")
         if later:
             missing = f"{len(run.rows)}-{names[len(run.rows)]}" if len(run.rows) < len(names) else "?"
+            # A writer re-committing that dir (commit_dir) leaves it absent for the instant between its
+            # two renames; if it is back a moment later, this was that instant, not a gap: read again.
+            time.sleep(0.05)
+            if (periods_dir / missing).is_dir():
+                raise _InFlux(f"periods/{missing} was replaced while being read")
             problem = f"periods/{', '.join(later)} present but periods/{missing} is not committed"
 
     t_count = len(bench.period_names)

@@ -212,6 +212,24 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert verify_manifest(d) == (True, "ok")
 
 
+def test_verify_manifest_reports_a_file_that_vanishes_while_hashed(tmp_path: Path, monkeypatch) -> None:
+    """A reader racing a writer's commit_dir (the dir renamed aside mid-hash) gets a reason, not an
+    exception: the report's verify_stable then sees the dir changed and reads it again (CI once
+    listed such a run as 'failed: FileNotFoundError')."""
+    import artifacts.manifest as manifest_module
+
+    d = tmp_path / "period"
+    _populate(d)
+    write_manifest(d, {"period": "1-p1", "method": "lora"})
+
+    def vanished(path: object) -> str:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(manifest_module, "sha256_file", vanished)
+    ok, reason = verify_manifest(d)
+    assert not ok and reason.startswith("unreadable file ") and "FileNotFoundError" in reason
+
+
 def test_manifest_rejects_reserved_fields(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reserved"):
         write_manifest(tmp_path, {"files": {}})
