@@ -53,8 +53,9 @@ class MemoryOptions:
     top_t: int = 1024  # slots (value rows) updated per optimizer step, chosen by TF-IDF
     # Value rows start at zero and each is written only in the steps that choose it, so they need a far
     # larger step than dense weights. On SmolLM2 at layer 22 (docs/methods/smf.md, "Choosing the layer
-    # and the learning rate"), the probes' gold log-prob after one period: lr 2 -> -2.82 (top_k 8),
-    # 4 -> -2.90, 8 -> -3.41; the committed 0.5 at the middle layer learnt no fact. 0 = train.lr.
+    # and the learning rate"), the probes' gold log-prob after one period: lr 4 -> -2.90, 8 -> -3.41
+    # (lr 2 with top_k 8: -2.82, so 2-4 is flat); the former 0.5 at the middle layer learnt no fact.
+    # 0 = train.lr.
     lr: float = 4.0
 
     def validate(self, section: str) -> list[str]:
