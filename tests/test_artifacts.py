@@ -214,8 +214,8 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
 
 def test_verify_manifest_reports_a_file_that_vanishes_while_hashed(tmp_path: Path, monkeypatch) -> None:
     """A reader racing a writer's commit_dir (the dir renamed aside mid-hash) gets a reason, not an
-    exception: the report's verify_stable then sees the dir changed and reads it again (CI once
-    listed such a run as 'failed: FileNotFoundError')."""
+    exception: the report's verify_stable then sees the dir changed and reads it again (the full
+    suite once listed such a run as 'failed: FileNotFoundError')."""
     import artifacts.manifest as manifest_module
 
     d = tmp_path / "period"
