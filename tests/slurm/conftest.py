@@ -94,6 +94,12 @@ class SlurmCluster:
         self.wait_for(f"job {job_id} to be requeued",
                       lambda: (lambda j: j.get("JobState") == "PENDING" and int(j.get("Restarts", "0")) >= 1)(
                           self.job(job_id)), timeout_s, poll_s=0.5)
+        # That wait exists because the requeue revokes the job's credential on the node (slurm.conf
+        # AuthInfo cred_expire: "also controls how long a requeued job must wait before starting
+        # again"), and slurmd refuses a launch whose credential was not issued after the revocation
+        # (both are whole-second timestamps). The full suite once saw a restart that we released at
+        # once end FAILED without writing a line, most likely this. So let a few seconds pass first.
+        time.sleep(3)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         return self.job(job_id)
 

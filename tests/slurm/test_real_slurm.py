@@ -147,7 +147,8 @@ def test_preempted_job_resumes_from_its_step_checkpoint_with_identical_results(j
                                                                                how: str) -> None:
     p: Preempted = jobs[how].result(timeout=420)
     log = job_log(p.run_root, p.job_id)
-    assert p.final["JobState"] == "COMPLETED", log
+    record = {k: p.final.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts", "RunTime", "BatchHost")}
+    assert p.final["JobState"] == "COMPLETED", f"{record}\n{log}"
     assert int(p.final["Restarts"]) >= 1, log
     run = only_run_dir(p.run_root)
     rows = train_log(run)
