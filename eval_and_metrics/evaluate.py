@@ -17,6 +17,7 @@ from torch import nn
 
 from data.schema import Probe
 from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
+from training.batching import pad
 
 
 @dataclass
@@ -41,12 +42,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
+    ids, mask = pad(seqs, pad_id, left=True)
     return ids.to(device), mask.to(device)
 
 

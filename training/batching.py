@@ -62,13 +62,21 @@ def epoch_batches(lengths: list[int], max_tokens: int, max_batch_size: int, seed
     return [batches[i] for i in perm]
 
 
+def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token sequences padded to the longest; left padding for
+    generation (every sequence ends in the last column), right padding for training."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, cols] = torch.tensor(s, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
 def collate(token_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
-    width = max(len(t) for t in token_ids)
-    input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[row, :len(ids)] = 1
+    input_ids, attention = pad(token_ids, pad_id)
     labels = input_ids.masked_fill(attention == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

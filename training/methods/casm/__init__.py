@@ -38,6 +38,7 @@ rebuilt) and access statistics (state_dict).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ from torch import nn
 
 from data.schema import Period, Probe
 from eval_and_metrics.metrics import routing_accuracy
+from training.batching import pad
 from training.methods.base import Method, MethodContext
 from training.methods.casm.registry import TemplateParser, build_registry
 from training.methods.smf import (MemoryOptions, ProductKeyMemory, SparseSlotUpdater, attach_memories,
@@ -139,17 +141,6 @@ def _period_mention(text: str, names: list[str]) -> tuple[int, int] | None:
         if m and (best is None or m.start() < best[0]):
             best = (m.start(), m.end(), i)
     return None if best is None else (best[2], best[1])
-
-
-def _pad(seqs: list[list[int]], pad_id: int | None, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[row, cols] = torch.tensor(s, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
 
 
 def _cat_padded(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -394,19 +385,25 @@ class ContradictionAwareSparseMemory(Method):
                 texts.extend(text[:start] + other + text[mention[1]:] for other in names)
         return self._router_inputs_of(model, texts) if texts else None
 
+    def _text_batches(self, texts: list[str], size: int = 32, left: bool = False
+                      ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+        """(texts, input_ids, attention_mask) in chunks of `size`, tokenised as the trainer does."""
+        tok = self.ctx.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for start in range(0, len(texts), size):
+            chunk = texts[start:start + size]
+            ids, mask = pad([list(tok(t, add_special_tokens=False)["input_ids"]) for t in chunk], pad_id, left)
+            yield chunk, ids, mask
+
     @torch.no_grad()
     def _router_inputs_of(self, model: nn.Module, texts: list[str]) -> dict[str, torch.Tensor]:
         """(inputs, mask, targets) of the router for these texts; the forward stops at the router."""
-        tok = self.ctx.tokenizer
         was_training = model.training
         model.eval()
         out: dict[str, torch.Tensor] | None = None
         self._stop_after_capture = True
         try:
-            for start in range(0, len(texts), 32):
-                chunk = texts[start:start + 32]
-                ids, mask = _pad([list(tok(t, add_special_tokens=False)["input_ids"]) for t in chunk],
-                                 tok.pad_token_id, left=False)
+            for chunk, ids, mask in self._text_batches(texts):
                 self._capture = []
                 try:
                     model(input_ids=ids.to(self.ctx.device), attention_mask=mask.to(self.ctx.device))
@@ -469,15 +466,11 @@ class ContradictionAwareSparseMemory(Method):
         bank = period.index - 1
         was_training = model.training
         model.eval()
-        tok = self.ctx.tokenizer
         weight_by_key: dict[str, dict[int, torch.Tensor]] = {}
         for mem in self.memories.values():
             mem.keep_lookup = True
         try:
-            for start in range(0, len(texts), 32):
-                chunk = texts[start:start + 32]
-                ids, mask = _pad([list(tok(t, add_special_tokens=False)["input_ids"]) for t in chunk],
-                                 tok.pad_token_id, left=False)
+            for chunk, ids, mask in self._text_batches(texts):
                 model(input_ids=ids.to(self.ctx.device), attention_mask=mask.to(self.ctx.device))
                 for row, text in enumerate(chunk):
                     key = by_text.get(text)
@@ -512,15 +505,12 @@ class ContradictionAwareSparseMemory(Method):
         """0-based period index chosen for each prompt, read at its last token (the query alone)."""
         if self.current == 0:
             return []
-        tok = self.ctx.tokenizer
         was_training = model.training
         model.eval()
         out: list[int] = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                seqs = [list(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts[start:start + batch_size]]
-                # left padding, as in generation: the last column is the end of every query
-                ids, mask = _pad(seqs, tok.pad_token_id, left=True)
+            # left padding, as in generation: the last column is the end of every query
+            for _, ids, mask in self._text_batches(prompts, batch_size, left=True):
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
                 model(input_ids=ids.to(self.ctx.device), attention_mask=mask.to(self.ctx.device),
                       position_ids=position_ids.to(self.ctx.device))
