@@ -63,7 +63,7 @@ def test_config_defaults_are_valid_and_errors_are_messages() -> None:
     bad = DataConfig(seed=True, periods="2018", num_facts=0, passages_per_fact=4,  # type: ignore[arg-type]
                      unchanged_probes_per_period=-1, paraphrase_share=float("nan"), benchmark="")
     messages = bad.validate()  # must not raise, whatever the types
-    assert len(messages) == 7
+    assert len(messages) == 7, messages
     assert all(m.startswith("data.") and "\n" not in m for m in messages)
     assert DataConfig(periods=["2018", "2018"]).validate()
     assert DataConfig(periods=["2018"]).validate()

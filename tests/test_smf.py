@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from data.fields import field_problems
 from training.methods import METHODS, MethodContext
 from training.methods.smf import MEMORY_ATTR, SmfOptions, SparseMemoryFinetune, resolve_layers, tfidf_top_t
 
@@ -166,5 +167,8 @@ def test_checkpoint_is_memory_only_sparse_and_round_trips(tmp_path):
 
 def test_options_validate():
     assert SmfOptions().validate() == []
-    problems = SmfOptions(key_dim=3, top_k=0, top_t=0, lr=-1).validate()
-    assert len(problems) == 4 and all(p.startswith("method.smf.") for p in problems)
+    # each field's range is declared (data/fields.py); validate() adds the cross-field rules
+    problems = field_problems(SmfOptions(key_dim=3, top_k=0, top_t=0, lr=-1), "method.smf")
+    assert len(problems) == 3 and all(p.startswith("method.smf.") for p in problems)
+    assert SmfOptions(key_dim=3).validate() == ["method.smf.key_dim must be an even number (got 3)"]
+    assert SmfOptions(num_keys=4, top_k=5).validate() == ["method.smf.top_k must be in [1, num_keys=4] (got 5)"]

@@ -16,11 +16,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 
 from data.config import DataConfig
+from data.fields import Items, Name, Range, Text, constraints_of, field_problems
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -36,97 +37,67 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = ""  # HF hub id or local directory; "" = the embedded SmolLM2-135M-Instruct (real mode)
+    name: Annotated[str, Text()] = ""  # HF hub id or local directory; "" = the embedded SmolLM2-135M-Instruct (real mode)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     quantize: Literal["none", "4bit"] = "none"  # 4bit = bitsandbytes NF4, CUDA only
-    cache_dir: str = ""  # where the embedded model is cached as safetensors; "" = ~/.cache/clkit
+    cache_dir: Annotated[str, Text()] = ""  # where the embedded model is cached as safetensors; "" = ~/.cache/clkit
     # Synthetic mode: a tiny randomly initialised Llama (seeded) with a word-level tokenizer.
-    synthetic_hidden_size: int = 64  # hidden size of the synthetic model
-    synthetic_layers: int = 2  # number of transformer layers of the synthetic model
-    synthetic_heads: int = 4  # attention heads of the synthetic model
+    synthetic_hidden_size: Annotated[int, Range(1, 8192)] = 64  # hidden size of the synthetic model
+    synthetic_layers: Annotated[int, Range(1, 64)] = 2  # number of transformer layers of the synthetic model
+    synthetic_heads: Annotated[int, Range(1, 128)] = 4  # attention heads of the synthetic model
 
     def validate(self) -> list[str]:
-        problems = []
-        for name in ("synthetic_hidden_size", "synthetic_layers", "synthetic_heads"):
-            if getattr(self, name) < 1:
-                problems.append(f"model.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.synthetic_heads >= 1 and self.synthetic_hidden_size % self.synthetic_heads:
-            problems.append("model.synthetic_hidden_size must be divisible by model.synthetic_heads "
-                            f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})")
-        return problems
+        if self.synthetic_hidden_size % self.synthetic_heads:
+            return ["model.synthetic_hidden_size must be divisible by model.synthetic_heads "
+                    f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})"]
+        return []
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3  # passes over each period's training data
-    lr: float = 3e-4  # peak learning rate of AdamW (a method may override per parameter group)
-    weight_decay: float = 0.0  # AdamW weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    warmup_steps: int = 10  # linear warmup steps per period ...
-    warmup_max_frac: float = 0.1  # ... capped to this fraction of the period's optimizer steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the end of each period
-    max_tokens_per_batch: int = 512  # token budget of a length-bucketed micro-batch (incl. padding)
-    max_batch_size: int = 16  # upper bound on sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    max_seq_len: int = 128  # passages are truncated to this many tokens
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    epochs: Annotated[int, Range(1, 1000)] = 3  # passes over each period's training data
+    # peak learning rate of AdamW (a method may override per parameter group)
+    lr: Annotated[float, Range(0, 100, lo_open=True)] = 3e-4
+    weight_decay: Annotated[float, Range(0, 10)] = 0.0  # AdamW weight decay
+    betas: Annotated[list[float], Items(2, 2, Range(0, 1, hi_open=True))] = field(
+        default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: Annotated[int, Range(0, 1_000_000)] = 10  # linear warmup steps per period ...
+    warmup_max_frac: Annotated[float, Range(0, 1)] = 0.1  # ... capped to this fraction of the period's optimizer steps
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1  # cosine decays to lr * min_lr_ratio at the end of each period
+    # token budget of a length-bucketed micro-batch (incl. padding)
+    max_tokens_per_batch: Annotated[int, Range(1, 1 << 20)] = 512
+    max_batch_size: Annotated[int, Range(1, 65536)] = 16  # upper bound on sequences per micro-batch
+    grad_accum: Annotated[int, Range(1, 65536)] = 1  # micro-batches per optimizer step
+    max_grad_norm: Annotated[float, Range(0, 1e6)] = 1.0  # gradient clipping (0 disables)
+    max_seq_len: Annotated[int, Range(1, 131072)] = 128  # passages are truncated to this many tokens
+    threads: Annotated[int, Range(0, 4096)] = 0  # torch intra-op threads; 0 = torch's default
     progress: bool = True  # show progress bars (stderr)
-    step_sleep: float = 0.0  # seconds slept after each optimizer step; only for preemption tests
+    # seconds slept after each optimizer step; only for preemption tests
+    step_sleep: Annotated[float, Range(0, 3600)] = 0.0
 
     def validate(self) -> list[str]:
-        problems = []
-        positive = ("epochs", "max_tokens_per_batch", "max_batch_size", "grad_accum", "max_seq_len")
-        for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            problems.append(f"train.lr must be > 0 (got {self.lr})")
-        if not 0 <= self.warmup_max_frac <= 1:
-            problems.append(f"train.warmup_max_frac must be in [0, 1] (got {self.warmup_max_frac})")
-        if not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"train.betas must be two numbers in [0, 1) (got {self.betas})")
-        for name in ("warmup_steps", "threads", "weight_decay", "max_grad_norm", "step_sleep"):
-            if getattr(self, name) < 0:
-                problems.append(f"train.{name} must be >= 0 (got {getattr(self, name)})")
         if self.max_tokens_per_batch < self.max_seq_len:
-            problems.append("train.max_tokens_per_batch must be >= train.max_seq_len "
-                            f"(got {self.max_tokens_per_batch} < {self.max_seq_len})")
-        return problems
+            return ["train.max_tokens_per_batch must be >= train.max_seq_len "
+                    f"(got {self.max_tokens_per_batch} < {self.max_seq_len})"]
+        return []
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 32  # probes per generation batch
-    max_new_tokens: int = 0  # greedy tokens generated per probe; 0 = longest gold answer + 4
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.batch_size < 1:
-            problems.append(f"eval.batch_size must be >= 1 (got {self.batch_size})")
-        if self.max_new_tokens < 0:
-            problems.append(f"eval.max_new_tokens must be >= 0 (got {self.max_new_tokens})")
-        return problems
+    batch_size: Annotated[int, Range(1, 65536)] = 32  # probes per generation batch
+    # greedy tokens generated per probe; 0 = longest gold answer + 4
+    max_new_tokens: Annotated[int, Range(0, 4096)] = 0
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # save a step checkpoint every N optimizer steps (0 = off)
-    every_seconds: float = 300.0  # ... and/or every T seconds of training (0 = off)
-    keep: int = 2  # step checkpoints kept per period (the newest may be in flight, so >= 2)
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.every_steps < 0:
-            problems.append(f"checkpoint.every_steps must be >= 0 (got {self.every_steps})")
-        if self.every_seconds < 0:
-            problems.append(f"checkpoint.every_seconds must be >= 0 (got {self.every_seconds})")
-        if self.keep < 2:
-            problems.append(f"checkpoint.keep must be >= 2 (got {self.keep}): the newest may be half written")
-        return problems
+    every_steps: Annotated[int, Range(0, 10**9)] = 0  # save a step checkpoint every N optimizer steps (0 = off)
+    every_seconds: Annotated[float, Range(0, 1e7)] = 300.0  # ... and/or every T seconds of training (0 = off)
+    # step checkpoints kept per period (the newest may be in flight, so >= 2)
+    keep: Annotated[int, Range(2, 100)] = 2
+    # before each period, refuse to start (exit 74) when the disk cannot hold its checkpoints
+    check_free_space: bool = True
 
 
 @dataclass
@@ -138,9 +109,11 @@ class MethodConfig:
 @dataclass
 class RunConfig:
     mode: Literal["real", "synthetic"] = "real"  # real: a pretrained model; synthetic: tiny random model
-    seed: int = 0  # seeds python, numpy and torch; part of the run id
-    run_root: str = "runs"  # run directories are created under this
-    run_id: str = ""  # "" = <benchmark>-<method>-s<seed>-<hash of the resolved config>
+    # seeds python, numpy and torch; part of the run id (numpy takes seeds below 2**32)
+    seed: Annotated[int, Range(0, 2**31 - 1)] = 0
+    run_root: Annotated[str, Text(empty_ok=False)] = "runs"  # run directories are created under this
+    # a name under run_root, never a path; "" = <benchmark>-<method>-s<seed>-<hash of the resolved config>
+    run_id: Annotated[str, Name(empty_ok=True)] = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -272,8 +245,11 @@ def build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any
         else:
             kwargs[key] = _coerce(value, tp, dotted, problems)
     obj = cls(**kwargs)
+    # Range checks assume well-typed values, and cross-field checks in-range ones; each runs only when
+    # the step before it found nothing, so one bad value gives one message, never a crash.
+    if len(problems) == num_before:
+        problems.extend(field_problems(obj, path))
     validate = getattr(obj, "validate", None)
-    # Range checks assume well-typed values; with type errors already reported they would only crash.
     if callable(validate) and len(problems) == num_before:
         problems.extend(validate())
     return obj
@@ -283,6 +259,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     """`section.key  (type, default)` lines for --help, from the dataclass fields."""
     lines = []
     hints = typing.get_type_hints(cls)
+    rules = constraints_of(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         dotted = f"{prefix}{f.name}"
@@ -290,7 +267,9 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             lines.extend(describe(tp, dotted + "."))
         elif f.name != "options":
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {dotted} = {default!r}  ({_type_name(tp)})")
+            rule = rules[f.name]
+            valid = f"{_type_name(tp)}, {rule.describe()}" if rule else _type_name(tp)
+            lines.append(f"  {dotted} = {default!r}  ({valid})")
     return lines
 
 

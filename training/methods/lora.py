@@ -10,36 +10,24 @@ row 0 of the score matrix is the base model. One adapter is trained continually 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from data.fields import Items, Name, Range
 from training.methods.base import Method
 
 
 @dataclass
 class LoraOptions:
-    r: int = 8  # adapter rank
-    alpha: float = 16.0  # scaling numerator: the update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: list[str] = field(
+    r: Annotated[int, Range(1, 4096)] = 8  # adapter rank
+    alpha: Annotated[float, Range(0, 1e6, lo_open=True)] = 16.0  # scaling numerator: the update is scaled by alpha / r
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0  # dropout on the adapter input
+    target_modules: Annotated[list[str], Items(1, 64, Name())] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # module names (suffixes) that get an adapter
-    lr: float = 0.0  # learning rate for the adapter; 0 = train.lr
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.r < 1:
-            problems.append(f"method.lora.r must be >= 1 (got {self.r})")
-        if self.alpha <= 0:
-            problems.append(f"method.lora.alpha must be > 0 (got {self.alpha})")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"method.lora.dropout must be in [0, 1) (got {self.dropout})")
-        if not self.target_modules:
-            problems.append("method.lora.target_modules must name at least one module, e.g. q_proj")
-        if self.lr < 0:
-            problems.append(f"method.lora.lr must be >= 0 (got {self.lr})")
-        return problems
+    lr: Annotated[float, Range(0, 100)] = 0.0  # learning rate for the adapter; 0 = train.lr
 
 
 class LoRA(Method):

@@ -29,12 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.fields import Items, Range
 from data.schema import Probe
 from training.methods.base import Method
 from training.seeding import derive_seed
@@ -46,32 +47,26 @@ MEMORY_ATTR = "memory"  # the memory is registered as <layer>.mlp.memory, so bac
 class MemoryOptions:
     """Options of the product-key memory shared by smf and casm."""
 
-    layers: list[int] = field(default_factory=list)  # decoder layers that get a memory branch; [] = 3/4 depth
-    num_keys: int = 128  # sub-keys per query half; the memory has num_keys**2 slots
-    key_dim: int = 128  # query/key width (split into two halves of key_dim/2)
-    top_k: int = 32  # slots read per token
-    top_t: int = 1024  # slots (value rows) updated per optimizer step, chosen by TF-IDF
+    # decoder layers that get a memory branch; [] = 3/4 depth (checked against the model's depth)
+    layers: Annotated[list[int], Items(0, 256, Range(0, 1023))] = field(default_factory=list)
+    num_keys: Annotated[int, Range(2, 4096)] = 128  # sub-keys per query half; the memory has num_keys**2 slots
+    key_dim: Annotated[int, Range(2, 8192)] = 128  # query/key width (split into two halves of key_dim/2)
+    top_k: Annotated[int, Range(1, 4096)] = 32  # slots read per token (at most num_keys)
+    top_t: Annotated[int, Range(1, 1 << 24)] = 1024  # slots (value rows) updated per optimizer step, chosen by TF-IDF
     # Value rows start at zero and each is written only in the steps that choose it, so they need a far
     # larger step than dense weights. On SmolLM2 at layer 22 (docs/methods/smf.md, "Choosing the layer
     # and the learning rate"), the probes' gold log-prob after one period: lr 4 -> -2.90, 8 -> -3.41
     # (lr 2 with top_k 8: -2.82, so 2-4 is flat); the former 0.5 at the middle layer learnt no fact.
     # 0 = train.lr.
-    lr: float = 4.0
+    lr: Annotated[float, Range(0, 100)] = 4.0
 
     def validate(self, section: str) -> list[str]:
+        """Cross-field rules; each field's own range is declared above (data/fields.py)."""
         problems = []
-        if any(not isinstance(x, int) for x in self.layers):
-            problems.append(f"method.{section}.layers must be a list of layer indices (got {self.layers!r})")
-        if self.num_keys < 2:
-            problems.append(f"method.{section}.num_keys must be >= 2 (got {self.num_keys})")
-        if self.key_dim < 2 or self.key_dim % 2:
-            problems.append(f"method.{section}.key_dim must be an even number >= 2 (got {self.key_dim})")
-        if not 1 <= self.top_k <= self.num_keys:
+        if self.key_dim % 2:
+            problems.append(f"method.{section}.key_dim must be an even number (got {self.key_dim})")
+        if self.top_k > self.num_keys:
             problems.append(f"method.{section}.top_k must be in [1, num_keys={self.num_keys}] (got {self.top_k})")
-        if self.top_t < 1:
-            problems.append(f"method.{section}.top_t must be >= 1 (got {self.top_t})")
-        if self.lr < 0:
-            problems.append(f"method.{section}.lr must be >= 0 (got {self.lr})")
         return problems
 
 

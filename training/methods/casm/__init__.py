@@ -40,12 +40,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.fields import Range
 from data.schema import Period, Probe
 from eval_and_metrics.metrics import routing_accuracy
 from training.batching import pad
@@ -63,31 +64,28 @@ class CasmOptions(MemoryOptions):
     # decoder layer whose input the router reads (capped at the first memory layer). Early layers keep a
     # date's tokens close to their lexical identity, so routing learnt on training wordings transfers
     # to unseen ones; mid-network states made the router overfit the training templates.
-    router_layer: int = 2
-    router_hidden: int = 64  # hidden width of the router MLP
-    router_lr: float = 3e-3  # learning rate of the router
-    router_loss_weight: float = 1.0  # weight of the router cross-entropy added to the LM loss
+    router_layer: Annotated[int, Range(0, 1023)] = 2
+    router_hidden: Annotated[int, Range(1, 65536)] = 64  # hidden width of the router MLP
+    router_lr: Annotated[float, Range(0, 100)] = 3e-3  # learning rate of the router
+    # weight of the router cross-entropy added to the LM loss
+    router_loss_weight: Annotated[float, Range(0, 1e6)] = 1.0
     # Scale of the straight-through term that lets the LM loss reach the router (0 = off). Off by default:
     # with teacher-forced gates it only ever says "the newest bank helped" (no older period is in the
     # batch to disagree), which on SmolLM2 pulled every query to the latest period.
-    router_lm_weight: float = 0.0
-    router_replay: int = 16  # stored passages of earlier periods rehearsed by the router per micro-batch
-    router_replay_per_period: int = 64  # passages per period the router rehearses, each re-dated to every period
-    router_fit_steps: int = 200  # full-batch steps on the whole rehearsal set at each period end (0 = off)
-    router_fit_lr: float = 1e-2  # learning rate of that period-end fit
+    router_lm_weight: Annotated[float, Range(0, 1e6)] = 0.0
+    # stored passages of earlier periods rehearsed by the router per micro-batch
+    router_replay: Annotated[int, Range(0, 1_000_000)] = 16
+    # passages per period the router rehearses, each re-dated to every period
+    router_replay_per_period: Annotated[int, Range(0, 1_000_000)] = 64
+    # full-batch steps on the whole rehearsal set at each period end (0 = off)
+    router_fit_steps: Annotated[int, Range(0, 1_000_000)] = 200
+    router_fit_lr: Annotated[float, Range(0, 100)] = 1e-2  # learning rate of that period-end fit
     skip_restated: bool = True  # drop passages that only restate a fact's active value
-    slots_per_version: int = 8  # slot indices recorded per fact version in the registry
+    # slot indices recorded per fact version in the registry
+    slots_per_version: Annotated[int, Range(1, 4096)] = 8
 
     def validate(self) -> list[str]:  # type: ignore[override]
-        problems = MemoryOptions.validate(self, "casm")
-        for name in ("router_hidden", "slots_per_version"):
-            if getattr(self, name) < 1:
-                problems.append(f"method.casm.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("router_layer", "router_lr", "router_loss_weight", "router_lm_weight", "router_replay",
-                     "router_replay_per_period", "router_fit_steps", "router_fit_lr"):
-            if getattr(self, name) < 0:
-                problems.append(f"method.casm.{name} must be >= 0 (got {getattr(self, name)})")
-        return problems
+        return MemoryOptions.validate(self, "casm")
 
 
 class _CaptureDone(Exception):

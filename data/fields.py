@@ -1,0 +1,209 @@
+"""Declared types and valid ranges for every config field.
+
+A config dataclass annotates each field with what is valid, next to its default:
+
+    epochs: Annotated[int, Range(1, 1000)] = 3   # passes over each period's training data
+    run_id: Annotated[str, Name(empty_ok=True)] = ""
+
+`field_problems(obj, "train")` checks every annotated field of one section and returns one message per
+problem, each naming the dotted field and the valid values, so the config loader, the `--help` text and
+the generated test (tests/test_config_fields.py) all read the same declaration. Every int, float, str and
+list field must carry one; a test enforces that, so a field added later cannot skip validation.
+Cross-field rules (top_k <= num_keys) stay in each section's own validate().
+
+This sits in data/, the lowest layer that owns a config section, so that data, the methods and the
+training config can all use it without an import running back up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any, Union
+
+# A name that becomes a path component (run ids, period names, module names): no separators, no
+# leading dot (so never "." or ".."), printable ASCII only.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME_LEN = 128
+MAX_TEXT_LEN = 4096  # PATH_MAX on Linux; longer strings in a config are a mistake, not a path
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed (or, with lo_open/hi_open, half-open) interval for a number; NaN and inf never pass."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self) -> str:
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{_fmt(self.lo)}, {_fmt(self.hi)}{right}"
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # a type problem, reported by the loader's type check
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number {self.describe()}"
+        too_low = value <= self.lo if self.lo_open else value < self.lo
+        too_high = value >= self.hi if self.hi_open else value > self.hi
+        return f"must be {self.describe()}" if too_low or too_high else None
+
+    def bad_values(self, is_int: bool) -> list[Any]:
+        """Out-of-range values for the generated test: just outside each end, and far outside."""
+        step = 1 if is_int else 1e-6 * max(1.0, abs(self.hi - self.lo))
+        below = self.lo if self.lo_open else self.lo - step
+        above = self.hi if self.hi_open else self.hi + step
+        huge = 10 ** 30 if is_int else 1e300
+        out = [int(below) if is_int else below, int(above) if is_int else above, huge, -huge]
+        if not is_int:
+            out += [math.nan, math.inf, -math.inf]
+        return out
+
+
+@dataclass(frozen=True)
+class Name:
+    """A single path component: run ids, period names, module names."""
+
+    empty_ok: bool = False  # "" means "derive it" for some fields (run_id)
+    pattern: re.Pattern[str] = NAME_RE
+
+    def describe(self) -> str:
+        empty = "empty or " if self.empty_ok else ""
+        return (f"{empty}a name matching {self.pattern.pattern} of at most {MAX_NAME_LEN} characters "
+                "(one path component: no '/', not '.' or '..')")
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, str):
+            return None
+        if value == "" and self.empty_ok:
+            return None
+        if len(value) > MAX_NAME_LEN or not self.pattern.match(value):
+            return f"must be {self.describe()}"
+        return None
+
+    def bad_values(self, is_int: bool) -> list[Any]:
+        out = ["a/b", "../escape", "/abs/path", ".", "..", "x" * (MAX_NAME_LEN + 1), "bad\nname"]
+        return out if self.empty_ok else [""] + out
+
+
+@dataclass(frozen=True)
+class Text:
+    """Free text or a path the user names (a hub id, a directory): bounded, no NUL, maybe non-empty."""
+
+    empty_ok: bool = True
+
+    def describe(self) -> str:
+        return f"{'' if self.empty_ok else 'a non-empty '}text of at most {MAX_TEXT_LEN} characters without NUL"
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, str):
+            return None
+        if (not self.empty_ok and not value.strip()) or len(value) > MAX_TEXT_LEN or "\0" in value:
+            return f"must be {self.describe()}"
+        return None
+
+    def bad_values(self, is_int: bool) -> list[Any]:
+        out = ["x" * (MAX_TEXT_LEN + 1), "nul\0byte"]
+        return out if self.empty_ok else ["", "   "] + out
+
+
+Rule = Union[Range, Name, Text]
+
+
+@dataclass(frozen=True)
+class Items:
+    """A list: its length bounds and the rule each element follows."""
+
+    min_len: int
+    max_len: int
+    each: Rule
+
+    def describe(self) -> str:
+        return f"a list of {self.min_len} to {self.max_len} entries, each {self.each.describe()}"
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, list):
+            return None
+        if not self.min_len <= len(value) <= self.max_len:
+            return f"must be {self.describe()}"
+        for item in value:
+            if self.each.problem(item):
+                return f"must be {self.describe()}"
+        return None
+
+
+Constraint = Union[Range, Name, Text, Items]
+# A bool or a Literal names its valid values in its type; these need no declared constraint.
+_SELF_DESCRIBING = (bool,)
+
+
+def constraints_of(cls: type) -> dict[str, Constraint | None]:
+    """Each field's declared constraint (None where the field has none) for one dataclass."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: dict[str, Constraint | None] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        found = None
+        if typing.get_origin(tp) is typing.Annotated:
+            found = next((m for m in tp.__metadata__ if isinstance(m, (Range, Name, Text, Items))), None)
+        out[f.name] = found
+    return out
+
+
+def needs_constraint(tp: Any) -> bool:
+    """Whether a field of this (Annotated-stripped) type must declare a constraint."""
+    if typing.get_origin(tp) is typing.Literal or tp in _SELF_DESCRIBING:
+        return False
+    if dataclasses.is_dataclass(tp) or tp is Any:
+        return False
+    return True
+
+
+_TYPE_OK: dict[Any, Any] = {
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def field_problems(obj: Any, path: str) -> list[str]:
+    """One message per field of `obj` that breaks its declared constraint; `path` is the section.
+
+    Also checks the base type, so a section built directly in code (not through the config loader,
+    which checks types first) gets a message rather than a crash for `seed=True` or `periods="2018"`.
+    """
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for name, rule in constraints_of(type(obj)).items():
+        if rule is None:
+            continue
+        value = getattr(obj, name)
+        dotted = f"{path}.{name}" if path else name
+        base = typing.get_origin(hints[name]) or hints[name]
+        type_ok = _TYPE_OK.get(base, lambda v: isinstance(v, base))(value)
+        if isinstance(rule, Items) and type_ok:
+            inner = typing.get_args(hints[name])[0]
+            type_ok = all(_TYPE_OK.get(inner, lambda v: isinstance(v, inner))(v) for v in value)
+        if not type_ok:
+            what = "" if isinstance(rule, Items) else _TYPE_NAMES.get(base, str(base)) + " "
+            problems.append(f"{dotted} must be {what}{rule.describe()} (got {_show(value)})")
+            continue
+        msg = rule.problem(value)
+        if msg:
+            problems.append(f"{dotted} {msg} (got {_show(value)})")
+    return problems
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
