@@ -1,24 +1,43 @@
 """Entry point: `uv run python main.py [--mode synthetic] [--method NAME] ...`; see README.md.
 
-Exit codes: 0 done, 2 bad input, 3 run directory locked by another writer, 75 stopped by a signal
-after saving a checkpoint (run the same command again to resume), anything else a failure.
+Exit codes (docs/design.md, "Exit codes"): 0 done, 2 bad input, 3 run directory locked by another
+writer, 65 a state file that is not plain data (refused, never executed), 74 storage full or
+unwritable, 75 stopped by a signal (run the same command again to resume), 130 aborted by a second
+Ctrl-C; anything else is a bug.
 """
 
+import logging
 import os
 import sys
+import warnings
 
 # OpenMP threads that spin while waiting make torch 5-10x slower whenever anything else shares the
 # cores (measured in docs/benchmarks.md); passive waiting costs almost nothing on an idle machine.
 # It must be set before torch loads its OpenMP runtime; a value the user exported wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from training.signals import StopFlag  # noqa: E402
+# A quiet console: the progress bars, the committed periods and the table. peft imports bitsandbytes
+# whenever it is installed, and on a CPU without its optional kernels package bitsandbytes logs a
+# warning on import although nothing asked for 4-bit; transformers warns about its own deprecations
+# from inside its code. Neither is actionable for a user of this CLI. Tests keep them visible.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 
-# Before the heavy imports: a SIGUSR2/SIGTERM that arrives while torch loads (seconds on a busy node)
-# must set the flag, not kill the process, or the job dies instead of checkpointing and requeueing.
+from training.signals import EXIT_RESUME, StopFlag, StopRequested  # noqa: E402
+
+# Before the heavy imports: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy
+# node) must end the process cleanly (exit 75, no traceback), not kill it with a default handler.
 STOP = StopFlag().install()
 
-from training.cli import main  # noqa: E402
-
 if __name__ == "__main__":
+    try:
+        with STOP.immediately():
+            from training.cli import main
+    except StopRequested as exc:
+        print(f"stopped: {exc}; nothing was written, run the same command again (exit {EXIT_RESUME})",
+              file=sys.stderr)
+        sys.exit(EXIT_RESUME)
+    except KeyboardInterrupt:
+        sys.exit(130)
     sys.exit(main(stop=STOP))

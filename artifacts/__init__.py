@@ -4,13 +4,19 @@ See docs/design.md ("Run directory layout", "artifacts/ API") for the contract.
 """
 
 from artifacts.atomic import (
+    STORAGE_ERRNOS,
     TMP_PREFIX,
+    StorageError,
+    UnsafePathError,
+    append_text,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     cleanup_stale_tmp,
     commit_dir,
     fsync_dir,
+    inside,
+    read_text_inside,
     remove_path,
     sha256_bytes,
     sha256_file,
@@ -18,6 +24,7 @@ from artifacts.atomic import (
 )
 from artifacts.checkpoints import StepCheckpoints, step_dir_name
 from artifacts.lock import LOCK_NAME, LockHeldError, RunLock, live_holder, read_holder, slurm_job_id
+from artifacts.state import UnsafeStateError, load_state, load_tensors, save_state, save_tensors
 from artifacts.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -29,6 +36,17 @@ from artifacts.manifest import (
 
 __all__ = [
     "LOCK_NAME",
+    "STORAGE_ERRNOS",
+    "StorageError",
+    "UnsafePathError",
+    "UnsafeStateError",
+    "inside",
+    "read_text_inside",
+    "append_text",
+    "load_state",
+    "load_tensors",
+    "save_state",
+    "save_tensors",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "TMP_PREFIX",

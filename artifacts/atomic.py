@@ -32,6 +32,33 @@ _FILE_MODE = 0o666 & ~_UMASK
 _DIR_MODE = 0o777 & ~_UMASK
 
 
+# errnos that mean "this storage cannot take the write", as opposed to a bug: the user must act
+# (free space, raise a quota, pick a writable --run-root) and then rerun to resume.
+# ENOTDIR: a run root below a regular file, an unwritable root like any other.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENOTDIR})
+
+
+class StorageError(OSError):
+    """A write failed because of the storage (full, quota, read-only, no permission).
+
+    Carries the path being written and, where known, how many bytes the write needed, so the one-line
+    message can say what to do. Raised in place of the bare OSError, whose filename is often None for
+    a failed write() or fsync().
+    """
+
+    def __init__(self, err: OSError, path: StrPath, num_bytes: int | None = None) -> None:
+        super().__init__(err.errno, err.strerror or str(err), str(path))
+        self.path = Path(path)
+        self.num_bytes = num_bytes
+
+
+def storage_guard(err: BaseException, path: StrPath, num_bytes: int | None = None) -> None:
+    """Re-raise a failed write of ``path`` as a StorageError when the storage is at fault; else return."""
+    if isinstance(err, OSError) and not isinstance(err, StorageError) and err.errno in STORAGE_ERRNOS:
+        raise StorageError(err, path, num_bytes) from err
+
+
 def fsync_dir(path: StrPath) -> None:
     """fsync a directory so that entries created/renamed in it survive a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -51,9 +78,16 @@ def _tmp_name(final_name: str) -> str:
 
 
 def atomic_write_bytes(path: StrPath, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably; the parent dir must exist."""
+    """Replace ``path`` with ``data`` atomically and durably; the parent dir must exist.
+
+    Raises StorageError (naming ``path`` and the size) when the storage refuses the write.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_name(path.name), dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_name(path.name), dir=path.parent)
+    except OSError as exc:
+        storage_guard(exc, path, len(data))
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _FILE_MODE)
@@ -61,14 +95,25 @@ def atomic_write_bytes(path: StrPath, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         # The old file (if any) is untouched; only the half-written temp file has to go.
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        storage_guard(exc, path, len(data))
         raise
     fsync_dir(path.parent)
+
+
+def append_text(path: StrPath, text: str) -> None:
+    """Append to a log file (not atomic: readers drop a torn last line); StorageError when refused."""
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        storage_guard(exc, path, len(text.encode()))
+        raise
 
 
 def atomic_write_text(path: StrPath, text: str, encoding: str = "utf-8") -> None:
@@ -84,9 +129,13 @@ def atomic_write_json(path: StrPath, obj: Any) -> None:
 def staging_dir(final_dir: StrPath) -> Path:
     """Create a fresh, empty temp dir next to ``final_dir`` (same file system, so rename works)."""
     final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(final_dir.name), dir=final_dir.parent))
-    os.chmod(tmp, _DIR_MODE)
+    try:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(final_dir.name), dir=final_dir.parent))
+        os.chmod(tmp, _DIR_MODE)
+    except OSError as exc:
+        storage_guard(exc, final_dir)
+        raise
     return tmp
 
 
@@ -174,6 +223,38 @@ def cleanup_stale_tmp(directory: StrPath) -> list[Path]:
     if removed:
         fsync_dir(directory)
     return removed
+
+
+class UnsafePathError(ValueError):
+    """A path inside a run directory that leads out of it (a symbolic link, '..', an absolute name)."""
+
+
+def inside(directory: StrPath, rel: str) -> Path:
+    """``directory / rel``, refusing any component that is a symlink or leaves ``directory``.
+
+    Run directories on shared scratch can be altered by other users: a planted link would make a
+    manifest check hash, or a report read, a file outside the run. Our writers never create links.
+    """
+    directory = Path(directory)
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise UnsafePathError(f"{directory}: {rel!r} is not a relative path inside the directory")
+    if directory.is_symlink():
+        raise UnsafePathError(f"{directory} is a symbolic link; refusing to follow it")
+    path = directory
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePathError(f"{path} is a symbolic link; refusing to follow it out of {directory}")
+    return path
+
+
+def read_text_inside(directory: StrPath, rel: str, encoding: str = "utf-8") -> str:
+    """The text of ``directory/rel``, never through a symbolic link (O_NOFOLLOW on the last component)."""
+    path = inside(directory, rel)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read().decode(encoding)
 
 
 def sha256_bytes(b: bytes) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from artifacts.atomic import StrPath
+from artifacts.atomic import StrPath, UnsafePathError, storage_guard
 from artifacts.manifest import utc_now_iso
 
 LOCK_NAME = ".lock"
@@ -72,9 +72,13 @@ def read_holder(run_dir: StrPath) -> dict[str, Any] | None:
 def live_holder(run_dir: StrPath) -> dict[str, Any] | None:
     """Holder info if a live process holds the lock now, else None. Never creates the lock file."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(f"{Path(run_dir) / LOCK_NAME} is a symbolic link; refusing to follow it") from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -103,9 +107,21 @@ class RunLock:
         """Take the lock and record who holds it; raises LockHeldError if another holder is live."""
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            storage_guard(exc, self.run_dir)
+            raise
         # No O_TRUNC: opening must not wipe the current holder's info before we know we own it.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a lock file planted as a link must not make us create or truncate a file elsewhere.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(f"{self.path} is a symbolic link; refusing to follow it out of the run "
+                                      "directory") from None
+            storage_guard(exc, self.path)
+            raise
         try:
             self._flock_with_retry(fd)
         except BaseException:

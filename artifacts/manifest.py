@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from artifacts.atomic import TMP_PREFIX, StrPath, atomic_write_json, sha256_file
+from artifacts.atomic import TMP_PREFIX, StrPath, UnsafePathError, atomic_write_json, inside, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -33,9 +33,12 @@ def _list_files(directory: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(directory):
         # In-flight temp dirs/files belong to a writer that has not committed them yet.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(TMP_PREFIX))
-        for name in filenames:
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
             if name.startswith(TMP_PREFIX):
                 continue
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise UnsafePathError(f"{os.path.join(dirpath, name)} is a symbolic link; a committed directory "
+                                      "holds only its own files")
             rel = Path(dirpath, name).relative_to(directory).as_posix()
             if rel != MANIFEST_NAME:
                 out.append(rel)
@@ -83,9 +86,11 @@ def verify_manifest(directory: StrPath) -> tuple[bool, str]:
     sub-manifests) to a committed period later, and that must not invalidate the period.
     """
     directory = Path(directory)
-    path = directory / MANIFEST_NAME
     try:
+        path = inside(directory, MANIFEST_NAME)
         text = path.read_text(encoding="utf-8")
+    except UnsafePathError as exc:
+        return False, f"unsafe path: {exc}"
     except FileNotFoundError:
         return False, f"missing {MANIFEST_NAME}"
     except (OSError, UnicodeDecodeError) as exc:
@@ -113,7 +118,10 @@ def verify_manifest(directory: StrPath) -> tuple[bool, str]:
             or not isinstance(entry.get("sha256"), str)
         ):
             return False, f"malformed {MANIFEST_NAME}: bad entry for {rel!r}"
-        p = directory / rel
+        try:
+            p = inside(directory, rel)
+        except UnsafePathError as exc:
+            return False, f"unsafe path: {exc}"
         try:
             size = p.stat().st_size if p.is_file() else None
         except OSError:  # gone between the two calls: the dir is being replaced

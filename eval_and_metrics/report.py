@@ -197,12 +197,20 @@ def verify_stable(directory: Path, attempts: int = 3) -> tuple[bool | None, str]
     return False, reason
 
 
+def _read_text(path: Path) -> str:
+    """A file's text, never through a symbolic link: run dirs on shared scratch may hold planted links,
+    and the report must not copy a file from outside a run into its pages (ELOOP -> OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read().decode("utf-8")
+
+
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(_read_text(path))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
 
 
 def _drop(tree: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -387,7 +395,7 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     if not (path / "config.yaml").is_file():
         run.reason = "no config.yaml (the run never got past validation)"
         return
-    config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    config = yaml.safe_load(_read_text(path / "config.yaml"))
     if not isinstance(config, dict):
         run.reason = "config.yaml is not a mapping"
         return
@@ -498,8 +506,8 @@ def find_run_dirs(root: Path, skip: Iterable[Path] = (), max_depth: int = 3) -> 
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
-                continue  # hidden and in-flight (.tmp-) entries
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue  # hidden and in-flight (.tmp-) entries; links may lead out of the run root
             sub = Path(entry.path)
             if sub.resolve() in skip_set:
                 continue

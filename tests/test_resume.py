@@ -139,8 +139,8 @@ def test_interrupted_evaluation_redoes_the_eval_not_the_training(tmp_path, refer
     root = tmp_path / "runs"
     argv = [*SMALL, "--method", "lora", "--run-root", str(root)]
     monkeypatch.setattr(trainer, "evaluate_probes", crash_on_second_eval)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(argv)
+    # an abort (what a second Ctrl-C raises) mid-eval: exit 130, the period is not marked done
+    assert cli.main(argv) == 130
     run_dir = only_run_dir(root)
     assert (run_dir / "periods" / "0-base" / "manifest.json").exists()
     assert not (run_dir / "periods" / "1-2018").exists()

@@ -7,21 +7,24 @@ is created, so bad input exits 2 with nothing written.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from typing import Any
 
 import torch
 
-from artifacts import LockHeldError
+from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
+                       staging_dir)
 from data import DataError, load_benchmark
 from data.schema import Benchmark
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
 from training.methods import METHODS
 from training.models import check_model_source, model_skeleton
 from training.restore import build_model_and_method
-from training.run import open_run
-from training.signals import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, StopFlag, StopRequested
+from training.run import committed_periods, human_bytes, open_run, run_dir_of
+from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
+                              EXIT_UNTRUSTED, StopFlag, StopRequested)
 from training.trainer import Trainer
 
 SUMMARY_COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forget"),
@@ -65,12 +68,17 @@ def parse_configs(argv: list[str]) -> list[RunConfig]:
 def run_one(cfg: RunConfig, bench: Benchmark, stop: StopFlag) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    loaded, method, model = build_model_and_method(cfg, bench)
-    paths, lock = open_run(cfg, bench)
+    with stop.immediately():  # loading writes nothing to the run; a stop ends it at once
+        loaded, method, model = build_model_and_method(cfg, bench)
+    paths, lock = open_run(cfg, bench)  # short atomic writes: a stop request waits for them
     try:
+        if stop:
+            raise StopRequested(f"{stop.signal_name} before training started")
         print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}", file=sys.stderr)
         if loaded.source == "synthetic" and not (paths.root / "tokenizer").exists():
-            loaded.tokenizer.save_pretrained(paths.root / "tokenizer")
+            staging = staging_dir(paths.root / "tokenizer")
+            loaded.tokenizer.save_pretrained(staging)
+            commit_dir(staging, paths.root / "tokenizer")
         trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, bench, stop,
                           log=lambda m: print(m, file=sys.stderr))
         results = trainer.run()
@@ -99,42 +107,82 @@ def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
     if argv[:1] == ["status"]:
         from scripts.status import main as status_main
         return status_main(argv[1:])
-    started = time.time()
-    try:
-        configs = parse_configs(argv)
-        bench = load_benchmark(configs[0].data.benchmark, configs[0].data)
-        for cfg in configs:
-            check_model_source(cfg.model, cfg.mode)
-        # Every method's options are checked against the model's structure before the first run
-        # starts, so a bad option for the third method does not leave two finished runs behind.
-        skeleton = model_skeleton(configs[0].model, configs[0].mode, bench)
-        problems = [p for cfg in configs for p in METHODS[cfg.method.name].check(cfg.method.options, skeleton)]
-        if problems:
-            raise ConfigError(problems)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     owns_stop = stop is None
     stop = stop if stop is not None else StopFlag().install()
-    all_results = []
     try:
-        for cfg in configs:
-            all_results.append(run_one(cfg, bench, stop))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except LockHeldError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
-    except StopRequested as exc:
-        print(f"stopped: {exc}; a step checkpoint is saved, run the same command again to resume "
-              f"(exit {EXIT_RESUME})", file=sys.stderr)
-        return EXIT_RESUME
+        return _main(argv, stop)
     finally:
         # main.py's flag stays installed to the end: a signal after the last run must not kill a
         # process that has finished its work (the wrapper would then count it as failed).
         if owns_stop:
             stop.uninstall()
+
+
+def _main(argv: list[str], stop: StopFlag) -> int:
+    """Every failure a user can cause or meet ends here in one line per problem and a documented exit
+    code (docs/design.md, "Exit codes"); only a bug in the toolkit itself shows a traceback."""
+    started = time.time()
+    current: RunConfig | None = None
+    all_results = []
+    try:
+        with stop.immediately():
+            configs = parse_configs(argv)
+            bench = load_benchmark(configs[0].data.benchmark, configs[0].data)
+            for cfg in configs:
+                check_model_source(cfg.model, cfg.mode)
+            # Every method's options are checked against the model's structure before the first run
+            # starts, so a bad option for the third method does not leave two finished runs behind.
+            skeleton = model_skeleton(configs[0].model, configs[0].mode, bench)
+            problems = [p for cfg in configs for p in METHODS[cfg.method.name].check(cfg.method.options, skeleton)]
+            if problems:
+                raise ConfigError(problems)
+        for cfg in configs:
+            current = cfg
+            all_results.append(run_one(cfg, bench, stop))
+    except ConfigError as exc:
+        return _fail(EXIT_BAD_INPUT, *exc.problems)
+    except DataError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except LockHeldError as exc:
+        return _fail(EXIT_LOCKED, str(exc))
+    except StopRequested as exc:
+        print(f"stopped: {exc}; everything committed or checkpointed is kept, run the same command again to "
+              f"resume (exit {EXIT_RESUME})", file=sys.stderr)
+        return EXIT_RESUME
+    except StorageError as exc:
+        return _fail(EXIT_STORAGE, storage_message(exc, current))
+    except (UnsafeStateError, UnsafePathError) as exc:
+        return _fail(EXIT_UNTRUSTED, str(exc))
+    except KeyboardInterrupt:
+        print(f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
+              f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})", file=sys.stderr)
+        return EXIT_ABORTED
     print(format_summary(all_results))
     print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
     return EXIT_OK
+
+
+def _fail(code: int, *lines: str) -> int:
+    for line in lines:
+        print("error: " + " ".join(line.splitlines()), file=sys.stderr)
+    return code
+
+
+def storage_message(exc: StorageError, cfg: RunConfig | None) -> str:
+    """One line: what failed where, how much it needed, what is safe, what to do."""
+    needed = f", needed {human_bytes(exc.num_bytes)}" if exc.num_bytes else ""
+    probe = exc.path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f", {human_bytes(shutil.disk_usage(probe).free)} free"
+    except OSError:
+        free = ""
+    last = "nothing is committed yet"
+    if cfg is not None:
+        committed = committed_periods(run_dir_of(cfg))
+        if committed:
+            last = f"the last committed period is {committed[-1]}"
+    return (f"cannot write {exc.path}: {exc.strerror}{needed}{free}; {last} and stays intact. Free space (or "
+            f"fix the permissions, or pick another --run-root) and run the same command again to resume "
+            f"(exit {EXIT_STORAGE})")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from torch import nn
+
+from artifacts import load_state, load_tensors
 
 from data.schema import Benchmark
 from training.config import RunConfig
@@ -28,6 +28,12 @@ def build_model_and_method(cfg: RunConfig, bench: Benchmark) -> tuple[LoadedMode
 
 
 def load_saved_state(method: Method, model: nn.Module, directory: Path) -> None:
-    """Load trainable.safetensors and method_state.pt from a period or step checkpoint directory."""
-    method.load_trainable_state_dict(model, load_file(str(directory / "trainable.safetensors")))
-    method.load_state_dict(torch.load(directory / "method_state.pt", weights_only=False))
+    """Load trainable.safetensors and method_state.pt from a period or step checkpoint directory.
+
+    Never unpickles code (artifacts/state.py): a tampered file raises UnsafeStateError before the
+    model or the method is touched.
+    """
+    trainable = load_tensors(directory / "trainable.safetensors")
+    method_state = load_state(directory / "method_state.pt")
+    method.load_trainable_state_dict(model, trainable)
+    method.load_state_dict(method_state)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from artifacts import RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir, staging_dir
+from artifacts import (RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir, read_text_inside,
+                       staging_dir)
 from data.io import write_benchmark
 from data.schema import Benchmark
 from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ
@@ -74,18 +75,32 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
+def run_dir_of(cfg: RunConfig) -> Path:
+    """<run_root>/<run_id>, checked to be a direct child of the run root.
+
+    run_id is validated as one path component (data/fields.py Name); this is the second line of
+    defence, so that no future source of run ids can place a run outside the run root.
+    """
+    root = Path(cfg.run_root).expanduser()
+    run_dir = root / cfg.resolved_run_id()
+    if run_dir.resolve().parent != root.resolve():
+        raise ConfigError([f"run_id {cfg.resolved_run_id()!r} must name a directory directly under run_root "
+                           f"{str(root)!r}, not a path"])
+    return run_dir
+
+
 def open_run(cfg: RunConfig, bench: Benchmark) -> tuple[RunPaths, RunLock]:
     """Create or reopen the run directory under an exclusive lock.
 
     Refuses (ConfigError) when the directory holds a run whose resolved config differs, listing the
     differing fields: resuming under another config would silently mix two experiments.
     """
-    root = Path(cfg.run_root) / cfg.resolved_run_id()
+    root = run_dir_of(cfg)
     paths = RunPaths(root)
     current = cfg.to_dict()
     current["run_id"] = cfg.resolved_run_id()
     if paths.config.exists():
-        saved = yaml.safe_load(paths.config.read_text()) or {}
+        saved = yaml.safe_load(read_text_inside(root, "config.yaml")) or {}
         saved_identity = {k: v for k, v in saved.items() if k not in ("run_root",)}
         ours = {k: v for k, v in current.items() if k not in ("run_root",)}
         for tree in (saved_identity, ours):
@@ -96,8 +111,7 @@ def open_run(cfg: RunConfig, bench: Benchmark) -> tuple[RunPaths, RunLock]:
         if diffs:
             raise ConfigError([f"run directory {root} holds a run with a different config; differing fields: "
                                f"{', '.join(diffs)}. Use another --run-id or the original config"])
-    root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(root)
+    lock = RunLock(root)  # creates the directory
     lock.acquire()  # held until the caller's `with lock:` block ends
     cleanup_stale_tmp(root)
     for sub in ("periods", "checkpoints"):
@@ -137,3 +151,25 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             break  # a torn last line from a kill mid-append; everything after it is untrusted
     return rows
+
+
+def human_bytes(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num) < 1024 or unit == "TiB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num:.1f} TiB"
+
+
+def committed_periods(run_dir: Path) -> list[str]:
+    """Names (<k>-<name>) of the period dirs with a complete manifest, in order; not checksummed (cheap,
+    for messages: the trainer verifies every file before it trusts a period)."""
+    periods = run_dir / "periods"
+    if not periods.is_dir():
+        return []
+    found = []
+    for entry in periods.iterdir():
+        head = entry.name.split("-", 1)[0]
+        if head.isdigit() and (entry / "manifest.json").is_file():
+            found.append((int(head), entry.name))
+    return [name for _, name in sorted(found)]

@@ -13,9 +13,11 @@ resumed run reproduces the uninterrupted one bit for bit on the same hardware.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from artifacts import (StepCheckpoints, atomic_write_json, atomic_write_text, commit_dir, read_manifest,
-                       staging_dir, verify_manifest, write_manifest)
+from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text, commit_dir, load_state,
+                       read_manifest, save_state, save_tensors, staging_dir, verify_manifest, write_manifest)
 from data.schema import Benchmark, Period
 from eval_and_metrics.evaluate import EvalInterrupted, ProbeResult, evaluate_probes
 from eval_and_metrics.metrics import derive_metrics, score_matrix
@@ -35,7 +36,7 @@ from training.batching import PeriodData, collate, epoch_batches, tokenize
 from training.config import RunConfig
 from training.methods.base import Method
 from training.restore import load_saved_state
-from training.run import RunPaths, read_jsonl, slurm_info
+from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
 
@@ -68,6 +69,26 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
         progress = (step - warmup) / max(1, total_steps - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: int) -> None:
+    """Refuse to start period k when the disk cannot hold its checkpoints (StorageError, before any step).
+
+    A step checkpoint holds the trainable tensors and AdamW's two moments (3x their bytes); `keep` of
+    them stay and one more is in flight before the oldest is pruned, and the period commit adds the
+    tensors once more. The estimate ignores the small eval files and counts the method's extra state
+    (memory keys, registries) only through its trainable part, so it is a lower bound.
+    """
+    num_bytes = sum(p.numel() * p.element_size() for g in params for p in g["params"])
+    needed = (keep + 1) * 3 * num_bytes + num_bytes
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise StorageError(OSError(errno.ENOSPC, f"not enough free space to start period {k}: its checkpoints "
+                                   f"need about {human_bytes(needed)} (checkpoint.keep={keep}), "
+                                   f"{human_bytes(free)} free"), where, needed)
 
 
 class Trainer:
@@ -117,6 +138,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, warmup, cfg.train.min_lr_ratio))
         ckpts = StepCheckpoints(self.paths.checkpoint_root(k, period.name), keep=cfg.checkpoint.keep)
+        if cfg.checkpoint.check_free_space:
+            check_free_space(ckpts.root, k, params, cfg.checkpoint.keep)
         pos = Position()
         latest = ckpts.latest_valid()
         if latest is not None:
@@ -246,9 +269,9 @@ class Trainer:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
         trainable = self.method.trainable_state_dict(self.model)
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(self.method.state_dict(), tmp / "method_state.pt")
-        torch.save({"rng": rng_state(), "position": "done"}, tmp / "trainer_state.pt")
+        save_tensors(tmp / "trainable.safetensors", trainable)
+        save_state(tmp / "method_state.pt", self.method.state_dict())
+        save_state(tmp / "trainer_state.pt", {"rng": rng_state(), "position": "done"})
         (tmp / "eval").mkdir()
         atomic_write_text(tmp / "eval" / "predictions.jsonl",
                           "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in results))
@@ -289,17 +312,15 @@ class Trainer:
 
     def _write_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, pos: Position) -> None:
-        trainable = self.method.trainable_state_dict(self.model)
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                  str(directory / "trainable.safetensors"))
-        torch.save(self.method.state_dict(), directory / "method_state.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "position": vars(pos).copy()}, directory / "trainer_state.pt")
+        save_tensors(directory / "trainable.safetensors", self.method.trainable_state_dict(self.model))
+        save_state(directory / "method_state.pt", self.method.state_dict())
+        save_state(directory / "trainer_state.pt", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                                    "rng": rng_state(), "position": vars(pos).copy()})
 
     def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
         load_saved_state(self.method, self.model, directory)
-        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        state = load_state(directory / "trainer_state.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -307,8 +328,7 @@ class Trainer:
 
     # -- logs and results ------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.paths.train_log, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        append_text(self.paths.train_log, json.dumps(record, sort_keys=True) + "\n")
 
     def _truncate_log(self, period: int, step: int) -> None:
         """Drop records a resumed run is about to produce again, so the log never holds duplicates."""
