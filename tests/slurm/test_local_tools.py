@@ -190,7 +190,7 @@ def test_launch_dry_run_prints_tasks_and_scripts_and_rejects_bad_config_before_q
     assert not (tmp_path / "sub").exists() and not (tmp_path / "r").exists()  # nothing submitted or written
 
     assert launch_main(common + ["--", "--set", "train.epochs=0"]) == 2
-    assert "train.epochs must be >= 1" in capsys.readouterr().err
+    assert "train.epochs must be in [1, 1000] (got 0)" in capsys.readouterr().err
 
 
 def test_job_logs_are_matched_by_whole_job_id(tmp_path: Path) -> None:
