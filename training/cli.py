@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
     if argv[:1] == ["status"]:
         from scripts.status import main as status_main
         return status_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from scripts.export import main as export_main
+        return export_main(argv[1:])
     owns_stop = stop is None
     stop = stop if stop is not None else StopFlag().install()
     try:

