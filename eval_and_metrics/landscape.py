@@ -81,6 +81,8 @@ class PeriodModel:
 def resolve_period(bench: Benchmark, period: str | int) -> tuple[int, str]:
     """Period given as index (0 = base) or name -> (index, name)."""
     names = ["base"] + bench.period_names
+    if str(period) in names:  # a name wins: temporal periods are years ("2018"), which also look like indices
+        return names.index(str(period)), str(period)
     if isinstance(period, int) or str(period).isdigit():
         k = int(period)
         if not 0 <= k < len(names):
@@ -104,6 +106,7 @@ def load_period_model(run_dir: str | Path, period: str | int, device: str = "aut
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    expected_hash = cfg.config_hash()  # of the run as trained, before the device override below
     if device != "auto":
         cfg.model.device = device  # type: ignore[assignment]
     bench = read_benchmark(run_dir / "data")
@@ -113,7 +116,7 @@ def load_period_model(run_dir: str | Path, period: str | int, device: str = "aut
     if not ok:
         raise ValueError(f"{directory} is not a committed period: {reason}")
     manifest = read_manifest(directory) or {}
-    if manifest.get("config_hash") not in (None, cfg.config_hash()):
+    if manifest.get("config_hash") not in (None, expected_hash):
         raise ValueError(f"{directory} was committed under another config than {run_dir}/config.yaml")
     loaded, method, model = build_model_and_method(cfg, bench)
     load_saved_state(method, model, directory)
