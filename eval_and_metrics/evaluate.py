@@ -4,6 +4,10 @@ Probes are sorted by prompt length and run in batches with left padding, so one 
 (KV cache on) serves a whole batch; there is no per-probe generate loop. For each probe we keep the
 cleaned prediction and three scores: normalised exact match, SQuAD token F1, and the mean
 log-probability of the gold value's tokens given the prompt (length-normalised, teacher forced).
+
+The low-level pieces (encoding, left padding, one batch of greedy generation, per-token
+log-probabilities of continuations over a left-padded batch, the lm-eval context/continuation split)
+are shared with the task-stream scorers in eval_and_metrics/scorers/.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
 from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
@@ -37,30 +42,137 @@ class EvalInterrupted(Exception):
     """A stop was requested between two eval batches; the period is redone from its checkpoint."""
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with no special tokens (training never adds them either)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     ids, mask = pad(seqs, pad_id, left=True)
     return ids.to(device), mask.to(device)
+
+
+# The names tests/test_evaluate.py and older callers use.
+_encode = encode
+_left_pad = left_pad
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) the way lm-eval-harness splits a loglikelihood request.
+
+    Trailing whitespace of the context is moved to the continuation (BPE tokenizers glue a space to
+    the word after it: " Paris" is one token, "Answer: " + "Paris" would score a rare lone-space
+    token), then the whole text is encoded once and the continuation is what follows the context's
+    tokens, so its tokens are exactly those the model would see in the joined text. lm-eval slices
+    without checking that the context's own encoding is a prefix of the whole; when a merge crosses
+    the boundary it is not, and we fall back to encoding the continuation on its own rather than
+    scoring a slice that no longer spells the continuation. An empty context is the caller's job
+    (lm-eval conditions on a prefix token then, see `prefix_token_id`).
+    """
+    assert context, "an empty context has no boundary to split at; condition on prefix_token_id instead"
+    num_spaces = len(context) - len(context.rstrip())
+    if num_spaces:
+        context, continuation = context[:-num_spaces], context[-num_spaces:] + continuation
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
+    if whole[:len(context_ids)] == context_ids:
+        return context_ids, whole[len(context_ids):]
+    return context_ids, encode(tokenizer, continuation)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What an empty context conditions on (lm-eval's choice): BOS if the tokenizer has one, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def model_max_length(model: nn.Module, default: int = 2048) -> int:
+    """The longest sequence the model was built for (its position table), `default` if it does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuations: list[list[int]],
+                          pad_id: int, device: torch.device) -> list[torch.Tensor]:
+    """log p(token | context, earlier continuation tokens) for every continuation token, one forward pass.
+
+    One float32 tensor per pair (on `device`), of the continuation's length. Every continuation must
+    hold at least one token, every context too (the first continuation token is predicted from it).
+    """
+    assert all(contexts) and all(continuations), "contexts and continuations must be non-empty"
+    seqs = [c + x for c, x in zip(contexts, continuations)]
+    ids, mask = left_pad(seqs, pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Left padding puts every continuation at the end, so the vocabulary head (49k wide for SmolLM2)
+    # only has to run on the last `keep` positions instead of the whole sequence.
+    keep = max(len(x) for x in continuations) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
+    targets = ids[:, -(keep - 1):]
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return [token_logp[row, token_logp.shape[1] - len(x):] for row, x in enumerate(continuations)]
 
 
 @torch.inference_mode()
 def _gold_logprobs(model: nn.Module, prompts: list[list[int]], golds: list[list[int]], pad_id: int,
                    device: torch.device) -> list[float]:
     """Mean log p(gold token | prompt, earlier gold tokens) per probe, in one forward pass."""
-    seqs = [p + g for p, g in zip(prompts, golds)]
-    ids, mask = _left_pad(seqs, pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    # Left padding puts every gold answer at the end, so the vocabulary head (49k wide for SmolLM2)
-    # only has to run on the last `keep` positions instead of the whole sequence.
-    keep = max(len(g) for g in golds) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
-    targets = ids[:, -(keep - 1):]
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return [token_logp[row, token_logp.shape[1] - len(gold):].mean().item() for row, gold in enumerate(golds)]
+    return [lp.mean().item() for lp in continuation_logprobs(model, prompts, golds, pad_id, device)]
+
+
+class _StopWhenDone(StoppingCriteria):
+    """Finishes row r once `done(r, decoded continuation of r)` holds.
+
+    `done` must only hold when the text so far already decides the score (the answer span is cut),
+    so stopping there saves decoding steps without changing any result; a finished row is padded.
+    Each check decodes every unfinished row in full, which grows with the length; since stopping a
+    few tokens late is just as correct, rows are checked at every one of the first 32 steps, then
+    every step // 32 steps (about 120 checks instead of 512 for 512 new tokens).
+    """
+
+    def __init__(self, tokenizer, prompt_width: int, done: Callable[[int, str], bool]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.done = done
+        self.finished: list[bool] | None = None
+        self.last_checked = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.finished is None:
+            self.finished = [False] * input_ids.shape[0]
+        step = input_ids.shape[1] - self.prompt_width
+        rows = [r for r, f in enumerate(self.finished) if not f]
+        if rows and step - self.last_checked >= max(1, step // 32):
+            self.last_checked = step
+            new = input_ids[rows, self.prompt_width:].tolist()
+            eos = self.tokenizer.eos_token_id
+            for r, ids, text in zip(rows, new, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+                # A row past EOS is already finished by generate (it only gets padding now).
+                self.finished[r] = (eos is not None and eos in ids) or self.done(r, text)
+        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.inference_mode()
+def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device,
+                    max_new_tokens: int, done: Callable[[int, str], bool] | None = None) -> list[str]:
+    """Greedy continuations of one left-padded batch of prompts (one `generate` call, KV cache on).
+
+    Returns the decoded new text of each prompt, special tokens dropped. `done(row, text)`, if
+    given, stops a row early (see _StopWhenDone); rows also stop at EOS or after max_new_tokens.
+    """
+    pad_id = tokenizer.pad_token_id
+    ids, mask = left_pad(prompts, pad_id, device)
+    extra: dict[str, Any] = {}
+    if done is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenDone(tokenizer, ids.shape[1], done)])
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                               **extra)
+    return tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
 
 
 @torch.inference_mode()
@@ -81,10 +193,7 @@ def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: to
         if should_stop():
             raise EvalInterrupted()
         idx = order[start:start + batch_size]
-        ids, mask = _left_pad([prompts[i] for i in idx], pad_id, device)
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+        texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens)
         logps = _gold_logprobs(model, [prompts[i] for i in idx], [golds[i] for i in idx], pad_id, device)
         for i, text, lp in zip(idx, texts, logps):
             pred = clean_generation(text)

@@ -1,0 +1,497 @@
+"""Run one untrusted Python program (model-generated code plus its tests) and say whether it passed.
+
+    result = run_program(source, timeout_s=10)   # SandboxResult(passed, reason, wall_s, ...)
+
+Threat model. The code comes from a language model we are training: not a targeted attacker, but
+it can do anything a confused programmer can do by accident, and some things no one would write on
+purpose: loop forever, fork without end, allocate all memory, fill the disk, delete files, read the
+environment (where cluster tokens live), kill other processes, exit with status 0 before its tests
+run, or print "passed". None of this may hurt the machine, the training run, or the score.
+
+How each layer works (process tree: caller -> supervisor -> harness running the program):
+
+* The caller never forks from its own (threaded: torch, tokenizers) process with Python code
+  between fork and exec. It starts a small supervisor (`python -I -S this_file.py`, root if the
+  caller is root) with only C-level Popen options. The supervisor is single-threaded, so its
+  preexec function (limits, privilege drop) is safe there.
+* The supervisor marks itself a child subreaper: descendants orphaned by the program re-parent to
+  it, not to PID 1 (which in a container may never reap them; zombies still count against
+  RLIMIT_NPROC), and it unshares its network namespace when it may (root): the program then sees
+  only a down loopback device. Without CAP_SYS_ADMIN (an unprivileged container) this step is
+  skipped and `network_isolated` says so.
+* The program's process: a new session and process group; cwd a fresh temp directory holding
+  only program.py (so tracebacks show source lines), removed afterwards; an environment built
+  from nothing (PATH, LANG, HOME/TMPDIR = the temp dir,
+  PYTHONHASHSEED=0 and a run marker; no inherited variable, so no secrets); stdin /dev/null;
+  stdout and stderr to a log file the caller reads the tail of; every other fd closed;
+  RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC (processes and threads), RLIMIT_FSIZE,
+  RLIMIT_NOFILE and RLIMIT_CORE = 0 set in preexec. When the supervisor is root, preexec also drops
+  to uid/gid 65534 (nobody/nogroup) with setgroups([]), setgid, setuid before exec: root ignores
+  RLIMIT_NPROC, so without the drop a fork bomb would not be bounded, and the program could write
+  anywhere. The temp dir is chowned to that user (mode 0700).
+* The interpreter: `python -s -S -B` (no user or system site-packages, no bytecode writes) of an
+  interpreter the sandbox user can execute (the venv's if it can, else a system python3; probed
+  once). `-E`/`-I` are not used because the environment is ours anyway and PYTHONHASHSEED=0 must
+  reach the interpreter: set and dict-of-str iteration order then does not change between runs, so
+  pass@1 of a program that depends on it is reproducible. The harness also drops "" from sys.path.
+* The wall-clock limit: the supervisor waits `timeout_s`, then SIGKILLs the whole process group.
+  After every run it kills what is left (the group, its own children, and every process of the
+  sandbox uid that carries this run's marker, which catches a descendant that called setsid) and
+  reaps them, until nothing is left (bounded by a few seconds; what survives is reported).
+* The verdict comes from our harness, not from the program. The caller writes a random token into
+  a pipe; the harness reads it and closes that fd before the program starts, execs the program
+  (which includes the tests and `check(entry_point)`), and only if that returned writes the token
+  to a second inherited pipe. passed = the token came back and the exit status is 0. An
+  os._exit(0), sys.exit(0), a killed process or a printed "passed" before the tests finish is a
+  fail.
+
+What it does not stop (say so rather than pretend): the program runs in the harness's own
+interpreter, so code written to cheat on purpose can find the token in the harness's frame or
+memory (sys._getframe, ctypes) and write it early, or redefine `check`; this defends against
+accidents, not against an adversary. It can read any world-readable file (the repository, system
+files), connect to the network where the namespace could not be created, write to world-writable
+directories (/tmp, /dev/shm) up to RLIMIT_FSIZE per file until the wall time is up (not cleaned
+afterwards), use RLIMIT_CPU of CPU and RLIMIT_AS of memory per process times RLIMIT_NPROC
+processes, and exploit kernel bugs. RLIMIT_NPROC counts every process of uid 65534 on the machine:
+other programs running as nobody (another sandbox in parallel, a daemon) share the budget, and if
+they already exceed it the program cannot start (reported as such). As a non-root caller there is
+no privilege drop: the program runs as the caller's uid (with the caller's file permissions), and
+RLIMIT_NPROC then counts all of the caller's processes, which usually means the program cannot fork
+or start a thread at all. The network namespace needs root. For hostile code use a VM or gVisor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+SANDBOX_UID = 65534  # nobody
+SANDBOX_GID = 65534  # nogroup
+_MARKER_VAR = "CLKIT_SANDBOX_RUN"
+_TOKEN_BYTES = 32
+_PROGRAM_FILE = "program.py"
+_MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
+_OUTPUT_TAIL_BYTES = 4000
+# Extra seconds the caller waits for the supervisor beyond the program's own time limit: the
+# supervisor's start, the harness's start and the cleanup sweep. Only a supervisor bug uses them up.
+_SUPERVISOR_GRACE_S = 30.0
+_SWEEP_LIMIT_S = 5.0
+_PR_SET_CHILD_SUBREAPER = 36
+_CLONE_NEWNET = 0x40000000
+
+# Runs inside the sandboxed interpreter, before and after the untrusted program. Kept to the
+# stdlib calls every Python 3 has, since the sandbox interpreter may not be the caller's.
+# %-formatting, because the code itself is full of braces.
+_HARNESS = r"""
+import os, sys
+
+def _harness():
+    token_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    token = b""
+    while len(token) < %(n)d:
+        chunk = os.read(token_fd, %(n)d - len(token))
+        if not chunk:
+            break
+        token += chunk
+    os.close(token_fd)  # the program cannot read the token from the pipe
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+    with open(%(file)r, encoding="utf-8") as f:
+        source = f.read()
+    namespace = {"__name__": "__main__", "__file__": %(file)r, "__builtins__": __builtins__}
+    harness_pid = os.getpid()
+    exec(compile(source, %(file)r, "exec"), namespace)
+    # Only reached when the program, its tests and check(...) returned without raising; a child
+    # the program forked that falls through to here is not the one whose verdict counts.
+    if os.getpid() == harness_pid:
+        os.write(result_fd, token)
+
+_harness()
+try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+finally:
+    os._exit(0)  # no atexit handlers or leftover threads of the program run after the verdict
+""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE}
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    passed: bool
+    reason: str  # "passed", or why not: timeout, exit status and the last line of stderr, ...
+    wall_s: float
+    returncode: int | None = None  # of the harness process; negative = killed by that signal
+    output_tail: str = ""  # last few KB of the program's stdout+stderr
+    network_isolated: bool = False
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here (no interpreter the sandbox user can execute)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the caller's side
+
+
+_python_lock = threading.Lock()
+_python_cache: dict[bool, str] = {}
+
+
+def _drop_privileges() -> bool:
+    return os.geteuid() == 0
+
+
+def _minimal_env(workdir: str) -> dict[str, str]:
+    return {"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir,
+            "TMPDIR": workdir, "PYTHONHASHSEED": "0"}
+
+
+def sandbox_python() -> str:
+    """An interpreter the sandboxed program can run under; probed once per process.
+
+    Without a privilege drop that is our own interpreter. As root the program runs as uid 65534,
+    which cannot execute an interpreter under a private home (uv and pyenv put theirs in /root), so
+    candidates are tried as that user until one imports a few stdlib modules. The program only ever
+    gets the standard library (site-packages are off), so any Python 3 does.
+    """
+    drop = _drop_privileges()
+    with _python_lock:
+        if drop in _python_cache:
+            return _python_cache[drop]
+        if not drop:
+            _python_cache[drop] = sys.executable
+            return sys.executable
+        candidates = [sys.executable, os.path.realpath(sys.executable), getattr(sys, "_base_executable", ""),
+                      shutil.which("python3", path=_MINIMAL_PATH) or "", "/usr/bin/python3", "/usr/local/bin/python3"]
+        tried: list[str] = []
+        for cand in dict.fromkeys(c for c in candidates if c):
+            tried.append(cand)
+            try:
+                proc = subprocess.run([cand, "-s", "-S", "-B", "-c", "import json, math, re, collections, typing"],
+                                      user=SANDBOX_UID, group=SANDBOX_GID, extra_groups=[], cwd="/",
+                                      env=_minimal_env("/"), stdin=subprocess.DEVNULL, capture_output=True,
+                                      timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if proc.returncode == 0:
+                _python_cache[drop] = cand
+                return cand
+        raise SandboxUnavailable(
+            f"no Python interpreter is executable by uid {SANDBOX_UID} (tried {', '.join(tried)}): the sandbox "
+            "runs programs as that user because we are root; install python3 in /usr/bin (any Python 3), or "
+            "pass python= to run_program")
+
+
+def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_processes: int = 16,
+                file_size_mb: int = 16, max_open_files: int = 64, python: str | None = None) -> SandboxResult:
+    """Run `source` in the sandbox (module docstring) and report whether it ran to its end.
+
+    timeout_s: wall-clock limit (the CPU limit is the same, rounded up); memory_mb: address-space
+    limit per process; max_processes: RLIMIT_NPROC (processes and threads of the sandbox user);
+    file_size_mb: largest file (and output log) it may write; max_open_files: RLIMIT_NOFILE.
+    """
+    if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0 or file_size_mb <= 0 or max_open_files <= 0:
+        raise ValueError("timeout_s, memory_mb, max_processes, file_size_mb and max_open_files must be > 0")
+    drop = _drop_privileges()
+    interpreter = python or sandbox_python()
+    start = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="clkit-sandbox-")
+    private = tempfile.mkdtemp(prefix="clkit-sandbox-log-")  # ours only: the program cannot reach it
+    fds: list[int] = []
+    try:
+        program_path = os.path.join(workdir, _PROGRAM_FILE)
+        with open(program_path, "w", encoding="utf-8", errors="replace") as f:  # a lone surrogate must not crash us
+            f.write(source)
+        os.chmod(program_path, 0o444)
+        if drop:
+            os.chown(workdir, SANDBOX_UID, SANDBOX_GID)
+        os.chmod(workdir, 0o700)
+        token = secrets.token_hex(_TOKEN_BYTES // 2).encode()
+        token_r, token_w = os.pipe()
+        result_r, result_w = os.pipe()
+        status_r, status_w = os.pipe()
+        fds += [token_r, token_w, result_r, result_w, status_r, status_w]
+        os.write(token_w, token)  # 32 bytes always fit in a pipe buffer: no one has to read first
+        os.close(token_w)
+        fds.remove(token_w)
+        marker = secrets.token_hex(8)
+        config = {"python": interpreter, "workdir": workdir, "timeout_s": float(timeout_s),
+                  "memory_bytes": int(memory_mb) << 20, "max_processes": int(max_processes),
+                  "file_size_bytes": int(file_size_mb) << 20, "max_open_files": int(max_open_files),
+                  "drop": drop, "uid": SANDBOX_UID if drop else os.getuid(),
+                  "gid": SANDBOX_GID if drop else os.getgid(), "marker": marker, "token_fd": token_r,
+                  "result_fd": result_w, "status_fd": status_w}
+        log_path = os.path.join(private, "output.log")
+        with open(log_path, "wb") as log:
+            supervisor = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(token_r, result_w, status_w),
+                close_fds=True, start_new_session=True, cwd=private, env={"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8"})
+        for fd in (token_r, result_w, status_w):  # the supervisor and the program hold them now
+            os.close(fd)
+            fds.remove(fd)
+        try:
+            supervisor.wait(timeout=timeout_s + _SUPERVISOR_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(supervisor.pid)
+            supervisor.wait()
+            _sweep(config["uid"], marker, reap=False)
+        status = _read_json(status_r)
+        returned = _read_nonblocking(result_r, _TOKEN_BYTES + 1)
+        tail = _tail(log_path)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        _remove_tree(workdir)
+        _remove_tree(private)
+    wall_s = time.monotonic() - start
+    returncode = status.get("returncode")
+    passed = (status.get("started", False) and not status.get("timed_out", False) and returncode == 0
+              and returned == token)
+    reason = "passed" if passed else _why_not(status, returncode, returned, token, tail, timeout_s)
+    if status.get("leftover"):
+        reason += f" ({status['leftover']} sandbox process(es) survived the cleanup)"
+    return SandboxResult(passed=passed, reason=reason, wall_s=wall_s, returncode=returncode, output_tail=tail,
+                         network_isolated=bool(status.get("network_isolated", False)))
+
+
+def _why_not(status: dict, returncode: int | None, returned: bytes, token: bytes, tail: str,
+             timeout_s: float) -> str:
+    if not status:
+        return "supervisor failed: " + (_last_line(tail) or "no status")
+    if not status.get("started"):
+        return "could not start the sandboxed process: " + status.get("error", "unknown error")
+    if status.get("timed_out"):
+        return f"timeout: still running after {timeout_s:g} s (killed with its process group)"
+    if returncode is not None and returncode < 0:
+        name = _signal_name(-returncode)
+        limits = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit", "SIGKILL": "killed"}
+        return f"{limits.get(name, 'terminated')} ({name})"
+    if returncode == 0 and returned != token:
+        return "exited with status 0 before its tests returned (no harness token): not a pass"
+    line = _last_line(tail)
+    return f"failed (exit status {returncode})" + (f": {line}" if line else "")
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _read_json(fd: int) -> dict:
+    data = _read_nonblocking(fd, 1 << 16)
+    try:
+        value = json.loads(data.decode("utf-8")) if data else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _read_nonblocking(fd: int, limit: int) -> bytes:
+    """What is in the pipe now; never waits (a process that escaped the sweep may hold the write end)."""
+    os.set_blocking(fd, False)
+    out = b""
+    while len(out) < limit:
+        ready, _, _ = select.select([fd], [], [], 0)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, limit - len(out))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _OUTPUT_TAIL_BYTES))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _remove_tree(path: str) -> None:
+    """rmtree that also removes what a non-root program made unreadable (root needs no chmod)."""
+
+    def make_writable_and_retry(func, p, _exc):  # noqa: ANN001 - shutil's onerror signature
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if not os.path.islink(p) and os.path.isdir(p):
+                os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=make_writable_and_retry)  # fd-based: never follows the program's symlinks
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# process cleanup (used by the supervisor, and by the caller as a backstop)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _proc_status(pid: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def _carries_marker(pid: str, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{_MARKER_VAR}={marker}".encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _sandbox_processes(uid: int, marker: str, parent: int | None) -> list[int]:
+    """Live processes of this run: children of `parent` (the supervisor's children are all the
+    program's) and processes of the sandbox uid with this run's marker in their environment."""
+    found = []
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        fields = _proc_status(pid)
+        if not fields or fields.get("State", "").startswith("Z"):
+            continue  # gone, or a zombie: nothing to kill, its parent (or we) reap it
+        real_uid = int(fields.get("Uid", "-1").split()[0])
+        if (parent is not None and fields.get("PPid") == str(parent)) or \
+                (real_uid == uid and _carries_marker(pid, marker)):
+            found.append(int(pid))
+    return found
+
+
+def _reap_children() -> bool:
+    """Reap every exited child; True while children remain."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+
+
+def _sweep(uid: int, marker: str, reap: bool) -> int:
+    """Kill (and, in the supervisor, reap) every process of this run; the number that survived."""
+    deadline = time.monotonic() + _SWEEP_LIMIT_S
+    while True:
+        found = _sandbox_processes(uid, marker, os.getpid() if reap else None)
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        children_left = _reap_children() if reap else False
+        if not found and not children_left:
+            return 0
+        if time.monotonic() > deadline:
+            return len(found)
+        time.sleep(0.005)
+
+
+# ----------------------------------------------------------------------------------------------
+# the supervisor (this file run as a script by run_program; standard library only)
+
+
+def _libc_call(name: str, *args: int) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return getattr(libc, name)(*args) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _supervise(config_json: str) -> None:
+    cfg = json.loads(config_json)
+    status: dict = {"started": False, "timed_out": False, "returncode": None, "leftover": 0,
+                    "network_isolated": False}
+    _libc_call("prctl", _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if cfg["drop"]:  # the program inherits this namespace: loopback only, and down
+        status["network_isolated"] = _libc_call("unshare", _CLONE_NEWNET)
+    cpu_s = max(1, math.ceil(cfg["timeout_s"]))
+
+    def limit_and_drop() -> None:
+        # Runs in the forked child before exec; the supervisor has a single thread, so this is safe.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_size_bytes"], cfg["file_size_bytes"]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_open_files"], cfg["max_open_files"]))
+        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_processes"], cfg["max_processes"]))
+        if cfg["drop"]:
+            os.setgroups([])
+            os.setgid(cfg["gid"])
+            os.setuid(cfg["uid"])
+            if os.getuid() != cfg["uid"] or os.geteuid() != cfg["uid"] or os.getegid() != cfg["gid"]:
+                os._exit(125)  # never run the program with privileges we meant to drop
+
+    env = {**_minimal_env(cfg["workdir"]), _MARKER_VAR: cfg["marker"]}
+    token_fd, result_fd = cfg["token_fd"], cfg["result_fd"]
+    try:
+        proc = subprocess.Popen([cfg["python"], "-s", "-S", "-B", "-c", _HARNESS, str(token_fd), str(result_fd)],
+                                cwd=cfg["workdir"], env=env, stdin=subprocess.DEVNULL, pass_fds=(token_fd, result_fd),
+                                close_fds=True, start_new_session=True, preexec_fn=limit_and_drop)
+    except (OSError, subprocess.SubprocessError) as exc:
+        status["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, BlockingIOError):
+            status["error"] += (f" (RLIMIT_NPROC {cfg['max_processes']} counts every process of uid {cfg['uid']} "
+                                "on this machine)")
+    else:
+        status["started"] = True
+        os.close(token_fd)
+        os.close(result_fd)
+        try:
+            status["returncode"] = proc.wait(timeout=cfg["timeout_s"])
+        except subprocess.TimeoutExpired:
+            status["timed_out"] = True
+            _kill_group(proc.pid)
+            status["returncode"] = proc.wait()
+        _kill_group(proc.pid)  # whatever the program left running in its group
+    status["leftover"] = _sweep(cfg["uid"], cfg["marker"], reap=True)
+    os.write(cfg["status_fd"], json.dumps(status).encode())
+
+
+if __name__ == "__main__":
+    _supervise(sys.argv[1])

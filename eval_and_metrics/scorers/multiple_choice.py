@@ -1,0 +1,133 @@
+"""multiple_choice: the log-likelihood of each choice as a continuation of the prompt; no generation.
+
+For each choice the model scores ll = sum of log p(token | prompt, earlier choice tokens) over the
+choice's tokens (lm-eval-harness's multiple_choice output type). Then, over the choices of an item:
+
+    acc       = [argmax_j ll_j == gold]
+    acc_norm  = [argmax_j ll_j / len(choice_j) == gold]            len in characters (lm-eval: len(str))
+    acc_bytes = [argmax_j ll_j / len(choice_j.encode()) == gold]   len in UTF-8 bytes (lm-eval: acc_bytes)
+
+each averaged over items; ties go to the first choice (numpy's argmax, as lm-eval). The length is
+the choice's own text, without the " " delimiter. A generated letter is never parsed: a model that
+would answer "B" in free text is scored on how likely it finds each answer, so the metric cannot be
+fooled by, or lose points to, the output format.
+
+Boundary: the continuation is " " + choice (lm-eval's target_delimiter) unless the prompt already
+ends in whitespace or the choice starts with it (lm-eval would then score a double space), and it
+is encoded as lm-eval does (evaluate.encode_pair): whole minus context, trailing context whitespace
+moved to the continuation. An empty prompt conditions on the BOS (else EOS) token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from data.streams.schema import EvalItem
+from eval_and_metrics.evaluate import continuation_logprobs, encode, encode_pair, model_max_length, prefix_token_id
+from eval_and_metrics.scorers.base import Row, Scorer, mean_of, poll
+
+
+def continuation_text(prompt: str, choice: str) -> str:
+    """The text scored after the prompt: the choice with lm-eval's " " delimiter where one is needed."""
+    if prompt[-1:].isspace() or choice[:1].isspace():
+        return choice
+    return " " + choice
+
+
+def encode_request(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of one loglikelihood request, lm-eval's way."""
+    if not prompt:
+        return [prefix_token_id(tokenizer)], encode(tokenizer, continuation)
+    return encode_pair(tokenizer, prompt, continuation)
+
+
+def argmax_first(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties (numpy.argmax's rule)."""
+    return max(range(len(values)), key=lambda j: (values[j], -j))
+
+
+def choice_metrics(loglikelihoods: Sequence[float], choice_chars: Sequence[int], choice_bytes: Sequence[int],
+                   gold: int) -> dict[str, Any]:
+    """acc, acc_norm, acc_bytes and the three argmax indices of one item."""
+    if min(choice_chars, default=0) <= 0 or min(choice_bytes, default=0) <= 0:
+        raise ValueError("every choice needs a non-empty text to length-normalise by")
+    pred = argmax_first(loglikelihoods)
+    pred_norm = argmax_first([ll / n for ll, n in zip(loglikelihoods, choice_chars)])
+    pred_bytes = argmax_first([ll / n for ll, n in zip(loglikelihoods, choice_bytes)])
+    return {"pred_index": pred, "pred_index_norm": pred_norm, "pred_index_bytes": pred_bytes,
+            "acc": float(pred == gold), "acc_norm": float(pred_norm == gold), "acc_bytes": float(pred_bytes == gold)}
+
+
+class MultipleChoice(Scorer):
+    name: ClassVar[str] = "multiple_choice"
+    output_type: ClassVar[str] = "multiple_choice"
+    metrics: ClassVar[dict[str, bool]] = {"acc": True, "acc_norm": True, "acc_bytes": True}
+
+    def check_item(self, item: EvalItem) -> list[str]:
+        problems = []
+        if len(item.choices) < 2:
+            problems.append(f"has {len(item.choices)} choice(s): multiple choice needs at least 2")
+        if not 0 <= item.gold < len(item.choices):
+            problems.append(f"gold {item.gold} is not an index into its {len(item.choices)} choices")
+        elif item.target and item.target != item.choices[item.gold]:
+            problems.append(f"target {item.target!r} is not choices[gold] = {item.choices[item.gold]!r}")
+        if any(not c for c in item.choices):
+            problems.append("has an empty choice (nothing to score, no length to normalise by)")
+        if len(set(item.choices)) != len(item.choices):
+            problems.append("has duplicate choices (their scores tie; the first one always wins)")
+        return problems
+
+    def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
+              max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
+              progress: Callable[[int], None] = lambda n: None) -> list[Row]:
+        max_len = model_max_length(model)
+        requests: list[tuple[int, int, list[int], list[int]]] = []
+        for i, item in enumerate(items):
+            for j, choice in enumerate(item.choices):
+                context, cont = encode_request(tokenizer, item.prompt, continuation_text(item.prompt, choice))
+                if not cont or len(cont) >= max_len:
+                    raise ValueError(f"item {item.id!r} choice {j}: {len(cont)} tokens, need 1 to {max_len - 1}")
+                # Too long: the context keeps its end (lm-eval truncates from the left as well).
+                requests.append((i, j, context[-(max_len - len(cont)):], cont))
+        order = sorted(range(len(requests)), key=lambda r: (len(requests[r][2]) + len(requests[r][3]), r))
+        lls: list[list[float]] = [[math.nan] * len(item.choices) for item in items]
+        num_tokens: list[list[int]] = [[0] * len(item.choices) for item in items]
+        remaining = [len(item.choices) for item in items]
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                poll(should_stop)
+                batch = [requests[r] for r in order[start:start + batch_size]]
+                logps = continuation_logprobs(model, [b[2] for b in batch], [b[3] for b in batch],
+                                              tokenizer.pad_token_id, device)
+                finished = 0
+                for (i, j, _, cont), lp in zip(batch, logps):
+                    lls[i][j] = lp.double().sum().item()
+                    num_tokens[i][j] = len(cont)
+                    remaining[i] -= 1
+                    finished += remaining[i] == 0
+                if finished:
+                    progress(finished)
+        finally:
+            model.train(was_training)
+        rows = []
+        for i, item in enumerate(items):
+            chars = [len(c) for c in item.choices]
+            nbytes = [len(c.encode("utf-8")) for c in item.choices]
+            result = choice_metrics(lls[i], chars, nbytes, item.gold)
+            rows.append({"id": item.id, "prediction": item.choices[result["pred_index"]], "gold": item.gold,
+                         "loglikelihoods": lls[i], "num_tokens": num_tokens[i], "choice_chars": chars,
+                         "choice_bytes": nbytes, **result})
+        return rows
+
+    def aggregate(self, rows: list[Row]) -> dict[str, float]:
+        # Recomputed from the stored log-likelihoods, so rows re-aggregate without the model.
+        recomputed = [choice_metrics(r["loglikelihoods"], r["choice_chars"], r["choice_bytes"], r["gold"])
+                      for r in rows]
+        return {metric: mean_of(recomputed, metric) for metric in self.metrics}

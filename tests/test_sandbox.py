@@ -1,0 +1,232 @@
+"""The code sandbox: limits hold, the verdict cannot be faked, and nothing is left behind.
+
+Every test runs real programs through eval_and_metrics.sandbox on this machine, each in about a
+second at most. The fork bomb runs only after a first program has shown that the privilege drop
+(as root) and RLIMIT_NPROC are in place, and the bomb bounds itself (at most 2**10 processes even
+with no limit at all).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from eval_and_metrics import sandbox
+from eval_and_metrics.sandbox import SANDBOX_UID, run_program
+
+ROOT = os.geteuid() == 0
+
+
+def _src(code: str) -> str:
+    return textwrap.dedent(code).lstrip()
+
+
+def _sandbox_processes() -> set[int]:
+    """Live processes that belong to some sandbox run: uid 65534 (when we are root) or the run marker."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+        if (ROOT and uid == SANDBOX_UID) or sandbox._MARKER_VAR.encode() in environ:
+            found.add(int(pid))
+    return found
+
+
+def _sandbox_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("clkit-sandbox-*")}
+
+
+def test_correct_program_passes_and_wrong_one_fails():
+    good = run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\n", timeout_s=5)
+    assert good.passed and good.reason == "passed" and good.returncode == 0
+    bad = run_program("def add(a, b):\n    return a * b\nassert add(2, 3) == 5, 'add is wrong'\n", timeout_s=5)
+    assert not bad.passed
+    assert "AssertionError: add is wrong" in bad.reason
+    syntax = run_program("def add(a, b:\n", timeout_s=5)
+    assert not syntax.passed and "SyntaxError" in syntax.reason
+
+
+def test_privileges_dropped_and_limits_set_inside_the_child(monkeypatch):
+    monkeypatch.setenv("CLKIT_TEST_SECRET", "hunter2")
+    before = _sandbox_dirs()
+    hash_abc = _hash_with_seed_zero("abc")
+    program = _src(f"""
+        import os, resource, socket, sys
+        if {ROOT}:
+            assert (os.getuid(), os.geteuid(), os.getgid(), os.getegid()) == ({SANDBOX_UID},) * 4, os.getuid()
+            assert os.getgroups() == [], os.getgroups()
+        assert resource.getrlimit(resource.RLIMIT_NPROC) == (7, 7)
+        assert resource.getrlimit(resource.RLIMIT_AS) == (300 << 20, 300 << 20)
+        assert resource.getrlimit(resource.RLIMIT_FSIZE) == (3 << 20, 3 << 20)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (40, 40)
+        assert resource.getrlimit(resource.RLIMIT_CPU)[0] == 2
+        assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+        assert "CLKIT_TEST_SECRET" not in os.environ, "the caller's environment leaked"
+        assert set(os.environ) <= {{"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "PYTHONHASHSEED",
+                                    "{sandbox._MARKER_VAR}", "LC_CTYPE"}}, sorted(os.environ)
+        assert sys.stdin.read() == ""
+        assert os.listdir(".") == ["program.py"], os.listdir(".")
+        assert os.getpgid(0) == os.getpid() and os.getsid(0) == os.getpid()
+        assert "" not in sys.path and not any("site-packages" in p for p in sys.path), sys.path
+        assert hash("abc") == {hash_abc}, "PYTHONHASHSEED=0 did not reach the interpreter"
+        with open("scratch.txt", "w") as f:  # its own directory is writable
+            f.write("ok")
+        if {ROOT}:
+            assert [name for _, name in socket.if_nameindex()] == ["lo"], socket.if_nameindex()
+    """)
+    result = run_program(program, timeout_s=1.5, memory_mb=300, max_processes=7, file_size_mb=3, max_open_files=40)
+    assert result.passed, result.reason + "\n" + result.output_tail
+    assert result.network_isolated == ROOT
+    assert _sandbox_dirs() == before, "the temp directory must be removed"
+
+
+def _hash_with_seed_zero(text: str) -> int:
+    import subprocess
+
+    out = subprocess.run([sandbox.sandbox_python(), "-S", "-c", f"print(hash({text!r}))"],
+                         env={"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    return int(out.stdout)
+
+
+def test_infinite_loop_is_killed_at_the_time_limit():
+    start = time.monotonic()
+    result = run_program("while True:\n    pass\n", timeout_s=1.0)
+    elapsed = time.monotonic() - start
+    assert not result.passed
+    assert "timeout" in result.reason or "CPU time limit" in result.reason, result.reason
+    assert 0.9 < elapsed < 3.0, elapsed
+    sleeper = run_program("import time\ntime.sleep(60)\n", timeout_s=0.5)  # no CPU use: the wall clock
+    assert not sleeper.passed and "timeout" in sleeper.reason and sleeper.wall_s < 2.5
+
+
+def test_huge_allocation_fails():
+    result = run_program("x = bytearray(8 << 30)\nassert len(x)\n", timeout_s=5, memory_mb=256)
+    assert not result.passed and "MemoryError" in result.reason, result.reason
+
+
+def test_writes_outside_its_directory_fail(tmp_path: Path):
+    target_dir = tmp_path / "read_only"
+    target_dir.mkdir()
+    target_dir.chmod(0o555)  # read-only for everyone; as root the child is uid 65534 and not exempt
+    inside = target_dir / "owned.txt"
+    etc = Path("/etc") / f"clkit-sandbox-test-{os.getpid()}"
+    program = _src(f"""
+        for path in [{str(inside)!r}, {str(etc)!r}]:
+            try:
+                with open(path, "w") as f:
+                    f.write("pwned")
+            except OSError:
+                continue
+            raise AssertionError("wrote " + path)
+    """)
+    try:
+        result = run_program(program, timeout_s=5)
+        assert result.passed, result.reason  # every write raised
+        unguarded = run_program(f"open({str(inside)!r}, 'w').write('pwned')\n", timeout_s=5)
+        assert not unguarded.passed and ("PermissionError" in unguarded.reason), unguarded.reason
+        assert not inside.exists() and not etc.exists()
+    finally:
+        target_dir.chmod(0o755)
+        if etc.exists():
+            etc.unlink()
+
+
+def test_exit_zero_or_a_printed_pass_before_the_tests_is_a_fail():
+    tests = "\nassert False, 'the tests would fail'\n"
+    for cheat in ["import os\nprint('passed')\nos._exit(0)", "import sys\nprint('All tests passed')\nsys.exit(0)",
+                  "raise SystemExit(0)", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"]:
+        result = run_program(cheat + tests, timeout_s=5)
+        assert not result.passed, cheat
+    exit0 = run_program("import os\nos._exit(0)" + tests, timeout_s=5)
+    assert exit0.returncode == 0 and "before its tests returned" in exit0.reason
+    # The token pipe is closed before the program runs, so it cannot read the token from there.
+    snoop = run_program("import os\nfor fd in range(3, 40):\n    try:\n        os.read(fd, 64)\n"
+                        "    except OSError:\n        pass\n" + tests, timeout_s=5)
+    assert not snoop.passed
+
+
+def test_output_flood_is_bounded_by_the_file_size_limit():
+    result = run_program("import sys\nfor _ in range(1000):\n    sys.stdout.write('x' * (1 << 20))\n",
+                         timeout_s=5, file_size_mb=1)
+    assert not result.passed and result.wall_s < 4, result.reason
+
+
+def test_escaped_descendants_are_killed():
+    before = _sandbox_processes()
+    program = _src("""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()  # leaves the process group the supervisor kills
+            if os.fork() == 0:
+                time.sleep(60)
+            os._exit(0)
+        time.sleep(0.3)
+    """)
+    result = run_program(program, timeout_s=5)
+    assert result.passed, result.reason  # the program itself returned; its daemon was cleaned up
+    assert _sandbox_processes() <= before
+
+
+def test_fork_bomb_fails_quickly_and_leaves_nothing_behind():
+    # First prove, with a harmless program, that the drop and RLIMIT_NPROC hold in the child.
+    guard = _src(f"""
+        import os, resource, time
+        if {ROOT}:
+            assert os.getuid() == {SANDBOX_UID}, os.getuid()
+        assert resource.getrlimit(resource.RLIMIT_NPROC) == (4, 4)
+        children = []
+        try:
+            for _ in range(8):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                children.append(pid)
+        except BlockingIOError:
+            pass
+        assert len(children) < 8, "RLIMIT_NPROC is not enforced"
+    """)
+    checked = run_program(guard, timeout_s=5, max_processes=4)
+    assert checked.passed, "not running a fork bomb: " + checked.reason
+    before = _sandbox_processes()
+    pid, cwd, handler = os.getpid(), os.getcwd(), signal.getsignal(signal.SIGTERM)
+
+    bounded = _src("""
+        import os, time
+        for _ in range(10):  # at most 2**10 processes even if no limit were set
+            try:
+                os.fork()
+            except OSError:
+                pass
+        time.sleep(60)
+    """)
+    start = time.monotonic()
+    result = run_program(bounded, timeout_s=1.5, max_processes=16)
+    assert not result.passed and time.monotonic() - start < 6, result.reason
+    assert _sandbox_processes() <= before, "fork bomb processes survived"
+
+    classic = "import os\nwhile True:\n    os.fork()\n"  # bounded by RLIMIT_NPROC alone
+    result = run_program(classic, timeout_s=1.5, max_processes=16)
+    assert not result.passed
+    assert _sandbox_processes() <= before, "fork bomb processes survived"
+
+    # The caller carries on as before, and the sandbox still works.
+    assert (os.getpid(), os.getcwd(), signal.getsignal(signal.SIGTERM)) == (pid, cwd, handler)
+    assert run_program("assert sum(range(10)) == 45\n", timeout_s=5).passed
+
+
+def test_bad_limits_are_rejected():
+    with pytest.raises(ValueError):
+        run_program("pass\n", timeout_s=0)
