@@ -1,0 +1,83 @@
+"""Records of a task stream: what a task trains on, what it is evaluated on, and the stream itself.
+
+The vocabulary follows lm-eval-harness where it has one: an eval item's `prompt` is doc_to_text, its
+`target` doc_to_target, its `choices` doc_to_choice, and a task's scorer has an output type
+(generate_until, multiple_choice, loglikelihood_rolling). Records are frozen and JSON-safe so a stream
+can be written next to a run, fingerprinted, and read back byte-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+LossOn = Literal["completion", "all"]
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One training example. Plain text is prompt "" + completion (loss on every token); a supervised
+    example carries the loss on the completion only unless the task says loss_on: all."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One evaluation example; which fields matter depends on the task's scorer.
+
+    - generate_until scorers (exact_match, token_f1, numeric, code_pass_at_1, rouge_l): `prompt` is
+      continued greedily and the continuation is compared with `target` (for numeric, the gold number;
+      for code, `tests` is a test program that runs against prompt + completion, `entry_point` names
+      the function under test and `target` holds the reference solution's body);
+    - multiple_choice: each of `choices` is scored as a continuation of `prompt`; `gold` is the index
+      of the correct one and `target` its text;
+    - loglikelihood_rolling (perplexity): `target` is the held-out text, `prompt` an optional context
+      that is conditioned on but not scored.
+    """
+
+    id: str
+    prompt: str
+    target: str
+    choices: tuple[str, ...] = ()
+    gold: int = -1
+    tests: str = ""
+    entry_point: str = ""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task of a stream, loaded: its training and evaluation items and how to score them."""
+
+    name: str
+    scorer: str
+    train: tuple[TrainItem, ...]
+    eval: tuple[EvalItem, ...]
+    loss_on: LossOn = "completion"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # source, counts read/used/dropped
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An ordered sequence of tasks; `order` is which of the stream's orders this is."""
+
+    name: str
+    tasks: tuple[TaskData, ...]
+    order: int = 0
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "order": self.order, "tasks": [asdict(t) for t in self.tasks]}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the content (not the meta): equal streams train and evaluate on the same items."""
+        body = [{"name": t.name, "scorer": t.scorer, "loss_on": t.loss_on, "train": [asdict(x) for x in t.train],
+                 "eval": [asdict(x) for x in t.eval]} for t in self.tasks]
+        return hashlib.sha256(json.dumps({"name": self.name, "tasks": body}, sort_keys=True).encode()).hexdigest()
