@@ -41,7 +41,12 @@ class DataConfig:
     # "temporalwiki" = generate Synthetic TemporalWiki from this section; otherwise a path: a directory
     # written by write_benchmark, a synthetic_facts_raw.json file, or a directory holding one.
     benchmark: Annotated[str, Text(empty_ok=False)] = "temporalwiki"
+    # A task stream (configs/streams/*.yaml, docs/streams.md) instead of the temporal benchmark; "" = none.
+    stream: Annotated[str, Text()] = ""
+    # Which of the stream's `orders:` to run (0 = the order its tasks are listed in).
+    stream_order: Annotated[int, Range(0, 99)] = 0
     # Generator seed; independent from the training seed so several training seeds see the same data.
+    # For a stream, the seed of its disjoint train/eval splits and of generated tasks.
     seed: Annotated[int, Range(0, 2**31 - 1)] = 0
     # Period names in order (generator only; the CASM raw format brings its own from its value_* keys).
     periods: Annotated[list[str], Items(2, MAX_PERIODS, Name(pattern=PERIOD_NAME_RE))] = field(

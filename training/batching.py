@@ -10,7 +10,7 @@ same batches and only has to remember its position (epoch, micro-batch index).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ _BUCKET_SPAN = 32
 class PeriodData:
     texts: list[str]
     token_ids: list[list[int]]
+    # leading tokens of each sequence that carry no loss (a supervised item's prompt); [] = none anywhere
+    num_masked: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -36,6 +38,25 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> PeriodData:
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     ids = [(list(e) + [eos])[:max_len] for e in encoded]
     return PeriodData(texts=list(texts), token_ids=ids)
+
+
+def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, loss_on_prompt: bool) -> PeriodData:
+    """Tokenise (prompt, completion) items: prompt and completion are encoded apart and joined, so the
+    boundary is exact and the completion's tokens are those the model is asked to produce after the
+    prompt at evaluation. Without loss_on_prompt the prompt's tokens are masked out of the loss.
+    Too long an item keeps its EOS, at least half the budget for the completion, and the end of its
+    prompt (the part next to the answer), so no sequence is left without a token to learn."""
+    eos = tokenizer.eos_token_id
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    room = max_len - 1
+    ids, masked = [], []
+    for p, c in zip(prompts, completions):
+        c = list(c)[:max(1, room - min(len(p), room // 2))]
+        p = list(p)[len(p) - min(len(p), room - len(c)):]
+        ids.append(p + c + [eos])
+        masked.append(0 if loss_on_prompt else len(p))
+    return PeriodData(texts=[p + c for p, c in pairs], token_ids=ids, num_masked=masked)
 
 
 def epoch_batches(lengths: list[int], max_tokens: int, max_batch_size: int, seed: int, period: int,
@@ -75,8 +96,11 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.T
     return ids, mask
 
 
-def collate(token_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
+def collate(token_ids: list[list[int]], pad_id: int, num_masked: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on padding and on each sequence's first
+    num_masked tokens: a prompt the model is given, not asked to produce)."""
     input_ids, attention = pad(token_ids, pad_id)
     labels = input_ids.masked_fill(attention == 0, -100)
+    for row, n in enumerate(num_masked or []):
+        labels[row, :n] = -100
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

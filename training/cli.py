@@ -16,8 +16,7 @@ import torch
 
 from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
                        staging_dir)
-from data import DataError, load_benchmark
-from data.schema import Benchmark
+from data import DataError
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
 from training.methods import METHODS
 from training.models import check_model_source, model_skeleton
@@ -26,6 +25,7 @@ from training.run import committed_periods, human_bytes, open_run, run_dir_of
 from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
                               EXIT_UNTRUSTED, StopFlag, StopRequested)
 from training.trainer import Trainer
+from training.workload import Workload, load_workload
 
 SUMMARY_COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forget"),
                    ("plasticity_mean", "Plast"), ("stability_mean", "Stab"),
@@ -47,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help=f"one of {', '.join(METHODS)}; or a,b; or all")
     p.add_argument("--model", help="HF hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--benchmark", help="temporalwiki (generated) or a path to benchmark files")
+    p.add_argument("--stream", help="a task stream YAML (configs/streams/, docs/streams.md) instead of --benchmark")
     p.add_argument("--seed", type=int)
     p.add_argument("--run-root", help="directory holding run directories (default runs/)")
     p.add_argument("--run-id", help="run directory name (default: derived from benchmark, method, seed, config)")
@@ -59,18 +60,18 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_configs(argv: list[str]) -> list[RunConfig]:
     args = make_parser().parse_args(argv)
     flags = {"mode": args.mode, "method.name": args.method, "model.name": args.model,
-             "data.benchmark": args.benchmark, "seed": args.seed, "run_root": args.run_root,
+             "data.benchmark": args.benchmark, "data.stream": args.stream, "seed": args.seed, "run_root": args.run_root,
              "run_id": args.run_id, "model.quantize": args.quantize}
     tree = load_tree(args.config, args.mode, flags, args.set)
     return build_run_configs(tree, METHODS)
 
 
-def run_one(cfg: RunConfig, bench: Benchmark, stop: StopFlag) -> dict[str, Any]:
+def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with stop.immediately():  # loading writes nothing to the run; a stop ends it at once
-        loaded, method, model = build_model_and_method(cfg, bench)
-    paths, lock = open_run(cfg, bench)  # short atomic writes: a stop request waits for them
+        loaded, method, model = build_model_and_method(cfg, workload)
+    paths, lock = open_run(cfg, workload)  # short atomic writes: a stop request waits for them
     try:
         if stop:
             raise StopRequested(f"{stop.signal_name} before training started")
@@ -79,7 +80,7 @@ def run_one(cfg: RunConfig, bench: Benchmark, stop: StopFlag) -> dict[str, Any]:
             staging = staging_dir(paths.root / "tokenizer")
             loaded.tokenizer.save_pretrained(staging)
             commit_dir(staging, paths.root / "tokenizer")
-        trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, bench, stop,
+        trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, workload, stop,
                           log=lambda m: print(m, file=sys.stderr))
         results = trainer.run()
     finally:
@@ -130,18 +131,22 @@ def _main(argv: list[str], stop: StopFlag) -> int:
     try:
         with stop.immediately():
             configs = parse_configs(argv)
-            bench = load_benchmark(configs[0].data.benchmark, configs[0].data)
+            workload = load_workload(configs[0].data)
             for cfg in configs:
                 check_model_source(cfg.model, cfg.mode)
             # Every method's options are checked against the model's structure before the first run
             # starts, so a bad option for the third method does not leave two finished runs behind.
-            skeleton = model_skeleton(configs[0].model, configs[0].mode, bench)
+            skeleton = model_skeleton(configs[0].model, configs[0].mode, workload)
             problems = [p for cfg in configs for p in METHODS[cfg.method.name].check(cfg.method.options, skeleton)]
+            problems += [f"method.name {cfg.method.name!r} runs only on {', '.join(METHODS[cfg.method.name].benchmarks)} "
+                         f"benchmarks, not on a {workload.kind}; valid here: "
+                         f"{', '.join(n for n, m in METHODS.items() if workload.kind in m.benchmarks)}"
+                         for cfg in configs if workload.kind not in METHODS[cfg.method.name].benchmarks]
             if problems:
                 raise ConfigError(problems)
         for cfg in configs:
             current = cfg
-            all_results.append(run_one(cfg, bench, stop))
+            all_results.append(run_one(cfg, workload, stop))
     except ConfigError as exc:
         return _fail(EXIT_BAD_INPUT, *exc.problems)
     except DataError as exc:

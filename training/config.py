@@ -126,6 +126,11 @@ class RunConfig:
         out = _to_plain(self)
         options = out["method"].pop("options")
         out["method"] = {"name": self.method.name, self.method.name: options}
+        if not self.data.stream:
+            # Without a stream these fields mean nothing; leaving them out keeps the saved config and the
+            # run id of a temporal run what they were before streams existed, so such runs still resume.
+            out["data"].pop("stream")
+            out["data"].pop("stream_order")
         return out
 
     def identity_dict(self) -> dict:
@@ -143,7 +148,10 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()
 
     def default_run_id(self) -> str:
-        bench = Path(self.data.benchmark).stem if self.data.benchmark != "temporalwiki" else "temporalwiki"
+        if self.data.stream:
+            bench = Path(self.data.stream).stem + (f"-o{self.data.stream_order}" if self.data.stream_order else "")
+        else:
+            bench = Path(self.data.benchmark).stem if self.data.benchmark != "temporalwiki" else "temporalwiki"
         bench = "".join(c if c.isalnum() or c in "-_" else "_" for c in bench)
         return f"{bench}-{self.method.name}-s{self.seed}-{self.config_hash()[:8]}"
 

@@ -142,7 +142,11 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>")
 
 
-def benchmark_texts(bench: Benchmark) -> list[str]:
+def benchmark_texts(bench: Any) -> list[str]:
+    """The texts the synthetic word-level tokenizer is built from: a Benchmark's passages and probes, or
+    whatever a task stream (any object with a `vocabulary_texts()` method) trains and evaluates on."""
+    if hasattr(bench, "vocabulary_texts"):
+        return bench.vocabulary_texts()
     texts = []
     for period in bench.periods:
         texts.extend(p.text for p in period.passages)

@@ -14,9 +14,10 @@ from training.config import RunConfig
 from training.methods import METHODS, Method, MethodContext
 from training.models import LoadedModel, load_model
 from training.seeding import derive_seed, seed_everything
+from training.workload import Workload
 
 
-def build_model_and_method(cfg: RunConfig, bench: Benchmark) -> tuple[LoadedModel, Method, nn.Module]:
+def build_model_and_method(cfg: RunConfig, bench: Benchmark | Workload) -> tuple[LoadedModel, Method, nn.Module]:
     """Load the model and prepare the method on it, seeded so the prepared start is reproducible."""
     loaded = load_model(cfg.model, cfg.mode, bench, cfg.seed)
     ctx = MethodContext(tokenizer=loaded.tokenizer, device=loaded.device, seed=cfg.seed, lr=cfg.train.lr,

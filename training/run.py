@@ -16,9 +16,8 @@ import yaml
 
 from artifacts import (RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir, read_text_inside,
                        staging_dir)
-from data.io import write_benchmark
-from data.schema import Benchmark
 from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ
+from training.workload import Workload
 
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy", "gguf")
 
@@ -89,7 +88,7 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def open_run(cfg: RunConfig, bench: Benchmark) -> tuple[RunPaths, RunLock]:
+def open_run(cfg: RunConfig, workload: Workload) -> tuple[RunPaths, RunLock]:
     """Create or reopen the run directory under an exclusive lock.
 
     Refuses (ConfigError) when the directory holds a run whose resolved config differs, listing the
@@ -121,13 +120,13 @@ def open_run(cfg: RunConfig, bench: Benchmark) -> tuple[RunPaths, RunLock]:
         atomic_write_text(paths.config, yaml.safe_dump(current, sort_keys=False))
     if not (root / "data").is_dir():
         staging = staging_dir(root / "data")
-        write_benchmark(bench, staging)
+        workload.write_files(staging)
         commit_dir(staging, root / "data")
     meta = {
         "run_id": cfg.resolved_run_id(),
         "config_hash": cfg.config_hash(),
         "code_version": code_version(),
-        "data_fingerprint": bench.fingerprint,
+        "data_fingerprint": workload.fingerprint,
         "packages": _package_versions(),
         "python": sys.version.split()[0],
         "host": socket.gethostname(),

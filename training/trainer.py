@@ -29,16 +29,16 @@ from tqdm import tqdm
 
 from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text, commit_dir, load_state,
                        read_manifest, save_state, save_tensors, staging_dir, verify_manifest, write_manifest)
-from data.schema import Benchmark, Period
-from eval_and_metrics.evaluate import EvalInterrupted, ProbeResult, evaluate_probes
-from eval_and_metrics.metrics import derive_metrics, score_matrix
-from training.batching import PeriodData, collate, epoch_batches, tokenize
+from data.schema import Period
+from eval_and_metrics.evaluate import EvalInterrupted
+from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
 from training.methods.base import Method
 from training.restore import load_saved_state
 from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
+from training.workload import Stage, Workload
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -93,7 +93,7 @@ def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: in
 
 class Trainer:
     def __init__(self, cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, tokenizer: Any,
-                 device: torch.device, method: Method, bench: Benchmark, stop: StopFlag,
+                 device: torch.device, method: Method, workload: Workload, stop: StopFlag,
                  log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.paths = paths
@@ -101,30 +101,30 @@ class Trainer:
         self.tokenizer = tokenizer
         self.device = device
         self.method = method
-        self.bench = bench
+        self.work = workload
         self.stop = stop
         self.say = log
-        self.probes = bench.all_probes()
+        self.probes = workload.probes
         self.started_at = time.time()
 
     # -- outer loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        periods = self.bench.periods
+        stages = self.work.stages
         done = self._committed_prefix()
         if done >= 1:
             self._load_committed(done)
-            self.say(f"resuming after committed period {done}/{len(periods)} ({periods[done - 1].name})")
+            self.say(f"resuming after committed period {done}/{len(stages)} ({stages[done - 1].name})")
         if done < 0:
             self._commit_base()
-        for period in periods[max(done, 0):]:
-            self.run_period(period)
+        for stage in stages[max(done, 0):]:
+            self.run_period(stage)
         return self._write_results()
 
-    def run_period(self, period: Period) -> None:
-        k, cfg = period.index, self.cfg
+    def run_period(self, stage: Stage) -> None:
+        k, cfg, period = stage.index, self.cfg, stage.period
         seed_everything(derive_seed(cfg.seed, "period", k))
-        texts = self.method.on_period_start(self.model, period, [p.text for p in period.passages])
-        data = tokenize(self.tokenizer, texts, cfg.train.max_seq_len)
+        texts = self.method.on_period_start(self.model, period, [p + c for p, c in stage.pairs])
+        data = self.work.tokenize(self.tokenizer, stage, texts, cfg.train.max_seq_len)
         lengths = [len(t) for t in data.token_ids]
         # Every epoch's batch plan up front: bucketing can give epochs slightly different batch counts,
         # and the cosine horizon and the ETA need the exact number of optimizer steps.
@@ -156,7 +156,7 @@ class Trainer:
                         "config_hash": cfg.config_hash(), **slurm_info()})
 
         flat_params = [p for g in params for p in g["params"]]
-        bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.bench.periods)} "
+        bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.work.stages)} "
                    f"{period.name}", disable=not cfg.train.progress, dynamic_ncols=True, mininterval=1.0)
         last_save, window_tokens, window_start = time.time(), 0, time.time()
         while pos.epoch < cfg.train.epochs:
@@ -231,17 +231,18 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------
     def _batch(self, data: PeriodData, idx: list[int]) -> dict[str, Any]:
-        batch: dict[str, Any] = collate([data.token_ids[i] for i in idx], self.tokenizer.pad_token_id)
+        masked = [data.num_masked[i] for i in idx] if data.num_masked else None
+        batch: dict[str, Any] = collate([data.token_ids[i] for i in idx], self.tokenizer.pad_token_id, masked)
         batch["texts"] = [data.texts[i] for i in idx]
         return batch
 
-    def _evaluate(self, desc: str) -> list[ProbeResult]:
-        bar = tqdm(total=len(self.probes), desc=desc, disable=not self.cfg.train.progress, dynamic_ncols=True,
-                   mininterval=1.0)
+    def _evaluate(self, desc: str) -> list[dict[str, Any]]:
+        bar = tqdm(total=self.work.num_eval_items(), desc=desc, disable=not self.cfg.train.progress,
+                   dynamic_ncols=True, mininterval=1.0)
         try:
-            return evaluate_probes(self.model, self.tokenizer, self.probes, self.device, self.cfg.eval.batch_size,
-                                   self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
-                                   progress=bar.update)
+            return self.work.evaluate(self.model, self.tokenizer, self.device, self.cfg.eval.batch_size,
+                                      self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
+                                      progress=bar.update)
         except EvalInterrupted:
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
         finally:
@@ -252,19 +253,7 @@ class Trainer:
         extras = self.method.eval_extras(self.model, self.probes)
         self._commit_period(Period(index=0, name="base", passages=(), probes=()), results, extras, train_info={})
 
-    def _row_summary(self, results: list[ProbeResult]) -> dict[str, Any]:
-        by_id = {r.id: r for r in results}
-        summary: dict[str, Any] = {}
-        for period in self.bench.periods:
-            for paraphrase in (False, True):
-                rows = [by_id[p.id] for p in period.probes if p.paraphrase == paraphrase]
-                if rows:
-                    key = f"{period.name}{'/paraphrase' if paraphrase else ''}"
-                    summary[key] = {"em": sum(r.em for r in rows) / len(rows),
-                                    "f1": sum(r.f1 for r in rows) / len(rows), "n": len(rows)}
-        return summary
-
-    def _commit_period(self, period: Period, results: list[ProbeResult], extras: dict[str, Any],
+    def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
                        train_info: dict[str, Any]) -> None:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
@@ -274,13 +263,13 @@ class Trainer:
         save_state(tmp / "trainer_state.pt", {"rng": rng_state(), "position": "done"})
         (tmp / "eval").mkdir()
         atomic_write_text(tmp / "eval" / "predictions.jsonl",
-                          "".join(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in results))
-        summary = self._row_summary(results)
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
+        summary = self.work.row_summary(results)
         atomic_write_json(tmp / "eval" / "scores.json", {"by_period": summary, "extras": extras})
         write_manifest(tmp, {
             "kind": "period", "status": "complete", "run_id": self.paths.root.name, "method": self.method.name,
             "period_index": period.index, "period_name": period.name, "config_hash": self.cfg.config_hash(),
-            "data_fingerprint": self.bench.fingerprint, "code_version": _code_version(self.paths),
+            "data_fingerprint": self.work.fingerprint, "code_version": _code_version(self.paths),
             "metrics": {"by_period": summary, "extras": extras}, "train": train_info,
             "trainable_sha256": state_sha256(trainable), "started_at": self.started_at,
             "finished_at": time.time(), **slurm_info(),
@@ -292,7 +281,7 @@ class Trainer:
     def _committed_prefix(self) -> int:
         """Highest k such that periods 0..k are all committed and valid; -1 if not even the base row."""
         done = -1
-        names = ["base"] + self.bench.period_names
+        names = ["base"] + self.work.stage_names
         for k, name in enumerate(names):
             directory = self.paths.period_dir(k, name)
             if not directory.exists():
@@ -308,7 +297,7 @@ class Trainer:
         return done
 
     def _load_committed(self, k: int) -> None:
-        load_saved_state(self.method, self.model, self.paths.period_dir(k, self.bench.period_names[k - 1]))
+        load_saved_state(self.method, self.model, self.paths.period_dir(k, self.work.stage_names[k - 1]))
 
     def _write_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, pos: Position) -> None:
@@ -346,27 +335,22 @@ class Trainer:
             atomic_write_text(self.paths.train_log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def _write_results(self) -> dict[str, Any]:
-        names = ["base"] + self.bench.period_names
-        rows_em, rows_f1, rows_lp, extras = [], [], [], {}
+        names = ["base"] + self.work.stage_names
+        rows_per_row, extras = [], {}
         for k, name in enumerate(names):
             directory = self.paths.period_dir(k, name)
-            preds = read_jsonl(directory / "eval" / "predictions.jsonl")
-            rows_em.append({r["id"]: r["em"] for r in preds})
-            rows_f1.append({r["id"]: r["f1"] for r in preds})
-            rows_lp.append({r["id"]: r["logprob"] for r in preds})
+            rows_per_row.append(read_jsonl(directory / "eval" / "predictions.jsonl"))
             scores = json.loads((directory / "eval" / "scores.json").read_text())
             extras[name] = scores.get("extras", {})
-        metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names)
-        logprob = score_matrix(rows_lp, self.probes, self.bench.period_names, select=lambda p: not p.paraphrase)
-        metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
+        metrics = self.work.derive(rows_per_row)
         final = self.method.trainable_state_dict(self.model)
         results = {
             "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,
             "mode": self.cfg.mode, "seed": self.cfg.seed, "benchmark": self.cfg.data.benchmark,
-            "benchmark_name": self.bench.name, "data_fingerprint": self.bench.fingerprint,
+            "benchmark_name": self.work.name, "data_fingerprint": self.work.fingerprint,
             "model": model_label(self.cfg), "config_hash": self.cfg.config_hash(),
-            "periods": self.bench.period_names, "metrics": metrics, "method_extras": extras,
-            "final_state_sha256": state_sha256(final),
+            "periods": self.work.stage_names, "metrics": metrics, "method_extras": extras,
+            "final_state_sha256": state_sha256(final), **self.work.result_fields(self.cfg),
         }
         atomic_write_json(self.paths.results, results)
         return results

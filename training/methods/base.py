@@ -50,6 +50,8 @@ class NoOptions:
 class Method:
     name: ClassVar[str]
     config_cls: ClassVar[type] = NoOptions
+    # kinds of benchmark (training/workload.py) the method can run on
+    benchmarks: ClassVar[tuple[str, ...]] = ("temporal", "stream")
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         self.cfg = cfg

@@ -159,6 +159,8 @@ def _cat_padded(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 class ContradictionAwareSparseMemory(Method):
     name = "casm"
     config_cls = CasmOptions
+    # its registry parses dated fact statements out of the passages, and its router routes by period
+    benchmarks = ("temporal",)
 
     def __init__(self, cfg: CasmOptions, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)

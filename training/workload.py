@@ -1,0 +1,244 @@
+"""What the loop trains on and evaluates, whatever the benchmark: Synthetic TemporalWiki's periods or a task
+stream's tasks. The trainer sees only this interface, so it never branches on the kind of benchmark.
+
+    stages                  the sequence: index, name, the Period handed to method hooks, training items
+    evaluate(...)           one JSON row per eval item of every stage (the full score-matrix row)
+    row_summary(rows)       the per-stage numbers a period manifest carries
+    derive(rows_per_row)    results.json's metrics from every row (row 0 = base model)
+    write_files(dir)        the data a run directory keeps next to its results
+
+A stream's stages are its tasks; each task is scored by its scorer (eval_and_metrics/scorers) and the
+metrics come from eval_and_metrics/stream_metrics.py. The temporal benchmark keeps its own probes,
+metrics and files exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from artifacts import atomic_write_text, commit_dir, staging_dir
+from data import load_benchmark
+from data.config import DataConfig
+from data.io import write_benchmark
+from data.schema import Benchmark, Period, Probe
+from data.streams import load_stream
+from data.streams.schema import Stream
+from eval_and_metrics.evaluate import evaluate_probes
+from eval_and_metrics.metrics import derive_metrics, score_matrix
+from eval_and_metrics.scorers import SCORERS
+from eval_and_metrics.stream_metrics import stream_metrics
+from training.batching import PeriodData, tokenize, tokenize_pairs
+from training.config import ConfigError
+from training.models import benchmark_texts
+
+STREAM_FILE = "stream.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int  # 1-based
+    name: str
+    period: Period  # what method hooks receive (a stream task's has no passages or probes)
+    pairs: tuple[tuple[str, str], ...]  # (prompt, completion); prompt "" = plain text
+    loss_on_prompt: bool
+
+
+class Workload:
+    kind: ClassVar[str]
+    name: str
+    fingerprint: str
+    stages: list[Stage]
+    probes: list[Probe]  # what eval_extras sees (temporal probes; none for a stream)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    @property
+    def period_names(self) -> list[str]:  # what model building and methods call the stages
+        return self.stage_names
+
+    def tokenize(self, tokenizer: Any, stage: Stage, texts: list[str], max_len: int) -> PeriodData:
+        """The stage's training sequences, after the method's data hook returned `texts` (the hook sees
+        prompt + completion joined; a text it added or changed is trained as plain text)."""
+        split = {p + c: (p, c) for p, c in stage.pairs}
+        return tokenize_pairs(tokenizer, [split.get(t, ("", t)) for t in texts], max_len, stage.loss_on_prompt)
+
+    def result_fields(self, cfg: Any) -> dict[str, Any]:
+        """Fields results.json adds for this kind of benchmark."""
+        return {}
+
+    def num_eval_items(self) -> int:
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
+                 max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None]
+                 ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def row_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def derive(self, rows_per_row: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_files(self, directory: Path) -> None:
+        raise NotImplementedError
+
+
+class TemporalWorkload(Workload):
+    """Synthetic TemporalWiki (or CASM raw facts): periods of passages, probes scored by EM/F1/log-prob."""
+
+    kind = "temporal"
+
+    def __init__(self, bench: Benchmark) -> None:
+        self.bench = bench
+        self.name = bench.name
+        self.fingerprint = bench.fingerprint
+        self.probes = bench.all_probes()
+        self.stages = [Stage(p.index, p.name, p, tuple(("", x.text) for x in p.passages), True)
+                       for p in bench.periods]
+
+    def tokenize(self, tokenizer, stage, texts, max_len):
+        # passages are plain text with loss on every token, tokenised as they always were
+        return tokenize(tokenizer, texts, max_len)
+
+    def num_eval_items(self) -> int:
+        return len(self.probes)
+
+    def vocabulary_texts(self) -> list[str]:
+        return benchmark_texts(self.bench)
+
+    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress):
+        results = evaluate_probes(model, tokenizer, self.probes, device, batch_size, max_new_tokens,
+                                  should_stop=should_stop, progress=progress)
+        return [r.to_json() for r in results]
+
+    def row_summary(self, rows):
+        by_id = {r["id"]: r for r in rows}
+        summary: dict[str, Any] = {}
+        for period in self.bench.periods:
+            for paraphrase in (False, True):
+                sel = [by_id[p.id] for p in period.probes if p.paraphrase == paraphrase]
+                if sel:
+                    key = f"{period.name}{'/paraphrase' if paraphrase else ''}"
+                    summary[key] = {"em": sum(r["em"] for r in sel) / len(sel),
+                                    "f1": sum(r["f1"] for r in sel) / len(sel), "n": len(sel)}
+        return summary
+
+    def derive(self, rows_per_row):
+        rows_em = [{r["id"]: r["em"] for r in rows} for rows in rows_per_row]
+        rows_f1 = [{r["id"]: r["f1"] for r in rows} for rows in rows_per_row]
+        rows_lp = [{r["id"]: r["logprob"] for r in rows} for rows in rows_per_row]
+        metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names)
+        logprob = score_matrix(rows_lp, self.probes, self.bench.period_names, select=lambda p: not p.paraphrase)
+        metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
+        return metrics
+
+    def write_files(self, directory):
+        write_benchmark(self.bench, directory)
+
+
+class StreamWorkload(Workload):
+    """A task stream: each task trains on its items and is scored by its own scorer after every task."""
+
+    kind = "stream"
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.name = stream.name
+        self.fingerprint = stream.fingerprint
+        self.probes = []
+        self.stages = [Stage(k, t.name, Period(index=k, name=t.name, passages=(), probes=()),
+                             tuple((x.prompt, x.completion) for x in t.train), t.loss_on == "all")
+                       for k, t in enumerate(stream.tasks, start=1)]
+        self.scorers = {t.name: SCORERS[t.scorer]() for t in stream.tasks}
+
+    def result_fields(self, cfg):
+        return {"kind": "stream", "benchmark": cfg.data.stream, "stream_order": self.stream.order}
+
+    def num_eval_items(self) -> int:
+        return sum(len(t.eval) for t in self.stream.tasks)
+
+    def vocabulary_texts(self) -> list[str]:
+        texts = []
+        for t in self.stream.tasks:
+            texts.extend(x.prompt + x.completion for x in t.train)
+            for x in t.eval:
+                texts.extend([x.prompt + x.target, *(x.prompt + c for c in x.choices), x.tests])
+        return texts
+
+    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress):
+        rows: list[dict[str, Any]] = []
+        for task in self.stream.tasks:
+            scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
+                                                   max_new_tokens, should_stop=should_stop, progress=progress)
+            rows.extend({**row, "task": task.name} for row in scored)
+        return rows
+
+    def _by_task(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.stream.tasks}
+        for row in rows:
+            out[row["task"]].append(row)
+        return out
+
+    def row_summary(self, rows):
+        return {name: {**self.scorers[name].aggregate(sel), "n": len(sel)} for name, sel in self._by_task(rows).items()}
+
+    def derive(self, rows_per_row):
+        tasks = self.stream.tasks
+        summaries = [self.row_summary(rows) for rows in rows_per_row]
+        primary = [next(iter(self.scorers[t.name].metrics)) for t in tasks]
+        hib = [self.scorers[t.name].metrics[m] for t, m in zip(tasks, primary)]
+        r = np.array([[float(s[t.name][m]) for t, m in zip(tasks, primary)] for s in summaries], dtype=float)
+        out = stream_metrics([t.name for t in tasks], primary, hib, r, [len(t.eval) for t in tasks])
+        # every metric of every scorer, per task: column over the rows (base first)
+        out["matrices"] = {t.name: {m: [_num(s[t.name].get(m)) for s in summaries]
+                                    for m in self.scorers[t.name].metrics} for t in tasks}
+        out["scorers"] = {t.name: {"name": t.scorer, "metrics": dict(self.scorers[t.name].metrics)} for t in tasks}
+        return out
+
+    def write_files(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / STREAM_FILE, json.dumps(self.stream.to_json(), sort_keys=True) + "\n")
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def write_workload_files(workload: Workload, final: Path) -> None:
+    """The run's data directory, written once, atomically."""
+    staging = staging_dir(final)
+    workload.write_files(staging)
+    commit_dir(staging, final)
+
+
+def load_workload(cfg: DataConfig) -> Workload:
+    """The data section's benchmark: a task stream when `stream` names one, else the temporal benchmark.
+
+    A stream is checked here against the scorer registry (unknown scorers, items a scorer cannot use,
+    code tasks whose reference solution fails its own tests), every problem one line, before any run
+    directory exists.
+    """
+    if not cfg.stream:
+        return TemporalWorkload(load_benchmark(cfg.benchmark, cfg))
+    stream = load_stream(cfg.stream, order=cfg.stream_order, seed=cfg.seed)
+    problems = []
+    for task in stream.tasks:
+        if task.scorer not in SCORERS:
+            problems.append(f"{cfg.stream}: task {task.name!r}: scorer {task.scorer!r} is not registered; "
+                            f"valid: {', '.join(SCORERS)}")
+            continue
+        problems += [f"{cfg.stream}: task {task.name!r}: {p}" for p in SCORERS[task.scorer]().check(list(task.eval))]
+    if problems:
+        raise ConfigError(problems)
+    return StreamWorkload(stream)
