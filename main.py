@@ -21,6 +21,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # warning on import although nothing asked for 4-bit; transformers warns about its own deprecations
 # from inside its code. Neither is actionable for a user of this CLI. Tests keep them visible.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# transformers' "Loading weights" / "Writing model shards" bars and datasets' per-file bars: the run's own
+# bars (training, evaluation) carry the ETA that matters. A value the user exported wins.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 

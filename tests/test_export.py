@@ -272,24 +272,28 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(synthetic_runs: dict
 
 
 # ------------------------------------------------------------------------------------------------
-# the embedded SmolLM2-135M-Instruct, every method
+# the embedded SmolLM2-135M-Instruct: one method per export format that needs a real base model (the
+# peft adapter, and the memory layout that smf and casm share). full_ft's plain model directory and
+# casm's memories round-trip exactly on the synthetic model above; on SmolLM2 they add 1.6 GB of
+# full_ft checkpoints and about two minutes to the suite for no new code path.
+EMBEDDED_METHODS = ("lora", "smf")
 
 
 @pytest.fixture(scope="module")
 def embedded_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export-embedded")
     # As small as a real run gets: 4 facts, 2 periods, 1 epoch (one optimizer step per period), 4
-    # generated tokens; casm's period-end router fit cut to 10 steps. Exactness does not need more.
+    # generated tokens. Exactness does not need more.
     proc = run_main("--mode", "real", *TWO_PERIODS, "--set", "data.num_facts=4", "--set", "train.epochs=1",
                     "--set", "data.unchanged_probes_per_period=1", "--set", "eval.max_new_tokens=4",
-                    "--set", "method.casm.router_fit_steps=10", "--set", "train.progress=false",
-                    "--method", ",".join(ALL_METHODS), "--run-root", str(root), timeout=900)
+                    "--set", "train.progress=false", "--method", ",".join(EMBEDDED_METHODS),
+                    "--run-root", str(root), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs_by_method(root)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", EMBEDDED_METHODS)
 def test_embedded_smollm2_export_round_trips_exactly(embedded_runs: dict[str, Path], tmp_path: Path,
                                                     method: str) -> None:
     run = embedded_runs[method]

@@ -125,10 +125,10 @@ def test_signal_saves_exits_75_and_resumes_from_the_step(tmp_path, reference_lor
 
 def test_interrupted_evaluation_redoes_the_eval_not_the_training(tmp_path, reference_lora, monkeypatch):
     """Evaluation is part of finishing a period: a crash in it must not mark the period done."""
-    from training import cli, trainer
+    from training import cli, workload
 
     calls = {"n": 0}
-    real = trainer.evaluate_probes
+    real = workload.evaluate_probes
 
     def crash_on_second_eval(*args, **kwargs):
         calls["n"] += 1
@@ -138,14 +138,14 @@ def test_interrupted_evaluation_redoes_the_eval_not_the_training(tmp_path, refer
 
     root = tmp_path / "runs"
     argv = [*SMALL, "--method", "lora", "--run-root", str(root)]
-    monkeypatch.setattr(trainer, "evaluate_probes", crash_on_second_eval)
+    monkeypatch.setattr(workload, "evaluate_probes", crash_on_second_eval)
     # an abort (what a second Ctrl-C raises) mid-eval: exit 130, the period is not marked done
     assert cli.main(argv) == 130
     run_dir = only_run_dir(root)
     assert (run_dir / "periods" / "0-base" / "manifest.json").exists()
     assert not (run_dir / "periods" / "1-2018").exists()
     assert list((run_dir / "checkpoints" / "1-2018").glob("step-*")), "the end-of-training checkpoint exists"
-    monkeypatch.setattr(trainer, "evaluate_probes", real)
+    monkeypatch.setattr(workload, "evaluate_probes", real)
     assert cli.main(argv) == 0
     train = [r for r in _train_records(run_dir) if r["event"] == "train" and r["period"] == 1]
     assert len(train) == len({r["step"] for r in train})

@@ -27,11 +27,6 @@ from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK
 from training.trainer import Trainer
 from training.workload import Workload, load_workload
 
-SUMMARY_COLUMNS = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forget"),
-                   ("plasticity_mean", "Plast"), ("stability_mean", "Stab"),
-                   ("temporal_recall_final", "TempRec"), ("acc_f1", "ACC-F1"), ("paraphrase_em_final", "ParaEM")]
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
         raise ConfigError([message])
@@ -89,14 +84,20 @@ def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag) -> dict[str, Any
     return results
 
 
-def format_summary(all_results: list[dict[str, Any]]) -> str:
+def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """The closing table; `columns` are (dotted key into results.json's metrics, label)."""
     def fmt(v: Any) -> str:
         return "   -  " if v is None else f"{v:6.3f}"
-    head = f"{'method':<10} " + " ".join(f"{label:>7}" for _, label in SUMMARY_COLUMNS)
+
+    def get(metrics: dict[str, Any], dotted: str) -> Any:
+        for key in dotted.split("."):
+            metrics = metrics.get(key) if isinstance(metrics, dict) else None  # type: ignore[assignment]
+        return metrics
+    head = f"{'method':<10} " + " ".join(f"{label:>7}" for _, label in columns)
     lines = [head, "-" * len(head)]
     for res in all_results:
         m = res["metrics"]
-        lines.append(f"{res['method']:<10} " + " ".join(f"{fmt(m.get(key)):>7}" for key, _ in SUMMARY_COLUMNS))
+        lines.append(f"{res['method']:<10} " + " ".join(f"{fmt(get(m, key)):>7}" for key, _ in columns))
     lines.append("")
     lines.extend(f"{res['method']:<10} {res['run_dir']}" for res in all_results)
     return "\n".join(lines)
@@ -165,7 +166,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         print(f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
               f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})", file=sys.stderr)
         return EXIT_ABORTED
-    print(format_summary(all_results))
+    print(format_summary(all_results, workload.summary_columns))
     print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
     return EXIT_OK
 

@@ -53,6 +53,8 @@ class Stage:
 
 class Workload:
     kind: ClassVar[str]
+    # (dotted key into results.json's metrics, label) of the table main.py prints at the end
+    summary_columns: ClassVar[list[tuple[str, str]]]
     name: str
     fingerprint: str
     stages: list[Stage]
@@ -98,6 +100,9 @@ class TemporalWorkload(Workload):
     """Synthetic TemporalWiki (or CASM raw facts): periods of passages, probes scored by EM/F1/log-prob."""
 
     kind = "temporal"
+    summary_columns = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forget"),
+                       ("plasticity_mean", "Plast"), ("stability_mean", "Stab"), ("temporal_recall_final", "TempRec"),
+                       ("acc_f1", "ACC-F1"), ("paraphrase_em_final", "ParaEM")]
 
     def __init__(self, bench: Benchmark) -> None:
         self.bench = bench
@@ -151,6 +156,11 @@ class StreamWorkload(Workload):
     """A task stream: each task trains on its items and is scored by its own scorer after every task."""
 
     kind = "stream"
+    # higher-is-better tasks first, then the mean final NLL of the lower-is-better ones (never mixed)
+    summary_columns = [(f"higher_is_better_summary.{k}", label) for k, label in (
+        ("acc", "ACC"), ("acc_micro", "ACCmic"), ("avg_acc_over_time", "AvgAcc"), ("bwt", "BWT"), ("fwt", "FWT"),
+        ("forgetting", "Forget"), ("max_drop", "MaxDrop"), ("plasticity", "Plast"))] + [
+        ("lower_is_better_summary.final", "NLL↓"), ("lower_is_better_summary.bwt", "NLLBWT↓")]
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
