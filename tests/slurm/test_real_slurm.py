@@ -41,6 +41,21 @@ PERIODS = ["0-base", "1-2018", "2-2020", "3-2022", "4-2024"]
 # job because the test node has 2 CPUs and runs two jobs at once.
 TRAIN_ARGS = ["--set", "train.epochs=2", "--set", "train.threads=1", "--set", "train.progress=false"]
 SLOW = ["--set", "train.step_sleep=1.0"]  # time to hit a period mid-training; not part of the run id
+# A two-task stream small enough to add seconds, through the same run_job.sh path.
+TINY_STREAM = """name: tiny-stream
+tasks:
+  - name: numbers
+    source: {type: generated, domain: math, num_train: 8, num_eval: 4}
+    scorer: numeric
+    train_split: train
+    eval_split: test
+  - name: texts
+    source: {type: generated, domain: style, num_train: 8, num_eval: 4}
+    scorer: perplexity
+    train_split: train
+    eval_split: test
+    loss_on: all
+"""
 METHOD = "casm"  # the toolkit's own method; its exact resume under Slurm is what users rely on
 PREEMPT_PERIOD = 2  # interrupt while training period 2 ("2020"), after at least 2 of its steps
 
@@ -54,12 +69,13 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def sbatch_run_job(slurm: SlurmCluster, submit_dir: Path, run_root: Path, config: Path, *main_args: str) -> str:
+def sbatch_run_job(slurm: SlurmCluster, submit_dir: Path, run_root: Path, config: Path, *main_args: str,
+                   method: str = METHOD) -> str:
     """Submitted from a scratch dir, as a user would from anywhere: run_job.sh must find the clone
     itself (scontrol's Command=), and the header's logs/%x-%j.out lands in submit_dir/logs."""
     # --gres=none: the test node has no GPU and the header asks for one; the other overrides fit the node.
     return slurm.sbatch("--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=20", "--job-name=clkit-test",
-                        str(REPO / "run_job.sh"), METHOD, *TRAIN_ARGS, *main_args,
+                        str(REPO / "run_job.sh"), method, *TRAIN_ARGS, *main_args,
                         env={"MODE": "synthetic", "RUN_ROOT": str(run_root), "SEED": "0", "CONFIG": str(config)},
                         cwd=submit_dir)
 
@@ -119,8 +135,12 @@ def jobs(slurm: SlurmCluster, config: Path, tmp_path_factory: pytest.TempPathFac
     ref = sbatch_run_job(slurm, root, root / "reference", config)
     requeue = sbatch_run_job(slurm, root, root / "requeue", config, *SLOW)
     usr2 = sbatch_run_job(slurm, root, root / "usr2", config, *SLOW)
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    stream_file = root / "tiny-stream.yaml"
+    stream_file.write_text(TINY_STREAM)
+    stream = sbatch_run_job(slurm, root, root / "stream", config, "--stream", str(stream_file), method="lora")
+    with ThreadPoolExecutor(max_workers=4) as pool:
         yield {
+            "stream": pool.submit(lambda: (stream, root / "stream", slurm.wait_done(stream, timeout_s=400))),
             "reference": pool.submit(lambda: (ref, root / "reference", slurm.wait_done(ref, timeout_s=400))),
             "requeue": pool.submit(preempt_mid_period, slurm, requeue, root / "requeue", "requeue"),
             "usr2": pool.submit(preempt_mid_period, slurm, usr2, root / "usr2", "usr2"),
@@ -140,6 +160,19 @@ def test_sbatch_run_job_completes_with_a_manifest_for_every_period(jobs: dict[st
         assert manifest["restart_count"] == 0
     assert (run / "results.json").exists()
     assert final["Restarts"] == "0"
+
+
+def test_sbatch_run_job_runs_a_task_stream_to_the_end(jobs: dict[str, Future]) -> None:
+    job_id, run_root, final = jobs["stream"].result(timeout=420)
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", job_log(run_root, job_id)
+    run = only_run_dir(run_root)
+    assert run.name.startswith("tiny-stream-lora-s0-")
+    for name in ("0-base", "1-numbers", "2-texts"):
+        ok, reason = verify_manifest(run / "periods" / name)
+        assert ok, f"{name}: {reason}"
+        assert read_manifest(run / "periods" / name)["slurm_job_id"] == job_id
+    results = json.loads((run / "results.json").read_text())
+    assert results["kind"] == "stream" and results["periods"] == ["numbers", "texts"]
 
 
 @pytest.mark.parametrize("how", ["requeue", "usr2"])
