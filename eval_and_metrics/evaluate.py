@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
 from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
-from training.batching import pad
+from eval_and_metrics.padding import pad
 
 
 @dataclass

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from eval_and_metrics.padding import pad  # one pad() for training, eval and casm (casm imports it from here)
+
 # How many batches' worth of sequences are sorted together: large enough to bucket lengths well, small
 # enough that the order stays shuffled across the period.
 _BUCKET_SPAN = 32
@@ -81,19 +83,6 @@ def epoch_batches(lengths: list[int], max_tokens: int, max_batch_size: int, seed
             batches.append(current)
     perm = rng.permutation(len(batches))
     return [batches[i] for i in perm]
-
-
-def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token sequences padded to the longest; left padding for
-    generation (every sequence ends in the last column), right padding for training."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[row, cols] = torch.tensor(s, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
 
 
 def collate(token_ids: list[list[int]], pad_id: int, num_masked: list[int] | None = None) -> dict[str, torch.Tensor]:
