@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
 from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
+from eval_and_metrics.padding import pad
 
 
 @dataclass
@@ -44,19 +45,6 @@ class EvalInterrupted(Exception):
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text` with no special tokens (training never adds them either)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token sequences padded to the longest; left padding for
-    generation (every sequence ends in the last column), right padding for training."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[row, cols] = torch.tensor(s, dtype=torch.long)
-        mask[row, cols] = 1
-    return ids, mask
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ Every function takes the aggregated groups of ONE benchmark (see report.Group: a
 with a variant label, with seed-aggregated values) and writes one PNG, returning its path, or
 None when there is nothing to draw. Aggregates are dicts {"mean", "half", "n", ...} where "half"
 is the half-width of the 95% t-interval (None for n < 2); error bars and bands show exactly that.
+The stream_* functions take the groups of one task stream (report.Group with kind "stream").
 """
 
 from __future__ import annotations
@@ -271,5 +272,114 @@ def landscape_trends(groups: Sequence[Any], path: Path, title: str) -> Path | No
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{title}: loss landscape per period checkpoint", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------
+# task streams: groups carry `stream` (tasks, primary_metric, higher_is_better) and the seed-mean
+# primary-metric matrix R in matrix_mean / matrix_half (rows = base, then after each task).
+
+
+def _stream_groups(groups: Sequence[Any]) -> list[Any]:
+    return [g for g in groups if getattr(g, "stream", None) and g.matrix_mean is not None]
+
+
+def stream_score_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path | None:
+    """One panel per method: the seed-mean primary-metric matrix (rows = model states, columns = tasks).
+
+    Higher-is-better columns share one 0..1 colour scale. A lower-is-better column (NLL per token) has no
+    fixed range and is never put on the accuracies' scale: it is shaded on its own range over all panels,
+    in another colour map, brighter = lower = better, with the value written in the cell.
+    """
+    groups = _stream_groups(groups)
+    if not groups:
+        return None
+    info = groups[0].stream
+    tasks = info["tasks"]
+    higher = [bool(info["higher_is_better"][t]) for t in tasks]
+    t_count = len(tasks)
+    mats = [np.array([[_nan(v) for v in row] for row in g.matrix_mean]) for g in groups]
+    lo_range: dict[int, tuple[float, float]] = {}
+    for j in (j for j in range(t_count) if not higher[j]):
+        col = np.concatenate([m[:, j] for m in mats])
+        col = col[np.isfinite(col)]
+        if col.size:
+            lo_range[j] = (float(col.min()), float(col.max()))
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = subplots(rows, cols, figsize=(1.5 * t_count * cols + 3.5, 0.75 * (t_count + 1) * rows + 1.4),
+                         squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.axis("off")
+    im = None
+    for ax, g, m in zip(axes.flat, groups, mats):
+        shade = np.full(m.shape, np.nan)
+        for j in range(t_count):
+            if higher[j]:
+                shade[:, j] = m[:, j]
+            elif j in lo_range:
+                low, high = lo_range[j]
+                shade[:, j] = (high - m[:, j]) / (high - low) if high > low else 0.5
+        is_hi = np.broadcast_to(np.array(higher), m.shape)
+        hi_mask, lo_mask = np.isnan(m) | ~is_hi, np.isnan(shade) | is_hi
+        # masked cells are transparent, so the two layers never overlap
+        im = ax.imshow(np.ma.array(shade, mask=hi_mask), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.imshow(np.ma.array(shade, mask=lo_mask), vmin=0.0, vmax=1.0, cmap="cividis", aspect="auto")
+        h = g.matrix_half
+        for i in range(m.shape[0]):
+            for j in range(t_count):
+                if math.isnan(m[i, j]):
+                    continue
+                text = f"{m[i, j]:.2f}"
+                if h is not None and h[i][j] is not None:
+                    text += f"\n±{h[i][j]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if _nan(shade[i, j]) < 0.6 else "black")
+        ax.set_xticks(range(t_count), [f"{t}\n{info['primary_metric'][t]} {'↑' if up else '↓'}"
+                                       for t, up in zip(tasks, higher)], fontsize=7)
+        ax.set_yticks(range(t_count + 1), _row_labels(tasks), fontsize=8)
+        ax.set_xlabel("eval items of task")
+        ax.set_title(f"{g.label} (n={g.n})", fontsize=9)
+    if im is not None and any(higher):
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="higher-is-better primary metric")
+    note = "; ↓ columns shaded on their own range, brighter = lower" if not all(higher) else ""
+    fig.suptitle(f"{title}: score matrix (mean over seeds{note})", fontsize=10)
+    return _save(fig, path)
+
+
+def stream_task_curves(groups: Sequence[Any], path: Path, title: str) -> Path | None:
+    """One panel per task: its primary metric after each task of the stream, per method, with 95% CI
+    bands; the dotted line is where the task itself is trained."""
+    groups = _stream_groups(groups)
+    if not groups:
+        return None
+    info = groups[0].stream
+    tasks = info["tasks"]
+    t_count = len(tasks)
+    cols = min(4, t_count)
+    rows = math.ceil(t_count / cols)
+    # no shared y axis: a lower-is-better task (NLL) is on another scale than the accuracies
+    fig, axes = subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[t_count:]:
+        ax.axis("off")
+    x = np.arange(t_count + 1)
+    for j, ax in enumerate(axes.flat[:t_count]):
+        up = bool(info["higher_is_better"][tasks[j]])
+        for g, c in zip(groups, colors(len(groups))):
+            y = np.array([_nan(row[j]) for row in g.matrix_mean])
+            h = np.array([0.0 if row[j] is None else row[j] for row in g.matrix_half] if g.matrix_half
+                         else np.zeros(t_count + 1))
+            ax.plot(x, y, marker="o", ms=3, color=c, label=g.label)
+            ax.fill_between(x, y - h, y + h, color=c, alpha=0.15, linewidth=0)
+        ax.axvline(j + 1, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{tasks[j]}: {info['primary_metric'][tasks[j]]} {'↑' if up else '↓ (lower is better)'}",
+                     fontsize=9)
+        ax.set_xticks(x, ["base"] + list(tasks), fontsize=7, rotation=45)
+        if up:
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{title}: each task's primary metric over the stream (dotted: the task is trained)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

@@ -17,6 +17,12 @@ What counts (docs/reports.md has the full description):
 * Metrics of a complete run are recomputed from its committed ``eval/predictions.jsonl`` with
   ``eval_and_metrics.metrics.derive_metrics``; ``results.json`` (written outside any manifest) is
   only cross-checked, and a disagreement is listed as a warning.
+* Task streams (``data/stream.json`` instead of ``data/benchmark.json``; rows ``0-base``,
+  ``<k>-<task>``): each row's predictions are re-aggregated per task with the task's scorer
+  (``SCORERS[name]().aggregate``) and the metrics re-derived with
+  ``eval_and_metrics.stream_metrics`` (the code the training loop uses), then cross-checked the same
+  way. A stream gets its own tables: the higher-is-better summary, the lower-is-better summary
+  (never averaged together) and the final score per task, with base-solved tasks marked.
 * Groups: benchmark x model x method (x config variant, when runs of one method differ in more
   than the seed). Seeds are aggregated over complete runs as mean and 95% t-interval:
   mean ± t_{0.975, n-1} * sd / sqrt(n), sd with ddof=1; n is shown, n = 1 has no interval.
@@ -62,7 +68,9 @@ from artifacts import (
 )
 from data.io import BENCHMARK_FILE, read_benchmark
 from data.schema import Benchmark
+from data.streams.schema import STREAM_FILE, Stream
 from eval_and_metrics.metrics import derive_metrics, score_matrix
+from eval_and_metrics.stream_metrics import derive_from_summaries, row_summary
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_KIND = "report"
@@ -88,6 +96,22 @@ SCALAR_KEYS = SUMMARY_KEYS + ["bwt_f1", "fwt_f1", "forgetting_f1", "plasticity_m
 PER_PERIOD_KEYS = ["plasticity", "stability", "temporal_recall"]
 LANDSCAPE_KEYS = ["center_loss", "max_loss", "min_loss", "std_loss", "loss_range", "max_curvature",
                   "fisher_top_eigenvalue", "delta_w_norm", "forgetting_estimate"]
+# Task streams: the scalars of each summary of stream_metrics, in table order, as (key, label, higher is
+# better). The two summaries are never averaged together (docs/metrics.md section 10).
+STREAM_HIGHER_KEYS: list[tuple[str, str, bool]] = [
+    ("acc", "ACC (macro)", True), ("acc_micro", "ACC micro", True), ("avg_acc_over_time", "avg ACC over time", True),
+    ("bwt", "BWT", True), ("fwt", "FWT", True), ("forgetting", "forgetting", False), ("max_drop", "max drop", False),
+    ("fg_pct", "FG%", False), ("plasticity", "plasticity", True)]
+# Every lower-is-better scalar is better when lower: final loss, a rise after training (BWT > 0 and
+# forgetting > 0 are forgetting), and learning < 0 (training lowered the task's loss).
+STREAM_LOWER_KEYS: list[tuple[str, str, bool]] = [
+    ("final", "final", False), ("bwt", "BWT", False), ("forgetting", "forgetting", False),
+    ("learning", "learning", False)]
+STREAM_SUMMARIES = {"higher_is_better_summary": STREAM_HIGHER_KEYS, "lower_is_better_summary": STREAM_LOWER_KEYS}
+# What results.json's metrics must agree on with the re-derivation ("matrices" follow from the same rows).
+STREAM_CHECKED_KEYS = ["tasks", "primary_metric", "higher_is_better", "eval_counts", "matrix",
+                       "higher_is_better_summary", "lower_is_better_summary", "base_solved"]
+BASE_SOLVED_MARK = "†"
 # Config keys that never change results (same rule as RunConfig.identity_dict) plus the seed.
 _NOT_VARIANT = [("seed",), ("run_root",), ("run_id",), ("train", "progress"), ("train", "step_sleep"),
                 ("checkpoint",)]
@@ -110,6 +134,8 @@ class PeriodRow:
     em: dict[str, float] = field(default_factory=dict, repr=False)  # per probe id, from eval/predictions.jsonl
     f1: dict[str, float] = field(default_factory=dict, repr=False)
     logprob: dict[str, float] = field(default_factory=dict, repr=False)
+    # streams: {task: {metric: value, "n": items}}, re-aggregated from eval/predictions.jsonl by the scorers
+    task_scores: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     landscape: dict[str, Any] | None = None
     lm_eval: dict[str, Any] | None = None
 
@@ -132,6 +158,21 @@ class Run:
     rows: list[PeriodRow] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    kind: str = "temporal"  # or "stream" (data/stream.json)
+    stream_order: int | None = None
+
+    @property
+    def unit(self) -> str:
+        """What the run's stages are called in reasons."""
+        return "tasks" if self.kind == "stream" else "periods"
+
+    @property
+    def bench_key(self) -> str:
+        """What runs are grouped by: the benchmark name, or for a stream its name and order (two orders of
+        one stream are two experiments, and the kind keeps a stream apart from a temporal benchmark)."""
+        if self.kind == "stream":
+            return f"{self.benchmark} (stream, order {self.stream_order})"
+        return self.benchmark
 
     @property
     def num_periods(self) -> int:
@@ -146,11 +187,65 @@ class Run:
         return {"run_id": self.run_id, "path": str(self.path), "status": self.status, "reason": self.reason,
                 "method": self.method, "seed": self.seed, "mode": self.mode, "benchmark": self.benchmark,
                 "data_fingerprint": self.fingerprint, "model": self.model, "variant": self.variant,
-                "periods": self.period_names, "committed_periods": self.num_committed, "warnings": self.warnings}
+                "periods": self.period_names, "committed_periods": self.num_committed, "warnings": self.warnings,
+                "kind": self.kind, "stream_order": self.stream_order}
 
 
 # ------------------------------------------------------------------------------------------
 # reading one run
+
+
+def _scorer_registry() -> dict[str, Any]:
+    """eval_and_metrics.scorers.SCORERS, imported on first use: the scorers import torch (seconds), which
+    a report of temporal runs never needs."""
+    from eval_and_metrics.scorers import SCORERS
+
+    return SCORERS
+
+
+@dataclass(frozen=True)
+class StreamData:
+    """A run's data/stream.json with what re-deriving its metrics needs: a scorer per task and the ids of
+    every task's eval items (each row must score exactly those)."""
+
+    stream: Stream
+    scorers: dict[str, Any]  # task name -> scorer instance (only `metrics` and `aggregate` are used)
+    eval_ids: dict[str, frozenset[str]]
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.stream.task_names
+
+    @classmethod
+    def from_stream(cls, stream: Stream) -> StreamData:
+        registry = _scorer_registry()
+        unknown = [f"task {t.name!r}: scorer {t.scorer!r} is not registered" for t in stream.tasks
+                   if t.scorer not in registry]
+        if unknown:
+            raise ValueError(f"data/{STREAM_FILE}: " + "; ".join(unknown) + f" (valid: {', '.join(registry)})")
+        return cls(stream=stream, scorers={t.name: registry[t.scorer]() for t in stream.tasks},
+                   eval_ids={t.name: frozenset(x.id for x in t.eval) for t in stream.tasks})
+
+    def summarise(self, preds: list[dict[str, Any]], where: str) -> dict[str, dict[str, Any]]:
+        """One row's {task: metrics} re-aggregated from its predictions, after checking that they score
+        every eval item of every task exactly once (a row that scored other items than another row is
+        not comparable with it: the same trap as probes missing from a temporal row)."""
+        seen: dict[str, set[str]] = {t: set() for t in self.task_names}
+        for row in preds:
+            task, item = row.get("task"), row.get("id")
+            if task not in seen:
+                raise ValueError(f"{where}: row {item!r} is of task {task!r}, which data/{STREAM_FILE} does not have")
+            if item not in self.eval_ids[task]:
+                raise ValueError(f"{where}: task {task!r}: row {item!r} is not one of its eval items")
+            if item in seen[task]:
+                raise ValueError(f"{where}: task {task!r}: eval item {item!r} is scored twice")
+            seen[task].add(item)
+        for task in self.task_names:
+            missing = sorted(self.eval_ids[task] - seen[task])
+            if missing:
+                raise ValueError(f"{where}: task {task!r}: {len(missing)} eval item(s) without a prediction, "
+                                 f"first {missing[0]!r}")
+        return row_summary(self.task_names, self.scorers, preds)
 
 
 class _BenchmarkCache:
@@ -158,6 +253,7 @@ class _BenchmarkCache:
 
     def __init__(self) -> None:
         self._by_digest: dict[str, Benchmark] = {}
+        self._streams: dict[str, StreamData] = {}
 
     def load(self, directory: Path) -> Benchmark:
         raw = (directory / BENCHMARK_FILE).read_bytes()
@@ -165,6 +261,15 @@ class _BenchmarkCache:
         if digest not in self._by_digest:
             self._by_digest[digest] = read_benchmark(directory)
         return self._by_digest[digest]
+
+    def load_stream(self, directory: Path) -> StreamData:
+        """data/stream.json as a Stream (strict: unknown or missing keys raise); its fingerprint is
+        recomputed from the content, so the manifests' data_fingerprint check means something."""
+        raw = _read_text(directory / STREAM_FILE)
+        digest = hashlib.sha256(raw.encode()).hexdigest()
+        if digest not in self._streams:
+            self._streams[digest] = StreamData.from_stream(Stream.from_json(json.loads(raw)))
+        return self._streams[digest]
 
 
 def _dir_token(directory: Path) -> tuple[int, int] | None:
@@ -239,8 +344,11 @@ def model_label(config: dict[str, Any]) -> str:
     return name
 
 
-def _last_event(run_dir: Path) -> str:
-    """A short description of the newest train_log record (cheap: reads the last 4 KiB)."""
+def _last_event(run_dir: Path, stage_names: Sequence[str] | None = None) -> str:
+    """A short description of the newest train_log record (cheap: reads the last 4 KiB).
+
+    stage_names: a stream's task names; its log records carry the task's index as "period", which is
+    shown as "task k (name)"."""
     path = run_dir / "train_log.jsonl"
     try:
         with open(path, "rb") as fh:
@@ -256,7 +364,12 @@ def _last_event(run_dir: Path) -> str:
         except ValueError:
             continue
         if isinstance(rec, dict):
-            bits = [str(rec.get("event", "?")), f"period {rec.get('period', '?')}"]
+            k = rec.get("period", "?")
+            if stage_names is None:
+                bits = [str(rec.get("event", "?")), f"period {k}"]
+            else:
+                name = (["base"] + list(stage_names))[k] if isinstance(k, int) and 0 <= k <= len(stage_names) else "?"
+                bits = [str(rec.get("event", "?")), f"task {k} ({name})"]
             if "step" in rec:
                 bits.append(f"step {rec['step']}")
             return "last log event: " + " ".join(bits)
@@ -295,9 +408,13 @@ def _read_subresult(row_dir: Path, sub: str, filename: str, run: Run, label: str
         return None
 
 
-def _read_row(directory: Path, k: int, name: str, run: Run,
-              attempts: int = 3) -> tuple[PeriodRow, dict[str, Any]] | str | None:
+def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
+              stream: StreamData | None = None) -> tuple[PeriodRow, dict[str, Any]] | str | None:
     """Verify one period dir and read it, all within one unchanged state of the dir.
+
+    For a stream run (`stream` given) the row's predictions are checked against the stream's eval
+    items and re-aggregated per task; a row that does not score exactly those items raises ValueError
+    (the run is then listed as failed, like a temporal row missing a probe).
 
     Returns (row, manifest), a reason string when the dir is damaged, or None when it vanished or
     kept being replaced while we read (a writer re-committing it): such a row does not count.
@@ -319,10 +436,20 @@ def _read_row(directory: Path, k: int, name: str, run: Run,
             continue
         if _dir_token(directory) != token:
             continue
-        row = PeriodRow(index=k, name=name, scores=scores.get("by_period") or {}, extras=scores.get("extras") or {},
-                        train=manifest.get("train") or {}, trainable_sha256=manifest.get("trainable_sha256"),
-                        em={r["id"]: r["em"] for r in preds}, f1={r["id"]: r["f1"] for r in preds},
-                        logprob={r["id"]: r["logprob"] for r in preds})
+        common = {"index": k, "name": name, "scores": scores.get("by_period") or {},
+                  "extras": scores.get("extras") or {}, "train": manifest.get("train") or {},
+                  "trainable_sha256": manifest.get("trainable_sha256")}
+        if stream is None:
+            row = PeriodRow(**common, em={r["id"]: r["em"] for r in preds}, f1={r["id"]: r["f1"] for r in preds},
+                            logprob={r["id"]: r["logprob"] for r in preds})
+        else:
+            where = f"periods/{directory.name}/eval/predictions.jsonl"
+            row = PeriodRow(**common, task_scores=stream.summarise(preds, where))
+            # scores.json is in the manifest, so it can only disagree if whatever wrote it aggregated differently
+            diffs = _differences(row.task_scores, row.scores, "")
+            if diffs:
+                run.warnings.append(f"periods/{directory.name}/eval/scores.json disagrees with its re-aggregated "
+                                    "predictions (used the latter): " + "; ".join(d.lstrip(".") for d in diffs[:4]))
         row.landscape = _read_subresult(directory, LANDSCAPE_DIR, LANDSCAPE_FILE, run, "loss landscape")
         row.lm_eval = _read_subresult(directory, LM_EVAL_DIR, LM_EVAL_FILE, run, "lm-eval")
         return row, manifest
@@ -336,6 +463,31 @@ def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
                            select=lambda p: not p.paraphrase)
     metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
     return metrics
+
+
+def _recompute_stream_metrics(run: Run, stream: StreamData) -> dict[str, Any]:
+    tasks = stream.stream.tasks
+    return derive_from_summaries([t.name for t in tasks], [t.scorer for t in tasks], stream.scorers,
+                                 [len(t.eval) for t in tasks], [r.task_scores for r in run.rows])
+
+
+def _differences(ours: Any, theirs: Any, path: str) -> list[str]:
+    """Where two JSON trees differ ("path theirs vs ours"); numbers are equal within 1e-9 (relative
+    above 1: perplexities are large)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out: list[str] = []
+        for key in sorted(set(ours) | set(theirs), key=str):
+            out += _differences(ours.get(key), theirs.get(key), f"{path}.{key}")
+        return out
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        out = []
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            out += _differences(a, b, f"{path}[{i}]")
+        return out
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (ours, theirs))
+    if numbers and abs(float(ours) - float(theirs)) <= 1e-9 * max(1.0, abs(float(ours))):
+        return []
+    return [] if not numbers and ours == theirs else [f"{path} {theirs} vs {ours}"]
 
 
 def _cross_check_results(run: Run) -> None:
@@ -352,7 +504,12 @@ def _cross_check_results(run: Run) -> None:
     ours = run.metrics or {}
     theirs = saved.get("metrics") or {}
     diffs = []
-    for key in SCALAR_KEYS:
+    if run.kind == "stream":
+        if saved.get("kind") != "stream":
+            diffs.append(f"kind {saved.get('kind')} vs stream")
+        for key in STREAM_CHECKED_KEYS:
+            diffs += _differences(ours.get(key), theirs.get(key), key)
+    for key in SCALAR_KEYS if run.kind == "temporal" else ():
         a, b = ours.get(key), theirs.get(key)
         if (a is None) != (b is None) or (a is not None and abs(float(a) - float(b)) > 1e-9):
             diffs.append(f"{key} {b} vs {a}")
@@ -405,12 +562,26 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     run.mode = str(config.get("mode", "?"))
     run.model = model_label(config)
     run.variant = variant_of(config)
-    if not (path / "data" / BENCHMARK_FILE).is_file():
+    data_cfg = config.get("data") or {}
+    stream: StreamData | None = None
+    bench: Benchmark | None = None
+    # A stream run keeps data/stream.json; its config names the stream file (absent for temporal runs).
+    if (path / "data" / STREAM_FILE).is_file() or data_cfg.get("stream"):
+        run.kind = "stream"
+        if not (path / "data" / STREAM_FILE).is_file():
+            run.reason = f"data/{STREAM_FILE} missing (the run never committed its data)"
+            run.benchmark = Path(str(data_cfg.get("stream"))).stem
+            return
+        stream = benches.load_stream(path / "data")
+        run.benchmark, run.fingerprint = stream.stream.name, stream.stream.fingerprint
+        run.period_names, run.stream_order = stream.task_names, stream.stream.order
+    elif not (path / "data" / BENCHMARK_FILE).is_file():
         run.reason = f"data/{BENCHMARK_FILE} missing (the run never committed its data)"
-        run.benchmark = str((config.get("data") or {}).get("benchmark", "?"))
+        run.benchmark = str(data_cfg.get("benchmark", "?"))
         return
-    bench = benches.load(path / "data")
-    run.benchmark, run.fingerprint, run.period_names = bench.name, bench.fingerprint, bench.period_names
+    else:
+        bench = benches.load(path / "data")
+        run.benchmark, run.fingerprint, run.period_names = bench.name, bench.fingerprint, bench.period_names
 
     run_meta: dict[str, Any] = {}
     try:
@@ -418,14 +589,14 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     except (OSError, ValueError):
         pass
     expected_hash = run_meta.get("config_hash")
-    names = ["base"] + bench.period_names
+    names = ["base"] + run.period_names
     problem = ""
     periods_dir = path / "periods"
     for k, name in enumerate(names):
         directory = periods_dir / f"{k}-{name}"
         if not directory.is_dir():
             break
-        got = _read_row(directory, k, name, run)
+        got = _read_row(directory, k, name, run, stream=stream)
         if got is None:  # vanished or kept changing while read: a writer is re-committing it
             raise _InFlux(f"periods/{directory.name} changed while being read")
         if isinstance(got, str):
@@ -437,7 +608,7 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             problem = (f"periods/{directory.name} was committed under config hash "
                        f"{str(manifest.get('config_hash'))[:8]}, the run has {str(expected_hash)[:8]}")
             break
-        if manifest.get("data_fingerprint") not in (None, bench.fingerprint):
+        if manifest.get("data_fingerprint") not in (None, run.fingerprint):
             problem = f"periods/{directory.name} was evaluated on other data (fingerprint differs)"
             break
         run.rows.append(row)
@@ -454,7 +625,8 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
         unknown = [e for e in stray if e not in known]
         later = [e for e in stray if e in known]
         if unknown:
-            run.warnings.append(f"period dirs not in the benchmark ignored: {', '.join(unknown)}")
+            run.warnings.append(f"period dirs not in the {'stream' if stream else 'benchmark'} ignored: "
+                                f"{', '.join(unknown)}")
         if later:
             missing = f"{len(run.rows)}-{names[len(run.rows)]}" if len(run.rows) < len(names) else "?"
             # A writer re-committing that dir (commit_dir) leaves it absent for the instant between its
@@ -464,27 +636,28 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
                 raise _InFlux(f"periods/{missing} was replaced while being read")
             problem = f"periods/{', '.join(later)} present but periods/{missing} is not committed"
 
-    t_count = len(bench.period_names)
+    t_count = len(run.period_names)
     if problem:
         run.status, run.reason = "corrupted", problem
     elif len(run.rows) == t_count + 1:
         run.status = "complete"
     else:
         holder = live_holder(path)
-        hints = [h for h in (_step_checkpoints(path), _last_event(path)) if h]
+        event = _last_event(path, run.period_names if stream else None)
+        hints = [h for h in (_step_checkpoints(path), event) if h]
         if holder is not None:
             run.status = "running"
             who = f"host={holder.get('host', '?')} pid={holder.get('pid', '?')} job={holder.get('slurm_job_id')}"
-            run.reason = f"{run.num_committed} of {t_count} periods committed; writer alive ({who})"
+            run.reason = f"{run.num_committed} of {t_count} {run.unit} committed; writer alive ({who})"
         else:
             run.status = "partial"
-            run.reason = (f"{run.num_committed} of {t_count} periods committed"
+            run.reason = (f"{run.num_committed} of {t_count} {run.unit} committed"
                           + ("" if run.rows else " (not even the base row)")
                           + "; no live writer (killed, preempted or crashed)")
         if hints:
             run.reason += "; " + "; ".join(hints)
     if run.status == "complete":
-        run.metrics = _recompute_metrics(run, bench)
+        run.metrics = _recompute_stream_metrics(run, stream) if stream else _recompute_metrics(run, bench)
         _cross_check_results(run)
 
 
@@ -546,7 +719,12 @@ def mean_ci(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str, 
 
 @dataclass
 class Group:
-    """Runs that are seeds of one setup: benchmark x model x method x config variant."""
+    """Runs that are seeds of one setup: benchmark x model x method x config variant.
+
+    For a stream (kind "stream"), `metrics` holds "higher_is_better_summary.<key>" and
+    "lower_is_better_summary.<key>", `matrix_mean`/`matrix_half` the primary-metric matrix R, and
+    `stream` the per-task aggregates (final score, base-solved counts, every scorer metric per row).
+    """
 
     benchmark: str
     model: str
@@ -563,6 +741,8 @@ class Group:
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     lm_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
     landscape: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
+    kind: str = "temporal"
+    stream: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> list[Run]:
@@ -580,9 +760,13 @@ class Group:
         return {"benchmark": self.benchmark, "model": self.model, "method": self.method, "variant": self.variant,
                 "label": self.label, "period_names": self.period_names, "n": self.n, "seeds": self.seeds,
                 "runs": [r.run_id for r in self.runs], "complete_runs": [r.run_id for r in self.complete],
-                "metrics": self.metrics, "per_period": self.per_period, "matrix_em_mean": self.matrix_mean,
-                "matrix_em_ci95_half": self.matrix_half, "forgetting_curve": self.forgetting_curve,
-                "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape}
+                "metrics": self.metrics, "per_period": self.per_period,
+                # a stream's matrix is of each task's primary metric, not EM: it is under "stream"
+                "matrix_em_mean": self.matrix_mean if self.kind == "temporal" else None,
+                "matrix_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
+                "forgetting_curve": self.forgetting_curve,
+                "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape,
+                "kind": self.kind, "stream": self.stream or None}
 
 
 def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | None]:
@@ -673,10 +857,7 @@ def lm_eval_scores(result: dict[str, Any] | None) -> dict[str, tuple[float, bool
     return out
 
 
-def _aggregate_group(group: Group) -> None:
-    runs = [r for r in group.complete if r.metrics]
-    if not runs:
-        return
+def _aggregate_temporal(group: Group, runs: list[Run]) -> None:
     for key in SCALAR_KEYS:
         group.metrics[key] = mean_ci(r.metrics.get(key) for r in runs)
     for key in PER_PERIOD_KEYS:
@@ -684,6 +865,51 @@ def _aggregate_group(group: Group) -> None:
     group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix_em"] for r in runs])
     curves = [forgetting_curve(r.metrics["matrix_em"]) for r in runs]
     group.forgetting_curve = [mean_ci(c[i] for c in curves) for i in range(len(group.period_names) - 1)]
+
+
+def _aggregate_stream(group: Group, runs: list[Run]) -> None:
+    """Seed aggregates of a stream group. The runs share the stream (same fingerprint), so tasks, primary
+    metrics and directions are those of the first run."""
+    first = runs[0].metrics
+    tasks = list(first["tasks"])
+    t_count = len(tasks)
+    for summary, keys in STREAM_SUMMARIES.items():
+        for key, _, _ in keys:
+            group.metrics[f"{summary}.{key}"] = mean_ci((r.metrics.get(summary) or {}).get(key) for r in runs)
+    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix"] for r in runs])
+
+    def column(row_of: Any) -> dict[str, dict[str, Any]]:
+        return {t: mean_ci(r.metrics["matrix"][row_of(j)][j] for r in runs) for j, t in enumerate(tasks)}
+
+    matrices: dict[str, dict[str, dict[str, list[float | None]]]] = {}
+    for t in tasks:
+        matrices[t] = {}
+        for metric in first["matrices"][t]:
+            aggs = [mean_ci(r.metrics["matrices"][t][metric][k] for r in runs) for k in range(t_count + 1)]
+            matrices[t][metric] = {"mean": [a["mean"] for a in aggs], "ci95_half": [a["half"] for a in aggs]}
+    group.stream = {
+        "order": runs[0].stream_order, "tasks": tasks, "primary_metric": dict(first["primary_metric"]),
+        "higher_is_better": dict(first["higher_is_better"]),
+        "scorers": {t: first["scorers"][t]["name"] for t in tasks}, "eval_counts": dict(first["eval_counts"]),
+        "matrix_mean": group.matrix_mean, "matrix_ci95_half": group.matrix_half,
+        # R[0][t] (base model), R[t][t] (right after training on t) and R[T][t] (final), per task
+        "base": column(lambda j: 0), "just_trained": column(lambda j: j + 1), "final": column(lambda j: t_count),
+        # in how many of the group's complete runs each higher-is-better task was base-solved
+        "base_solved": {t: sum(t in (r.metrics.get("base_solved") or []) for r in runs)
+                        for t in tasks if first["higher_is_better"][t]},
+        "base_solved_margin": first.get("base_solved_margin"),
+        "matrices": matrices,
+    }
+
+
+def _aggregate_group(group: Group) -> None:
+    runs = [r for r in group.complete if r.metrics]
+    if not runs:
+        return
+    if group.kind == "stream":
+        _aggregate_stream(group, runs)
+    else:
+        _aggregate_temporal(group, runs)
     extras: dict[str, list[float]] = defaultdict(list)
     for r in runs:
         for key, value in _numeric_leaves(r.rows[-1].extras).items():
@@ -725,7 +951,7 @@ def build_groups(runs: Sequence[Run]) -> list[Group]:
     for run in runs:
         if run.config is None or not run.period_names:
             continue  # failed before we even know what it was
-        by_key[(run.benchmark, run.fingerprint, run.model, run.method, run.variant)].append(run)
+        by_key[(run.bench_key, run.fingerprint, run.model, run.method, run.variant)].append(run)
     fingerprints: dict[str, set[str]] = defaultdict(set)
     for key in by_key:
         fingerprints[key[0]].add(key[1])
@@ -735,7 +961,7 @@ def build_groups(runs: Sequence[Run]) -> list[Group]:
         bench, fp = key[0], key[1]
         bench_label = bench if len(fingerprints[bench]) == 1 else f"{bench} [data {fp[:8]}]"
         group = Group(benchmark=bench_label, model=key[2], method=key[3], variant=key[4], label=labels[key],
-                      period_names=by_key[key][0].period_names,
+                      period_names=by_key[key][0].period_names, kind=by_key[key][0].kind,
                       runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)))
         _aggregate_group(group)
         groups.append(group)
@@ -752,7 +978,12 @@ CSV_COLUMNS = ["run_id", "status", "benchmark", "model", "method", "variant", "s
 
 def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, Any]]:
     """One row per run x period x metric. scope: cell (score of a row on one period's probes), period
-    (one value per model state), run (one value per run, reported at the last period)."""
+    (one value per model state), run (one value per run, reported at the last period).
+
+    Stream runs: a cell is a row's score on one task (probe_period = the task) for every metric of the
+    task's scorer and "n", re-aggregated from the predictions; run-scope metrics are named
+    "higher_is_better_summary.<key>" / "lower_is_better_summary.<key>", plus "base_solved" (1 or 0) per
+    higher-is-better task."""
     bench_label = {r.run_id: g.benchmark for g in groups for r in g.runs}
     out: list[dict[str, Any]] = []
     for run in runs:
@@ -768,7 +999,11 @@ def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, An
                         "probe_period": probe_period, "metric": metric, "value": value})
 
         for row in run.rows:
-            for key, cell in sorted(row.scores.items()):
+            if run.kind == "stream":
+                for task, cell in row.task_scores.items():
+                    for m, value in cell.items():
+                        add(row.index, "cell", m, value, task)
+            for key, cell in sorted(row.scores.items()) if run.kind == "temporal" else ():
                 period, _, kind = key.partition("/")
                 prefix = "paraphrase_" if kind == "paraphrase" else ""
                 for m in ("em", "f1", "n"):
@@ -781,7 +1016,16 @@ def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, An
                 add(row.index, "period", f"landscape/{key}", value)
             for key, (value, _) in sorted(lm_eval_scores(row.lm_eval).items()):
                 add(row.index, "period", f"lm_eval/{key}", value)
-        if run.metrics:
+        if run.metrics and run.kind == "stream":
+            t_count = run.num_periods
+            for summary, keys in STREAM_SUMMARIES.items():
+                for key, _, _ in keys:
+                    add(t_count, "run", f"{summary}.{key}", (run.metrics.get(summary) or {}).get(key))
+            solved = set(run.metrics.get("base_solved") or [])
+            for task, higher in run.metrics["higher_is_better"].items():
+                if higher:
+                    add(t_count, "run", "base_solved", int(task in solved), task)
+        elif run.metrics:
             t_count = run.num_periods
             for k, row in enumerate(run.metrics.get("matrix_logprob") or []):
                 for t, value in enumerate(row):
@@ -867,6 +1111,77 @@ def _landscape_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]
     return head, rows
 
 
+def _arrow(higher_is_better: bool) -> str:
+    return "↑" if higher_is_better else "↓"
+
+
+# A block of a stream's section, rendered by both summary.md and report.html: ("h", heading),
+# ("p", paragraph) or ("table", head, rows, index of the first numeric column).
+Block = tuple[Any, ...]
+
+
+def _stream_blocks(groups: Sequence[Group]) -> list[Block]:
+    """The tables of one stream: higher-is-better summary, lower-is-better summary (each only when the
+    stream has such tasks; never averaged together) and the final score per task, base-solved marked."""
+    ready = [g for g in groups if g.stream]
+    if not ready:
+        return [("p", "No complete run yet: nothing to aggregate.")]
+    info = ready[0].stream
+    tasks, primary, higher = info["tasks"], info["primary_metric"], info["higher_is_better"]
+    hi = [t for t in tasks if higher[t]]
+    lo = [t for t in tasks if not higher[t]]
+    multi_model = len({g.model for g in groups}) > 1
+    described = ", ".join(f"{t} ({info['scorers'][t]}: {primary[t]} {_arrow(higher[t])}, "
+                          f"{info['eval_counts'][t]} items)" for t in tasks)
+    blocks: list[Block] = [("p", f"Tasks in training order: {described}. R[i][t] is task t's primary metric after "
+                                 "training through task i (row 0 = the base model); formulas: docs/metrics.md §10.")]
+
+    def prefix(g: Group) -> list[str]:
+        return [g.label] + ([g.model] if multi_model else []) + [
+            str(g.n), ",".join(str(s) for s in g.seeds) or "–", str(len(g.runs) - g.n)]
+
+    head0 = ["method"] + (["model"] if multi_model else []) + ["n", "seeds", "not complete"]
+    if hi:
+        blocks += [("h", f"Higher-is-better tasks ({', '.join(hi)})"),
+                   ("p", "Summary over the tasks whose primary metric is higher-is-better (accuracy, pass@1, EM, "
+                         "F1, ROUGE-L). ACC is macro (each task once), ACC micro pools the eval items; ↓ marks the "
+                         "columns where lower is better (forgetting, max drop, FG%)."),
+                   ("table", head0 + [f"{label} {_arrow(up)}" for _, label, up in STREAM_HIGHER_KEYS],
+                    [prefix(g) + [fmt(g.metrics.get(f"higher_is_better_summary.{k}"), g.n)
+                                  for k, _, _ in STREAM_HIGHER_KEYS] for g in groups], len(head0))]
+    if lo:
+        metric = "/".join(sorted({primary[t] for t in lo}))
+        blocks += [("h", f"Lower-is-better tasks ({', '.join(lo)}): {metric}"),
+                   ("p", "Summarised apart and never averaged with the tasks above. Every column is lower-is-better "
+                         "(↓): BWT > 0 and forgetting > 0 mean the loss rose again after the task was trained, "
+                         "learning < 0 means training on the task lowered its loss."),
+                   ("table", head0 + [f"{metric} {label} {_arrow(up)}" if key != "final" else f"final {metric} ↓"
+                                      for key, label, up in STREAM_LOWER_KEYS],
+                    [prefix(g) + [fmt(g.metrics.get(f"lower_is_better_summary.{k}"), g.n)
+                                  for k, _, _ in STREAM_LOWER_KEYS] for g in groups], len(head0))]
+    rows = []
+    for t in tasks:
+        cells = [t, info["scorers"][t], f"{primary[t]} {_arrow(higher[t])}"]
+        for g in groups:
+            solved = (g.stream or {}).get("base_solved", {}).get(t, 0)
+            cell = fmt((g.stream or {}).get("final", {}).get(t), g.n)
+            cells.append(cell + (f" {BASE_SOLVED_MARK}{solved}/{g.n}" if solved else ""))
+        rows.append(cells)
+    marked = [f"{g.label}: " + ", ".join(f"{t} ({k}/{g.n})" for t, k in g.stream["base_solved"].items() if k)
+              for g in ready if any(g.stream["base_solved"].values())]
+    labels = [g.label + (f" ({g.model})" if multi_model else "") for g in groups]
+    blocks += [("h", "Final score per task"),
+               ("table", ["task", "scorer", "primary metric"] + labels, rows, 3)]
+    if marked:
+        margin = info.get("base_solved_margin")
+        blocks.append(("p", f"{BASE_SOLVED_MARK}k/n: base-solved in k of the method's n complete runs, i.e. "
+                            f"R[0][t] ≥ R[t][t] − {margin} (docs/metrics.md §10): training on the task added "
+                            "nothing measurable over the base model, so a later change of its score is drift, not "
+                            "forgetting of something learnt. Such tasks still count in the summaries above. "
+                            f"Base-solved: {'; '.join(marked)}."))
+    return blocks
+
+
 def _attention_runs(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if r.status != "complete"]
 
@@ -884,10 +1199,20 @@ def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], 
          "k = 1 (no interval). ↑ higher is better, ↓ lower is better. Metric formulas: docs/metrics.md."), "",
     ]
     for bench, gs in _by_benchmark(groups).items():
-        head, multi_model = _summary_header(gs)
         models = ", ".join(sorted({g.model for g in gs}))
-        lines += [f"## {bench}", "", f"Periods: {', '.join(gs[0].period_names)}; model: {models}", ""]
-        lines += [_md_table(head, [_summary_cells(g, multi_model) for g in gs]), ""]
+        if gs[0].kind == "stream":
+            lines += [f"## {bench}", "", f"Model: {models}", ""]
+            for block in _stream_blocks(gs):
+                if block[0] == "h":
+                    lines += [f"### {block[1]}", ""]
+                elif block[0] == "p":
+                    lines += [block[1], ""]
+                else:
+                    lines += [_md_table(block[1], block[2]), ""]
+        else:
+            head, multi_model = _summary_header(gs)
+            lines += [f"## {bench}", "", f"Periods: {', '.join(gs[0].period_names)}; model: {models}", ""]
+            lines += [_md_table(head, [_summary_cells(g, multi_model) for g in gs]), ""]
         if any(g.lm_eval for g in gs):
             h, rows = _lm_eval_rows(gs)
             lines += ["### General ability (lm-eval), change vs the base model", "",
@@ -990,12 +1315,22 @@ def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots:
                  "from the group's n or k = 1. ↑ higher is better, ↓ lower is better. Formulas: "
                  "docs/metrics.md.</p>")
     for bench, gs in _by_benchmark(groups).items():
-        head, multi_model = _summary_header(gs)
-        numeric = len(head) - len(SUMMARY_KEYS)
         models = ", ".join(sorted({g.model for g in gs}))
-        parts += [f"<h2>{_h(bench)}</h2>",
-                  f"<p class='note'>Periods {_h(', '.join(gs[0].period_names))} · model {_h(models)}</p>",
-                  _html_table(head, [_summary_cells(g, multi_model) for g in gs], numeric)]
+        if gs[0].kind == "stream":
+            parts += [f"<h2>{_h(bench)}</h2>", f"<p class='note'>model {_h(models)}</p>"]
+            for block in _stream_blocks(gs):
+                if block[0] == "h":
+                    parts.append(f"<h3>{_h(block[1])}</h3>")
+                elif block[0] == "p":
+                    parts.append(f"<p class='note'>{_h(block[1])}</p>")
+                else:
+                    parts.append(_html_table(block[1], block[2], block[3]))
+        else:
+            head, multi_model = _summary_header(gs)
+            numeric = len(head) - len(SUMMARY_KEYS)
+            parts += [f"<h2>{_h(bench)}</h2>",
+                      f"<p class='note'>Periods {_h(', '.join(gs[0].period_names))} · model {_h(models)}</p>",
+                      _html_table(head, [_summary_cells(g, multi_model) for g in gs], numeric)]
         parts.append("<div class='plots'>" + "".join(_img(p, c) for p, c in plots.get(bench, [])) + "</div>")
         if any(g.lm_eval for g in gs):
             h, rows = _lm_eval_rows(gs)
@@ -1041,7 +1376,13 @@ def make_plots(groups: Sequence[Group], directory: Path) -> dict[str, list[tuple
     for i, (bench, gs) in enumerate(_by_benchmark(groups).items()):
         stem = f"{i}-{_slug(bench)}"
         made = []
-        for fn, name, caption in (
+        stream_figures = (
+            (plots.stream_score_heatmaps, "matrix", "final score matrix per method (primary metric)"),
+            (plots.stream_task_curves, "task_curves", "each task's primary metric over the stream"),
+            (plots.lm_eval_deltas, "lm_eval", "general ability vs base (lm-eval)"),
+            (plots.landscape_trends, "landscape", "loss landscape per task checkpoint"),
+        )
+        temporal_figures = (
             (plots.summary_bars, "summary", "summary metrics"),
             (plots.accuracy_heatmaps, "matrix", "accuracy matrix per method"),
             (plots.timelines, "timelines", "each period's score over the sequence"),
@@ -1050,7 +1391,8 @@ def make_plots(groups: Sequence[Group], directory: Path) -> dict[str, list[tuple
             (plots.plasticity_stability, "plasticity_stability", "plasticity vs stability"),
             (plots.lm_eval_deltas, "lm_eval", "general ability vs base (lm-eval)"),
             (plots.landscape_trends, "landscape", "loss landscape per period"),
-        ):
+        )
+        for fn, name, caption in stream_figures if gs[0].kind == "stream" else temporal_figures:
             path = fn(gs, directory / f"{stem}-{name}.png", bench)
             if path is not None:
                 made.append((path, f"{bench}: {caption}"))
@@ -1079,6 +1421,8 @@ def _check_out(out: Path) -> None:
 def gather(root: Path, skip: Iterable[Path] = (), jobs: int = 4) -> list[Run]:
     dirs = find_run_dirs(root, skip)
     benches = _BenchmarkCache()
+    if any((d / "data" / STREAM_FILE).is_file() for d in dirs):
+        _scorer_registry()  # the torch import, once, before the reader threads start
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # hashing releases the GIL
         return list(pool.map(lambda d: read_run(d, benches), dirs))
 

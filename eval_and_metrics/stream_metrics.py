@@ -6,13 +6,17 @@ T + 1 rows and T columns. Tasks whose primary metric is higher-is-better (accura
 and lower-is-better (perplexity, NLL) are summarised apart and never averaged together: a mean of an
 accuracy and a perplexity means nothing. Every convention the literature uses under one name is
 computed under its own name here, so a number can be compared with a paper without guessing.
+
+The path from committed eval rows to those metrics (rows -> per-task aggregates -> R -> metrics) lives
+here too, so the training loop (training/workload.py) and the report (eval_and_metrics/report.py),
+which re-derives a run from its committed predictions, compute it with the same code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -100,3 +104,64 @@ def stream_metrics(task_names: list[str], primary: list[str], higher_is_better: 
         "base_solved": base_solved,
         "base_solved_margin": BASE_SOLVED_MARGIN,
     }
+
+
+class Aggregator(Protocol):
+    """What the derivation needs of a scorer (eval_and_metrics.scorers.Scorer): its metrics, in order
+    (the first is the primary one), each with its direction, and how its rows become those metrics."""
+
+    metrics: Mapping[str, bool]
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]: ...
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def rows_by_task(task_names: Sequence[str], rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One row list per task, in task order; a row of a task the stream does not have is an error (it
+    would otherwise vanish from every number)."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in task_names}
+    for row in rows:
+        task = row.get("task")
+        if task not in out:
+            raise ValueError(f"eval row {row.get('id')!r} belongs to task {task!r}, which the stream does not have")
+        out[task].append(row)
+    return out
+
+
+def row_summary(task_names: Sequence[str], scorers: Mapping[str, Aggregator],
+                rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One model state's numbers: {task: {every metric of its scorer, "n": eval rows}} (what a period's
+    eval/scores.json "by_period" and its manifest carry)."""
+    return {name: {**scorers[name].aggregate(sel), "n": len(sel)}
+            for name, sel in rows_by_task(task_names, rows).items()}
+
+
+def derive_from_summaries(task_names: Sequence[str], scorer_names: Sequence[str],
+                          scorers: Mapping[str, Aggregator], counts: Sequence[int],
+                          summaries: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """results.json's "metrics" of a stream from the row summaries (row 0 = base model, then one per
+    task): stream_metrics on the primary-metric matrix, plus every metric of every scorer as a column
+    over the rows (`matrices`) and which scorer scored each task (`scorers`).
+
+    counts: eval items per task (for the micro ACC).
+    """
+    names = list(task_names)
+    primary = [next(iter(scorers[t].metrics)) for t in names]
+    hib = [scorers[t].metrics[m] for t, m in zip(names, primary)]
+    r = np.array([[float(s[t][m]) for t, m in zip(names, primary)] for s in summaries], dtype=float)
+    out = stream_metrics(names, primary, hib, r, list(counts))
+    # every metric of every scorer, per task: column over the rows (base first)
+    out["matrices"] = {t: {m: [_num(s[t].get(m)) for s in summaries] for m in scorers[t].metrics} for t in names}
+    out["scorers"] = {t: {"name": sn, "metrics": dict(scorers[t].metrics)} for t, sn in zip(names, scorer_names)}
+    return out
+
+
+def derive_stream_metrics(task_names: Sequence[str], scorer_names: Sequence[str],
+                          scorers: Mapping[str, Aggregator], counts: Sequence[int],
+                          rows_per_row: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """derive_from_summaries from the eval rows of every model state (base first)."""
+    summaries = [row_summary(task_names, scorers, rows) for rows in rows_per_row]
+    return derive_from_summaries(task_names, scorer_names, scorers, counts, summaries)

@@ -10,7 +10,11 @@ readable after the jobs are long gone.
 
 Where each column comes from (all written by main.py, see docs/design.md):
 - periods k/T: `periods/<k>-<name>/` whose manifest.json verifies (sha256 of every file), k >= 1;
-  T = len(results.json "periods"), else the run's data/benchmark.json, else config.yaml data.periods.
+  T = len(results.json "periods"), else the run's data/stream.json tasks or data/benchmark.json
+  periods, else config.yaml data.periods (not for a stream run: those are the temporal defaults).
+- task streams (`main.py --stream`, data/stream.json): the same columns, counted in tasks ("k/T tasks"),
+  and under the table one line per unfinished stream run: the stream, tasks committed, the task being trained or
+  evaluated now (running) or where it stopped (partial), and the last train_log.jsonl event.
 - checkpoint: newest `checkpoints/<k>-<name>/step-NNNNNN/` whose manifest verifies.
 - restarts: the largest `restart_count` (SLURM_RESTART_COUNT) in any manifest, run.json or
   train_log.jsonl "resume" record.
@@ -70,6 +74,12 @@ class RunStatus:
     running: bool = False  # a live process holds the run lock right now
     last_error: str | None = None
     job_ids: list[str] = field(default_factory=list)
+    # task streams only (to_json leaves these out for temporal runs, whose output stays as it was)
+    kind: str = "temporal"
+    stream: str | None = None  # the stream's name
+    tasks: list[str] | None = None
+    current: str | None = None  # the stage after the committed prefix: "base" or a task name
+    last_event: str | None = None
 
     @property
     def state(self) -> str:
@@ -83,7 +93,14 @@ class RunStatus:
         return "empty"
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "state": self.state}
+        out = {**asdict(self), "state": self.state}
+        if self.kind != "stream":
+            for key in _STREAM_FIELDS:
+                out.pop(key)
+        return out
+
+
+_STREAM_FIELDS = ("kind", "stream", "tasks", "current", "last_event")
 
 
 def _read_json(path: Path) -> Any:
@@ -93,10 +110,24 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _stream_of(run_dir: Path, cfg: dict[str, Any]) -> tuple[str, list[str] | None] | None:
+    """(name, task names) of a stream run, None for a temporal run. A stream run keeps data/stream.json;
+    before that is written (a moment after the run starts) only its config names the stream file."""
+    stream = _read_json(run_dir / "data" / "stream.json")
+    if isinstance(stream, dict) and isinstance(stream.get("tasks"), list):
+        names = [str(t.get("name")) for t in stream["tasks"] if isinstance(t, dict)]
+        return str(stream.get("name", "?")), names
+    path = (cfg.get("data") or {}).get("stream")
+    return (Path(str(path)).stem, None) if path else None
+
+
 def _period_names(run_dir: Path) -> list[str] | None:
     results = _read_json(run_dir / "results.json")
     if isinstance(results, dict) and isinstance(results.get("periods"), list):
         return [str(p) for p in results["periods"]]
+    stream = _read_json(run_dir / "data" / "stream.json")
+    if isinstance(stream, dict) and isinstance(stream.get("tasks"), list):
+        return [str(t.get("name")) for t in stream["tasks"] if isinstance(t, dict)]
     bench = _read_json(run_dir / "data" / "benchmark.json")
     if isinstance(bench, dict) and isinstance(bench.get("periods"), list):
         return [str(p.get("name")) for p in bench["periods"] if isinstance(p, dict)]
@@ -104,8 +135,39 @@ def _period_names(run_dir: Path) -> list[str] | None:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
+    if (cfg.get("data") or {}).get("stream"):
+        return None  # its data.periods are the temporal defaults, not the stream's tasks
     periods = (cfg.get("data") or {}).get("periods")
     return [str(p) for p in periods] if isinstance(periods, list) else None
+
+
+def last_event(run_dir: Path, stage_names: list[str] | None) -> str | None:
+    """The newest train_log.jsonl record in words (reads the last 4 KiB): "train task 2 (code) step 7",
+    "eval task 0 (base)", "resume task 3 (style) from step 12"."""
+    try:
+        with open(run_dir / "train_log.jsonl", "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - 4096))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line (a kill mid-append) or the cut first one
+        if not isinstance(rec, dict):
+            continue
+        k = rec.get("period")
+        names = ["base"] + (stage_names or [])
+        where = f"task {k}" + (f" ({names[k]})" if isinstance(k, int) and 0 <= k < len(names) else "")
+        text = f"{rec.get('event', '?')} {where}"
+        if "step" in rec:
+            text += f" step {rec['step']}"
+        elif "from_step" in rec:
+            text += f" from step {rec['from_step']}"
+        return text
+    return None
 
 
 def _numbered_dirs(parent: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
@@ -200,6 +262,9 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
     st.method = (cfg.get("method") or {}).get("name")
     st.seed = cfg.get("seed")
     names = _period_names(run_dir)
+    stream = _stream_of(run_dir, cfg)
+    if stream is not None:
+        st.kind, st.stream, st.tasks = "stream", stream[0], names
     st.periods_total = len(names) if names is not None else None
     st.results = (run_dir / "results.json").is_file()
 
@@ -247,6 +312,12 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
         logs = find_job_logs(log_dirs, st.job_ids)
         # Only the newest log: an error from an attempt that a later restart got past is history.
         st.last_error = last_error_in(logs[0]) if logs else None
+    if st.kind == "stream" and st.state != "complete":
+        if not st.base_done:
+            st.current = "base"
+        elif names is not None and st.periods_done < len(names):
+            st.current = names[st.periods_done]
+        st.last_event = last_event(run_dir, names)
     return st
 
 
@@ -268,14 +339,40 @@ def format_table(statuses: list[RunStatus], missing: list[str] = ()) -> str:
     for st in statuses:
         total = "?" if st.periods_total is None else str(st.periods_total)
         error = st.last_error or ("; ".join(st.invalid) if st.invalid else "-")
-        rows.append([st.run_id, st.state, f"{st.periods_done}/{total}", st.last_checkpoint or "-",
+        unit = " tasks" if st.kind == "stream" else ""
+        rows.append([st.run_id, st.state, f"{st.periods_done}/{total}{unit}", st.last_checkpoint or "-",
                      str(st.restarts), st.job or "-", error])
     rows.extend([run_id, "missing", "-", "-", "-", "-", "no run directory"] for run_id in missing)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    # a line per unfinished stream run (the table's "k/T tasks" says enough of a finished one); output
+    # without stream runs is unchanged
+    streams = [st for st in statuses if st.kind == "stream" and st.state != "complete"]
+    if streams:
+        lines += ["", "task streams:"]
+        lines += [f"  {st.run_id}: {describe_stream(st)}" for st in streams]
     return "\n".join(lines)
+
+
+def describe_stream(st: RunStatus) -> str:
+    """A stream run's progress in one line, e.g. 'stream x: 1 of 3 tasks committed (mc); training/evaluating
+    style (task 2 of 3); last event: train task 2 (style) step 3'."""
+    total = "?" if st.periods_total is None else str(st.periods_total)
+    done = (st.tasks or [])[:st.periods_done]
+    text = f"stream {st.stream}: {st.periods_done} of {total} tasks committed"
+    text += f" ({', '.join(done)})" if done else ""
+    if st.state == "complete":
+        return text + "; complete"
+    if st.current == "base":
+        text += "; " + ("evaluating the base model" if st.running else "stopped before the base model was evaluated")
+    elif st.current is not None:
+        where = f"{st.current} (task {st.periods_done + 1} of {total})"
+        text += f"; {'training/evaluating' if st.running else 'stopped in'} {where}"
+    if st.last_event:
+        text += f"; last event: {st.last_event}"
+    return text
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# pad lives with the evaluation code, one layer down, because evaluation batches too and must not
-# import the training loop's package; training re-exports it for collate and the methods.
-from eval_and_metrics.evaluate import pad
+from eval_and_metrics.padding import pad  # one pad() for training, eval and casm (casm imports it from here)
 
 # How many batches' worth of sequences are sorted together: large enough to bucket lengths well, small
 # enough that the order stays shuffled across the period.

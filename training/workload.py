@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from artifacts import atomic_write_text, commit_dir, staging_dir
@@ -30,16 +29,14 @@ from data.config import DataConfig
 from data.io import write_benchmark
 from data.schema import Benchmark, Period, Probe
 from data.streams import load_stream
-from data.streams.schema import Stream
+from data.streams.schema import STREAM_FILE, Stream
 from eval_and_metrics.evaluate import evaluate_probes
 from eval_and_metrics.metrics import derive_metrics, score_matrix
 from eval_and_metrics.scorers import SCORERS
-from eval_and_metrics.stream_metrics import stream_metrics
+from eval_and_metrics.stream_metrics import derive_stream_metrics, row_summary
 from training.batching import PeriodData, tokenize, tokenize_pairs
 from training.config import ConfigError
 from training.models import benchmark_texts
-
-STREAM_FILE = "stream.json"
 
 
 @dataclass(frozen=True)
@@ -194,35 +191,18 @@ class StreamWorkload(Workload):
             rows.extend({**row, "task": task.name} for row in scored)
         return rows
 
-    def _by_task(self, rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.stream.tasks}
-        for row in rows:
-            out[row["task"]].append(row)
-        return out
-
     def row_summary(self, rows):
-        return {name: {**self.scorers[name].aggregate(sel), "n": len(sel)} for name, sel in self._by_task(rows).items()}
+        return row_summary(self.stream.task_names, self.scorers, rows)
 
     def derive(self, rows_per_row):
+        # The derivation is shared with the report, which re-derives a run from its committed rows.
         tasks = self.stream.tasks
-        summaries = [self.row_summary(rows) for rows in rows_per_row]
-        primary = [next(iter(self.scorers[t.name].metrics)) for t in tasks]
-        hib = [self.scorers[t.name].metrics[m] for t, m in zip(tasks, primary)]
-        r = np.array([[float(s[t.name][m]) for t, m in zip(tasks, primary)] for s in summaries], dtype=float)
-        out = stream_metrics([t.name for t in tasks], primary, hib, r, [len(t.eval) for t in tasks])
-        # every metric of every scorer, per task: column over the rows (base first)
-        out["matrices"] = {t.name: {m: [_num(s[t.name].get(m)) for s in summaries]
-                                    for m in self.scorers[t.name].metrics} for t in tasks}
-        out["scorers"] = {t.name: {"name": t.scorer, "metrics": dict(self.scorers[t.name].metrics)} for t in tasks}
-        return out
+        return derive_stream_metrics([t.name for t in tasks], [t.scorer for t in tasks], self.scorers,
+                                     [len(t.eval) for t in tasks], rows_per_row)
 
     def write_files(self, directory):
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / STREAM_FILE, json.dumps(self.stream.to_json(), sort_keys=True) + "\n")
-
-
-def _num(v: Any) -> float | None:
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 
 def write_workload_files(workload: Workload, final: Path) -> None:

@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 LossOn = Literal["completion", "all"]
 
+# The stream a run trained on, as written into its data/ directory (Stream.to_json, sorted keys).
+STREAM_FILE = "stream.json"
+
 
 @dataclass(frozen=True)
 class TrainItem:
@@ -74,6 +77,19 @@ class Stream:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "order": self.order, "tasks": [asdict(t) for t in self.tasks]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Stream:
+        """The inverse of to_json (a run's data/stream.json). Strict: a missing or unknown key raises
+        (TypeError/KeyError), so a reader never works on a silently different stream; the fingerprint
+        of the result equals the written stream's."""
+        tasks = []
+        for t in obj["tasks"]:
+            fields = dict(t)
+            train = tuple(TrainItem(**x) for x in fields.pop("train"))
+            evals = tuple(EvalItem(**{**x, "choices": tuple(x.get("choices", ()))}) for x in fields.pop("eval"))
+            tasks.append(TaskData(train=train, eval=evals, **fields))
+        return cls(name=obj["name"], tasks=tuple(tasks), order=int(obj.get("order", 0)))
 
     @property
     def fingerprint(self) -> str:
