@@ -8,6 +8,7 @@ Ctrl-C; anything else is a bug.
 
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 
-from training.signals import EXIT_RESUME, StopFlag, StopRequested  # noqa: E402
+from training.signals import EXIT_RESUME, STOP_SIGNALS, StopFlag, StopRequested  # noqa: E402
 
 # Before the heavy imports: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy
 # node) must end the process cleanly (exit 75, no traceback), not kill it with a default handler.
@@ -43,4 +44,11 @@ if __name__ == "__main__":
         sys.exit(EXIT_RESUME)
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(main(stop=STOP))
+    try:
+        code = main(stop=STOP)
+    except KeyboardInterrupt:  # a second Ctrl-C in the instant after main's own handling ended
+        code = 130
+    # Interpreter teardown (seconds with torch loaded) puts the default handlers back, and a SIGTERM then
+    # would kill a process whose work is done with -15. Blocked, a late signal is simply dropped at exit.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    sys.exit(code)
