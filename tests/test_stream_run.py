@@ -97,3 +97,13 @@ def test_a_bad_stream_file_exits_2_naming_the_file_and_writes_nothing(tmp_path: 
     assert all(line.startswith("error: ") for line in err.splitlines() if line.strip())
     assert "bad.yaml" in err and "nosuch" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_method_all_on_a_stream_means_every_method_that_can_run_on_one():
+    from training.config import build_run_configs, load_tree
+    from training.methods import METHODS
+
+    tree = load_tree(None, "synthetic", {"data.stream": STREAM, "method.name": "all"}, [])
+    assert [c.method.name for c in build_run_configs(tree, METHODS)] == ["full_ft", "lora", "smf"]
+    tree = load_tree(None, "synthetic", {"method.name": "all"}, [])
+    assert [c.method.name for c in build_run_configs(tree, METHODS)] == list(METHODS)

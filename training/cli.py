@@ -139,9 +139,9 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             # starts, so a bad option for the third method does not leave two finished runs behind.
             skeleton = model_skeleton(configs[0].model, configs[0].mode, workload)
             problems = [p for cfg in configs for p in METHODS[cfg.method.name].check(cfg.method.options, skeleton)]
-            problems += [f"method.name {cfg.method.name!r} runs only on {', '.join(METHODS[cfg.method.name].benchmarks)} "
-                         f"benchmarks, not on a {workload.kind}; valid here: "
-                         f"{', '.join(n for n, m in METHODS.items() if workload.kind in m.benchmarks)}"
+            problems += [f"method.name {cfg.method.name!r} runs only on "
+                         f"{', '.join(METHODS[cfg.method.name].benchmarks)} benchmarks, not on a {workload.kind}; "
+                         f"valid here: {', '.join(n for n, m in METHODS.items() if workload.kind in m.benchmarks)}"
                          for cfg in configs if workload.kind not in METHODS[cfg.method.name].benchmarks]
             if problems:
                 raise ConfigError(problems)

@@ -37,7 +37,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: Annotated[str, Text()] = ""  # HF hub id or local directory; "" = the embedded SmolLM2-135M-Instruct (real mode)
+    # HF hub id or local directory; "" = the embedded SmolLM2-135M-Instruct (real mode)
+    name: Annotated[str, Text()] = ""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     quantize: Literal["none", "4bit"] = "none"  # 4bit = bitsandbytes NF4, CUDA only
@@ -344,9 +345,11 @@ def parse_set(items: list[str]) -> dict:
     return tree
 
 
-def expand_methods(spec: str, known: list[str]) -> list[str]:
+def expand_methods(spec: str, known: list[str], runnable: list[str] | None = None) -> list[str]:
+    """`all` means every method that can run on this benchmark (`runnable`); a named one is kept, and
+    refused later with a clear message if it cannot run here."""
     if spec == "all":
-        return list(known)
+        return list(runnable if runnable is not None else known)
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
@@ -362,9 +365,11 @@ def build_run_configs(tree: dict, method_registry: dict[str, Any]) -> list[RunCo
     problems: list[str] = []
     base = build_dataclass(RunConfig, {k: v for k, v in tree.items()}, "", problems)
     known = list(method_registry)
+    kind = "stream" if isinstance(base.data.stream, str) and base.data.stream else "temporal"
+    runnable = [n for n, m in method_registry.items() if kind in getattr(m, "benchmarks", (kind,))]
     spec = method_tree.pop("name", "lora")
     try:
-        names = expand_methods(str(spec), known)
+        names = expand_methods(str(spec), known, runnable)
     except ConfigError as exc:
         problems.extend(exc.problems)
         names = []

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text, commit_dir, load_state,
-                       read_manifest, save_state, save_tensors, staging_dir, verify_manifest, write_manifest)
+from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text, commit_dir,
+                       load_state, read_manifest, save_state, save_tensors, staging_dir, verify_manifest,
+                       write_manifest)
 from data.schema import Period
 from eval_and_metrics.evaluate import EvalInterrupted
 from training.batching import PeriodData, collate, epoch_batches
@@ -303,7 +304,8 @@ class Trainer:
                     scheduler: torch.optim.lr_scheduler.LRScheduler, pos: Position) -> None:
         save_tensors(directory / "trainable.safetensors", self.method.trainable_state_dict(self.model))
         save_state(directory / "method_state.pt", self.method.state_dict())
-        save_state(directory / "trainer_state.pt", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_state(directory / "trainer_state.pt", {"optimizer": optimizer.state_dict(),
+                                                    "scheduler": scheduler.state_dict(),
                                                     "rng": rng_state(), "position": vars(pos).copy()})
 
     def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
