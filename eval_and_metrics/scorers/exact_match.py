@@ -7,6 +7,7 @@ temporal-facts probes use, so a stream task and a probe read the same way.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import ClassVar
 
 from data.streams.schema import EvalItem
@@ -27,11 +28,14 @@ class ExactMatch(GenerationScorer):
     name: ClassVar[str] = "exact_match"
     metrics: ClassVar[dict[str, bool]] = {"exact_match": True}
     default_max_new_tokens: ClassVar[int] = 32
+    # answer span vs target -> the item's score, stored under the one metric's name (token_f1 reuses all else)
+    compare: ClassVar[Callable[[str, str], float]] = staticmethod(exact_match)
 
     def is_done(self, item: EvalItem, generation: str) -> bool:
         return answer_span_closed(generation)
 
     def score_generation(self, item: EvalItem, generation: str) -> Row:
         prediction = clean_generation(generation)
+        (metric,) = self.metrics
         return {"prediction": prediction, "generation": generation, "target": item.target,
-                "exact_match": exact_match(prediction, item.target)}
+                metric: self.compare(prediction, item.target)}

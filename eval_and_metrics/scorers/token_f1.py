@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
-from data.streams.schema import EvalItem
-from eval_and_metrics.scorers.base import GenerationScorer, Row
-from eval_and_metrics.scorers.exact_match import answer_span_closed
-from eval_and_metrics.scoring import clean_generation, token_f1
+from eval_and_metrics.scorers.exact_match import ExactMatch
+from eval_and_metrics.scoring import token_f1
 
 
-class TokenF1(GenerationScorer):
+class TokenF1(ExactMatch):
+    """exact_match's answer span and early stop; only the comparison differs."""
+
     name: ClassVar[str] = "token_f1"
     metrics: ClassVar[dict[str, bool]] = {"token_f1": True}
-    default_max_new_tokens: ClassVar[int] = 32
-
-    def is_done(self, item: EvalItem, generation: str) -> bool:
-        return answer_span_closed(generation)
-
-    def score_generation(self, item: EvalItem, generation: str) -> Row:
-        prediction = clean_generation(generation)
-        return {"prediction": prediction, "generation": generation, "target": item.target,
-                "token_f1": token_f1(prediction, item.target)}
+    compare: ClassVar[Callable[[str, str], float]] = staticmethod(token_f1)
