@@ -48,7 +48,10 @@ if __name__ == "__main__":
         code = main(stop=STOP)
     except KeyboardInterrupt:  # a second Ctrl-C in the instant after main's own handling ended
         code = 130
-    # Interpreter teardown (seconds with torch loaded) puts the default handlers back, and a SIGTERM then
-    # would kill a process whose work is done with -15. Blocked, a late signal is simply dropped at exit.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # Interpreter teardown (seconds with torch loaded) puts the default handler back wherever a Python
+    # handler was installed, and a stop signal then kills a process whose work is done (-15, -2). It
+    # leaves SIG_IGN alone, and unlike a blocked mask (per thread: torch's threads would still take the
+    # signal) ignoring holds for the whole process.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
