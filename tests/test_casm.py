@@ -151,7 +151,7 @@ def train_period(model, tok, method, period: Period, steps: int = 4) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         method.after_optimizer_step(model)
-    method.on_period_end(model, period, texts)
+    method.on_period_end(model, period, tokenize(tok, texts, 64))
 
 
 def logits(model, b) -> torch.Tensor:

@@ -42,7 +42,8 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> PeriodData:
     return PeriodData(texts=list(texts), token_ids=ids)
 
 
-def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, loss_on_prompt: bool) -> PeriodData:
+def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int,
+                   loss_on_prompt: bool | list[bool]) -> PeriodData:
     """Tokenise (prompt, completion) items: prompt and completion are encoded apart and joined, so the
     boundary is exact and the completion's tokens are those the model is asked to produce after the
     prompt at evaluation. Without loss_on_prompt the prompt's tokens are masked out of the loss.
@@ -53,11 +54,11 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, loss_o
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"] if pairs else []
     room = max_len - 1
     ids, masked = [], []
-    for p, c in zip(prompts, completions):
+    for p, c, keep in zip(prompts, completions, on_prompt):
         c = list(c)[:max(1, room - min(len(p), room // 2))]
         p = list(p)[len(p) - min(len(p), room - len(c)):]
         ids.append(p + c + [eos])
-        masked.append(0 if loss_on_prompt else len(p))
+        masked.append(0 if keep else len(p))
     return PeriodData(texts=[p + c for p, c in pairs], token_ids=ids, num_masked=masked)
 
 

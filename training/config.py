@@ -58,6 +58,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: Annotated[int, Range(1, 1000)] = 3  # passes over each period's training data
+    optimizer: Literal["adamw"] = "adamw"  # update rule (training/optimizers), for any method
     # peak learning rate of AdamW (a method may override per parameter group)
     lr: Annotated[float, Range(0, 100, lo_open=True)] = 3e-4
     weight_decay: Annotated[float, Range(0, 10)] = 0.0  # AdamW weight decay
@@ -132,6 +133,9 @@ class RunConfig:
             # run id of a temporal run what they were before streams existed, so such runs still resume.
             out["data"].pop("stream")
             out["data"].pop("stream_order")
+        if self.train.optimizer == "adamw":
+            # the same for the optimizer choice: runs from before it existed used AdamW
+            out["train"].pop("optimizer")
         return out
 
     def identity_dict(self) -> dict:

@@ -35,6 +35,7 @@ from eval_and_metrics.evaluate import EvalInterrupted
 from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
 from training.methods.base import Method
+from training.optimizers import OPTIMIZERS, optimizer_stats
 from training.restore import load_saved_state
 from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
@@ -133,8 +134,7 @@ class Trainer:
                  for e in range(cfg.train.epochs)]
         total_steps = sum(math.ceil(len(plan) / cfg.train.grad_accum) for plan in plans)
         params = self.method.trainable_parameters(self.model)
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                      weight_decay=cfg.train.weight_decay)
+        optimizer = OPTIMIZERS[cfg.train.optimizer](params, cfg.train)
         warmup = min(cfg.train.warmup_steps, int(cfg.train.warmup_max_frac * total_steps))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, warmup, cfg.train.min_lr_ratio))
@@ -175,7 +175,8 @@ class Trainer:
                 window_tokens += num_tokens
                 tok_s = window_tokens / max(1e-9, time.time() - window_start)
                 self._log({"event": "train", "period": k, "step": pos.step, "loss": loss, "grad_norm": grad_norm,
-                           "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded})
+                           "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded,
+                           **self.method.step_stats(), **optimizer_stats(optimizer)})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
                 if cfg.train.step_sleep:
@@ -197,7 +198,7 @@ class Trainer:
         saved = ckpts.list_steps()
         if not saved or saved[-1][0] != pos.step:
             save_step()
-        self.method.on_period_end(self.model, period, texts)
+        self.method.on_period_end(self.model, period, data)
         results = self._evaluate(f"eval after {period.name}")
         extras = self.method.eval_extras(self.model, self.probes)
         self._commit_period(period, results, extras, train_info={"total_steps": total_steps,
@@ -243,7 +244,8 @@ class Trainer:
         try:
             return self.work.evaluate(self.model, self.tokenizer, self.device, self.cfg.eval.batch_size,
                                       self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
-                                      progress=bar.update)
+                                      progress=bar.update,
+                                      scope=lambda stage: self.method.eval_scope(self.model, stage))
         except EvalInterrupted:
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
         finally:

@@ -2,7 +2,8 @@
 stream's tasks. The trainer sees only this interface, so it never branches on the kind of benchmark.
 
     stages                  the sequence: index, name, the Period handed to method hooks, training items
-    evaluate(...)           one JSON row per eval item of every stage (the full score-matrix row)
+    evaluate(...)           one JSON row per eval item of every stage (the full score-matrix row); each
+                            stage's items are scored inside `scope(stage name)` when the method gives one
     row_summary(rows)       the per-stage numbers a period manifest carries
     derive(rows_per_row)    results.json's metrics from every row (row 0 = base model)
     write_files(dir)        the data a run directory keeps next to its results
@@ -17,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +40,14 @@ from eval_and_metrics.stream_metrics import derive_stream_metrics, row_summary
 from training.batching import PeriodData, tokenize, tokenize_pairs
 from training.config import ConfigError
 from training.models import benchmark_texts
+
+# The method's context for scoring one stage's items (training/methods/base.py: eval_scope); None = no
+# stage needs a context of its own, so every item can share the same batches.
+Scope = Callable[[str], AbstractContextManager[Any] | None]
+
+
+def _no_scope(stage: str) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,10 +77,18 @@ class Workload:
         return self.stage_names
 
     def tokenize(self, tokenizer: Any, stage: Stage, texts: list[str], max_len: int) -> PeriodData:
-        """The stage's training sequences, after the method's data hook returned `texts` (the hook sees
-        prompt + completion joined; a text it added or changed is trained as plain text)."""
-        split = {p + c: (p, c) for p, c in stage.pairs}
-        return tokenize_pairs(tokenizer, [split.get(t, ("", t)) for t in texts], max_len, stage.loss_on_prompt)
+        """The stage's training sequences, after the method's data hook returned `texts`. The hook sees
+        prompt + completion joined; a text of any stage (replay and the joint bound bring earlier stages'
+        items back) is split again and keeps the loss mask of the stage it came from, and a text the hook
+        made up is trained as plain text."""
+        split = self._pair_split
+        items = [split.get(t, ("", t, True)) for t in texts]
+        return tokenize_pairs(tokenizer, [(p, c) for p, c, _ in items], max_len, [on for _, _, on in items])
+
+    @cached_property
+    def _pair_split(self) -> dict[str, tuple[str, str, bool]]:
+        """prompt + completion -> (prompt, completion, loss on the prompt too), over every stage."""
+        return {p + c: (p, c, s.loss_on_prompt) for s in self.stages for p, c in s.pairs}
 
     def result_fields(self, cfg: Any) -> dict[str, Any]:
         """Fields results.json adds for this kind of benchmark."""
@@ -79,8 +98,8 @@ class Workload:
         raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
-                 max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None]
-                 ) -> list[dict[str, Any]]:
+                 max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None],
+                 scope: Scope = _no_scope) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def row_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,9 +138,16 @@ class TemporalWorkload(Workload):
     def vocabulary_texts(self) -> list[str]:
         return benchmark_texts(self.bench)
 
-    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress):
-        results = evaluate_probes(model, tokenizer, self.probes, device, batch_size, max_new_tokens,
-                                  should_stop=should_stop, progress=progress)
+    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope):
+        scopes = {p.name: scope(p.name) for p in self.bench.periods}
+        # one set of batches over every probe unless a stage needs its own context (same numbers as always)
+        groups = ([(nullcontext(), self.probes)] if all(c is None for c in scopes.values()) else
+                  [(scopes[p.name] or nullcontext(), list(p.probes)) for p in self.bench.periods])
+        results = []
+        for context, probes in groups:
+            with context:
+                results += evaluate_probes(model, tokenizer, probes, device, batch_size, max_new_tokens,
+                                           should_stop=should_stop, progress=progress)
         return [r.to_json() for r in results]
 
     def row_summary(self, rows):
@@ -183,11 +209,12 @@ class StreamWorkload(Workload):
                 texts.extend([x.prompt + x.target, *(x.prompt + c for c in x.choices), x.tests])
         return texts
 
-    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress):
+    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope):
         rows: list[dict[str, Any]] = []
         for task in self.stream.tasks:
-            scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
-                                                   max_new_tokens, should_stop=should_stop, progress=progress)
+            with scope(task.name) or nullcontext():
+                scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
+                                                       max_new_tokens, should_stop=should_stop, progress=progress)
             rows.extend({**row, "task": task.name} for row in scored)
         return rows
 

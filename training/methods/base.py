@@ -8,7 +8,11 @@ The training loop (training/trainer.py) calls these hooks at fixed points and no
     extra_loss(model, batch, outputs)   added to the LM loss (EWC, LwF, routing objectives)
     after_backward(model)               gradient surgery before clipping (A-GEM, sparse masks)
     after_optimizer_step(model)         post-update bookkeeping (re-normalisation, counters)
-    on_period_end(model, period, texts) after the last step, before evaluation (Fisher, buffers)
+    step_stats()                        numbers logged with every optimizer step (penalty scales)
+    on_period_end(model, period, data)  after the last step, before evaluation (Fisher, buffers); `data`
+                                        is the period's tokenised training data (PeriodData)
+    eval_scope(model, stage)            context the items of one stage are evaluated in (the per-task
+                                        bound evaluates each task with its own adapter)
     eval_extras(model, probes)          method-specific eval numbers (routing accuracy)
 
 State is split in two so checkpoints stay small: `trainable_state_dict` (tensors that training changes:
@@ -22,6 +26,7 @@ step checkpoint's state.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from data.schema import Period, Probe
+from training.batching import PeriodData
 
 
 @dataclass
@@ -82,8 +88,15 @@ class Method:
     def after_optimizer_step(self, model: nn.Module) -> None:
         pass
 
-    def on_period_end(self, model: nn.Module, period: Period, texts: list[str]) -> None:
+    def step_stats(self) -> dict[str, float]:
+        return {}
+
+    def on_period_end(self, model: nn.Module, period: Period, data: PeriodData) -> None:
         pass
+
+    def eval_scope(self, model: nn.Module, stage: str) -> AbstractContextManager[Any] | None:
+        """None: this stage's items need no context of their own (and all items share batches)."""
+        return None
 
     def eval_extras(self, model: nn.Module, probes: list[Probe]) -> dict[str, Any]:
         return {}

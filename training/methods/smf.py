@@ -37,6 +37,7 @@ from torch import nn
 
 from data.fields import Items, Range
 from data.schema import Probe
+from training.batching import PeriodData
 from training.methods.base import Method
 from training.seeding import derive_seed
 
@@ -405,7 +406,7 @@ class SparseMemoryFinetune(Method):
         assert self.updater is not None
         self.updater.after_optimizer_step()
 
-    def on_period_end(self, model: nn.Module, period: Any, texts: list[str]) -> None:
+    def on_period_end(self, model: nn.Module, period: Any, data: PeriodData) -> None:
         assert self.updater is not None
         self.updater.stop_recording()
 

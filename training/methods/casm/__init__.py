@@ -49,7 +49,7 @@ from torch import nn
 from data.fields import Range
 from data.schema import Period, Probe
 from eval_and_metrics.metrics import routing_accuracy
-from training.batching import pad
+from training.batching import PeriodData, pad
 from training.methods.base import Method, MethodContext
 from training.methods.casm.registry import TemplateParser, build_registry
 from training.methods.smf import (MemoryOptions, ProductKeyMemory, SparseSlotUpdater, attach_memories,
@@ -349,7 +349,7 @@ class ContradictionAwareSparseMemory(Method):
         assert self.updater is not None
         self.updater.after_optimizer_step()
 
-    def on_period_end(self, model: nn.Module, period: Period, texts: list[str]) -> None:
+    def on_period_end(self, model: nn.Module, period: Period, data: PeriodData) -> None:
         assert self.updater is not None and self.router is not None
         self.updater.stop_recording()
         for p in self.router.parameters():

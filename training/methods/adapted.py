@@ -1,0 +1,50 @@
+"""What a continual-learning regulariser trains: a LoRA adapter (the default) or every weight.
+
+EWC, replay, LwF, A-GEM and the joint bound are rules about *how* to train, on top of *what* trains.
+Their options extend LoRA's with `on: lora | full`, and the class delegates preparing the model and
+choosing its parameters to the LoRA or full fine-tuning method, so each of them is compared with
+sequential LoRA (or full fine-tuning) under exactly the same parameterisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from training.methods.base import Method, MethodContext
+from training.methods.full_ft import FullFineTune
+from training.methods.lora import LoRA, LoraOptions
+
+PARAMETERISATIONS: dict[str, type[Method]] = {"lora": LoRA, "full": FullFineTune}
+
+
+@dataclass
+class AdaptedOptions(LoraOptions):
+    # what trains: a LoRA adapter with the options above, or every weight (full fine-tuning)
+    on: Literal["lora", "full"] = "lora"
+
+
+class Adapted(Method):
+    """A method that trains what `cfg.on` says; subclasses add their own hooks and call super()."""
+
+    config_cls = AdaptedOptions
+
+    def __init__(self, cfg: Any, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        self.base = PARAMETERISATIONS[cfg.on](cfg, ctx)
+
+    @classmethod
+    def check(cls, cfg: Any, model: nn.Module) -> list[str]:
+        return PARAMETERISATIONS[cfg.on].check(cfg, model)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return self.base.prepare(model)
+
+    def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        group: dict[str, Any] = {"params": params}
+        if self.cfg.lr:
+            group["lr"] = self.cfg.lr
+        return [group]

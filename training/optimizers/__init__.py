@@ -1,0 +1,31 @@
+"""The optimizer registry: `train.optimizer` names one of these, for any method.
+
+An optimizer is a choice of update rule, not a continual-learning method, so it lives beside the method
+registry rather than in it: each factory takes the method's parameter groups and the train section.
+An optimizer may define `stats() -> dict[str, float]`; the loop logs it with every step (CASMO's
+confidence trace comes from there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def adamw(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], Any], torch.optim.Optimizer]] = {
+    "adamw": adamw,
+}
+
+
+def optimizer_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    stats = getattr(optimizer, "stats", None)
+    return stats() if callable(stats) else {}
+
+
+__all__ = ["OPTIMIZERS", "optimizer_stats"]
