@@ -1,12 +1,16 @@
-"""Run a method x seed grid through main.py and tabulate the continual-learning metrics.
+"""Run a method x seed grid through main.py and tabulate the continual-learning metrics and costs.
 
     uv run python scripts/compare.py --mode synthetic --methods full_ft,lora,smf,casm --seeds 0,1,2 \
         --run-root runs/compare-synthetic --out docs/results/synthetic [--set train.epochs=30 ...]
+    uv run python scripts/compare.py --mode synthetic --stream configs/streams/multidomain-synthetic.yaml \
+        --methods "lora,ewc,replay,lora[train.optimizer=casmo]" --run-root runs/cmp --out runs/cmp/table
 
 Each (method, seed) is one ordinary `main.py` run (same config, same budget: the --set overrides apply
 to every method), so its run directory, checkpoints and results.json are the usual ones and a rerun
-resumes or skips what is committed. The table is computed only from those results.json files and the
-benchmark files each run directory holds; nothing is typed in by hand. `--no-run` only tabulates.
+resumes or skips what is committed. A method may carry its own overrides in brackets, `name[a.b=v,...]`
+(an optimizer choice, a method option); each such variant runs under its own subdirectory of the run
+root. The table is computed only from those results.json files and the data each run directory holds;
+nothing is typed in by hand. `--no-run` only tabulates. Bounds (joint, per_task) are labelled as such.
 
 Written: <out>.md (the table, per-seed values, the exact commands) and <out>.json (all numbers).
 Aggregates are mean, sample std and the 95% t-interval half-width (n - 1 degrees of freedom).
@@ -46,18 +50,70 @@ COLUMNS = [
 ]
 
 
+# a task stream's columns: higher-is-better task metrics, then the lower-is-better (NLL) ones apart
+STREAM_COLUMNS = [
+    ("higher_is_better_summary.acc", "ACC"),
+    ("higher_is_better_summary.bwt", "BWT"),
+    ("higher_is_better_summary.forgetting", "Forgetting"),
+    ("higher_is_better_summary.plasticity", "Plasticity"),
+    ("higher_is_better_summary.max_drop", "Max drop"),
+    ("lower_is_better_summary.final", "NLL final ↓"),
+    ("lower_is_better_summary.bwt", "NLL BWT ↓"),
+]
+# what each run cost (results.json "cost"; replay's buffer from its eval extras)
+COST_COLUMNS = [
+    ("cost.train_seconds", "train s"),
+    ("cost.peak_memory_mib", "peak MiB"),
+    ("cost.checkpoint_kib", "ckpt KiB"),
+    ("replay_kib", "replay KiB"),
+]
+
+
+def parse_variants(spec: str) -> list[tuple[str, str, list[str]]]:
+    """`lora,lora[train.optimizer=casmo,train.lr=1e-3]` -> (label, method, overrides) per entry."""
+    out, depth, start = [], 0, 0
+    parts = []
+    for i, ch in enumerate(spec + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(spec[start:i].strip())
+            start = i + 1
+    for part in filter(None, parts):
+        name, _, rest = part.partition("[")
+        sets = [x.strip() for x in rest.rstrip("]").split(",") if x.strip()]
+        out.append((part, name.strip(), sets))
+    return out
+
+
+def variant_root(run_root: Path, label: str, sets: list[str]) -> Path:
+    if not sets:
+        return run_root
+    return run_root / "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
 def run_dirs(run_root: Path, method: str, seed: int) -> list[Path]:
     return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if (d / "results.json").exists())
 
 
-def command(mode: str, method: str, seed: int, run_root: Path, sets: list[str], config: str | None) -> list[str]:
+def command(mode: str, method: str, seed: int, run_root: Path, sets: list[str], config: str | None,
+            stream: str | None = None) -> list[str]:
     cmd = ["uv", "run", "python", "main.py", "--mode", mode, "--method", method, "--seed", str(seed),
            "--run-root", str(run_root)]
     if config:
         cmd += ["--config", config]
+    if stream:
+        cmd += ["--stream", stream]
     for s in sets:
         cmd += ["--set", s]
     return cmd
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
 
 
 def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | None:
@@ -84,10 +140,30 @@ def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | No
     return float(np.mean([final[i] - base[i] for i in ids]))
 
 
+def cost_of(results: dict[str, Any]) -> dict[str, Any]:
+    cost = results.get("cost") or {}
+    last = (results.get("method_extras") or {}).get(results["periods"][-1]) or {}
+    return {"cost.train_seconds": cost.get("train_seconds"),
+            "cost.peak_memory_mib": cost["peak_memory_bytes"] / 2**20 if "peak_memory_bytes" in cost else None,
+            "cost.checkpoint_kib": cost["checkpoint_bytes"] / 1024 if "checkpoint_bytes" in cost else None,
+            "replay_kib": last["replay_bytes"] / 1024 if "replay_bytes" in last else None}
+
+
+def stream_row_of(run_dir: Path) -> dict[str, Any]:
+    results = json.loads((run_dir / "results.json").read_text())
+    out = {key: _dotted(results["metrics"], key) for key, _ in STREAM_COLUMNS}
+    out.update(cost_of(results))
+    out["is_bound"] = bool(results.get("is_bound"))
+    out["run_dir"] = str(run_dir)
+    return out
+
+
 def row_of(run_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "results.json").read_text())
     metrics = results["metrics"]
     out = {key: metrics.get(key) for key, _ in COLUMNS if key in metrics}
+    out.update(cost_of(results))
+    out["is_bound"] = bool(results.get("is_bound"))
     last = results["periods"][-1]
     out["routing_accuracy"] = (results.get("method_extras", {}).get(last) or {}).get("routing_accuracy")
     out["formerly_true_dlogprob"] = formerly_true_dlogprob(run_dir, results)
@@ -120,64 +196,72 @@ def fmt(agg: dict[str, Any], digits: int = 3) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="synthetic", choices=["synthetic", "real"])
-    ap.add_argument("--methods", default="full_ft,lora,smf,casm")
+    ap.add_argument("--methods", default="full_ft,lora,smf,casm", help="comma-separated; name[a.b=v,...] adds "
+                    "overrides for that entry only")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--stream", help="a task stream YAML passed to main.py (default: the temporal benchmark)")
     ap.add_argument("--run-root", required=True)
     ap.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
     ap.add_argument("--config", help="YAML config passed to main.py (default: configs/<mode>.yaml)")
     ap.add_argument("--set", action="append", default=[], help="override passed to every run")
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing run directories")
     args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = parse_variants(args.methods)
     seeds = [int(s) for s in args.seeds.split(",")]
     run_root = Path(args.run_root)
+    columns = (STREAM_COLUMNS if args.stream else COLUMNS) + COST_COLUMNS
+    read_row = stream_row_of if args.stream else row_of
     commands: list[str] = []
     timings: dict[str, float] = {}
-    for method in methods:
+    for label, method, sets in variants:
         for seed in seeds:
-            cmd = command(args.mode, method, seed, run_root, args.set, args.config)
+            cmd = command(args.mode, method, seed, variant_root(run_root, label, sets), args.set + sets,
+                          args.config, args.stream)
             commands.append(shlex.join(cmd))
             if args.no_run:
                 continue
             print(f"$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
             start = time.time()
             proc = subprocess.run(cmd, cwd=REPO)
-            timings[f"{method}/s{seed}"] = round(time.time() - start, 1)
+            timings[f"{label}/s{seed}"] = round(time.time() - start, 1)
             if proc.returncode != 0:
-                print(f"{method} seed {seed}: main.py exited {proc.returncode}", file=sys.stderr)
+                print(f"{label} seed {seed}: main.py exited {proc.returncode}", file=sys.stderr)
                 return proc.returncode
 
-    table: dict[str, Any] = {"mode": args.mode, "seeds": seeds, "sets": args.set, "commands": commands,
-                             "timings_s": timings, "methods": {}}
-    for method in methods:
+    table: dict[str, Any] = {"mode": args.mode, "stream": args.stream, "seeds": seeds, "sets": args.set,
+                             "commands": commands, "timings_s": timings, "methods": {}}
+    for label, method, sets in variants:
         rows = {}
         for seed in seeds:
-            dirs = run_dirs(run_root, method, seed)
+            dirs = run_dirs(variant_root(run_root, label, sets), method, seed)
             if len(dirs) != 1:
-                print(f"{method} seed {seed}: expected one finished run under {run_root}, found {len(dirs)}",
-                      file=sys.stderr)
+                print(f"{label} seed {seed}: expected one finished run, found {len(dirs)}", file=sys.stderr)
                 continue
-            rows[seed] = row_of(dirs[0])
-        table["methods"][method] = {"per_seed": rows,
-                                    "aggregate": {k: aggregate([r.get(k) for r in rows.values()])
-                                                  for k, _ in COLUMNS}}
+            rows[seed] = read_row(dirs[0])
+        bound = any(r.get("is_bound") for r in rows.values())
+        table["methods"][label] = {"per_seed": rows, "is_bound": bound,
+                                   "aggregate": {k: aggregate([r.get(k) for r in rows.values()])
+                                                 for k, _ in columns}}
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    lines = [f"Mode `{args.mode}`, seeds {seeds}; cells: mean ± sample std [± 95% t-interval half-width], "
-             "exact match unless noted; — = not applicable / nothing to average.", "",
-             "| method | " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
-    for method, data in table["methods"].items():
-        cells = [fmt(data["aggregate"][k], 2 if k == "formerly_true_dlogprob" else 3) for k, _ in COLUMNS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (plasticity / stability / temporal recall final / routing accuracy):", ""]
-    for method, data in table["methods"].items():
+    what = f"stream `{args.stream}`" if args.stream else "the temporal benchmark"
+    lines = [f"Mode `{args.mode}`, {what}, seeds {seeds}; cells: mean ± sample std [± 95% t-interval "
+             "half-width]; — = not applicable / nothing to average; (bound) = a reference point, not a method.",
+             "", "| method | " + " | ".join(title for _, title in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for label, data in table["methods"].items():
+        digits = {"formerly_true_dlogprob": 2, "cost.train_seconds": 0, "cost.peak_memory_mib": 0,
+                  "cost.checkpoint_kib": 0, "replay_kib": 1}
+        cells = [fmt(data["aggregate"][k], digits.get(k, 3)) for k, _ in columns]
+        lines.append(f"| {label}{' (bound)' if data['is_bound'] else ''} | " + " | ".join(cells) + " |")
+    first = [k for k, _ in columns[:4]]
+    lines += ["", f"Per seed ({' / '.join(t for _, t in columns[:4])}):", ""]
+    for label, data in table["methods"].items():
         for seed, r in sorted(data["per_seed"].items()):
-            vals = [r.get(k) for k in ("plasticity_mean", "stability_mean", "temporal_recall_final",
-                                       "routing_accuracy")]
-            lines.append(f"- {method} s{seed}: " + " / ".join("—" if v is None else f"{v:.3f}" for v in vals))
+            vals = [r.get(k) for k in first]
+            lines.append(f"- {label} s{seed}: " + " / ".join("—" if v is None else f"{v:.3f}" for v in vals))
     lines += ["", "Commands:", "", "```"] + commands + ["```", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import math
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -160,6 +161,7 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.work.stages)} "
                    f"{period.name}", disable=not cfg.train.progress, dynamic_ncols=True, mininterval=1.0)
         last_save, window_tokens, window_start = time.time(), 0, time.time()
+        last_step = time.time()
         while pos.epoch < cfg.train.epochs:
             batches = plans[pos.epoch]
             epoch = pos.epoch
@@ -174,7 +176,10 @@ class Trainer:
                 pos.tokens += num_tokens
                 window_tokens += num_tokens
                 tok_s = window_tokens / max(1e-9, time.time() - window_start)
+                # each step's wall time, so a run's cost is the sum over the log (resumes keep each step once)
+                seconds, last_step = time.time() - last_step, time.time()
                 self._log({"event": "train", "period": k, "step": pos.step, "loss": loss, "grad_norm": grad_norm,
+                           "seconds": seconds,
                            "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded,
                            **self.method.step_stats(), **optimizer_stats(optimizer)})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
@@ -199,11 +204,13 @@ class Trainer:
         if not saved or saved[-1][0] != pos.step:
             save_step()
         self.method.on_period_end(self.model, period, data)
+        eval_start = time.time()
         results = self._evaluate(f"eval after {period.name}")
         extras = self.method.eval_extras(self.model, self.probes)
         self._commit_period(period, results, extras, train_info={"total_steps": total_steps,
                                                                  "tokens": pos.tokens,
-                                                                 "num_texts": len(texts)})
+                                                                 "num_texts": len(texts),
+                                                                 "eval_seconds": time.time() - eval_start})
         ckpts.clear()
 
     def train_step(self, micro: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
@@ -354,10 +361,28 @@ class Trainer:
             "benchmark_name": self.work.name, "data_fingerprint": self.work.fingerprint,
             "model": model_label(self.cfg), "config_hash": self.cfg.config_hash(),
             "periods": self.work.stage_names, "metrics": metrics, "method_extras": extras,
-            "final_state_sha256": state_sha256(final), **self.work.result_fields(self.cfg),
+            "final_state_sha256": state_sha256(final), "is_bound": self.method.is_bound,
+            "cost": self._cost(names), **self.work.result_fields(self.cfg),
         }
         atomic_write_json(self.paths.results, results)
         return results
+
+
+    def _cost(self, names: list[str]) -> dict[str, Any]:
+        """What the run cost: wall time of training steps (from the log) and of evaluations (from the
+        manifests), the peak memory of this process, and the size of one committed period's state."""
+        rows = read_jsonl(self.paths.train_log)
+        last = self.paths.period_dir(len(names) - 1, names[-1])
+        manifests = [read_manifest(self.paths.period_dir(k, n)) or {} for k, n in enumerate(names)]
+        peak = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return {
+            "train_seconds": sum(r.get("seconds", 0.0) for r in rows if r.get("event") == "train"),
+            "eval_seconds": sum(m.get("train", {}).get("eval_seconds", 0.0) for m in manifests),
+            "train_tokens": sum(m.get("train", {}).get("tokens", 0) for m in manifests),
+            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else "rss",
+            "checkpoint_bytes": sum((last / f).stat().st_size for f in ("trainable.safetensors", "method_state.pt")),
+        }
 
 
 def model_label(cfg: RunConfig) -> str:

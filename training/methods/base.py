@@ -58,6 +58,8 @@ class Method:
     config_cls: ClassVar[type] = NoOptions
     # kinds of benchmark (training/workload.py) the method can run on
     benchmarks: ClassVar[tuple[str, ...]] = ("temporal", "stream")
+    # a reference point rather than a method to compare (the joint and per-task bounds); reports label it
+    is_bound: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         self.cfg = cfg
