@@ -299,7 +299,7 @@ def test_orders_pick_alternative_sequences_and_bad_orders_are_refused(tmp_path: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one DataError naming file, line and field
+# Bad input: a DataError with one problem per line, each naming file, line and field
 
 
 JSONL_TASK = """
@@ -371,6 +371,36 @@ def test_config_problems_are_found_offline_with_file_line_and_field(tmp_path: Pa
     assert all(p.startswith(str(path)) for p in problems)
     with pytest.raises(DataError, match=expected):
         load_stream(str(path))
+
+
+@pytest.mark.parametrize("edit, files, expected", [
+    ((("scorer: exact_match", "scorer: bleu"), ("    eval_split: test\n", "    eval_split: test\n    max_train: -1\n")),
+     {}, [r"stream\.yaml:5: tasks\[0\]\.scorer 'bleu' is not a scorer",
+          r"stream\.yaml:8: tasks\[0\]\.max_train must be in \[0, 10000000\] \(got -1\)"]),
+    ((), {"t/train.jsonl": '{"prompt": "Q: a?", "target": 7}\n{"prompt": "Q: c?"}\n', "t/test.jsonl": GOOD_TEST},
+     [r"t/train\.jsonl:1: field 'target' must be str \(got int 7\)",
+      r"t/train\.jsonl:2: missing field 'target' \(declared str\)"]),
+], ids=["config", "records"])
+def test_the_cli_prints_one_line_per_stream_problem_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[tuple[str, str], ...], files: dict[str, str],
+        expected: list[str]) -> None:
+    from training import cli  # the user's view of a bad stream file: exit 2, one `error:` line per problem
+
+    text = textwrap.dedent(JSONL_TASK)
+    for old, new in edit:
+        text = text.replace(old, new)
+    path = write_stream(tmp_path, text, files)
+    root = tmp_path / "runs"
+    code = cli.main(["--mode", "synthetic", "--method", "lora", "--stream", str(path), "--run-root", str(root),
+                     "--set", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == len(expected), lines
+    assert all(line.startswith(f"error: {tmp_path}") for line in lines), lines
+    assert all(sum(bool(re.search(pattern, line)) for line in lines) == 1 for pattern in expected), lines
+    assert not root.exists()
 
 
 def test_unknown_mmlu_subject_lists_the_valid_ones(tmp_path: Path) -> None:
