@@ -344,11 +344,11 @@ def test_an_empty_eval_split_is_refused(tmp_path: Path) -> None:
     (("eval_split: test", "eval_split: train"),
      r"stream\.yaml:7: tasks\[0\]\.eval_split 'train' is also the train_split"),
     (('path: "t/{split}.jsonl"', 'path: "t/{split}.jsonl", colour: red'),
-     r"stream\.yaml:4: tasks\[0\]\.source\.colour is not a known key; known keys: fields, labels, path"),
+     r"stream\.yaml:4: unknown key tasks\[0\]\.source\.colour; known keys: fields, labels, path"),
     (("name: t", "name: ../t"), r"stream\.yaml:3: tasks\[0\]\.name must be a name matching"),
     (("    scorer: exact_match\n", "    scorer: exact_match\n    scorer: token_f1\n"),
      r"stream\.yaml:6: tasks\[0\]\.scorer is given twice \(lines 5 and 6\); YAML would keep only the last"),
-    (("name: bad", "name: bad\nseed: 3"), r"stream\.yaml:2: seed is not a known key; known keys: name, tasks, orders"),
+    (("name: bad", "name: bad\nseed: 3"), r"stream\.yaml:2: unknown key seed; known keys: name, tasks, orders"),
     (("    eval_split: test\n", "    eval_split: test\n    format: {prompt: \"{questoin}\"}\n"),
      r"stream\.yaml:8: tasks\[0\]\.format\.prompt \{questoin\} is not a field of this source; its fields: "
      r"prompt, target"),
