@@ -66,7 +66,7 @@ def stream_bytes(stream: Stream) -> bytes:
 
 def test_sources_registry_is_explicit_and_documented() -> None:
     assert list(SOURCES) == ["jsonl", "csv", "trace", "dialogue_csv", "hf", "mmlu_packaged", "humaneval_packaged",
-                             "generated"]
+                             "generated", "lm_eval"]
     docs = (REPO / "docs" / "streams.md").read_text()
     for key, source in SOURCES.items():
         assert source.name == key
@@ -165,6 +165,97 @@ def test_hf_source_goes_through_load_dataset_for_local_dirs_and_data_files(tmp_p
     assert [e.target for e in by_dir.eval] == [e.target for e in by_files.eval] == ["15", "28"]
     # No completion template: the training text is the target, as rendered (" 17", not the solution).
     assert by_files.train[0].completion == " 17" and by_dir.train[0].completion.endswith("#### 17")
+
+
+LM_EVAL_TASKS = {
+    # lm-eval task YAMLs over local JSON Lines files (dataset_path json + data_files), so no hub is needed
+    "clkit_stream_qa": """
+        task: clkit_stream_qa
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{train: {dir}/qa_train.jsonl, validation: {dir}/qa_val.jsonl}}}}
+        training_split: train
+        validation_split: validation
+        output_type: generate_until
+        doc_to_text: "Q: {{{{question}}}}\\nA:"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list: [{{metric: exact_match}}]
+    """,
+    "clkit_stream_mc": """
+        task: clkit_stream_mc
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{train: {dir}/mc_train.jsonl, test: {dir}/mc_test.jsonl}}}}
+        training_split: train
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: "{{{{label}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        metric_list: [{{metric: acc}}]
+    """,
+}
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_lm_eval_source_renders_a_task_through_its_doc_to_functions(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "lm_tasks"
+    tasks.mkdir()
+    for name, text in LM_EVAL_TASKS.items():
+        (tasks / f"{name}.yaml").write_text(textwrap.dedent(text.format(dir=tasks)).lstrip())
+    (tasks / "qa_train.jsonl").write_text(_jsonl([{"question": f"capital of Veltra {i}?", "answer": f"Kor{i}"}
+                                                  for i in range(4)]))
+    (tasks / "qa_val.jsonl").write_text(_jsonl([{"question": "capital of Osska?", "answer": "Mirrek"}]))
+    (tasks / "mc_train.jsonl").write_text(_jsonl([{"question": f"{i} + 1 =", "choices": [str(i + 1), str(i + 2)],
+                                                   "label": 0} for i in range(3)]))
+    (tasks / "mc_test.jsonl").write_text(_jsonl([{"question": "2 + 2 =", "choices": ["3", "4"], "label": 1}]))
+    path = write_stream(tmp_path, """
+        name: lm
+        tasks:
+          - name: qa
+            source: {type: lm_eval, task: clkit_stream_qa, include_path: lm_tasks, include_defaults: false}
+            scorer: exact_match
+            train_split: train
+            eval_split: validation
+          - name: mc
+            source: {type: lm_eval, task: clkit_stream_mc, include_path: lm_tasks, include_defaults: false}
+            scorer: multiple_choice
+            train_split: train
+            eval_split: test
+    """)
+    assert validate_stream_file(path) == []
+    stream = load_stream(str(path))
+    qa, mc = stream.tasks
+    assert [(t.prompt, t.completion) for t in qa.train][:1] == [("Q: capital of Veltra 0?\nA:", " Kor0")]
+    assert len(qa.train) == 4 and [(e.prompt, e.target) for e in qa.eval] == [("Q: capital of Osska?\nA:", " Mirrek")]
+    assert len(mc.train) == 3
+    (item,) = mc.eval
+    assert (item.prompt, item.choices, item.gold, item.target) == ("2 + 2 =", (" 3", " 4"), 1, " 4")
+    assert qa.meta["read"]["train"]["output_type"] == "generate_until"
+
+    bad = write_stream(tmp_path, (tmp_path / "stream.yaml").read_text().replace("eval_split: test", "eval_split: validation"))
+    with pytest.raises(DataError, match=r"lm-eval task 'clkit_stream_mc' has no validation split; it has: train, test"):
+        load_stream(str(bad))
+
+
+def test_lm_eval_source_without_lm_eval_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed
+    path = write_stream(tmp_path, """
+        name: lm
+        tasks:
+          - name: qa
+            source: {type: lm_eval, task: anything}
+            scorer: exact_match
+            train_split: train
+            eval_split: validation
+    """)
+    assert validate_stream_file(path) == []  # validation never imports lm-eval
+    with pytest.raises(DataError, match=r"source lm_eval needs lm-eval, an optional extra: run `uv sync --extra lm-eval`"):
+        load_stream(str(path))
 
 
 def test_packaged_mmlu_loads_offline_with_the_right_counts() -> None:
