@@ -37,7 +37,7 @@ def load_benchmark(spec: str, cfg: DataConfig) -> Benchmark:
     """
     errors = cfg.validate()
     if errors:
-        raise DataError("; ".join(errors))
+        raise DataError(errors)
     if spec == GENERATED_BENCHMARK:
         bench = generate(cfg)
     else:

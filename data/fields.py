@@ -11,6 +11,11 @@ the generated test (tests/test_config_fields.py) all read the same declaration. 
 list field must carry one; a test enforces that, so a field added later cannot skip validation.
 Cross-field rules (top_k <= num_keys) stay in each section's own validate().
 
+`build_dataclass(cls, mapping, path, problems)` is the one builder from parsed YAML to a section: it
+checks types, unknown keys, required keys, then the declared constraints, collecting every problem.
+The run config (training/config.py) and the stream file (data/streams/config.py) both build through it,
+so a type error reads the same in either.
+
 This sits in data/, the lowest layer that owns a config section, so that data, the methods and the
 training config can all use it without an import running back up.
 """
@@ -20,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 # A name that becomes a path component (run ids, period names, module names): no separators, no
 # leading dot (so never "." or ".."), printable ASCII only.
@@ -207,3 +214,130 @@ def field_problems(obj: Any, path: str) -> list[str]:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a section from a parsed mapping
+
+Check = Callable[[Any, str], list[str]]
+
+
+def type_name(tp: Any) -> str:
+    """A field's type as a message says it: 'an integer', "one of 'a', 'b'", 'a list of a string'."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping to {type_name(typing.get_args(tp)[1])}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(value: Any, tp: Any, dotted: str, problems: list[str], check: Check = field_problems) -> Any:
+    """`value` as type `tp`, or a problem appended and an empty value of the type returned, so the
+    cross-field checks that still run see well-typed fields."""
+    origin = typing.get_origin(tp)
+    bad = f"{dotted} must be {type_name(tp)} (got {_show(value)})"
+    if origin in (Union, types.UnionType):
+        arms = typing.get_args(tp)
+        if value is None and type(None) in arms:
+            return None
+        for arm in arms:
+            trial: list[str] = []
+            out = coerce(value, arm, dotted, trial, check)
+            if not trial:
+                return out
+        section = next((a for a in arms if dataclasses.is_dataclass(a)), None)
+        if section is not None:  # `Section | None`: the section's own problems say more than "a mapping"
+            return build_dataclass(section, value, dotted, problems, check=check)
+        problems.append(bad)
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, dotted, problems, check=check)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(bad)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append(bad)
+            return []
+        return [coerce(v, typing.get_args(tp)[0], f"{dotted}[{i}]", problems, check) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(bad)
+            return {}
+        inner = typing.get_args(tp)[1]
+        return {str(k): coerce(v, inner, f"{dotted}.{k}", problems, check) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(bad)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(bad)
+            return 0
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string; a float field means a number was meant
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(bad)
+            return 0.0
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `split: 2020` as an int; a string field means text
+        if not isinstance(value, str):
+            problems.append(bad)
+            return ""
+        return value
+    return value
+
+
+def build_dataclass(cls: type, data: Any, path: str, problems: list[str], skip: Collection[str] = (),
+                    check: Check = field_problems) -> Any:
+    """Instantiate dataclass `cls` from a mapping, appending every problem (each naming its dotted field).
+
+    `skip` names keys the caller builds itself (left at their defaults here); a class may list the
+    keys it requires in a `REQUIRED` class attribute; `check` gives the declared-constraint problems of
+    a built section (field_problems, or a superset that knows more rules).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or 'config'} must be a mapping (got {type(data).__name__})")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    num_before = len(problems)
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key in skip:
+            continue
+        if key not in names:
+            problems.append(f"unknown key {dotted}; known keys: {', '.join(names)}")
+            continue
+        kwargs[key] = coerce(value, hints[key], dotted, problems, check)
+    for key in getattr(cls, "REQUIRED", ()):
+        if key not in data and key not in skip:
+            problems.append(f"{path}.{key} is required" if path else f"{key} is required")
+    obj = cls(**kwargs)
+    # Range checks assume well-typed values, and cross-field checks in-range ones; each runs only when
+    # the step before it found nothing, so one bad value gives one message, never a crash.
+    if len(problems) == num_before:
+        problems.extend(check(obj, path))
+    validate = getattr(obj, "validate", None)
+    if callable(validate) and len(problems) == num_before:
+        problems.extend(validate())
+    return obj

@@ -205,7 +205,7 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
     """
     errors = cfg.validate()
     if errors:
-        raise DataError("; ".join(errors))
+        raise DataError(errors)
     path = Path(path)
     records = _load_json(path)
     if not isinstance(records, list):

@@ -1,1 +1,3 @@
-"""Command-line tools: launch.py (Slurm fan-out), status.py (run progress), slurm_render.py, local_slurm.sh."""
+"""The jobs layer: command-line tools over run directories (launch, status, slurm_render, report export,
+landscape, lm_eval_job). Everything below (data, eval_and_metrics, training) may be imported from here,
+nothing here from there."""

@@ -6,7 +6,7 @@
 A period directory keeps the trainable state under the toolkit's own names (trainable.safetensors +
 method_state.pt), which is what resuming needs and what stays small. Serving, an outside evaluation
 harness or sharing need the formats everyone else reads, so this job rebuilds the period's model
-exactly as training built it (eval_and_metrics.landscape.load_period_model, which also checks the
+exactly as training built it (scripts.landscape.load_period_model, which also checks the
 loaded state against the period's trainable_sha256) and writes one of three formats, chosen by the
 model's structure, never by the method's name:
 
@@ -84,7 +84,7 @@ class BaseModelInfo:
 
 def read_run(run_dir: Path) -> tuple[RunConfig, Benchmark, dict[str, Any]]:
     """The run's RunConfig (as the eval jobs rebuild it), its benchmark and its raw config tree."""
-    from eval_and_metrics.landscape import load_run_config
+    from scripts.landscape import load_run_config
 
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a directory (give a run directory, e.g. runs/<run-id>)")
@@ -163,7 +163,7 @@ def base_model_info(cfg: RunConfig, run_dir: Path) -> BaseModelInfo:
             weights=f"a seeded random Llama (seed {cfg.seed}) with a word-level tokenizer built from the "
                     "run's benchmark; it exists on no hub",
             rebuild=("from pathlib import Path; from data.io import read_benchmark; "
-                     "from eval_and_metrics.landscape import load_run_config; "
+                     "from scripts.landscape import load_run_config; "
                      f"from training.models import build_synthetic; cfg = load_run_config(Path({str(run_dir)!r})); "
                      f"base, tokenizer = build_synthetic(cfg.model, read_benchmark(Path({str(run_dir)!r}) / 'data'), "
                      "cfg.seed)"))
@@ -307,7 +307,7 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Benchmark, tree: dict[st
                   directory: Path, merge: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Build period k's model, write it in its format into `directory` (inside the staging dir), and
     write the directory's manifest last; returns the manifest."""
-    from eval_and_metrics.landscape import load_period_model
+    from scripts.landscape import load_period_model
     from training.run import code_version
 
     source = period_dir(run_dir, k, name)

@@ -52,7 +52,7 @@ def load_memory_export(directory: str | Path, device: str | torch.device = "cpu"
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval_and_metrics.landscape import load_run_config
+    from scripts.landscape import load_run_config
     from training.methods import METHODS, MethodContext
     from training.restore import load_saved_state
     from training.trainer import state_sha256

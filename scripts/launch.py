@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks, res = build(args, extra_args)
         run_ids = resolve_run_ids(tasks)
-    except ValueError as exc:  # ConfigError and DataError are ValueErrors with one-line messages
-        print(f"error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # ConfigError and DataError hold one one-line message per problem
+        for line in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     folder = Path(args.folder).absolute()
     if args.dry_run:

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = load_benchmark(args.benchmark, cfg)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     path = write_benchmark(bench, args.out)
 

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_run_configs(tree, METHODS)[0]
         workload = load_workload(cfg.data)
     except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     loaded, _method, model = build_model_and_method(cfg, workload)
     started = time.time()

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from artifacts import TMP_PREFIX, read_manifest, sha256_file, verify_manifest
 from data.io import read_benchmark
 from eval_and_metrics.evaluate import evaluate_probes
-from eval_and_metrics.landscape import load_run_config
+from scripts.landscape import load_run_config
 from scripts.export import EMBEDDED_BASE_ID, HF_MODEL, MEMORY_MODEL, PEFT_ADAPTER
 from scripts.export_loader import load_memory_export
 from tests.conftest import SMALL, run_main

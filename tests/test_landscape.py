@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from artifacts import verify_manifest
-from eval_and_metrics import landscape, report
+from eval_and_metrics import report
+from scripts import landscape
 from tests.fixtures.sweep import pristine_sweep, runs_by_method_seed  # noqa: F401
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from artifacts import verify_manifest
-from eval_and_metrics import lm_eval_job, report
+from eval_and_metrics import report
+from scripts import lm_eval_job
 from tests.fixtures.sweep import pristine_sweep, runs_by_method_seed  # noqa: F401
 
 TASKS_DIR = Path(__file__).parent / "fixtures" / "lm_eval_tasks"

@@ -66,7 +66,7 @@ def stream_bytes(stream: Stream) -> bytes:
 
 def test_sources_registry_is_explicit_and_documented() -> None:
     assert list(SOURCES) == ["jsonl", "csv", "trace", "dialogue_csv", "hf", "mmlu_packaged", "humaneval_packaged",
-                             "generated"]
+                             "generated", "lm_eval"]
     docs = (REPO / "docs" / "streams.md").read_text()
     for key, source in SOURCES.items():
         assert source.name == key
@@ -165,6 +165,97 @@ def test_hf_source_goes_through_load_dataset_for_local_dirs_and_data_files(tmp_p
     assert [e.target for e in by_dir.eval] == [e.target for e in by_files.eval] == ["15", "28"]
     # No completion template: the training text is the target, as rendered (" 17", not the solution).
     assert by_files.train[0].completion == " 17" and by_dir.train[0].completion.endswith("#### 17")
+
+
+LM_EVAL_TASKS = {
+    # lm-eval task YAMLs over local JSON Lines files (dataset_path json + data_files), so no hub is needed
+    "clkit_stream_qa": """
+        task: clkit_stream_qa
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{train: {dir}/qa_train.jsonl, validation: {dir}/qa_val.jsonl}}}}
+        training_split: train
+        validation_split: validation
+        output_type: generate_until
+        doc_to_text: "Q: {{{{question}}}}\\nA:"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list: [{{metric: exact_match}}]
+    """,
+    "clkit_stream_mc": """
+        task: clkit_stream_mc
+        dataset_path: json
+        dataset_kwargs: {{data_files: {{train: {dir}/mc_train.jsonl, test: {dir}/mc_test.jsonl}}}}
+        training_split: train
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_target: "{{{{label}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        metric_list: [{{metric: acc}}]
+    """,
+}
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_lm_eval_source_renders_a_task_through_its_doc_to_functions(tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "lm_tasks"
+    tasks.mkdir()
+    for name, text in LM_EVAL_TASKS.items():
+        (tasks / f"{name}.yaml").write_text(textwrap.dedent(text.format(dir=tasks)).lstrip())
+    (tasks / "qa_train.jsonl").write_text(_jsonl([{"question": f"capital of Veltra {i}?", "answer": f"Kor{i}"}
+                                                  for i in range(4)]))
+    (tasks / "qa_val.jsonl").write_text(_jsonl([{"question": "capital of Osska?", "answer": "Mirrek"}]))
+    (tasks / "mc_train.jsonl").write_text(_jsonl([{"question": f"{i} + 1 =", "choices": [str(i + 1), str(i + 2)],
+                                                   "label": 0} for i in range(3)]))
+    (tasks / "mc_test.jsonl").write_text(_jsonl([{"question": "2 + 2 =", "choices": ["3", "4"], "label": 1}]))
+    path = write_stream(tmp_path, """
+        name: lm
+        tasks:
+          - name: qa
+            source: {type: lm_eval, task: clkit_stream_qa, include_path: lm_tasks, include_defaults: false}
+            scorer: exact_match
+            train_split: train
+            eval_split: validation
+          - name: mc
+            source: {type: lm_eval, task: clkit_stream_mc, include_path: lm_tasks, include_defaults: false}
+            scorer: multiple_choice
+            train_split: train
+            eval_split: test
+    """)
+    assert validate_stream_file(path) == []
+    stream = load_stream(str(path))
+    qa, mc = stream.tasks
+    assert [(t.prompt, t.completion) for t in qa.train][:1] == [("Q: capital of Veltra 0?\nA:", " Kor0")]
+    assert len(qa.train) == 4 and [(e.prompt, e.target) for e in qa.eval] == [("Q: capital of Osska?\nA:", " Mirrek")]
+    assert len(mc.train) == 3
+    (item,) = mc.eval
+    assert (item.prompt, item.choices, item.gold, item.target) == ("2 + 2 =", (" 3", " 4"), 1, " 4")
+    assert qa.meta["read"]["train"]["output_type"] == "generate_until"
+
+    bad = write_stream(tmp_path, (tmp_path / "stream.yaml").read_text().replace("eval_split: test", "eval_split: validation"))
+    with pytest.raises(DataError, match=r"lm-eval task 'clkit_stream_mc' has no validation split; it has: train, test"):
+        load_stream(str(bad))
+
+
+def test_lm_eval_source_without_lm_eval_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed
+    path = write_stream(tmp_path, """
+        name: lm
+        tasks:
+          - name: qa
+            source: {type: lm_eval, task: anything}
+            scorer: exact_match
+            train_split: train
+            eval_split: validation
+    """)
+    assert validate_stream_file(path) == []  # validation never imports lm-eval
+    with pytest.raises(DataError, match=r"source lm_eval needs lm-eval, an optional extra: run `uv sync --extra lm-eval`"):
+        load_stream(str(path))
 
 
 def test_packaged_mmlu_loads_offline_with_the_right_counts() -> None:
@@ -299,7 +390,7 @@ def test_orders_pick_alternative_sequences_and_bad_orders_are_refused(tmp_path: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one DataError naming file, line and field
+# Bad input: a DataError with one problem per line, each naming file, line and field
 
 
 JSONL_TASK = """
@@ -344,11 +435,11 @@ def test_an_empty_eval_split_is_refused(tmp_path: Path) -> None:
     (("eval_split: test", "eval_split: train"),
      r"stream\.yaml:7: tasks\[0\]\.eval_split 'train' is also the train_split"),
     (('path: "t/{split}.jsonl"', 'path: "t/{split}.jsonl", colour: red'),
-     r"stream\.yaml:4: tasks\[0\]\.source\.colour is not a known key; known keys: fields, labels, path"),
+     r"stream\.yaml:4: unknown key tasks\[0\]\.source\.colour; known keys: fields, labels, path"),
     (("name: t", "name: ../t"), r"stream\.yaml:3: tasks\[0\]\.name must be a name matching"),
     (("    scorer: exact_match\n", "    scorer: exact_match\n    scorer: token_f1\n"),
      r"stream\.yaml:6: tasks\[0\]\.scorer is given twice \(lines 5 and 6\); YAML would keep only the last"),
-    (("name: bad", "name: bad\nseed: 3"), r"stream\.yaml:2: seed is not a known key; known keys: name, tasks, orders"),
+    (("name: bad", "name: bad\nseed: 3"), r"stream\.yaml:2: unknown key seed; known keys: name, tasks, orders"),
     (("    eval_split: test\n", "    eval_split: test\n    format: {prompt: \"{questoin}\"}\n"),
      r"stream\.yaml:8: tasks\[0\]\.format\.prompt \{questoin\} is not a field of this source; its fields: "
      r"prompt, target"),
@@ -371,6 +462,36 @@ def test_config_problems_are_found_offline_with_file_line_and_field(tmp_path: Pa
     assert all(p.startswith(str(path)) for p in problems)
     with pytest.raises(DataError, match=expected):
         load_stream(str(path))
+
+
+@pytest.mark.parametrize("edit, files, expected", [
+    ((("scorer: exact_match", "scorer: bleu"), ("    eval_split: test\n", "    eval_split: test\n    max_train: -1\n")),
+     {}, [r"stream\.yaml:5: tasks\[0\]\.scorer 'bleu' is not a scorer",
+          r"stream\.yaml:8: tasks\[0\]\.max_train must be in \[0, 10000000\] \(got -1\)"]),
+    ((), {"t/train.jsonl": '{"prompt": "Q: a?", "target": 7}\n{"prompt": "Q: c?"}\n', "t/test.jsonl": GOOD_TEST},
+     [r"t/train\.jsonl:1: field 'target' must be str \(got int 7\)",
+      r"t/train\.jsonl:2: missing field 'target' \(declared str\)"]),
+], ids=["config", "records"])
+def test_the_cli_prints_one_line_per_stream_problem_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: tuple[tuple[str, str], ...], files: dict[str, str],
+        expected: list[str]) -> None:
+    from training import cli  # the user's view of a bad stream file: exit 2, one `error:` line per problem
+
+    text = textwrap.dedent(JSONL_TASK)
+    for old, new in edit:
+        text = text.replace(old, new)
+    path = write_stream(tmp_path, text, files)
+    root = tmp_path / "runs"
+    code = cli.main(["--mode", "synthetic", "--method", "lora", "--stream", str(path), "--run-root", str(root),
+                     "--set", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == len(expected), lines
+    assert all(line.startswith(f"error: {tmp_path}") for line in lines), lines
+    assert all(sum(bool(re.search(pattern, line)) for line in lines) == 1 for pattern in expected), lines
+    assert not root.exists()
 
 
 def test_unknown_mmlu_subject_lists_the_valid_ones(tmp_path: Path) -> None:

@@ -151,7 +151,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
     except ConfigError as exc:
         return _fail(EXIT_BAD_INPUT, *exc.problems)
     except DataError as exc:
-        return _fail(EXIT_BAD_INPUT, str(exc))
+        return _fail(EXIT_BAD_INPUT, *exc.problems)
     except LockHeldError as exc:
         return _fail(EXIT_LOCKED, str(exc))
     except StopRequested as exc:

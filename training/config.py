@@ -12,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from data.config import DataConfig
-from data.fields import Items, Name, Range, Text, constraints_of, field_problems
+from data.fields import Items, Name, Range, Text, build_dataclass, constraints_of, type_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -175,99 +174,6 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        return f"a list of {_type_name(get_args(tp)[0])}"
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
-    origin = get_origin(tp)
-    bad = f"{path} must be {_type_name(tp)} (got {value!r})"
-    if origin is Literal:
-        if value not in get_args(tp):
-            problems.append(bad)
-        return value
-    if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            trial: list[str] = []
-            out = _coerce(value, arg, path, trial)
-            if not trial:
-                return out
-        problems.append(bad)
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            problems.append(bad)
-            return value
-        return [_coerce(v, get_args(tp)[0], f"{path}[{i}]", problems) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(bad)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(bad)
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads 1e-4 (no dot) as a string; a float field means the user meant a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(bad)
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            # YAML turns 2020 into an int; a string field means the user meant text.
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            problems.append(bad)
-        return value
-    return value
-
-
-def build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    """Instantiate dataclass `cls` from a mapping, appending every problem to `problems`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{path or 'config'} must be a mapping (got {type(data).__name__})")
-        data = {}
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    num_before = len(problems)
-    for key, value in data.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            problems.append(f"unknown key {dotted}; known keys: {', '.join(fields)}")
-            continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = build_dataclass(tp, value, dotted, problems)
-        else:
-            kwargs[key] = _coerce(value, tp, dotted, problems)
-    obj = cls(**kwargs)
-    # Range checks assume well-typed values, and cross-field checks in-range ones; each runs only when
-    # the step before it found nothing, so one bad value gives one message, never a crash.
-    if len(problems) == num_before:
-        problems.extend(field_problems(obj, path))
-    validate = getattr(obj, "validate", None)
-    if callable(validate) and len(problems) == num_before:
-        problems.extend(validate())
-    return obj
-
-
 def describe(cls: type, prefix: str = "") -> list[str]:
     """`section.key  (type, default)` lines for --help, from the dataclass fields."""
     lines = []
@@ -281,7 +187,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         elif f.name != "options":
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             rule = rules[f.name]
-            valid = f"{_type_name(tp)}, {rule.describe()}" if rule else _type_name(tp)
+            valid = f"{type_name(tp)}, {rule.describe()}" if rule else type_name(tp)
             lines.append(f"  {dotted} = {default!r}  ({valid})")
     return lines
 

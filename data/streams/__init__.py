@@ -11,8 +11,8 @@ Public API (file format and every source in docs/streams.md):
 - ``SOURCES``: the registry of source types (data/streams/sources/__init__.py).
 - ``PRESET_DIR`` / ``list_presets()`` / ``resolve_stream_path(spec)``: the shipped presets.
 
-Every bad input raises ``DataError`` (data/errors.py) with one message per problem, each naming the
-file, the line and the field.
+Every bad input raises ``DataError`` (data/errors.py) holding one message per problem
+(``exc.problems``), each naming the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def read_stream_spec(path: str | os.PathLike[str], scorers: Collection[str] | No
     """The checked stream file, without reading data; DataError with every problem otherwise."""
     spec, problems = read_stream_file(resolve_stream_path(path), scorers)
     if problems:
-        raise DataError("; ".join(problems))
+        raise DataError(problems)
     assert spec is not None
     return spec
 

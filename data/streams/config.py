@@ -19,17 +19,15 @@ reading any data, so ``validate_stream_file`` can check a hub preset offline.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 
-from data.fields import Items, Name, Range, Text
+from data.fields import Items, Name, Range, Text, build_dataclass
 from data.streams.kinds import KINDS, SCORER_KINDS, STANDARD_FORMATS, kind_of
 from data.streams.rules import Pattern, Seq, problems_of, show
 from data.streams.sources import SOURCES
@@ -174,8 +172,9 @@ def _line_of(dotted: str, lines: dict[str, int]) -> int | None:
 
 
 def _locate(problem: str, path: Path, lines: dict[str, int]) -> str:
-    """Prefix a problem (which starts with its dotted field) with '<file>:<line>: '."""
-    line = _line_of(problem.split(" ", 1)[0], lines)
+    """Prefix a problem (which starts with its dotted field, or `unknown key <field>;`) with '<file>:<line>: '."""
+    dotted = problem.removeprefix("unknown key ").split(" ", 1)[0].rstrip(";")
+    line = _line_of(dotted, lines)
     return f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
 
 
@@ -211,100 +210,10 @@ def _read_yaml(path: Path) -> tuple[Any, dict[str, int], list[str]]:
 # Generic building: dataclass <- mapping, every problem collected
 
 
-def _type_text(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_text(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return f"a mapping to {_type_text(typing.get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any, dotted: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    bad = f"{dotted} must be {_type_text(tp)} (got {show(value)})"
-    if origin in (Union, types.UnionType):  # only `Section | None` occurs
-        inner = next(a for a in typing.get_args(tp) if a is not type(None))
-        return None if value is None else _coerce(value, inner, dotted, problems)
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, dotted, problems)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            problems.append(bad)
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            problems.append(bad)
-            return []
-        return [_coerce(v, typing.get_args(tp)[0], f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(bad)
-            return {}
-        inner = typing.get_args(tp)[1]
-        return {str(k): _coerce(v, inner, f"{dotted}.{k}", problems) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(bad)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(bad)
-            return 0
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string; a float field means a number was meant
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(bad)
-            return 0.0
-        return float(value)
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # YAML reads `split: 2020` as an int; a string field means text
-        if not isinstance(value, str):
-            problems.append(bad)
-            return ""
-        return value
-    return value
-
-
 def build_section(cls: type, data: Any, path: str, problems: list[str], skip: Collection[str] = ()) -> Any:
-    """Instantiate dataclass `cls` from a mapping, appending every problem (dotted field first)."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{path or 'the stream file'} must be a mapping (got {show(data)})")
-        data = {}
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    num_before = len(problems)
-    for key, value in data.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if key in skip:
-            continue  # built by the caller
-        if key not in names:
-            problems.append(f"{dotted} is not a known key; known keys: {', '.join(names)}")
-            continue
-        kwargs[key] = _coerce(value, hints[key], dotted, problems)
-    for key in getattr(cls, "REQUIRED", ()):
-        if key not in data and key not in skip:
-            dotted = f"{path}.{key}" if path else key
-            problems.append(f"{dotted} is required")
-    obj = cls(**kwargs)
-    # Range checks assume well-typed values; run them only when typing found nothing, so one bad
-    # value gives one message.
-    if len(problems) == num_before:
-        problems.extend(problems_of(obj, path, skip=skip))
-    return obj
+    """Instantiate dataclass `cls` from a mapping (data/fields.py's builder), appending every problem;
+    the declared rules include the stream's own (data/streams/rules.py)."""
+    return build_dataclass(cls, data, path, problems, skip=skip, check=partial(problems_of, skip=skip))
 
 
 # ---------------------------------------------------------------------------------------------

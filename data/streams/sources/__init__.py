@@ -11,6 +11,7 @@ from data.streams.sources.base import Doc, ReadContext, Source, SourceRead
 from data.streams.sources.files import CsvSource, DialogueCsvSource, JsonlSource, TraceSource
 from data.streams.sources.generated import GeneratedSource
 from data.streams.sources.hf import HfSource
+from data.streams.sources.lm_eval import LmEvalSource
 from data.streams.sources.packaged import HumanEvalPackagedSource, MmluPackagedSource
 
 SOURCES: dict[str, Source] = {
@@ -22,6 +23,7 @@ SOURCES: dict[str, Source] = {
     "mmlu_packaged": MmluPackagedSource(),
     "humaneval_packaged": HumanEvalPackagedSource(),
     "generated": GeneratedSource(),
+    "lm_eval": LmEvalSource(),
 }
 
 __all__ = ["SOURCES", "Doc", "ReadContext", "Source", "SourceRead"]

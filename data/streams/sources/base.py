@@ -84,8 +84,8 @@ class RecordProblems:
 
     def raise_if_any(self) -> None:
         if self.items:
-            more = f"; and {self.num_more} more problems in {self.what}" if self.num_more else ""
-            raise DataError("; ".join(self.items) + more)
+            more = [f"and {self.num_more} more problems in {self.what}"] if self.num_more else []
+            raise DataError(self.items + more)
 
 
 def type_name(value: Any) -> str:

@@ -1,6 +1,6 @@
 """General-ability forgetting: lm-evaluation-harness tasks on every period checkpoint of a run.
 
-    uv run --extra lm-eval python -m eval_and_metrics.lm_eval_job RUN_DIR --tasks piqa,boolq,hellaswag
+    uv run --extra lm-eval python -m scripts.lm_eval_job RUN_DIR --tasks piqa,boolq,hellaswag
         [--period all|K|NAME] [--include-path DIR] [--no-default-tasks] [--limit N] [--num-fewshot N]
         [--batch-size 8] [--device auto|cpu|cuda] [--force]
 
@@ -96,7 +96,7 @@ def _json_safe(obj: Any) -> Any:
 def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device: str = "auto",
                     force: bool = False, task_manager: Any = None, log: Any = print) -> dict[str, Any] | None:
     """Run the tasks on one committed period and commit periods/<k>-<name>/lm_eval/; None if up to date."""
-    from eval_and_metrics.landscape import load_period_model, resolve_period
+    from scripts.landscape import load_period_model, resolve_period
 
     lm_eval = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -157,7 +157,7 @@ def committed_prefix(run_dir: Path) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval_and_metrics.lm_eval_job", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m scripts.lm_eval_job", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task/group names, e.g. piqa,boolq")

@@ -1,6 +1,6 @@
 """Loss landscape of a period checkpoint: a 2-D loss slice, sharpness, and a forgetting estimate.
 
-    uv run python -m eval_and_metrics.landscape RUN_DIR [--period all|K|NAME] [--data probes|passages]
+    uv run python -m scripts.landscape RUN_DIR [--period all|K|NAME] [--data probes|passages]
                                                [--grid 11] [--span 1.0] [--max-examples 64] ...
 
 * 2-D slice (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
@@ -503,7 +503,7 @@ def plot_surface(coords: np.ndarray, grid: np.ndarray, path: Path, title: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval_and_metrics.landscape", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m scripts.landscape", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="one run directory")
     p.add_argument("--period", default="all", help="all (every committed period), an index (0 = base) or a name")
