@@ -34,7 +34,14 @@ from training.signals import EXIT_RESUME, STOP_SIGNALS, StopFlag, StopRequested 
 # node) must end the process cleanly (exit 75, no traceback), not kill it with a default handler.
 STOP = StopFlag().install()
 
+# Jobs that read finished runs; they sit above the training loop, so main.py (not training/) dispatches them.
+SUBCOMMANDS = {"status": "scripts.status", "export": "scripts.export"}
+
 if __name__ == "__main__":
+    if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
     try:
         with STOP.immediately():
             from training.cli import main

@@ -26,7 +26,7 @@ from scripts.landscape import load_run_config
 from scripts.export import EMBEDDED_BASE_ID, HF_MODEL, MEMORY_MODEL, PEFT_ADAPTER
 from scripts.export_loader import load_memory_export
 from tests.conftest import SMALL, run_main
-from training import cli
+from scripts import export as export_job
 from training.config import ModelConfig
 from training.models import build_synthetic, cached_embedded_dir
 
@@ -50,9 +50,8 @@ def runs_by_method(root: Path) -> dict[str, Path]:
 
 
 def export(run: Path, out: Path, *args: str) -> int:
-    """Through main.py's own dispatch (training.cli.main), in-process: same code path as
-    `main.py export`, without 8 s of imports per call."""
-    return cli.main(["export", str(run), "--out", str(out), *args])
+    """The job `main.py export` dispatches to, in-process: without 8 s of imports per call."""
+    return export_job.main([str(run), "--out", str(out), *args])
 
 
 def committed_predictions(run: Path, period_dir: str) -> list[dict[str, Any]]:
@@ -258,7 +257,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(synthetic_runs: dict
         argv = argv[:2]
     elif case == "merge_memories":
         argv += ["--merge"]
-    code = cli.main(argv)
+    code = export_job.main(argv[1:])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err[-2000:]

@@ -106,12 +106,6 @@ def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, s
 def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
     """Run the CLI; `stop` is a StopFlag installed earlier by main.py (else installed here)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["status"]:
-        from scripts.status import main as status_main
-        return status_main(argv[1:])
-    if argv[:1] == ["export"]:
-        from scripts.export import main as export_main
-        return export_main(argv[1:])
     owns_stop = stop is None
     stop = stop if stop is not None else StopFlag().install()
     try:
