@@ -160,6 +160,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     kind: str = "temporal"  # or "stream" (data/stream.json)
     stream_order: int | None = None
+    is_bound: bool = False  # the joint / per-task bounds: a reference row, labelled, never a method to rank
 
     @property
     def unit(self) -> str:
@@ -611,6 +612,7 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
         if manifest.get("data_fingerprint") not in (None, run.fingerprint):
             problem = f"periods/{directory.name} was evaluated on other data (fingerprint differs)"
             break
+        run.is_bound = run.is_bound or bool(manifest.get("is_bound"))
         run.rows.append(row)
 
     # Period dirs beyond the valid prefix (a gap, or names the benchmark does not have).
@@ -960,7 +962,8 @@ def build_groups(runs: Sequence[Run]) -> list[Group]:
     for key in sorted(by_key):
         bench, fp = key[0], key[1]
         bench_label = bench if len(fingerprints[bench]) == 1 else f"{bench} [data {fp[:8]}]"
-        group = Group(benchmark=bench_label, model=key[2], method=key[3], variant=key[4], label=labels[key],
+        bound = " (bound)" if any(r.is_bound for r in by_key[key]) else ""
+        group = Group(benchmark=bench_label, model=key[2], method=key[3], variant=key[4], label=labels[key] + bound,
                       period_names=by_key[key][0].period_names, kind=by_key[key][0].kind,
                       runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)))
         _aggregate_group(group)

@@ -278,6 +278,7 @@ class Trainer:
         atomic_write_json(tmp / "eval" / "scores.json", {"by_period": summary, "extras": extras})
         write_manifest(tmp, {
             "kind": "period", "status": "complete", "run_id": self.paths.root.name, "method": self.method.name,
+            "is_bound": self.method.is_bound,
             "period_index": period.index, "period_name": period.name, "config_hash": self.cfg.config_hash(),
             "data_fingerprint": self.work.fingerprint, "code_version": _code_version(self.paths),
             "metrics": {"by_period": summary, "extras": extras}, "train": train_info,
