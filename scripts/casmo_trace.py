@@ -33,8 +33,10 @@ def summarize(trace: list[dict[str, Any]]) -> list[str]:
         rest = [r["casmo_confidence"] for r in rows if not r["casmo_calibrating"]]
         after += rest
         if not rest:
+            fix = (f"lower train.casmo.calibration_steps below {len(rows)}" if len(rows) > 2
+                   else "a period this short cannot calibrate (train.casmo.calibration_steps >= 2); train longer")
             lines.append(f"period {period}: {len(rows)} steps, WARNING: calibration never ended, so this period "
-                         f"was plain AdamW; lower train.casmo.calibration_steps below {len(rows)}")
+                         f"was plain AdamW; {fix}")
             continue
         lines.append(f"period {period}: {len(rows)} steps, calibration ended after step "
                      f"{calibrating[-1]['step'] if calibrating else 0}, mean confidence after "
