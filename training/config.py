@@ -21,6 +21,7 @@ import yaml
 
 from data.config import DataConfig
 from data.fields import Items, Name, Range, Text, build_dataclass, constraints_of, type_name
+from training.optimizer_options import CasmoOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -57,7 +58,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: Annotated[int, Range(1, 1000)] = 3  # passes over each period's training data
-    optimizer: Literal["adamw"] = "adamw"  # update rule (training/optimizers), for any method
+    optimizer: Literal["adamw", "casmo"] = "adamw"  # update rule (training/optimizers), for any method
     # peak learning rate of AdamW (a method may override per parameter group)
     lr: Annotated[float, Range(0, 100, lo_open=True)] = 3e-4
     weight_decay: Annotated[float, Range(0, 10)] = 0.0  # AdamW weight decay
@@ -76,6 +77,7 @@ class TrainConfig:
     progress: bool = True  # show progress bars (stderr)
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
+    casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
 
     def validate(self) -> list[str]:
         if self.max_tokens_per_batch < self.max_seq_len:
@@ -133,8 +135,10 @@ class RunConfig:
             out["data"].pop("stream")
             out["data"].pop("stream_order")
         if self.train.optimizer == "adamw":
-            # the same for the optimizer choice: runs from before it existed used AdamW
+            # the same for the optimizer choice: runs from before it existed used AdamW, and the
+            # options of another optimizer mean nothing to it
             out["train"].pop("optimizer")
+            out["train"].pop("casmo")
         return out
 
     def identity_dict(self) -> dict:

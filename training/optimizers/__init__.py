@@ -11,15 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import dataclasses
+
 import torch
+
+from training.optimizers.casmo import CASMO
 
 
 def adamw(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
 
+def casmo(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
+    # AdamW's lr, betas and weight decay, so casmo with a calibration window longer than the period is
+    # exactly the adamw run; the train.casmo section (training/optimizer_options.py) adds the rest.
+    return CASMO(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+                 **dataclasses.asdict(train.casmo))
+
+
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], Any], torch.optim.Optimizer]] = {
     "adamw": adamw,
+    "casmo": casmo,
 }
 
 
