@@ -9,6 +9,7 @@ from training.methods.base import Method, MethodContext
 from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.full_ft import FullFineTune
 from training.methods.lora import LoRA
+from training.methods.lwf import LearningWithoutForgetting
 from training.methods.smf import SparseMemoryFinetune
 
 METHODS: dict[str, type[Method]] = {
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "smf": SparseMemoryFinetune,
     "casm": ContradictionAwareSparseMemory,
+    "lwf": LearningWithoutForgetting,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]
