@@ -5,6 +5,7 @@ Keys are lowercase snake case and match the module names; tests/test_registry.py
 
 from __future__ import annotations
 
+from training.methods.agem import AveragedGEM
 from training.methods.base import Method, MethodContext
 from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.full_ft import FullFineTune
@@ -18,6 +19,7 @@ METHODS: dict[str, type[Method]] = {
     "smf": SparseMemoryFinetune,
     "casm": ContradictionAwareSparseMemory,
     "lwf": LearningWithoutForgetting,
+    "agem": AveragedGEM,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]
