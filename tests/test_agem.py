@@ -172,7 +172,8 @@ def test_reference_batches_are_seeded_by_period_and_step(bench):
     _, _, b = _with_memory(bench, ref_batch=3)
 
     def items(batch):  # the batch's items, whatever their order
-        return sorted(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"]))
+        rows = zip(batch["input_ids"], batch["attention_mask"])
+        return sorted(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
     assert all(torch.equal(a.reference_batch(s)["input_ids"], b.reference_batch(s)["input_ids"]) for s in range(4))
     assert len({tuple(items(a.reference_batch(s))) for s in range(8)}) > 1, "steps draw different batches"
     assert len(items(a.reference_batch(0))) == 3
