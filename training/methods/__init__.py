@@ -5,10 +5,12 @@ Keys are lowercase snake case and match the module names; tests/test_registry.py
 
 from __future__ import annotations
 
+from training.methods.agem import AveragedGEM
 from training.methods.base import Method, MethodContext
 from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.full_ft import FullFineTune
 from training.methods.lora import LoRA
+from training.methods.lwf import LearningWithoutForgetting
 from training.methods.smf import SparseMemoryFinetune
 
 METHODS: dict[str, type[Method]] = {
@@ -16,6 +18,8 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "smf": SparseMemoryFinetune,
     "casm": ContradictionAwareSparseMemory,
+    "lwf": LearningWithoutForgetting,
+    "agem": AveragedGEM,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]
