@@ -48,8 +48,10 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int,
     boundary is exact and the completion's tokens are those the model is asked to produce after the
     prompt at evaluation. Without loss_on_prompt the prompt's tokens are masked out of the loss.
     Too long an item keeps its EOS, at least half the budget for the completion, and the end of its
-    prompt (the part next to the answer), so no sequence is left without a token to learn."""
+    prompt (the part next to the answer), so no sequence is left without a token to learn.
+    `loss_on_prompt` may be given per item (a replayed item keeps the setting of its own task)."""
     eos = tokenizer.eos_token_id
+    on_prompt = loss_on_prompt if isinstance(loss_on_prompt, list) else [loss_on_prompt] * len(pairs)
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []
     completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"] if pairs else []
     room = max_len - 1

@@ -9,6 +9,8 @@ from training.methods.base import Method, MethodContext
 from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.full_ft import FullFineTune
 from training.methods.lora import LoRA
+from training.methods.olora import OLoRA
+from training.methods.per_task import PerTask
 from training.methods.smf import SparseMemoryFinetune
 
 METHODS: dict[str, type[Method]] = {
@@ -16,6 +18,8 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "smf": SparseMemoryFinetune,
     "casm": ContradictionAwareSparseMemory,
+    "olora": OLoRA,
+    "per_task": PerTask,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]
