@@ -11,6 +11,8 @@ from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.full_ft import FullFineTune
 from training.methods.lora import LoRA
 from training.methods.lwf import LearningWithoutForgetting
+from training.methods.olora import OLoRA
+from training.methods.per_task import PerTask
 from training.methods.smf import SparseMemoryFinetune
 
 METHODS: dict[str, type[Method]] = {
@@ -20,6 +22,8 @@ METHODS: dict[str, type[Method]] = {
     "casm": ContradictionAwareSparseMemory,
     "lwf": LearningWithoutForgetting,
     "agem": AveragedGEM,
+    "olora": OLoRA,
+    "per_task": PerTask,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]

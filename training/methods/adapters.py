@@ -1,0 +1,139 @@
+"""One peft LoRA adapter per period, for the methods that keep several (olora, per_task).
+
+    adapter of period k:  "period_<k>"  (k 1-based; a period name may hold characters a module name cannot)
+    h = W x + sum over active adapters j of (alpha / r) * B_j A_j x      (in the sorted order of j)
+
+Every adapter is created the same way wherever it is created (prepare for period 1, on_period_start for
+a later one, load_trainable_state_dict for one a fresh model lacks): inside a forked RNG, then A drawn
+from a local generator seeded by (run seed, method, k) and B set to zero. So an adapter's initial
+weights are a pure function of the run seed and k, the global RNG the trainer seeded is never touched,
+and the new adapter adds exactly zero to the output until it trains.
+
+peft 0.21's `set_adapter` marks every adapter it activates trainable (and `disable_adapter` re-marks
+them on exit), so `activate` sets requires_grad itself afterwards: exactly one adapter (or none) trains.
+This is a helper module shared by two methods, not a method of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from training.methods.lora import LoraOptions
+from training.seeding import derive_seed
+
+PREFIX = "period_"
+# ".lora_A.period_3.weight": which adapter a parameter belongs to
+_PARAM_RE = re.compile(rf"\.lora_[AB]\.{PREFIX}(\d+)\.")
+
+
+def adapter_name(k: int) -> str:
+    return f"{PREFIX}{k}"
+
+
+def param_adapter(param_name: str) -> int | None:
+    """The period index of the adapter a parameter belongs to; None for the backbone."""
+    match = _PARAM_RE.search(param_name)
+    return int(match.group(1)) if match else None
+
+
+def check_targets(method: str, cfg: LoraOptions, model: nn.Module) -> list[str]:
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.target_modules if t not in present]
+    if missing:
+        return [f"method.{method}.target_modules {missing} are not modules of this model; "
+                f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
+    return []
+
+
+def _peft_config(cfg: LoraOptions) -> LoraConfig:
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    """peft's LoRA layers in module order (a fixed order: the loss sums over them in it)."""
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def adapters(model: nn.Module) -> list[int]:
+    """Period indices of the adapters the model holds, ascending."""
+    return sorted(int(n[len(PREFIX):]) for n in model.peft_config if n.startswith(PREFIX))
+
+
+def _init(model: nn.Module, k: int, seed: int) -> None:
+    """peft's own LoRA init (kaiming-uniform A, zero B) drawn from a local generator."""
+    gen = torch.Generator().manual_seed(seed)
+    name = adapter_name(k)
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            fresh = torch.empty(a.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+            a.copy_(fresh)
+            b.zero_()
+
+
+def attach(model: nn.Module, cfg: LoraOptions, seed: int) -> PeftModel:
+    """Wrap the backbone with peft, holding period 1's adapter; the backbone is frozen."""
+    with torch.random.fork_rng(devices=[]):
+        peft_model = get_peft_model(model, _peft_config(cfg), adapter_name=adapter_name(1))
+    _init(peft_model, 1, seed)
+    return peft_model
+
+
+def ensure(model: nn.Module, cfg: LoraOptions, k: int, seed: int) -> bool:
+    """Add period k's adapter unless the model holds it already (then nothing changes); True if added."""
+    if k in adapters(model):
+        return False
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws its init from the global RNG
+        model.add_adapter(adapter_name(k), _peft_config(cfg))
+    _init(model, k, seed)
+    return True
+
+
+def activate(model: nn.Module, active: list[int], trainable: int | None) -> None:
+    """Sum the outputs of the `active` adapters (in ascending order); only `trainable` gets gradients."""
+    assert active, "peft needs at least one active adapter; use disable_adapter() for the base model"
+    model.base_model.set_adapter([adapter_name(k) for k in sorted(active)])
+    for n, p in model.named_parameters():
+        k = param_adapter(n)
+        if k is not None:
+            p.requires_grad_(k == trainable)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter's tensors, frozen ones included (they are not part of the backbone)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if param_adapter(n) is not None}
+
+
+def load_adapter_state(model: nn.Module, cfg: LoraOptions, state: dict[str, torch.Tensor], method: str,
+                       seed_of: Any) -> None:
+    """Load `state` (from adapter_state), first creating the adapters it holds that the model lacks.
+
+    `seed_of(k)` gives adapter k's init seed; the init is overwritten here, but creating it the usual
+    way keeps the model's module order the same as in a run that created it in on_period_start.
+    """
+    outside = [n for n in state if param_adapter(n) is None]
+    if outside:
+        raise RuntimeError(f"{method}: trainable state holds non-adapter tensors {outside[:5]}")
+    for k in sorted({param_adapter(n) for n in state}):
+        ensure(model, cfg, k, seed_of(k))
+    params = {n: p for n, p in model.named_parameters() if param_adapter(n) is not None}
+    missing = [n for n in params if n not in state]
+    unexpected = [n for n in state if n not in params]
+    if missing or unexpected:
+        raise RuntimeError(f"{method}: trainable state mismatch, missing={missing[:5]} unexpected={unexpected[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def init_seed(run_seed: int, method: str, k: int) -> int:
+    return derive_seed(run_seed, method, "adapter", k)
