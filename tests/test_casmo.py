@@ -18,7 +18,7 @@ import torch
 from tests.conftest import comparable, only_run_dir, read_results
 from training import cli, trainer
 from training.config import RunConfig, TrainConfig
-from training.optimizers import OPTIMIZERS, optimizer_stats
+from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
 from training.optimizers.casmo import CASMO, calibrate, group_confidence
 
 BETAS = (0.9, 0.999)
@@ -327,3 +327,11 @@ def test_trace_script_reads_a_log(tmp_path: Path):
     assert any("period 1" in line and "calibration ended after step 2" in line for line in lines)
     assert any("period 2" in line and "WARNING" in line and "calibration_steps" in line for line in lines)
     assert any("mean confidence after calibration: 0.5" in line for line in lines)
+
+
+def test_a_window_not_shorter_than_the_period_is_reported_never_silently_adamw():
+    opt = CASMO([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, calibration_steps=20)
+    problem = horizon_problem(opt, 20)
+    assert problem and "train.casmo.calibration_steps=20" in problem and "20 optimizer steps" in problem
+    assert horizon_problem(opt, 21) is None
+    assert horizon_problem(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]), 1) is None

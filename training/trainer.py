@@ -36,7 +36,7 @@ from eval_and_metrics.evaluate import EvalInterrupted
 from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
 from training.methods.base import Method
-from training.optimizers import OPTIMIZERS, optimizer_stats
+from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
 from training.restore import load_saved_state
 from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
@@ -147,6 +147,10 @@ class Trainer:
         if latest is not None:
             pos = self._restore_step(latest[1], optimizer, scheduler)
         self._truncate_log(k, pos.step)
+        problem = horizon_problem(optimizer, total_steps)
+        if problem:
+            self.say(f"warning: period {k} ({period.name}): {problem}")
+            self._log({"event": "warning", "period": k, "message": problem})
         if latest is not None:
             self._log({"event": "resume", "period": k, "from_step": pos.step, "total_steps": total_steps,
                        **slurm_info()})

@@ -35,9 +35,16 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], Any], torch.optim.Optimize
 }
 
 
+def horizon_problem(optimizer: torch.optim.Optimizer, total_steps: int) -> str | None:
+    """An optimizer that needs a number of steps (CASMO's calibration window) says when a period is
+    too short for it; the loop prints that once per period, so a run never silently measures AdamW."""
+    check = getattr(optimizer, "horizon_problem", None)
+    return check(total_steps) if callable(check) else None
+
+
 def optimizer_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     stats = getattr(optimizer, "stats", None)
     return stats() if callable(stats) else {}
 
 
-__all__ = ["OPTIMIZERS", "optimizer_stats"]
+__all__ = ["OPTIMIZERS", "horizon_problem", "optimizer_stats"]

@@ -110,6 +110,13 @@ class CASMO(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.casmo = {k: list(v) if isinstance(v, list) else v for k, v in casmo.items()}
 
+    def horizon_problem(self, total_steps: int) -> str | None:
+        """Why this optimizer cannot do what it is configured for in a period of `total_steps` steps."""
+        if self.calibration_steps >= total_steps:
+            return (f"train.casmo.calibration_steps={self.calibration_steps} >= the {total_steps} optimizer steps "
+                    "of this period: it never leaves calibration and trains as plain AdamW (lower the window)")
+        return None
+
     def stats(self) -> dict[str, float]:
         return {"casmo_confidence": float(self.casmo["last_confidence"]),
                 "casmo_agar": float(self.casmo["last_agar"]),
