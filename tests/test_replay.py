@@ -13,10 +13,10 @@ import torch
 
 from data.schema import Period
 from training.batching import PeriodData
+from training.methods.adapted import AdaptedOptions
 from training.methods.base import MethodContext
 from training.methods.joint import Joint
 from training.methods.replay import Replay, ReplayOptions, per_period_quota
-from training.methods.adapted import AdaptedOptions
 
 MODEL = None  # neither method looks at the model
 
