@@ -8,11 +8,14 @@ from __future__ import annotations
 from training.methods.agem import AveragedGEM
 from training.methods.base import Method, MethodContext
 from training.methods.casm import ContradictionAwareSparseMemory
+from training.methods.ewc import EWC
 from training.methods.full_ft import FullFineTune
+from training.methods.joint import Joint
 from training.methods.lora import LoRA
 from training.methods.lwf import LearningWithoutForgetting
 from training.methods.olora import OLoRA
 from training.methods.per_task import PerTask
+from training.methods.replay import Replay
 from training.methods.smf import SparseMemoryFinetune
 
 METHODS: dict[str, type[Method]] = {
@@ -24,6 +27,9 @@ METHODS: dict[str, type[Method]] = {
     "agem": AveragedGEM,
     "olora": OLoRA,
     "per_task": PerTask,
+    "ewc": EWC,
+    "replay": Replay,
+    "joint": Joint,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]
