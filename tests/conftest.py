@@ -41,6 +41,12 @@ def comparable(results: dict) -> dict:
                                     "config_hash")}
 
 
+def train_records(run_dir: Path) -> list[dict]:
+    """The logged optimizer steps of a run, minus their wall time: what a resumed run must repeat exactly."""
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if r.get("event") == "train"]
+
+
 def read_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import comparable, only_run_dir, read_results
+from tests.conftest import comparable, only_run_dir, read_results, train_records
 from training import cli, trainer
 from training.config import RunConfig, TrainConfig
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
@@ -270,11 +270,6 @@ TINY = ["--mode", "synthetic", "--set", "data.num_facts=8", "--set", "train.epoc
         "--set", "train.optimizer=casmo"]
 
 
-def _train_records(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("event") == "train"]
-
-
 @pytest.mark.slow
 def test_kill_mid_calibration_then_resume_equals_uninterrupted(tmp_path: Path, monkeypatch):
     # Window 10 and a SIGUSR2 after the 7th optimizer step overall: period 1 (its steps are counted from
@@ -282,7 +277,7 @@ def test_kill_mid_calibration_then_resume_equals_uninterrupted(tmp_path: Path, m
     args = [*TINY, "--set", "train.casmo.calibration_steps=10"]
     ref_root, root = tmp_path / "ref", tmp_path / "run"
     assert cli.main([*args, "--run-root", str(ref_root)]) == 0
-    ref_rows = _train_records(only_run_dir(ref_root))
+    ref_rows = train_records(only_run_dir(ref_root))
     assert {"casmo_confidence", "casmo_agar", "casmo_calibrating"} <= set(ref_rows[0])
 
     real_step = trainer.Trainer.train_step
@@ -298,13 +293,13 @@ def test_kill_mid_calibration_then_resume_equals_uninterrupted(tmp_path: Path, m
     monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
     assert cli.main([*args, "--run-root", str(root)]) == 75
     run_dir = only_run_dir(root)
-    stopped = _train_records(run_dir)
+    stopped = train_records(run_dir)
     assert stopped[-1]["period"] == 1 and stopped[-1]["casmo_calibrating"] == 1.0  # killed mid-calibration
     monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
     assert cli.main([*args, "--run-root", str(root)]) == 0
     assert comparable(read_results(run_dir)) == comparable(read_results(only_run_dir(ref_root)))
     strip = ("lr", "loss", "grad_norm", "casmo_confidence", "casmo_agar", "casmo_calibrating", "period", "step")
-    assert ([{k: r[k] for k in strip} for r in _train_records(run_dir)]
+    assert ([{k: r[k] for k in strip} for r in train_records(run_dir)]
             == [{k: r[k] for k in strip} for r in ref_rows])
     assert any(r["casmo_calibrating"] == 0.0 for r in ref_rows)  # the window ends inside a period
 
