@@ -685,7 +685,7 @@ def test_every_preset_validates_offline_and_says_where_it_comes_from(name: str) 
 
 def test_the_presets_are_the_ones_the_field_uses() -> None:
     assert set(list_presets()) == {"multidomain-synthetic", "mmlu-packaged", "humaneval-packaged", "casmo-b7",
-                                   "mmlu-hub", "dialogue-speakers", "ct0", "olora-standard4"}
+                                   "mmlu-hub", "dialogue-speakers", "ct0", "olora-standard4", "styles-synthetic"}
     olora = read_stream_spec("olora-standard4")
     assert [olora.order_names(k) for k in range(3)] == [["dbpedia", "amazon", "yahoo", "agnews"],
                                                          ["dbpedia", "amazon", "agnews", "yahoo"],
@@ -741,3 +741,19 @@ def test_ct0_preset_reads_one_jsonl_export_per_task(tmp_path: Path, monkeypatch:
     stream = load_stream("ct0")
     assert len(stream.tasks) == 8 and all((len(t.train), len(t.eval)) == (3, 2) for t in stream.tasks)
     assert stream.task_names[0] == "simplification" and stream.task_names[-1] == "twitter_stylometry"
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (PRESET_DIR.parent / "experiments").glob("*.yaml")))
+def test_each_experiment_names_a_valid_stream_and_parses_with_its_offline_stand_in(experiment: str) -> None:
+    """A reproduction file (configs/experiments/) runs on the hub (or the user's) data on a cluster and on
+    the stand-in stream here, unchanged: its own stream validates offline, and the run config it makes
+    with the stand-in passes every check main.py makes before a run."""
+    from training.cli import parse_configs
+
+    path = PRESET_DIR.parent / "experiments" / f"{experiment}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    assert validate_stream_file(PRESET_DIR.parent.parent / doc["data"]["stream"]) == []
+    stand_in = re.search(r"--stream (configs/streams/[\w-]+\.yaml)", path.read_text())
+    assert stand_in, "the header names the offline stand-in stream"
+    configs = parse_configs(["--config", str(path), "--stream", stand_in.group(1)])
+    assert configs and configs[0].method.name == doc["method"]["name"]

@@ -9,6 +9,7 @@ from training.methods.agem import AveragedGEM
 from training.methods.base import Method, MethodContext
 from training.methods.casm import ContradictionAwareSparseMemory
 from training.methods.ewc import EWC
+from training.methods.ewc_replay import EWCReplay
 from training.methods.full_ft import FullFineTune
 from training.methods.joint import Joint
 from training.methods.lora import LoRA
@@ -23,13 +24,15 @@ METHODS: dict[str, type[Method]] = {
     "lora": LoRA,
     "smf": SparseMemoryFinetune,
     "casm": ContradictionAwareSparseMemory,
+    "ewc": EWC,
+    "replay": Replay,
+    "ewc_replay": EWCReplay,
     "lwf": LearningWithoutForgetting,
     "agem": AveragedGEM,
     "olora": OLoRA,
-    "per_task": PerTask,
-    "ewc": EWC,
-    "replay": Replay,
+    # bounds: reference rows for the methods above, labelled as such in reports
     "joint": Joint,
+    "per_task": PerTask,
 }
 
 __all__ = ["METHODS", "Method", "MethodContext"]
