@@ -383,3 +383,37 @@ def stream_task_curves(groups: Sequence[Any], path: Path, title: str) -> Path | 
     fig.suptitle(f"{title}: each task's primary metric over the stream (dotted: the task is trained)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def confidence_traces(groups: Sequence[Any], path: Path, title: str) -> Path | None:
+    """CASMO's confidence over the optimizer steps of the whole sequence, one line per method (the mean
+    over its seeds, which share a step count), a dashed line at each period boundary and grey marks
+    where the optimizer was still calibrating (plain AdamW). Nothing is drawn without a CASMO run."""
+    lines = []
+    for g in groups:
+        traces = [r.confidence_trace for r in g.runs if getattr(r, "confidence_trace", None)]
+        if not traces:
+            continue
+        length = min(len(t) for t in traces)
+        mean = np.mean([[c for _, _, c, _ in t[:length]] for t in traces], axis=0)
+        lines.append((g.label, traces[0][:length], mean, len(traces)))
+    if not lines:
+        return None
+    fig, ax = subplots(figsize=(9, 3.4))
+    for (label, trace, mean, n), c in zip(lines, colors(len(lines))):
+        x = np.arange(1, len(trace) + 1)
+        ax.plot(x, mean, color=c, lw=1.2, label=f"{label} (n={n})")
+        calibrating = [i + 1 for i, (_, _, _, cal) in enumerate(trace) if cal]
+        ax.scatter(calibrating, [1.03] * len(calibrating), s=3, color="grey")
+    _, trace, _, _ = lines[0]
+    for i in range(1, len(trace)):
+        if trace[i][0] != trace[i - 1][0]:
+            ax.axvline(i + 0.5, color="k", ls="--", lw=0.8)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("optimizer step over the sequence (grey: calibrating = plain AdamW)")
+    ax.set_ylabel("confidence")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"{title}: CASMO confidence", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -161,6 +161,8 @@ class Run:
     kind: str = "temporal"  # or "stream" (data/stream.json)
     stream_order: int | None = None
     is_bound: bool = False  # the joint / per-task bounds: a reference row, labelled, never a method to rank
+    # CASMO's per-step (period, step, confidence, calibrating) from train_log.jsonl; [] for other optimizers
+    confidence_trace: list[tuple[int, int, float, bool]] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
@@ -548,6 +550,17 @@ def read_run(path: Path, benches: _BenchmarkCache | None = None, attempts: int =
     return run
 
 
+def _confidence_trace(run_dir: Path, committed: int) -> list[tuple[int, int, float, bool]]:
+    """CASMO's confidence per optimizer step of the committed periods (train_log.jsonl), in order."""
+    try:
+        rows = _read_jsonl(run_dir / "train_log.jsonl")
+    except (OSError, ValueError):
+        return []
+    trace = [(int(r["period"]), int(r["step"]), float(r["casmo_confidence"]), bool(r.get("casmo_calibrating")))
+             for r in rows if r.get("event") == "train" and "casmo_confidence" in r and r.get("period", 0) <= committed]
+    return sorted(trace)
+
+
 def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     path = run.path
     if not (path / "config.yaml").is_file():
@@ -614,6 +627,7 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             break
         run.is_bound = run.is_bound or bool(manifest.get("is_bound"))
         run.rows.append(row)
+    run.confidence_trace = _confidence_trace(path, len(run.rows) - 1)
 
     # Period dirs beyond the valid prefix (a gap, or names the benchmark does not have).
     known = {f"{k}-{n}" for k, n in enumerate(names)}
@@ -1384,6 +1398,7 @@ def make_plots(groups: Sequence[Group], directory: Path) -> dict[str, list[tuple
             (plots.stream_task_curves, "task_curves", "each task's primary metric over the stream"),
             (plots.lm_eval_deltas, "lm_eval", "general ability vs base (lm-eval)"),
             (plots.landscape_trends, "landscape", "loss landscape per task checkpoint"),
+            (plots.confidence_traces, "confidence", "CASMO confidence per optimizer step (dashed: task boundaries)"),
         )
         temporal_figures = (
             (plots.summary_bars, "summary", "summary metrics"),
@@ -1394,6 +1409,7 @@ def make_plots(groups: Sequence[Group], directory: Path) -> dict[str, list[tuple
             (plots.plasticity_stability, "plasticity_stability", "plasticity vs stability"),
             (plots.lm_eval_deltas, "lm_eval", "general ability vs base (lm-eval)"),
             (plots.landscape_trends, "landscape", "loss landscape per period"),
+            (plots.confidence_traces, "confidence", "CASMO confidence per optimizer step (dashed: period boundaries)"),
         )
         for fn, name, caption in stream_figures if gs[0].kind == "stream" else temporal_figures:
             path = fn(gs, directory / f"{stem}-{name}.png", bench)

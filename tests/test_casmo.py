@@ -330,3 +330,19 @@ def test_a_window_not_shorter_than_the_period_is_reported_never_silently_adamw()
     assert problem and "train.casmo.calibration_steps=20" in problem and "20 optimizer steps" in problem
     assert horizon_problem(opt, 21) is None
     assert horizon_problem(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))]), 1) is None
+
+
+def test_the_report_draws_the_confidence_trace_and_labels_the_optimizer_variant(tmp_path: Path):
+    """CASMO next to AdamW in one report: two variants of lora, the trace plotted for the CASMO one only."""
+    from eval_and_metrics.report import build_report
+
+    root = tmp_path / "runs"
+    base = [*TINY, "--method", "lora", "--set", "train.epochs=3"]
+    assert cli.main([*base, "--run-root", str(root / "adamw")]) == 0
+    assert cli.main([*base, "--set", "train.optimizer=casmo", "--set", "train.casmo.calibration_steps=2",
+                     "--run-root", str(root / "casmo")]) == 0
+    report = build_report(root, tmp_path / "report")
+    plots = [p for paths in report["plots"].values() for p in paths]
+    assert any(p.endswith("-confidence.png") for p in plots), plots
+    labels = {g["label"] for g in report["groups"]}
+    assert any("casmo" in label for label in labels) and len(labels) == 2, labels

@@ -244,3 +244,16 @@ def test_config_yaml_is_in_the_html(damaged_sweep: dict) -> None:
     cfg = yaml.safe_load((damaged_sweep["runs"][("lora", 0)] / "config.yaml").read_text())
     assert f"synthetic_hidden_size: {cfg['model']['synthetic_hidden_size']}" in html
     assert "sha256 mismatch" in html
+
+
+def test_bounds_are_labelled_in_tables_and_never_confused_with_methods(tmp_path: Path):
+    """joint and per_task say they are bounds in their manifests; the report labels their groups."""
+    from tests.test_method_contract import TINY
+    from training import cli
+
+    root = tmp_path / "runs"
+    assert cli.main([*TINY, "--method", "lora,joint,per_task", "--run-root", str(root)]) == 0
+    out = report.build_report(root, tmp_path / "report")
+    labels = sorted(g["label"] for g in out["groups"])
+    assert labels == ["joint (bound)", "lora", "per_task (bound)"], labels
+    assert "joint (bound)" in (tmp_path / "report" / "report.html").read_text()
