@@ -13,7 +13,11 @@ model's structure, never by the method's name:
 - peft_adapter (lora, and any method whose model is a peft PeftModel): adapter_config.json +
   adapter_model.safetensors as PeftModel.save_pretrained writes them, adapter weights only (no
   backbone), base_model_name_or_path = the real base model id. `PeftModel.from_pretrained(base, DIR)`
-  loads it unchanged. With --merge: the adapter merged into the base, written as hf_model.
+  loads it unchanged. Always ONE adapter: the adapters active when the period's own items were scored
+  (inside the method's eval_scope for that period, if it has one), combined by rank concatenation
+  (olora's sum of period adapters) or renamed (per_task's adapter of that period, which then scores
+  that period's items only; the manifest's scores_items_of says so). With --merge: that adapter merged
+  into the base, written as hf_model.
 - hf_model (full_ft, and any method that only changes existing weights): save_pretrained's model
   directory with the tokenizer and generation_config.json; AutoModelForCausalLM.from_pretrained loads it.
 - clkit_memory_model (smf, casm: methods that add modules transformers does not know): backbone/ is a
@@ -28,8 +32,12 @@ every file, plus the run's config, the period, the base model id and where the s
 README.md model card. The whole export is staged next to --out and committed with one rename, so a
 killed export leaves no half-written directory under the name. Formats and examples: docs/export.md.
 
+The run may be temporal or a task stream: its periods are read back from data/ by
+training.workload.read_workload.
+
 Exit codes: 0 done; 2 bad input (not a run directory, unknown period, a period that is not committed or
-fails its checksums, --out not empty, --merge for memories): one line on stderr, nothing written.
+fails its checksums, --out not empty, --merge for memories, a model no format reproduces): one line on
+stderr, nothing written.
 """
 
 from __future__ import annotations
@@ -436,7 +444,8 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Workload, tree: dict[str
     base = base_model_info(cfg, run_dir)
     directory.mkdir(parents=True, exist_ok=True)  # the staging dir itself, for a single period
     modules: dict[str, Any] | None = None
-    merged = merge and fmt == PEFT_ADAPTER  # full_ft already is a plain model: --merge changes nothing
+    # full_ft already is a plain model, and so is a routed method's base row: --merge changes nothing
+    merged = merge and fmt == PEFT_ADAPTER and bool(plan.active)
     if fmt == PEFT_ADAPTER and not plan.active:
         # a stage-routed method whose own stage is answered by the base model (per_task's base row): the
         # base model itself, adapters removed unmerged

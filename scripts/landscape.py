@@ -30,8 +30,9 @@ The loss is the mean over examples of each example's mean token NLL, on the item
                the reference body).
   --data train (alias passages): the period's training items with the training loss's own mask
                (Workload.tokenize: temporal passages, every token; stream items, the completion
-               only unless the task says loss_on: all). Results go to ``periods/<k>-<name>/landscape/`` (landscape.json, contour.png,
-surface.png and their own manifest.json), staged and committed by rename, so a report never reads
+               only unless the task says loss_on: all).
+Results go to ``periods/<k>-<name>/landscape/`` (landscape.json, contour.png, surface.png and their own
+manifest.json), staged and committed by rename, so a report never reads
 half of them; the period's own manifest tolerates the extra subdir.
 """
 
@@ -53,7 +54,6 @@ import yaml
 
 from artifacts import atomic_write_json, commit_dir, read_manifest, staging_dir, verify_manifest, write_manifest
 from eval_and_metrics.report import LANDSCAPE_DIR, LANDSCAPE_FILE
-from training.batching import tokenize
 from training.config import RunConfig, build_run_configs
 from training.methods import METHODS
 from training.methods.base import Method

@@ -23,7 +23,7 @@ from artifacts import TMP_PREFIX, read_manifest, sha256_file, verify_manifest
 from scripts.landscape import load_run_config
 from scripts.export import EMBEDDED_BASE_ID, HF_MODEL, MEMORY_MODEL, PEFT_ADAPTER
 from scripts.export_loader import load_memory_export
-from tests.conftest import SMALL, run_main
+from tests.conftest import SMALL, run_main, tiny_stream_runs
 from scripts import export as export_job
 from training.config import ModelConfig
 from training.models import build_synthetic, cached_embedded_dir
@@ -348,30 +348,6 @@ def test_per_task_base_period_is_the_base_model(cl_runs: dict[str, Path], tmp_pa
 
 # ------------------------------------------------------------------------------------------------
 # a task stream (data/stream.json instead of data/benchmark.json)
-
-TINY_STREAM = """name: tiny-stream
-tasks:
-  - name: mca
-    source: {type: generated, domain: multiple_choice, num_train: 8, num_eval: 4}
-    scorer: multiple_choice
-    train_split: train
-    eval_split: test
-  - name: mcb
-    source: {type: generated, domain: multiple_choice, num_train: 8, num_eval: 4, seed: 1}
-    scorer: multiple_choice
-    train_split: train
-    eval_split: test
-"""
-
-
-def tiny_stream_runs(root: Path, methods: str) -> dict[str, Path]:
-    stream = root / "tiny-stream.yaml"
-    stream.write_text(TINY_STREAM)
-    proc = run_main("--mode", "synthetic", "--stream", str(stream), "--method", methods, "--set", "train.epochs=1",
-                    "--set", "train.progress=false", "--run-root", str(root / "runs"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return runs_by_method(root / "runs")
-
 
 @pytest.fixture(scope="module")
 def stream_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
