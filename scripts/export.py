@@ -13,7 +13,11 @@ model's structure, never by the method's name:
 - peft_adapter (lora, and any method whose model is a peft PeftModel): adapter_config.json +
   adapter_model.safetensors as PeftModel.save_pretrained writes them, adapter weights only (no
   backbone), base_model_name_or_path = the real base model id. `PeftModel.from_pretrained(base, DIR)`
-  loads it unchanged. With --merge: the adapter merged into the base, written as hf_model.
+  loads it unchanged. Always ONE adapter: the adapters active when the period's own items were scored
+  (inside the method's eval_scope for that period, if it has one), combined by rank concatenation
+  (olora's sum of period adapters) or renamed (per_task's adapter of that period, which then scores
+  that period's items only; the manifest's scores_items_of says so). With --merge: that adapter merged
+  into the base, written as hf_model.
 - hf_model (full_ft, and any method that only changes existing weights): save_pretrained's model
   directory with the tokenizer and generation_config.json; AutoModelForCausalLM.from_pretrained loads it.
 - clkit_memory_model (smf, casm: methods that add modules transformers does not know): backbone/ is a
@@ -28,17 +32,23 @@ every file, plus the run's config, the period, the base model id and where the s
 README.md model card. The whole export is staged next to --out and committed with one rename, so a
 killed export leaves no half-written directory under the name. Formats and examples: docs/export.md.
 
+The run may be temporal or a task stream: its periods are read back from data/ by
+training.workload.read_workload.
+
 Exit codes: 0 done; 2 bad input (not a run directory, unknown period, a period that is not committed or
-fails its checksums, --out not empty, --merge for memories): one line on stderr, nothing written.
+fails its checksums, --out not empty, --merge for memories, a model no format reproduces): one line on
+stderr, nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +64,8 @@ from torch import nn  # noqa: E402
 from artifacts import (atomic_write_json, atomic_write_text, commit_dir, read_manifest, staging_dir,  # noqa: E402
                        verify_manifest, write_manifest)
 from data import DataError  # noqa: E402
-from data.io import read_benchmark  # noqa: E402
-from data.schema import Benchmark  # noqa: E402
 from training.config import ConfigError, RunConfig  # noqa: E402
+from training.workload import Workload, read_workload  # noqa: E402
 
 EXPORT_SCHEMA_VERSION = 1
 PEFT_ADAPTER, HF_MODEL, MEMORY_MODEL = "peft_adapter", "hf_model", "clkit_memory_model"
@@ -82,8 +91,9 @@ class BaseModelInfo:
 # what to export: checks that run before anything is built or written
 
 
-def read_run(run_dir: Path) -> tuple[RunConfig, Benchmark, dict[str, Any]]:
-    """The run's RunConfig (as the eval jobs rebuild it), its benchmark and its raw config tree."""
+def read_run(run_dir: Path) -> tuple[RunConfig, Workload, dict[str, Any]]:
+    """The run's RunConfig (as the eval jobs rebuild it), its workload (the temporal benchmark or the task
+    stream, from data/) and its raw config tree."""
     from scripts.landscape import load_run_config
 
     if not run_dir.is_dir():
@@ -96,7 +106,7 @@ def read_run(run_dir: Path) -> tuple[RunConfig, Benchmark, dict[str, Any]]:
         if not isinstance(tree, dict):
             raise ConfigError([f"{run_dir / 'config.yaml'} is not a mapping of config sections"])
         cfg = load_run_config(run_dir)
-        bench = read_benchmark(run_dir / "data")
+        bench = read_workload(run_dir / "data")
     except (ConfigError, DataError, yaml.YAMLError, OSError) as exc:
         raise ExportError(f"{run_dir}: cannot read the run ({str(exc).splitlines()[0]})") from None
     return cfg, bench, tree
@@ -106,13 +116,13 @@ def period_dir(run_dir: Path, k: int, name: str) -> Path:
     return run_dir / "periods" / f"{k}-{name}"
 
 
-def committed_periods(run_dir: Path, bench: Benchmark) -> list[tuple[int, str]]:
+def committed_periods(run_dir: Path, bench: Workload) -> list[tuple[int, str]]:
     """Every period (base included) whose manifest verifies, in order."""
     names = ["base"] + bench.period_names
     return [(k, n) for k, n in enumerate(names) if verify_manifest(period_dir(run_dir, k, n))[0]]
 
 
-def resolve_periods(run_dir: Path, bench: Benchmark, spec: str | None) -> list[tuple[int, str]]:
+def resolve_periods(run_dir: Path, bench: Workload, spec: str | None) -> list[tuple[int, str]]:
     """--period -> [(index, name)]. A name wins over an index: temporalwiki's periods are years
     ("2018"), which would otherwise read as out-of-range indices."""
     names = ["base"] + bench.period_names
@@ -132,7 +142,7 @@ def resolve_periods(run_dir: Path, bench: Benchmark, spec: str | None) -> list[t
                       f"(or an index 0..{len(names) - 1})")
 
 
-def check_committed(run_dir: Path, bench: Benchmark, cfg: RunConfig, periods: list[tuple[int, str]]) -> None:
+def check_committed(run_dir: Path, bench: Workload, cfg: RunConfig, periods: list[tuple[int, str]]) -> None:
     """Refuse an uncommitted, corrupted or foreign period before any model is built (manifest first)."""
     for k, name in periods:
         directory = period_dir(run_dir, k, name)
@@ -162,10 +172,10 @@ def base_model_info(cfg: RunConfig, run_dir: Path) -> BaseModelInfo:
             id=SYNTHETIC_BASE_ID,
             weights=f"a seeded random Llama (seed {cfg.seed}) with a word-level tokenizer built from the "
                     "run's benchmark; it exists on no hub",
-            rebuild=("from pathlib import Path; from data.io import read_benchmark; "
+            rebuild=("from pathlib import Path; from training.workload import read_workload; "
                      "from scripts.landscape import load_run_config; "
                      f"from training.models import build_synthetic; cfg = load_run_config(Path({str(run_dir)!r})); "
-                     f"base, tokenizer = build_synthetic(cfg.model, read_benchmark(Path({str(run_dir)!r}) / 'data'), "
+                     f"base, tokenizer = build_synthetic(cfg.model, read_workload(Path({str(run_dir)!r}) / 'data'), "
                      "cfg.seed)"))
     if not cfg.model.name:
         from training.models import EMBEDDED_FILE, EMBEDDED_PACKAGE
@@ -216,6 +226,92 @@ def export_format(model: nn.Module) -> str:
     return MEMORY_MODEL if extra_module_names(model) else HF_MODEL
 
 
+@dataclass
+class AdapterPlan:
+    """Which of a peft model's adapters make up the period's model, and for which items."""
+
+    active: list[str]  # adapters whose summed update is the model ([] = the base model, adapters disabled)
+    scores_items_of: list[str] | None  # the only stage whose items it scores (stage-routed methods); None = all
+
+
+def _adapters_disabled(model: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def adapter_plan(pm: Any) -> AdapterPlan:
+    """Read off the model what the period's evaluation ran on: the active adapters, or, for a method that
+    scores each stage in its own context (Method.eval_scope, e.g. per_task's one adapter per period), the
+    adapters active inside the context of the exported period's own items (the base's: the first stage's)."""
+    stages = pm.bench.stage_names
+    stage = pm.name if pm.index >= 1 else stages[0]
+    scopes = [pm.method.eval_scope(pm.model, name) for name in stages]
+    if all(scope is None for scope in scopes):
+        return AdapterPlan(list(pm.model.active_adapters), None)
+    with scopes[stages.index(stage)] or nullcontext():
+        active = [] if _adapters_disabled(pm.model) else list(pm.model.active_adapters)
+    return AdapterPlan(active, [stage])
+
+
+@torch.no_grad()
+def _probe_logprobs(model: nn.Module) -> torch.Tensor:
+    """Log-probabilities on a fixed random batch: enough to tell two functions apart."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    return torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+
+
+def combine_adapters(model: nn.Module, names: list[str]) -> float:
+    """Leave `model` holding one adapter, "default", that computes what the `names` adapters compute
+    when active together, and return the largest log-probability change this made on a probe batch.
+
+    One adapter: its weights under the new name, bit for bit. Several (olora: every period's adapter,
+    summed): A_j stacked along the rank, B_j side by side, so B A x = sum_j B_j A_j x. peft scales an
+    adapter by lora_alpha / r; the combined r is sum_j r_j, so lora_alpha is scaled by the same factor
+    (alpha * K / (r * K): the same quotient, the same float) and a B_j whose own scale differs is rescaled.
+    Refuses (ExportError) adapters this cannot combine exactly (DoRA, rsLoRA, per-module ranks, other
+    target modules, embeddings) or a result whose log-probs move by more than float rounding.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if list(model.peft_config) == names == ["default"]:
+        return 0.0  # the model as trained (lora and the adapter methods): nothing to do
+    cfgs = [model.peft_config[n] for n in names]
+    first = cfgs[0]
+    problems = [n for n, c in zip(names, cfgs) if c.use_dora or c.use_rslora or c.rank_pattern or c.alpha_pattern
+                or set(c.target_modules) != set(first.target_modules)]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if problems or "default" in model.peft_config or any(len(m.lora_embedding_A) for m in layers):
+        raise ExportError(f"adapters {names} cannot be combined into one exactly (DoRA, rsLoRA, per-module ranks, "
+                          "different targets or embedding adapters); export with --merge instead")
+    before = _probe_logprobs(model)
+    combined = copy.deepcopy(first)
+    combined.r = sum(c.r for c in cfgs)
+    combined.lora_alpha = first.lora_alpha * combined.r / first.r
+    with torch.random.fork_rng(devices=[]):  # the new adapter's init is overwritten below
+        model.add_adapter("default", combined)
+    with torch.no_grad():
+        for layer in layers:
+            if "default" not in layer.lora_A:
+                continue
+            s = layer.scaling["default"]
+            layer.lora_A["default"].weight.copy_(torch.cat([layer.lora_A[n].weight for n in names], dim=0))
+            layer.lora_B["default"].weight.copy_(torch.cat(
+                [layer.lora_B[n].weight if layer.scaling[n] == s else layer.lora_B[n].weight * (layer.scaling[n] / s)
+                 for n in names], dim=1))
+    model.base_model.set_adapter(["default"])
+    for name in [n for n in model.peft_config if n != "default"]:
+        model.delete_adapter(name)
+    diff = float((_probe_logprobs(model) - before).abs().max())
+    tolerance = 0.0 if len(names) == 1 else 1e-4 if before.dtype == torch.float32 else 1e-2
+    if not diff <= tolerance:
+        raise ExportError(f"the combined adapter of {names} changes log-probabilities by {diff:.3g} (> {tolerance}); "
+                          "this is a bug in the export, report it; --merge writes the merged model instead")
+    return diff
+
+
 def write_peft_adapter(model: nn.Module, tokenizer: Any, directory: Path, base: BaseModelInfo) -> None:
     # peft records whatever the base model was loaded from (a cache path, or nothing for the synthetic
     # model); a consumer needs the id to fetch the base.
@@ -232,7 +328,7 @@ def write_hf_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
-def write_memory_model(model: nn.Module, tokenizer: Any, method: Any, cfg: RunConfig, bench: Benchmark,
+def write_memory_model(model: nn.Module, tokenizer: Any, method: Any, cfg: RunConfig, bench: Workload,
                        source: Path, run_dir: Path, directory: Path) -> dict[str, Any]:
     """backbone/ (plain model directory without the extra modules) + clkit/ (the period's own state)."""
     extra = extra_module_names(model)
@@ -285,25 +381,35 @@ def model_card(meta: dict[str, Any]) -> str:
                       "from scripts.export_loader import load_memory_export\n"
                       "loaded = load_memory_export(THIS_DIR)  # .model, .tokenizer\n```",
     }[fmt]
-    scores = "\n".join(f"| {key} | {v['em']:.3f} | {v['f1']:.3f} | {v['n']} |"
-                       for key, v in sorted((meta.get("scores") or {}).items()))
+    groups = sorted((meta.get("scores") or {}).items())
+    # temporal: em, f1 per probe group; a stream: each task's scorer's own metrics
+    columns = sorted({m for _, v in groups for m, x in v.items() if m != "n" and isinstance(x, (int, float))})
+    scores = "\n".join(f"| {key} | " + " | ".join(f"{v[m]:.3f}" if isinstance(v.get(m), (int, float)) else ""
+                                                  for m in columns) + f" | {v.get('n', '')} |"
+                       for key, v in groups)
+    header = f"| items | {' | '.join(columns)} | n |\n|{' --- |' * (len(columns) + 2)}"
+    only = meta.get("scores_items_of")
+    routed = ("" if only is None else
+              f"\n\n**Scores the items of {', '.join(only)} only.** {meta['method']} scores each period's items with "
+              "that period's own adapter; the other periods' items were scored with theirs (export them with "
+              "--period NAME, or all at once with --period all).")
     return (f"---\nbase_model: {base}\nlibrary_name: {library}\ntags:\n- clkit\n- continual-learning\n"
             f"- {meta['method']}\n---\n\n"
             f"# {meta['run_id']}, period {meta['period_name']} ({meta['method']}, {fmt}"
             f"{', merged' if meta['merged'] else ''})\n\n"
             f"The model after training period {meta['period_index']} ({meta['period_name']}) of the clkit run "
             f"{meta['run_id']}, exported from periods/{meta['period_index']}-{meta['period_name']}/. "
-            "manifest.json holds the sha256 of every file here, the run's config and the source period.\n\n"
+            f"manifest.json holds the sha256 of every file here, the run's config and the source period.{routed}\n\n"
             f"## Loading\n\n{load}\n\n"
-            "## Scores of this period (the toolkit's evaluation, greedy decoding, per probe group)\n\n"
-            f"| probes | EM | F1 | n |\n| --- | --- | --- | --- |\n{scores}\n")
+            "## Scores of this period (the toolkit's evaluation, per probe group or task)\n\n"
+            f"{header}\n{scores}\n")
 
 
 # ------------------------------------------------------------------------------------------------
 # the job
 
 
-def export_period(run_dir: Path, cfg: RunConfig, bench: Benchmark, tree: dict[str, Any], k: int, name: str,
+def export_period(run_dir: Path, cfg: RunConfig, bench: Workload, tree: dict[str, Any], k: int, name: str,
                   directory: Path, merge: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Build period k's model, write it in its format into `directory` (inside the staging dir), and
     write the directory's manifest last; returns the manifest."""
@@ -324,11 +430,28 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Benchmark, tree: dict[st
     if merge and fmt == PEFT_ADAPTER and cfg.model.quantize != "none":
         raise ExportError(f"--merge with model.quantize={cfg.model.quantize}: merging would re-quantise the "
                           "merged weights; export the adapter and merge it into a full-precision base")
+    plan = AdapterPlan([], None)
+    combine_diff = None
+    if fmt == PEFT_ADAPTER:
+        # olora sums every period's adapter, per_task scores each period's items with that period's own:
+        # the export holds exactly the adapter(s) the period's own items were scored with, as one adapter.
+        plan = adapter_plan(pm)
+        if plan.active:
+            combine_diff = combine_adapters(pm.model, plan.active)
+    elif any(pm.method.eval_scope(pm.model, stage) is not None for stage in bench.stage_names):
+        raise ExportError(f"{cfg.method.name} scores each period's items in a context of its own (eval_scope), "
+                          f"which a single {fmt} cannot hold; no export format reproduces it")
     base = base_model_info(cfg, run_dir)
     directory.mkdir(parents=True, exist_ok=True)  # the staging dir itself, for a single period
     modules: dict[str, Any] | None = None
-    merged = merge and fmt == PEFT_ADAPTER  # full_ft already is a plain model: --merge changes nothing
-    if merged:
+    # full_ft already is a plain model, and so is a routed method's base row: --merge changes nothing
+    merged = merge and fmt == PEFT_ADAPTER and bool(plan.active)
+    if fmt == PEFT_ADAPTER and not plan.active:
+        # a stage-routed method whose own stage is answered by the base model (per_task's base row): the
+        # base model itself, adapters removed unmerged
+        write_hf_model(pm.model.unload(), pm.tokenizer, directory)
+        fmt = HF_MODEL
+    elif merged:
         plain = pm.model.merge_and_unload()
         write_hf_model(plain, pm.tokenizer, directory)
         fmt = HF_MODEL
@@ -353,12 +476,20 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Benchmark, tree: dict[st
                    "files": {n: period_manifest.get("files", {}).get(n, {}).get("sha256")
                              for n in ("trainable.safetensors", "method_state.pt")}},
         "scores": (period_manifest.get("metrics") or {}).get("by_period"),
+        # None: this model scores every period's items as the period's evaluation did; a list: only the
+        # items of those periods (per_task: the other periods' items were scored with their own adapters)
+        "scores_items_of": plan.scores_items_of,
+        "adapters_combined": plan.active if combine_diff is not None and plan.active != ["default"] else None,
+        "combine_max_logprob_diff": combine_diff,
         "exported_by": code_version(),
     }
     if modules is not None:
         meta["extra_modules"] = modules["extra_modules"]
     atomic_write_text(directory / "README.md", model_card(meta))
     manifest = write_manifest(directory, meta)
+    if plan.scores_items_of is not None:
+        log(f"export: {cfg.method.name} scores each period's items with its own adapter: this export reproduces "
+            f"the items of {', '.join(plan.scores_items_of)} only (docs/export.md)")
     log(f"export: {run_dir.name} period {k}-{name} -> {fmt}{' (merged)' if meta['merged'] else ''}, "
         f"{len(manifest['files'])} files, {sum(f['size'] for f in manifest['files'].values()) / 1e6:.1f} MB")
     return manifest

@@ -1,6 +1,6 @@
 """Loss landscape of a period checkpoint: a 2-D loss slice, sharpness, and a forgetting estimate.
 
-    uv run python -m scripts.landscape RUN_DIR [--period all|K|NAME] [--data probes|passages]
+    uv run python -m scripts.landscape RUN_DIR [--period all|K|NAME] [--data eval|train] [--data-period NAME]
                                                [--grid 11] [--span 1.0] [--max-examples 64] ...
 
 * 2-D slice (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
@@ -21,10 +21,18 @@
   with lambda_max the top eigenvalue of period k-1's Fisher at w_{k-1} (Fisher as the Gauss-Newton
   stand-in for the Hessian). Computed for k >= 2 (period 1 has no earlier period to forget).
 
-The loss is the mean over examples of each example's mean token NLL: on probes, of the gold
-answer tokens given the prompt (what evaluate.py's logprob scores); on passages, of every token
-(the training loss). Results go to ``periods/<k>-<name>/landscape/`` (landscape.json, contour.png,
-surface.png and their own manifest.json), staged and committed by rename, so a report never reads
+The loss is the mean over examples of each example's mean token NLL, on the items of one period
+(a task, for a task stream; --data-period, default the checkpoint's own):
+  --data eval  (alias probes): the items the period is scored on, the NLL of the gold answer given the
+               prompt. Temporal: each probe's " " + value given its prompt (what evaluate.py's logprob
+               scores; paraphrases left out). Stream: each eval item's target given its prompt, whatever
+               the task's scorer (multiple choice: the gold choice; perplexity: the held-out text; code:
+               the reference body).
+  --data train (alias passages): the period's training items with the training loss's own mask
+               (Workload.tokenize: temporal passages, every token; stream items, the completion
+               only unless the task says loss_on: all).
+Results go to ``periods/<k>-<name>/landscape/`` (landscape.json, contour.png, surface.png and their own
+manifest.json), staged and committed by rename, so a report never reads
 half of them; the period's own manifest tolerates the extra subdir.
 """
 
@@ -45,16 +53,14 @@ import torch
 import yaml
 
 from artifacts import atomic_write_json, commit_dir, read_manifest, staging_dir, verify_manifest, write_manifest
-from data.io import read_benchmark
-from data.schema import Benchmark
 from eval_and_metrics.report import LANDSCAPE_DIR, LANDSCAPE_FILE
-from training.batching import tokenize
 from training.config import RunConfig, build_run_configs
 from training.methods import METHODS
 from training.methods.base import Method
 from training.restore import build_model_and_method, load_saved_state
 from training.seeding import derive_seed
 from training.trainer import state_sha256
+from training.workload import StreamWorkload, Workload, read_workload
 
 LANDSCAPE_SCHEMA_VERSION = 1
 # Above this many bytes of stored per-example gradients, the Fisher matvec recomputes them instead.
@@ -68,7 +74,7 @@ _MAX_GRAD_BYTES = 1 << 30
 @dataclass
 class PeriodModel:
     cfg: RunConfig
-    bench: Benchmark
+    bench: Workload  # the run's periods (temporal) or tasks (stream), read back from data/
     model: torch.nn.Module
     tokenizer: Any
     method: Method
@@ -78,7 +84,7 @@ class PeriodModel:
     directory: Path
 
 
-def resolve_period(bench: Benchmark, period: str | int) -> tuple[int, str]:
+def resolve_period(bench: Workload, period: str | int) -> tuple[int, str]:
     """Period given as index (0 = base) or name -> (index, name)."""
     names = ["base"] + bench.period_names
     if str(period) in names:  # a name wins: temporal periods are years ("2018"), which also look like indices
@@ -109,7 +115,7 @@ def load_period_model(run_dir: str | Path, period: str | int, device: str = "aut
     expected_hash = cfg.config_hash()  # of the run as trained, before the device override below
     if device != "auto":
         cfg.model.device = device  # type: ignore[assignment]
-    bench = read_benchmark(run_dir / "data")
+    bench = read_workload(run_dir / "data")
     k, name = resolve_period(bench, period)
     directory = run_dir / "periods" / f"{k}-{name}"
     ok, reason = verify_manifest(directory)
@@ -146,25 +152,51 @@ class Examples:
         return Examples(self.ids[start:stop], self.attention[start:stop], self.target_mask[start:stop])
 
 
+# --data: the kind-neutral names and the temporal benchmark's own, which say the same thing
+DATA_KINDS = {"eval": "eval", "probes": "eval", "train": "train", "passages": "train"}
+
+
+def _stage(bench: Workload, data_period: str):
+    if data_period not in bench.stage_names:
+        what = "task" if isinstance(bench, StreamWorkload) else "period"
+        raise ValueError(f"--data-period {data_period!r} is not a {what} of this run; valid: "
+                         f"{', '.join(bench.stage_names)}")
+    return bench.stages[bench.stage_names.index(data_period)]
+
+
+def _eval_pairs(bench: Workload, data_period: str) -> list[tuple[str, str]]:
+    """(prompt, gold answer) of the items the period is scored on; the answer is what gets the loss."""
+    if isinstance(bench, StreamWorkload):
+        task = bench.stream.tasks[bench.stage_names.index(data_period)]
+        return [(x.prompt, x.target) for x in task.eval]
+    period = _stage(bench, data_period).period
+    return [(p.prompt, " " + p.value) for p in period.probes if not p.paraphrase]
+
+
 def build_examples(pm: PeriodModel, data: str, data_period: str, max_examples: int, seed: int) -> Examples:
-    """Probe answers given prompts (data='probes') or whole passages (data='passages') of one period."""
-    period = pm.bench.periods[pm.bench.period_index(data_period) - 1]
+    """The loss's examples: one period's (a stream: one task's) eval items, the gold answer given the
+    prompt (data eval/probes), or its training items under the training loss's mask (train/passages)."""
+    if data not in DATA_KINDS:
+        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)} (got {data!r})")
+    stage = _stage(pm.bench, data_period)
     tok = pm.tokenizer
     seqs: list[tuple[list[int], list[int]]] = []
-    if data == "probes":
-        for probe in period.probes:
-            if probe.paraphrase:
-                continue
-            prompt = list(tok(probe.prompt, add_special_tokens=False)["input_ids"])
-            gold = list(tok(" " + probe.value, add_special_tokens=False)["input_ids"])
-            seqs.append((prompt + gold, [0] * len(prompt) + [1] * len(gold)))
-    elif data == "passages":
-        encoded = tokenize(tok, [p.text for p in period.passages], pm.cfg.train.max_seq_len).token_ids
-        seqs = [(ids, [0] + [1] * (len(ids) - 1)) for ids in encoded]
+    if DATA_KINDS[data] == "eval":
+        for prompt_text, answer in _eval_pairs(pm.bench, data_period):
+            prompt = list(tok(prompt_text, add_special_tokens=False)["input_ids"]) if prompt_text else []
+            gold = list(tok(answer, add_special_tokens=False)["input_ids"])
+            mask = [0] * len(prompt) + [1] * len(gold)
+            if not prompt:  # nothing to condition the first token on
+                mask[0] = 0
+            seqs.append((prompt + gold, mask))
     else:
-        raise ValueError(f"data must be probes or passages (got {data!r})")
+        encoded = pm.bench.tokenize(tok, stage, [p + c for p, c in stage.pairs], pm.cfg.train.max_seq_len)
+        masked = encoded.num_masked or [0] * len(encoded.token_ids)
+        seqs = [(ids, [0] * max(1, m) + [1] * (len(ids) - max(1, m)))
+                for ids, m in zip(encoded.token_ids, masked)]
+    seqs = [(ids, m) for ids, m in seqs if sum(m)]
     if not seqs:
-        raise ValueError(f"period {data_period} has no {data} to compute a loss on")
+        raise ValueError(f"{data_period} has no {data} items to compute a loss on")
     order = np.random.default_rng(seed).permutation(len(seqs))[:max_examples]
     seqs = [seqs[i] for i in sorted(order.tolist())]
     width = max(len(s) for s, _ in seqs)
@@ -325,8 +357,8 @@ def fisher_top_eigenvalue(model: torch.nn.Module, params: list[torch.nn.Paramete
 
 @dataclass
 class Settings:
-    data: str = "probes"  # probes (gold answer given the prompt) or passages (training texts)
-    data_period: str = ""  # whose probes/passages; "" = the checkpoint's own period (period 1 for base)
+    data: str = "probes"  # eval/probes (gold answer given the prompt) or train/passages (training items)
+    data_period: str = ""  # whose items (a period, or a stream's task); "" = the checkpoint's own (the first for base)
     grid: int = 11  # grid points per axis
     span: float = 1.0  # coordinates run over [-span, span] along each normalised direction
     max_examples: int = 64  # examples in the slice's loss
@@ -344,8 +376,8 @@ class Settings:
         for name in ("max_examples", "fisher_examples", "power_iters"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.data not in ("probes", "passages"):
-            problems.append(f"--data must be probes or passages (got {self.data!r})")
+        if self.data not in DATA_KINDS:
+            problems.append(f"--data must be one of {', '.join(DATA_KINDS)} (got {self.data!r})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -508,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="one run directory")
     p.add_argument("--period", default="all", help="all (every committed period), an index (0 = base) or a name")
     defaults = Settings()
-    p.add_argument("--data", choices=["probes", "passages"], default=defaults.data)
-    p.add_argument("--data-period", default="", help="period whose probes/passages give the loss (default: own)")
+    p.add_argument("--data", choices=list(DATA_KINDS), default=defaults.data,
+                   help="eval (= probes): the gold answers of the items a period is scored on; train (= passages): "
+                        "its training items under the training loss (default: %(default)s)")
+    p.add_argument("--data-period", default="", help="the period (a stream: the task) whose items give the loss "
+                   "(default: the checkpoint's own; the first for the base model)")
     p.add_argument("--grid", type=int, default=defaults.grid)
     p.add_argument("--span", type=float, default=defaults.span)
     p.add_argument("--max-examples", type=int, default=defaults.max_examples)
@@ -528,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     try:
         s.validate()
-        bench = read_benchmark(run_dir / "data")
+        bench = read_workload(run_dir / "data")
+        if s.data_period:
+            _stage(bench, s.data_period)
         names = ["base"] + bench.period_names
         if args.period == "all":
             targets = [k for k, n in enumerate(names) if verify_manifest(run_dir / "periods" / f"{k}-{n}")[0]]
@@ -538,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             targets = [resolve_period(bench, args.period)[0]]
         if not targets:
             raise ValueError(f"{run_dir} has no committed period yet")
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # DataError is a ValueError
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     cache = JobCache()
     for k in targets:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import atomic_write_json, commit_dir, read_manifest, staging_dir, verify_manifest, write_manifest
-from data.io import read_benchmark
 from eval_and_metrics.report import LM_EVAL_DIR, LM_EVAL_FILE
+from training.workload import read_workload
 
 LM_EVAL_SCHEMA_VERSION = 1
 # Used only when lm-eval does not declare a direction for a metric.
@@ -101,7 +101,7 @@ def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device:
     lm_eval = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    bench = read_benchmark(run_dir / "data")
+    bench = read_workload(run_dir / "data")  # benchmark.json or a stream's stream.json
     k, name = resolve_period(bench, period)
     final = run_dir / "periods" / f"{k}-{name}" / LM_EVAL_DIR
     wanted = asdict(s)
@@ -147,7 +147,7 @@ def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device:
 
 
 def committed_prefix(run_dir: Path) -> list[int]:
-    bench = read_benchmark(run_dir / "data")
+    bench = read_workload(run_dir / "data")  # benchmark.json or a stream's stream.json
     out = []
     for k, name in enumerate(["base"] + bench.period_names):
         if not verify_manifest(run_dir / "periods" / f"{k}-{name}")[0]:

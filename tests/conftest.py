@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,3 +60,30 @@ def reference_lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = only_run_dir(root)
     return {**read_results(run_dir), "run_dir": str(run_dir)}
+
+
+# A two-task stream of generated multiple-choice items: the smallest stream run (about 10 s).
+TINY_STREAM = """name: tiny-stream
+tasks:
+  - name: mca
+    source: {type: generated, domain: multiple_choice, num_train: 8, num_eval: 4}
+    scorer: multiple_choice
+    train_split: train
+    eval_split: test
+  - name: mcb
+    source: {type: generated, domain: multiple_choice, num_train: 8, num_eval: 4, seed: 1}
+    scorer: multiple_choice
+    train_split: train
+    eval_split: test
+"""
+
+
+def tiny_stream_runs(root: Path, methods: str) -> dict[str, Path]:
+    """Train `methods` (comma separated) on TINY_STREAM, one epoch; {method: run dir}."""
+    stream = root / "tiny-stream.yaml"
+    stream.write_text(TINY_STREAM)
+    proc = run_main("--mode", "synthetic", "--stream", str(stream), "--method", methods, "--set", "train.epochs=1",
+                    "--set", "train.progress=false", "--run-root", str(root / "runs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {yaml.safe_load((run / "config.yaml").read_text())["method"]["name"]: run
+            for run in sorted((root / "runs").iterdir()) if run.is_dir()}

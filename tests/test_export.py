@@ -20,15 +20,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from artifacts import TMP_PREFIX, read_manifest, sha256_file, verify_manifest
-from data.io import read_benchmark
-from eval_and_metrics.evaluate import evaluate_probes
 from scripts.landscape import load_run_config
 from scripts.export import EMBEDDED_BASE_ID, HF_MODEL, MEMORY_MODEL, PEFT_ADAPTER
 from scripts.export_loader import load_memory_export
-from tests.conftest import SMALL, run_main
+from tests.conftest import SMALL, run_main, tiny_stream_runs
 from scripts import export as export_job
 from training.config import ModelConfig
 from training.models import build_synthetic, cached_embedded_dir
+from training.workload import StreamWorkload, read_workload
 
 # Two periods: the exported period (2020) is one whose model has seen an earlier period, so casm's
 # router really chooses between banks; one period more would only add run time.
@@ -71,20 +70,46 @@ def threads(n: int) -> Iterator[None]:
 
 
 def evaluate(model: nn.Module, tokenizer: Any, run: Path) -> list[dict[str, Any]]:
-    """The toolkit's evaluation, with the run's own probes and eval settings."""
+    """The toolkit's evaluation of every item, with the run's own workload (probes or a stream's tasks)
+    and eval settings: what the trainer ran after each period, without a method's eval_scope."""
     cfg = load_run_config(run)
-    probes = read_benchmark(run / "data").all_probes()
+    workload = read_workload(run / "data")
     with threads(cfg.train.threads):
-        results = evaluate_probes(model, tokenizer, probes, torch.device("cpu"), cfg.eval.batch_size,
-                                  cfg.eval.max_new_tokens)
-    return [r.to_json() for r in results]
+        return workload.evaluate(model, tokenizer, torch.device("cpu"), cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                 should_stop=lambda: False, progress=lambda n: None)
+
+
+def item_ids(run: Path, period: str) -> set[str]:
+    """The ids of the eval items of one period (a stream: one task)."""
+    workload = read_workload(run / "data")
+    if isinstance(workload, StreamWorkload):
+        return {x.id for t in workload.stream.tasks if t.name == period for x in t.eval}
+    return {p.id for p in workload.stages[workload.stage_names.index(period)].period.probes}
+
+
+def rows_of(rows: list[dict[str, Any]], ids: set[str]) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if r["id"] in ids), key=lambda r: r["id"])
+
+
+def same_answers(got: list[dict[str, Any]], want: list[dict[str, Any]], tolerance: float) -> None:
+    """Equal rows, except float scores (log-probabilities) within `tolerance`: for an export that sums in
+    another order (a combined or merged adapter)."""
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key in g:
+            if isinstance(g[key], float) or (isinstance(g[key], list) and g[key] and isinstance(g[key][0], float)):
+                a, b = (g[key], w[key]) if isinstance(g[key], list) else ([g[key]], [w[key]])
+                assert max(abs(x - y) for x, y in zip(a, b)) <= tolerance, (g["id"], key, g[key], w[key])
+            else:
+                assert g[key] == w[key], (g["id"], key)
 
 
 def synthetic_base(run: Path) -> nn.Module:
     """The synthetic base exists on no hub: rebuilt from the run's config and data, as training built it
     (the manifest's base_model_rebuild says the same)."""
     cfg = load_run_config(run)
-    base, _ = build_synthetic(cfg.model, read_benchmark(run / "data"), cfg.seed)
+    base, _ = build_synthetic(cfg.model, read_workload(run / "data"), cfg.seed)
     return base
 
 
@@ -208,6 +233,152 @@ def test_memory_loader_checks_the_export_before_loading(synthetic_runs: dict[str
 
 
 # ------------------------------------------------------------------------------------------------
+# the continual-learning methods: one adapter (ewc, lwf, ...), a sum of adapters (olora), one adapter per
+# period (per_task); the cheap settings of a run, two periods each
+
+CL_SETTINGS = ["--mode", "synthetic", *TWO_PERIODS, "--set", "data.num_facts=8", "--set", "train.epochs=2",
+               "--set", "train.progress=false"]
+CL_METHODS = ("ewc", "lwf", "olora", "per_task")
+SLOW_CL_METHODS = ("replay", "agem", "ewc_replay", "joint")
+
+
+@pytest.fixture(scope="module")
+def cl_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export-cl-runs")
+    proc = run_main(*CL_SETTINGS, "--method", ",".join(CL_METHODS), "--run-root", str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs_by_method(root)
+
+
+@pytest.fixture(scope="module")
+def slow_cl_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export-cl-slow-runs")
+    proc = run_main(*CL_SETTINGS, "--method", ",".join(SLOW_CL_METHODS), "--run-root", str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = tmp_path_factory.mktemp("export-ewc-full")
+    proc = run_main(*CL_SETTINGS, "--method", "ewc", "--set", "method.ewc.on=full", "--run-root", str(full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {**runs_by_method(root), "ewc_full": next(p for p in full.iterdir() if p.is_dir())}
+
+
+def _check_single_adapter_round_trip(run: Path, method: str, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    assert export(run, out, "--period", "2020") == 0
+    manifest = check_export(out, run, method, "2020", "synthetic")
+    assert manifest["format"] == PEFT_ADAPTER and manifest["scores_items_of"] is None
+    # the adapter under peft's own name, as lora has it: nothing renamed, nothing combined
+    assert manifest["adapters_combined"] is None and manifest["combine_max_logprob_diff"] == 0.0
+    model, tokenizer = load_stock(out, synthetic_base(run))
+    got = evaluate(model, tokenizer, run)
+    assert got == committed_predictions(run, "2-2020")
+    assert got != committed_predictions(run, "0-base")
+
+
+@pytest.mark.parametrize("method", ("ewc", "lwf"))
+def test_single_adapter_methods_export_the_adapter_as_lora_does(cl_runs: dict[str, Path], tmp_path: Path,
+                                                                method: str) -> None:
+    _check_single_adapter_round_trip(cl_runs[method], method, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", SLOW_CL_METHODS)
+def test_every_other_single_adapter_method_round_trips(slow_cl_runs: dict[str, Path], tmp_path: Path,
+                                                       method: str) -> None:
+    _check_single_adapter_round_trip(slow_cl_runs[method], method, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_method_on_full_weights_exports_a_plain_model(slow_cl_runs: dict[str, Path], tmp_path: Path) -> None:
+    run, out = slow_cl_runs["ewc_full"], tmp_path / "export"
+    assert export(run, out, "--period", "2020") == 0
+    assert check_export(out, run, "ewc", "2020", "synthetic")["format"] == HF_MODEL
+    model, tokenizer = load_stock(out, None)
+    assert evaluate(model, tokenizer, run) == committed_predictions(run, "2-2020")
+
+
+def test_olora_exports_the_sum_of_every_period_adapter_as_one_adapter(cl_runs: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    run, out = cl_runs["olora"], tmp_path / "export"
+    assert export(run, out, "--period", "2020") == 0
+    manifest = check_export(out, run, "olora", "2020", "synthetic")
+    assert manifest["format"] == PEFT_ADAPTER and manifest["scores_items_of"] is None
+    assert manifest["adapters_combined"] == ["period_1", "period_2"]
+    cfg = load_run_config(run).method.options
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    # rank concatenation: r doubles, and so does alpha, which keeps the scale alpha / r
+    assert (adapter_cfg["r"], adapter_cfg["lora_alpha"]) == (2 * cfg.r, 2 * cfg.alpha)
+    model, tokenizer = load_stock(out, synthetic_base(run))
+    want = committed_predictions(run, "2-2020")
+    # B A x with the rank concatenated is sum_k B_k A_k x summed in another order: equal up to rounding
+    same_answers(evaluate(model, tokenizer, run), want, 1e-4)
+    # merged: a plain model with the same answers
+    merged = tmp_path / "merged"
+    assert export(run, merged, "--period", "2020", "--merge") == 0
+    assert check_export(merged, run, "olora", "2020", "synthetic")["format"] == HF_MODEL
+    model, tokenizer = load_stock(merged, None)
+    same_answers(evaluate(model, tokenizer, run), want, 1e-4)
+
+
+def test_per_task_exports_each_period_adapter_for_that_period_items(cl_runs: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    run, out = cl_runs["per_task"], tmp_path / "all"
+    assert export(run, out, "--period", "all") == 0
+    final = committed_predictions(run, "2-2020")
+    for k, name in ((1, "2018"), (2, "2020")):
+        manifest = check_export(out / f"{k}-{name}", run, "per_task", name, "synthetic")
+        assert manifest["format"] == PEFT_ADAPTER and manifest["scores_items_of"] == [name]
+        assert manifest["adapters_combined"] == [f"period_{k}"]
+        assert "Scores the items of " + name + " only" in (out / f"{k}-{name}" / "README.md").read_text()
+        model, tokenizer = load_stock(out / f"{k}-{name}", synthetic_base(run))
+        ids = item_ids(run, name)
+        got = rows_of(evaluate(model, tokenizer, run), ids)
+        # period k's adapter answers period k's items exactly as the run scored them, in row k and in every
+        # later row (it never trains again): --period all reproduces the final row, one period's items each
+        assert got == rows_of(final, ids) == rows_of(committed_predictions(run, f"{k}-{name}"), ids)
+        assert got != rows_of(committed_predictions(run, "0-base"), ids)
+
+
+def test_per_task_base_period_is_the_base_model(cl_runs: dict[str, Path], tmp_path: Path) -> None:
+    run, out = cl_runs["per_task"], tmp_path / "base"
+    assert export(run, out, "--period", "base") == 0
+    assert check_export(out, run, "per_task", "base", "synthetic")["format"] == HF_MODEL
+    model, tokenizer = load_stock(out, None)
+    assert evaluate(model, tokenizer, run) == committed_predictions(run, "0-base")
+
+
+# ------------------------------------------------------------------------------------------------
+# a task stream (data/stream.json instead of data/benchmark.json)
+
+@pytest.fixture(scope="module")
+def stream_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return tiny_stream_runs(tmp_path_factory.mktemp("export-stream"), "lora,per_task")
+
+
+def test_a_stream_run_exports_and_scores_every_item_as_the_period(stream_runs: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    run, out = stream_runs["lora"], tmp_path / "export"
+    assert not (run / "data" / "benchmark.json").exists() and (run / "data" / "stream.json").is_file()
+    assert export(run, out, "--period", "mcb") == 0
+    manifest = check_export(out, run, "lora", "mcb", "synthetic")
+    assert manifest["format"] == PEFT_ADAPTER
+    assert manifest["data_fingerprint"] == read_manifest(run / "periods" / "2-mcb")["data_fingerprint"]
+    assert "| mca | " in (out / "README.md").read_text()  # the task's own metrics in the model card
+    model, tokenizer = load_stock(out, synthetic_base(run))
+    got = evaluate(model, tokenizer, run)
+    assert got == committed_predictions(run, "2-mcb")
+    assert got != committed_predictions(run, "0-base")
+
+
+def test_per_task_on_a_stream_exports_the_task_adapter(stream_runs: dict[str, Path], tmp_path: Path) -> None:
+    run, out = stream_runs["per_task"], tmp_path / "mca"
+    assert export(run, out, "--period", "mca") == 0
+    assert read_manifest(out)["scores_items_of"] == ["mca"]
+    model, tokenizer = load_stock(out, synthetic_base(run))
+    ids = item_ids(run, "mca")
+    assert rows_of(evaluate(model, tokenizer, run), ids) == rows_of(committed_predictions(run, "2-mcb"), ids)
+
+
+# ------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, nothing written
 
 
@@ -307,3 +478,45 @@ def test_embedded_smollm2_export_round_trips_exactly(embedded_runs: dict[str, Pa
     got = evaluate(model, tokenizer, run)
     assert got == committed_predictions(run, "2-2020")
     assert got != committed_predictions(run, "0-base")
+
+
+# ------------------------------------------------------------------------------------------------
+# what no export reproduces is refused: exit 2, one line, nothing written
+
+
+def _refused(code: int, err: str, needle: str, tmp_path: Path) -> None:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("export: ")]
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert not (tmp_path / "exports").exists(), "not even --out's parent is created"
+    assert not [p for p in tmp_path.rglob(f"{TMP_PREFIX}*")], "no staging dir left behind"
+
+
+def test_a_stage_routed_method_without_adapters_is_refused(synthetic_runs: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # No such method exists today: full fine-tuning that scored each period in a context of its own would
+    # be one, and a single model directory cannot hold a context.
+    from contextlib import nullcontext
+
+    from training.methods.full_ft import FullFineTune
+
+    monkeypatch.setattr(FullFineTune, "eval_scope", lambda self, model, stage: nullcontext())
+    code = export(synthetic_runs["full_ft"], tmp_path / "exports" / "out", "--period", "2020")
+    _refused(code, capsys.readouterr().err, "scores each period's items in a context of its own", tmp_path)
+
+
+def test_an_adapter_combination_that_changes_the_model_is_refused(cl_runs: dict[str, Path], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = export_job._probe_logprobs
+
+    def drifting(model: nn.Module) -> torch.Tensor:  # the combined adapter computes something else
+        calls.append(1)
+        return real(model) + (0.1 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(export_job, "_probe_logprobs", drifting)
+    code = export(cl_runs["olora"], tmp_path / "exports" / "out", "--period", "2020")
+    _refused(code, capsys.readouterr().err, "the combined adapter of ['period_1', 'period_2'] changes "
+             "log-probabilities by 0.1", tmp_path)

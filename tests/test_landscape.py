@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from artifacts import verify_manifest
 from eval_and_metrics import report
 from scripts import landscape
+from tests.conftest import tiny_stream_runs
 from tests.fixtures.sweep import pristine_sweep, runs_by_method_seed  # noqa: F401
 
 
@@ -127,3 +128,63 @@ def test_load_period_model_refuses_a_damaged_period(pristine_sweep: Path, tmp_pa
         landscape.load_period_model(run, 9, device="cpu")
     with pytest.raises(ValueError, match="unknown; valid: base, 2018"):
         landscape.load_period_model(run, "final", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------
+# a task stream: the run's data is data/stream.json, its periods are tasks
+
+
+@pytest.fixture(scope="module")
+def stream_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_stream_runs(tmp_path_factory.mktemp("landscape-stream"), "lora")["lora"]
+
+
+def test_stream_examples_are_the_task_items_under_their_own_loss(stream_run: Path) -> None:
+    pm = landscape.load_period_model(stream_run, "mcb", device="cpu")
+    stream = pm.bench.stream
+    tok = pm.tokenizer
+    # eval (= probes): each eval item's gold target given its prompt; only the target's tokens count
+    ex = landscape.build_examples(pm, "eval", "mca", 64, 0)
+    task = stream.tasks[0]
+    assert len(ex) == len(task.eval)
+    assert ex.target_mask.sum(1).tolist() == [float(len(tok(x.target, add_special_tokens=False)["input_ids"]))
+                                              for x in task.eval]
+    assert torch.equal(landscape.build_examples(pm, "probes", "mca", 64, 0).ids, ex.ids)
+    # train (= passages): the task's training items, the completion (and EOS) under the loss as in training
+    ex = landscape.build_examples(pm, "train", "mcb", 64, 0)
+    task = stream.tasks[1]
+    assert len(ex) == len(task.train)
+    assert ex.target_mask.sum(1).tolist() == [float(len(tok(x.completion, add_special_tokens=False)["input_ids"]) + 1)
+                                              for x in task.train]
+    assert landscape.build_examples(pm, "train", "mcb", 3, 0).ids.shape[0] == 3
+    with pytest.raises(ValueError, match="'2018' is not a task of this run; valid: mca, mcb"):
+        landscape.build_examples(pm, "eval", "2018", 64, 0)
+
+
+def test_landscape_job_on_a_stream_run(stream_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / stream_run.name
+    shutil.copytree(stream_run, run)
+    fast = ["--grid", "3", "--max-examples", "4", "--fisher-examples", "2", "--power-iters", "3", "--threads", "1"]
+    assert landscape.main([str(run), *fast]) == 0
+    results = {p.name: json.loads((p / "landscape" / "landscape.json").read_text())
+               for p in sorted((run / "periods").iterdir())}
+    assert sorted(results) == ["0-base", "1-mca", "2-mcb"]
+    assert [r["settings"]["data_period"] for r in results.values()] == ["mca", "mca", "mcb"]
+    assert results["2-mcb"]["forgetting"]["from_period"] == "mca"
+    assert results["2-mcb"]["metrics"]["forgetting_estimate"] is not None
+    # another task's training items, one period
+    assert landscape.main([str(run), *fast, "--period", "mcb", "--data", "train", "--data-period", "mca"]) == 0
+    again = json.loads((run / "periods" / "2-mcb" / "landscape" / "landscape.json").read_text())
+    assert (again["settings"]["data"], again["settings"]["data_period"], again["num_examples"]) == ("train", "mca", 4)
+    assert verify_manifest(run / "periods" / "2-mcb" / "landscape") == (True, "ok")
+    capsys.readouterr()
+    assert landscape.main([str(run), *fast, "--data-period", "2018"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["error: --data-period '2018' is not a task of this run; valid: mca, mcb"]
+
+
+def test_lm_eval_job_reads_a_stream_run(stream_run: Path) -> None:
+    from scripts import lm_eval_job
+
+    # the same reader as landscape and export: the committed prefix of a run whose data is stream.json
+    assert lm_eval_job.committed_prefix(stream_run) == [0, 1, 2]

@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 import torch
 
 from artifacts import atomic_write_text, commit_dir, staging_dir
-from data import load_benchmark
+from data import DataError, load_benchmark
 from data.config import DataConfig
-from data.io import write_benchmark
+from data.io import read_benchmark, write_benchmark
 from data.schema import Benchmark, Period, Probe
 from data.streams import load_stream
 from data.streams.schema import STREAM_FILE, Stream
@@ -237,6 +237,25 @@ def write_workload_files(workload: Workload, final: Path) -> None:
     staging = staging_dir(final)
     workload.write_files(staging)
     commit_dir(staging, final)
+
+
+def read_workload(directory: Path) -> Workload:
+    """The workload a run trained on, from its data directory (what write_files wrote): a stream when
+    it holds stream.json, else the temporal benchmark's benchmark.json. The jobs that rebuild a period's
+    model (export, landscape, lm-eval) read a run through this, never through one file name.
+
+    Raises DataError (one line) for a missing or unreadable file; both readers are strict and
+    recompute the fingerprint from the content.
+    """
+    path = Path(directory) / STREAM_FILE
+    if not path.is_file():
+        return TemporalWorkload(read_benchmark(directory))
+    try:
+        stream = Stream.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a stream file written by a run ({type(exc).__name__}: {reason})") from None
+    return StreamWorkload(stream)
 
 
 def load_workload(cfg: DataConfig) -> Workload:
