@@ -22,6 +22,8 @@ from training import cli
     (["--quantize", "4bit"], "model.quantize 4bit needs a CUDA GPU"),
     (["--set", "data.change_share=2"], "data.change_share"),
     (["--set", "method.lora.target_modules=[nope_proj]"], "method.lora.target_modules ['nope_proj']"),
+    # a method on top of LoRA names its own section, not lora's
+    (["--method", "ewc", "--set", "method.ewc.target_modules=[nope_proj]"], "method.ewc.target_modules ['nope_proj']"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, capsys, args, needle):
     # In-process (same code path as the subprocess, minus 8 s of imports per case).

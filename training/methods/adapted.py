@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from training.methods.base import Method, MethodContext
+from training.methods.base import Method, MethodContext, trainable_groups
 from training.methods.full_ft import FullFineTune
-from training.methods.lora import LoRA, LoraOptions
+from training.methods.lora import LoRA, LoraOptions, check_targets
 
 PARAMETERISATIONS: dict[str, type[Method]] = {"lora": LoRA, "full": FullFineTune}
 
@@ -37,14 +37,11 @@ class Adapted(Method):
 
     @classmethod
     def check(cls, cfg: Any, model: nn.Module) -> list[str]:
-        return PARAMETERISATIONS[cfg.on].check(cfg, model)
+        # LoRA's check, naming this method's own section (method.ewc.target_modules, not method.lora...)
+        return check_targets(cls.name, cfg, model) if cfg.on == "lora" else []
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.base.prepare(model)
 
     def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        group: dict[str, Any] = {"params": params}
-        if self.cfg.lr:
-            group["lr"] = self.cfg.lr
-        return [group]
+        return trainable_groups(model, self.cfg.lr)

@@ -11,7 +11,9 @@ and the new adapter adds exactly zero to the output until it trains.
 
 peft 0.21's `set_adapter` marks every adapter it activates trainable (and `disable_adapter` re-marks
 them on exit), so `activate` sets requires_grad itself afterwards: exactly one adapter (or none) trains.
-This is a helper module shared by two methods, not a method of its own.
+This is a helper module shared by two methods, not a method of its own: `PerPeriodAdapters` is their
+common part (an adapter per period, created and activated as above), each subclass says which
+adapters are active while a period trains (`_sync`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from training.methods.lora import LoraOptions
+from data.schema import Period
+from training.methods.base import Method, MethodContext, trainable_groups
+from training.methods.lora import LoraOptions, check_targets
 from training.seeding import derive_seed
 
 PREFIX = "period_"
@@ -41,15 +45,6 @@ def param_adapter(param_name: str) -> int | None:
     """The period index of the adapter a parameter belongs to; None for the backbone."""
     match = _PARAM_RE.search(param_name)
     return int(match.group(1)) if match else None
-
-
-def check_targets(method: str, cfg: LoraOptions, model: nn.Module) -> list[str]:
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in cfg.target_modules if t not in present]
-    if missing:
-        return [f"method.{method}.target_modules {missing} are not modules of this model; "
-                f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
-    return []
 
 
 def _peft_config(cfg: LoraOptions) -> LoraConfig:
@@ -137,3 +132,41 @@ def load_adapter_state(model: nn.Module, cfg: LoraOptions, state: dict[str, torc
 
 def init_seed(run_seed: int, method: str, k: int) -> int:
     return derive_seed(run_seed, method, "adapter", k)
+
+
+class PerPeriodAdapters(Method):
+    """A method with one adapter per period; subclasses define `_sync` (which adapters are active and
+    which one trains) and add their own hooks."""
+
+    config_cls = LoraOptions
+
+    def __init__(self, cfg: LoraOptions, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        self.current = 0  # the period whose adapter trains; 0 before the first period
+
+    @classmethod
+    def check(cls, cfg: LoraOptions, model: nn.Module) -> list[str]:
+        return check_targets(cls.name, cfg, model)
+
+    def _seed(self, k: int) -> int:
+        return init_seed(self.ctx.seed, self.name, k)
+
+    def _sync(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = attach(model, self.cfg, self._seed(1))
+        self._sync(model)
+        return model
+
+    def on_period_start(self, model: nn.Module, period: Period, texts: list[str]) -> list[str]:
+        self.current = period.index
+        ensure(model, self.cfg, period.index, self._seed(period.index))
+        self._sync(model)
+        return texts
+
+    def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
+        return trainable_groups(model, self.cfg.lr)
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return adapter_state(model)

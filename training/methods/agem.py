@@ -29,7 +29,6 @@ ref_batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -40,6 +39,7 @@ from data.fields import Range
 from data.schema import Period, Probe
 from training.batching import PeriodData, collate
 from training.methods.adapted import Adapted, AdaptedOptions
+from training.methods.base import eval_mode
 from training.seeding import derive_seed
 
 
@@ -47,18 +47,6 @@ from training.seeding import derive_seed
 class AgemOptions(AdaptedOptions):
     memory_per_period: Annotated[int, Range(0, 1 << 20)] = 64  # training items of each finished period kept in memory
     ref_batch: Annotated[int, Range(1, 4096)] = 16  # memory items in each step's reference batch (one forward)
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """model.eval() for the duration, then every module's own training flag back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:

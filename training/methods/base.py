@@ -26,7 +26,8 @@ step checkpoint's state.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,6 +47,27 @@ class MethodContext:
     seed: int
     lr: float
     period_names: list[str]
+
+
+def trainable_groups(model: nn.Module, lr: float = 0.0) -> list[dict[str, Any]]:
+    """One AdamW group of every parameter that requires grad; `lr` (when not 0) overrides train.lr."""
+    group: dict[str, Any] = {"params": [p for p in model.parameters() if p.requires_grad]}
+    if lr:
+        group["lr"] = lr
+    return [group]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """model.eval() for the duration (no dropout in a teacher or reference pass), then every module's own
+    training flag back, so a hook that runs the model inside a training step leaves the step as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass

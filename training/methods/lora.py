@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from data.fields import Items, Name, Range
-from training.methods.base import Method
+from training.methods.base import Method, trainable_groups
 
 
 @dataclass
@@ -30,18 +30,23 @@ class LoraOptions:
     lr: Annotated[float, Range(0, 100)] = 0.0  # learning rate for the adapter; 0 = train.lr
 
 
+def check_targets(method: str, cfg: LoraOptions, model: nn.Module) -> list[str]:
+    """The target modules this model does not have, as one problem naming `method.<method>.target_modules`."""
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.target_modules if t not in present]
+    if missing:
+        return [f"method.{method}.target_modules {missing} are not modules of this model; "
+                f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
+    return []
+
+
 class LoRA(Method):
     name = "lora"
     config_cls = LoraOptions
 
     @classmethod
     def check(cls, cfg: LoraOptions, model: nn.Module) -> list[str]:
-        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in cfg.target_modules if t not in present]
-        if missing:
-            return [f"method.lora.target_modules {missing} are not modules of this model; "
-                    f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
-        return []
+        return check_targets(cls.name, cfg, model)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         peft_cfg = LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
@@ -49,8 +54,4 @@ class LoRA(Method):
         return get_peft_model(model, peft_cfg)
 
     def trainable_parameters(self, model: nn.Module) -> list[dict]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        group: dict = {"params": params}
-        if self.cfg.lr:
-            group["lr"] = self.cfg.lr
-        return [group]
+        return trainable_groups(model, self.cfg.lr)

@@ -31,7 +31,6 @@ paper's lambda_o = 1), temperature (the paper's T = 2).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -42,6 +41,7 @@ from torch import nn
 from data.fields import Range
 from data.schema import Period
 from training.methods.adapted import Adapted, AdaptedOptions
+from training.methods.base import eval_mode
 
 
 @dataclass
@@ -67,18 +67,6 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     log_p_student = F.log_softmax(s, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
     return kl.mean()
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """model.eval() for the duration, then every module's own training flag back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class LearningWithoutForgetting(Adapted):

@@ -29,7 +29,7 @@ from torch import nn
 from data.fields import Range
 from data.schema import Period
 from training.methods import adapters
-from training.methods.base import Method, MethodContext
+from training.methods.base import MethodContext
 from training.methods.lora import LoraOptions
 
 
@@ -47,42 +47,17 @@ def orthogonality_loss(old: list[torch.Tensor], new: torch.Tensor) -> torch.Tens
     return total
 
 
-class OLoRA(Method):
+class OLoRA(adapters.PerPeriodAdapters):
     name = "olora"
     config_cls = OLoraOptions
 
     def __init__(self, cfg: OLoraOptions, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        self.current = 0  # the period whose adapter trains; 0 before the first period
         self.stats: dict[str, float] = {}
-
-    @classmethod
-    def check(cls, cfg: OLoraOptions, model: nn.Module) -> list[str]:
-        return adapters.check_targets(cls.name, cfg, model)
-
-    def _seed(self, k: int) -> int:
-        return adapters.init_seed(self.ctx.seed, self.name, k)
 
     def _sync(self, model: nn.Module) -> None:
         """Every adapter active; only the current period's trains."""
         adapters.activate(model, adapters.adapters(model), self.current or None)
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        model = adapters.attach(model, self.cfg, self._seed(1))
-        self._sync(model)
-        return model
-
-    def on_period_start(self, model: nn.Module, period: Period, texts: list[str]) -> list[str]:
-        self.current = period.index
-        adapters.ensure(model, self.cfg, period.index, self._seed(period.index))
-        self._sync(model)
-        return texts
-
-    def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
-        group: dict[str, Any] = {"params": [p for p in model.parameters() if p.requires_grad]}
-        if self.cfg.lr:
-            group["lr"] = self.cfg.lr
-        return [group]
 
     def penalties(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_ortho, L_l2) of the current adapter, summed over the LoRA modules in module order."""
@@ -113,9 +88,6 @@ class OLoRA(Method):
 
     def step_stats(self) -> dict[str, float]:
         return dict(self.stats)
-
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return adapters.adapter_state(model)
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         adapters.load_adapter_state(model, self.cfg, state, self.name, self._seed)

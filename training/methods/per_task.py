@@ -30,48 +30,23 @@ from torch import nn
 from data.schema import Period
 from training.batching import PeriodData
 from training.methods import adapters
-from training.methods.base import Method, MethodContext
+from training.methods.base import MethodContext
 from training.methods.lora import LoraOptions
 
 
-class PerTask(Method):
+class PerTask(adapters.PerPeriodAdapters):
     name = "per_task"
     config_cls = LoraOptions
     is_bound: ClassVar[bool] = True  # an upper/isolation bound: evaluation is told each item's period
 
     def __init__(self, cfg: LoraOptions, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        self.current = 0  # the period whose adapter trains; 0 before the first period
         self.num_trained = 0  # periods 1..num_trained have finished training (their adapters score them)
         self.index = {name: k for k, name in enumerate(ctx.period_names, start=1)}
-
-    @classmethod
-    def check(cls, cfg: LoraOptions, model: nn.Module) -> list[str]:
-        return adapters.check_targets(cls.name, cfg, model)
-
-    def _seed(self, k: int) -> int:
-        return adapters.init_seed(self.ctx.seed, self.name, k)
 
     def _sync(self, model: nn.Module) -> None:
         """The training state: only the current period's adapter is active, and it trains."""
         adapters.activate(model, [self.current or 1], self.current or None)
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        model = adapters.attach(model, self.cfg, self._seed(1))
-        self._sync(model)
-        return model
-
-    def on_period_start(self, model: nn.Module, period: Period, texts: list[str]) -> list[str]:
-        self.current = period.index
-        adapters.ensure(model, self.cfg, period.index, self._seed(period.index))
-        self._sync(model)
-        return texts
-
-    def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
-        group: dict[str, Any] = {"params": [p for p in model.parameters() if p.requires_grad]}
-        if self.cfg.lr:
-            group["lr"] = self.cfg.lr
-        return [group]
 
     def on_period_end(self, model: nn.Module, period: Period, data: PeriodData) -> None:
         self.num_trained = max(self.num_trained, period.index)
@@ -92,9 +67,6 @@ class PerTask(Method):
                     yield
         finally:
             self._sync(model)  # peft re-marks adapters trainable on the way out; restore ours
-
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return adapters.adapter_state(model)
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         adapters.load_adapter_state(model, self.cfg, state, self.name, self._seed)
