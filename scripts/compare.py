@@ -59,6 +59,7 @@ STREAM_COLUMNS = [
     ("higher_is_better_summary.max_drop", "Max drop"),
     ("lower_is_better_summary.final", "NLL final ↓"),
     ("lower_is_better_summary.bwt", "NLL BWT ↓"),
+    ("lower_is_better_summary.learning", "NLL learning ↓"),
 ]
 # what each run cost (results.json "cost"; replay's buffer from its eval extras)
 COST_COLUMNS = [
