@@ -3,7 +3,6 @@ calibrating, exact state round-trips, the config section, and a kill-and-resume 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

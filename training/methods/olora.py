@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from data.fields import Range
-from data.schema import Period
 from training.methods import adapters
 from training.methods.base import MethodContext
 from training.methods.lora import LoraOptions
