@@ -372,10 +372,10 @@ class Trainer:
         atomic_write_json(self.paths.results, results)
         return results
 
-
     def _cost(self, names: list[str]) -> dict[str, Any]:
         """What the run cost: wall time of training steps (from the log) and of evaluations (from the
-        manifests), the peak memory of this process, and the size of one committed period's state."""
+        manifests), the peak memory of this process (after a resume: of the last process only), and the
+        size of one committed period's state."""
         rows = read_jsonl(self.paths.train_log)
         last = self.paths.period_dir(len(names) - 1, names[-1])
         manifests = [read_manifest(self.paths.period_dir(k, n)) or {} for k, n in enumerate(names)]
