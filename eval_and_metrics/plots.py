@@ -97,6 +97,19 @@ def accuracy_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path | N
     return _save(fig, path)
 
 
+def _column_over_rows(ax: Any, groups: Sequence[Any], t: int) -> None:
+    """Stage t's score after every row (base, then each stage), one line per group with its 95% CI band,
+    and a dotted line where stage t is trained."""
+    x = np.arange(len(groups[0].matrix_mean))
+    for g, c in zip(groups, colors(len(groups))):
+        y = np.array([_nan(row[t]) for row in g.matrix_mean])
+        h = np.array([0.0 if row[t] is None else row[t] for row in g.matrix_half] if g.matrix_half
+                     else np.zeros(len(x)))
+        ax.plot(x, y, marker="o", ms=3, color=c, label=g.label)
+        ax.fill_between(x, y - h, y + h, color=c, alpha=0.15, linewidth=0)
+    ax.axvline(t + 1, color="grey", linestyle=":", linewidth=1)
+
+
 def timelines(groups: Sequence[Any], path: Path, title: str) -> Path | None:
     """One panel per probe period t: its score after each period, per method, with 95% CI bands."""
     groups = [g for g in groups if g.matrix_mean is not None]
@@ -111,13 +124,7 @@ def timelines(groups: Sequence[Any], path: Path, title: str) -> Path | None:
         ax.axis("off")
     x = np.arange(t_count + 1)
     for t, ax in enumerate(axes.flat[:t_count]):
-        for g, c in zip(groups, colors(len(groups))):
-            y = np.array([_nan(row[t]) for row in g.matrix_mean])
-            h = np.array([0.0 if row[t] is None else row[t] for row in g.matrix_half] if g.matrix_half
-                         else np.zeros(t_count + 1))
-            ax.plot(x, y, marker="o", ms=3, color=c, label=g.label)
-            ax.fill_between(x, y - h, y + h, color=c, alpha=0.15, linewidth=0)
-        ax.axvline(t + 1, color="grey", linestyle=":", linewidth=1)
+        _column_over_rows(ax, groups, t)
         ax.set_title(f"probes of {names[t]}", fontsize=9)
         ax.set_xticks(x, ["base"] + names, fontsize=7, rotation=45)
         ax.set_ylim(-0.02, 1.02)
@@ -366,13 +373,7 @@ def stream_task_curves(groups: Sequence[Any], path: Path, title: str) -> Path | 
     x = np.arange(t_count + 1)
     for j, ax in enumerate(axes.flat[:t_count]):
         up = bool(info["higher_is_better"][tasks[j]])
-        for g, c in zip(groups, colors(len(groups))):
-            y = np.array([_nan(row[j]) for row in g.matrix_mean])
-            h = np.array([0.0 if row[j] is None else row[j] for row in g.matrix_half] if g.matrix_half
-                         else np.zeros(t_count + 1))
-            ax.plot(x, y, marker="o", ms=3, color=c, label=g.label)
-            ax.fill_between(x, y - h, y + h, color=c, alpha=0.15, linewidth=0)
-        ax.axvline(j + 1, color="grey", linestyle=":", linewidth=1)
+        _column_over_rows(ax, groups, j)
         ax.set_title(f"{tasks[j]}: {info['primary_metric'][tasks[j]]} {'↑' if up else '↓ (lower is better)'}",
                      fontsize=9)
         ax.set_xticks(x, ["base"] + list(tasks), fontsize=7, rotation=45)
