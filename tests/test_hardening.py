@@ -264,3 +264,24 @@ def test_the_console_shows_no_library_noise(reference_lora: dict, tmp_path: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     for noise in ("gemm_4bit", "pip install kernels", "Warning", "warnings.warn", "deprecated"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def test_a_stop_swallowed_before_training_still_stops_and_prints_no_traceback(capsys):
+    """A signal whose StopRequested lands in a finaliser (__del__) is printed by Python as "Exception
+    ignored" and dropped; the block must still stop at its end, and nothing may be printed."""
+    import gc
+    import signal as _signal
+
+    from training.signals import StopFlag, StopRequested
+
+    stop = StopFlag()
+
+    class Finalised:
+        def __del__(self):
+            stop._handle(_signal.SIGTERM, None)  # the handler running inside a finaliser
+
+    with pytest.raises(StopRequested):
+        with stop.immediately():
+            Finalised()
+            gc.collect()
+    assert "Traceback" not in capsys.readouterr().err

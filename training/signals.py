@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # bad config, data or flag: one line per problem, nothing written
@@ -70,8 +72,19 @@ class StopFlag:
         if self:
             raise StopRequested(f"{self.signal_name} before training started")
         self._immediate = True
+        previous_hook = sys.unraisablehook
+
+        def quiet(unraisable: Any) -> None:
+            # A stop raised while a finaliser (__del__) runs cannot propagate: Python prints it as an
+            # "Exception ignored" traceback and goes on. The flag still holds it; re-raised below.
+            if not isinstance(unraisable.exc_value, StopRequested):
+                previous_hook(unraisable)
+
+        sys.unraisablehook = quiet
         try:
             yield
+            if self:  # the stop was swallowed on its way (a finaliser, a library's broad except)
+                raise StopRequested(f"{self.signal_name} before training started")
         except (StopRequested, KeyboardInterrupt):
             raise
         except Exception:
@@ -82,6 +95,7 @@ class StopFlag:
             raise
         finally:
             self._immediate = False
+            sys.unraisablehook = previous_hook
 
     def install(self) -> "StopFlag":
         for sig in STOP_SIGNALS:
