@@ -323,20 +323,16 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
                      "(the values are used)", rid)
 
     # valid_until: the first later period with another value; null in the file means "not given".
-    valid_until: str | None = None
-    known = True
-    for later in periods[k + 1:]:
-        if later not in values:
-            known = False
-            break
-        if values[later] != value:
-            valid_until = later
-            break
-    if not known:
+    later = [i for i in range(k + 1, len(periods)) if periods[i] in values]
+    first_diff = next((i for i in later if values[periods[i]] != value), None)
+    derived = periods[first_diff] if first_diff is not None else None
+    end = first_diff if first_diff is not None else len(periods) - 1
+    last_equal = max((i for i in later if i < end or first_diff is None), default=k)
+    valid_until = derived
+    if any(periods[i] not in values for i in range(k + 1, end + 1)):
+        # a gap before the change is known: the file may name a change inside the gap
         given = row.valid_until
-        last_equal = max((i for i, p in enumerate(periods) if i > k and values.get(p) == value),
-                         default=k)
-        if given is not None and periods.index(given) > last_equal:
+        if given is not None and last_equal < periods.index(given) <= end:
             valid_until = given
     if row.valid_until is not None and row.valid_until != valid_until:
         warnings.add("have a valid_until that disagrees with the ground_truth of later periods "

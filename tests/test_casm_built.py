@@ -237,3 +237,17 @@ def test_cli_runs_the_fixture_end_to_end(tmp_path: Path) -> None:
     results = read_results(run)
     assert results["data_fingerprint"] == read_casm_built(FIXTURE, DataConfig()).fingerprint
     assert len(results["metrics"]["matrix_em"]) == 5  # base row + 4 periods
+
+
+def test_a_fact_missing_from_a_period_falls_back_to_the_files_own_fields(tmp_path: Path) -> None:
+    def gap(doc: dict) -> None:
+        doc["2020"]["unchanged"].pop(0)  # Azure Tide Harbor is not probed in 2020
+        doc["2018"]["changed"][0]["valid_until"] = "2020"  # a change inside the gap: cannot be checked
+
+    bench = read_casm_built(copy_fixture(tmp_path, probes=gap), DataConfig())
+    probes = {p.id: p for p in bench.all_probes()}
+    assert f"2020:{AZURE}" not in probes
+    assert probes[f"2018:{AZURE}"].valid_until == "2020"  # the file's, consistent with what is known
+    p = probes[f"2022:{AZURE}"]  # no 2020 value to compare with: the file's is_changed and valid_from
+    assert (p.kind, p.previous_value, p.valid_from) == ("changed", None, "2022")
+    assert [w for w in bench.meta["warnings"] if RETRAINED not in w] == []
