@@ -291,12 +291,12 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
         kind = "changed" if flag else "unchanged"
     # CASM's convention: period 1 lists every fact under "changed" with is_changed false.
     want_flag, want_split = (False, "changed") if k == 0 else (kind == "changed", kind)
+    reason = "it is the first period" if k == 0 else f"the values say {kind}"
     if row.is_changed is not None and row.is_changed != want_flag:
-        warnings.add(f"have is_changed={str(row.is_changed).lower()} although the values say "
-                     f"{'first period' if k == 0 else kind} (the values are used)", rid)
+        warnings.add(f"have is_changed={str(row.is_changed).lower()} although {reason} "
+                     "(the values are used)", rid)
     if row.split != want_split:
-        warnings.add(f"are listed under {row.split!r} although the values say "
-                     f"{'first period' if k == 0 else kind} (the values are used)", rid)
+        warnings.add(f"are listed under {row.split!r} although {reason} (the values are used)", rid)
     if row.current_value is not None and row.current_value != value:
         warnings.add("have a current_value that differs from ground_truth (ground_truth is used)",
                      rid)
@@ -392,6 +392,12 @@ def read_casm_built(directory: str | os.PathLike[str], cfg: DataConfig) -> Bench
                                     value=owner.value if owner else UNKNOWN, period=period,
                                     template_id=f"casm/{PASSAGES_FILE}"))
         built.append(Period(index=k + 1, name=period, passages=tuple(passages), probes=tuple(probes)))
+
+    ids = [p.id for period in built for p in period.probes]
+    if len(set(ids)) != len(ids):  # only ':' inside subjects or relations can make two facts collide
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{probes_path}: probe id {dup!r} is not unique; subjects or relations "
+                        "containing ':' collide, rename them")
 
     # Our "unchanged" means "not in this period's training data" (docs/data.md); CASM's thin passages
     # restate every fact in every period, so stability on them measures re-learning (LESSONS.md).

@@ -251,3 +251,21 @@ def test_a_fact_missing_from_a_period_falls_back_to_the_files_own_fields(tmp_pat
     p = probes[f"2022:{AZURE}"]  # no 2020 value to compare with: the file's is_changed and valid_from
     assert (p.kind, p.previous_value, p.valid_from) == ("changed", None, "2022")
     assert [w for w in bench.meta["warnings"] if RETRAINED not in w] == []
+
+
+def test_first_period_flags_follow_casms_convention(tmp_path: Path) -> None:
+    # CASM lists every period-1 fact under "changed" with is_changed false: that is silent; else a warning.
+    def flaws(doc: dict) -> None:
+        doc["2018"]["changed"][1]["is_changed"] = True
+        doc["2018"]["unchanged"].append(doc["2018"]["changed"].pop(2))
+        doc["2018"]["changed"][0]["previous_value"] = "11 fathoms"
+
+    bench = read_casm_built(copy_fixture(tmp_path, probes=flaws), DataConfig())
+    assert {p.kind for p in bench.periods[0].probes} == {"new"}
+    assert bench.periods[0].probes[0].previous_value is None
+    lines = [w for w in bench.meta["warnings"] if RETRAINED not in w]
+    assert len(lines) == 3
+    for needle in ("1 probe(s) have is_changed=true although it is the first period",
+                   "1 probe(s) are listed under 'unchanged' although it is the first period",
+                   f"1 probe(s) have a previous_value in the first period (dropped): 2018:{AZURE}"):
+        assert any(needle in line for line in lines), (needle, lines)
