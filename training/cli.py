@@ -151,6 +151,8 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         with stop.immediately():
             configs = parse_configs(argv)
             workload = load_workload(configs[0].data)
+            for line in workload.warnings:
+                print("warning: " + " ".join(line.splitlines()), file=sys.stderr)
             for cfg in configs:
                 check_model_source(cfg.model, cfg.mode)
             # Every method's options are checked against the model's structure before the first run

@@ -68,6 +68,7 @@ class Workload:
     fingerprint: str
     stages: list[Stage]
     probes: list[Probe]  # what eval_extras sees (temporal probes; none for a stream)
+    warnings: tuple[str, ...] = ()  # one line each about the input (data taken as the truth); the CLI prints them
 
     @property
     def stage_names(self) -> list[str]:
@@ -126,6 +127,7 @@ class TemporalWorkload(Workload):
         self.name = bench.name
         self.fingerprint = bench.fingerprint
         self.probes = bench.all_probes()
+        self.warnings = tuple(bench.meta.get("warnings", ()))
         self.stages = [Stage(p.index, p.name, p, tuple(("", x.text) for x in p.passages), True)
                        for p in bench.periods]
 
