@@ -96,7 +96,9 @@ def model_max_length(model: nn.Module, default: int = 2048) -> int:
     return default
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under FSDP the forward all-gathers weights into buffers that training
+# reuses, and a tensor created in inference mode can never be updated in place afterwards.
+@torch.no_grad()
 def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuations: list[list[int]],
                           pad_id: int, device: torch.device) -> list[torch.Tensor]:
     """log p(token | context, earlier continuation tokens) for every continuation token, one forward pass.
@@ -118,7 +120,7 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
     return [token_logp[row, token_logp.shape[1] - len(x):] for row, x in enumerate(continuations)]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _gold_logprobs(model: nn.Module, prompts: list[list[int]], golds: list[list[int]], pad_id: int,
                    device: torch.device) -> list[float]:
     """Mean log p(gold token | prompt, earlier gold tokens) per probe, in one forward pass."""
@@ -157,7 +159,7 @@ class _StopWhenDone(StoppingCriteria):
         return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device,
                     max_new_tokens: int, done: Callable[[int, str], bool] | None = None) -> list[str]:
     """Greedy continuations of one left-padded batch of prompts (one `generate` call, KV cache on).
@@ -176,7 +178,7 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], devic
     return tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: torch.device, batch_size: int,
                     max_new_tokens: int = 0, should_stop: Callable[[], bool] = lambda: False,
                     progress: Callable[[int], None] | None = None, shard: Shard = ONE) -> list[ProbeResult]:

@@ -163,11 +163,15 @@ def _main(argv: list[str], stop: StopFlag) -> int:
                          f"{', '.join(METHODS[cfg.method.name].benchmarks)} benchmarks, not on a {workload.kind}; "
                          f"valid here: {', '.join(n for n, m in METHODS.items() if workload.kind in m.benchmarks)}"
                          for cfg in configs if workload.kind not in METHODS[cfg.method.name].benchmarks]
-            problems += [p for cfg in configs for p in strategy_problems(cfg.train.strategy, cfg.method.name, world)]
+            problems += [p for cfg in configs for p in strategy_problems(cfg.train, cfg.method.name, world)]
             problems += [f"train.gradient_checkpointing cannot be used with method {cfg.method.name!r}: it counts "
                          f"memory reads in the forward, which checkpointing runs twice; valid: false"
                          for cfg in configs
                          if cfg.train.gradient_checkpointing and METHODS[cfg.method.name].counts_in_forward]
+            problems += [f"model.quantize 4bit freezes the backbone in NF4, so method {cfg.method.name!r} (which trains "
+                         f"the backbone's weights) cannot run on it; valid with 4bit: an adapter method such as lora"
+                         for cfg in configs
+                         if cfg.model.quantize == "4bit" and METHODS[cfg.method.name].trains_base_weights]
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet

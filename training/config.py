@@ -79,6 +79,9 @@ class TrainConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     # recompute activations in the backward (less memory, about a third more compute); same numbers
     gradient_checkpointing: bool = False
+    # bf16: the training forward runs under torch.autocast (weights and optimizer stay in model.dtype, use
+    # float32 for true mixed precision); changes the numbers, so it is part of the run's identity
+    mixed_precision: Literal["none", "bf16"] = "none"
     progress: bool = True  # show progress bars (stderr)
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
@@ -144,6 +147,8 @@ class RunConfig:
             # options of another optimizer mean nothing to it
             out["train"].pop("optimizer")
             out["train"].pop("casmo")
+        if self.train.mixed_precision == "none":
+            out["train"].pop("mixed_precision")  # as above: runs from before the option keep their identity
         return out
 
     def identity_dict(self) -> dict:

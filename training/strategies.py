@@ -22,12 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from artifacts import load_state, load_tensors
 from training.distributed import World
+from training.methods.base import Method
+from training.restore import load_saved_state
 
 
 class Strategy:
@@ -51,9 +55,34 @@ class Strategy:
             return [f"train.strategy {cls.name} cannot run method {method!r}: {cls.refuses[method]}"]
         return []
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    @classmethod
+    def check_config(cls, optimizer: str, mixed_precision: str) -> list[str]:
+        return []
+
+    def prepare(self, model: nn.Module) -> None:
+        """Once, before the base evaluation: what the strategy does to the model for the whole run."""
+
+    def wrap(self, model: nn.Module, method: Method) -> nn.Module:
         """The module the training forward goes through this period (after the method chose its trainables)."""
         return model
+
+    # -- state: every rank calls these (they may be collectives); the files hold full, unsharded tensors,
+    # so a checkpoint reads back on any world size and any strategy
+    def trainable_state(self, method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
+        return method.trainable_state_dict(model)
+
+    def load(self, method: Method, model: nn.Module, directory: Path) -> None:
+        load_saved_state(method, model, directory)
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def eval_shard(self) -> Any:
+        """How evaluation is shared (eval_and_metrics/shard.py): by default each rank scores its batches."""
+        return self.world
 
     def unwrap(self) -> None:
         """End of the period: drop what wrap() built (DDP's gradient hooks are per set of trainables)."""
@@ -79,16 +108,17 @@ class DDP(Strategy):
         super().__init__(world, device)
         self.wrapped: nn.Module | None = None
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, method: Method) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         if not self.world.active:
             return model
-        # find_unused_parameters: a method's trainables need not all take part in every step (CASM's
-        # router waits for a second period); buffers are never trained, so they are not re-broadcast.
+        # A method whose trainables need not all take part in a step (CASM's router waits for a second
+        # period) says so; for the others DDP skips the extra graph traversal (and its warning). Buffers are
+        # never trained, so they are not re-broadcast.
         self.wrapped = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=True)
+            broadcast_buffers=False, find_unused_parameters=method.leaves_parameters_unused)
         return self.wrapped
 
     def unwrap(self) -> None:
@@ -104,7 +134,111 @@ class DDP(Strategy):
         return float(self.world.size)  # DDP averages over ranks; the loop's weights already divide by the step
 
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DDP)}
+class Lockstep:
+    """Every rank scores every batch, together: FSDP's forward gathers each layer's weights from all ranks,
+    so the ranks must run the same forwards (generation lengths included) in the same order."""
+
+    active = True
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def owns(self, index: int) -> bool:
+        return True
+
+    def agree(self, flag: bool) -> bool:
+        return self.world.any(flag)
+
+    def merge(self, values: list[Any]) -> list[Any]:
+        return values
+
+
+class FSDP(Strategy):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over every decoder layer and the root, for the full
+    fine-tuning of models larger than one device. Checkpoints gather the full state to rank 0's host memory
+    (torch.distributed.checkpoint.state_dict, full_state_dict + cpu_offload), so they read back on any
+    world size or strategy; the price is that rank 0's host must hold the model and AdamW's two moments."""
+
+    name = "fsdp"
+    only = ("full_ft",)
+
+    def __init__(self, world: World, device: torch.device) -> None:
+        super().__init__(world, device)
+        self.sharded = False
+
+    @classmethod
+    def check_config(cls, optimizer: str, mixed_precision: str) -> list[str]:
+        if optimizer != "adamw":
+            return [f"train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not "
+                    f"{optimizer!r}; valid with fsdp: adamw"]
+        return []
+
+    def prepare(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if self.sharded:
+            return
+        # one unit per decoder layer (the classes transformers itself never splits), then the rest; bf16
+        # mixed precision is the loop's autocast, as under the other strategies, so the weights stay fp32
+        layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+        for module in model.modules():
+            if type(module).__name__ in layer_classes:
+                fully_shard(module)
+        fully_shard(model)
+        self.sharded = True
+
+    def sync(self, wrapped: nn.Module, last_round: bool) -> Any:
+        wrapped.set_requires_gradient_sync(last_round)  # type: ignore[operator]
+        return nullcontext()
+
+    @property
+    def grad_factor(self) -> float:
+        return float(self.world.size)  # the reduce-scatter averages over ranks
+
+    def trainable_state(self, method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: full[n] for n in names if n in full}  # rank 0 holds them all; the others get nothing
+
+    def load(self, method: Method, model: nn.Module, directory: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = load_tensors(directory / "trainable.safetensors")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        method.load_state_dict(load_state(directory / "method_state.pt"))
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full = get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not full:
+            return {}
+        # keyed by position, as optimizer.state_dict() is, so a single-process run can resume from it
+        index = {n: i for i, n in enumerate(_optimizer_names(model, optimizer))}
+        return {"state": {index[n]: v for n, v in full["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = _optimizer_names(model, optimizer)
+        named = {"state": {names[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+    def eval_shard(self) -> Any:
+        return Lockstep(self.world)
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DDP, FSDP)}
 
 
 def resolve_strategy(name: str, world: World) -> str:
@@ -114,14 +248,22 @@ def resolve_strategy(name: str, world: World) -> str:
     return name
 
 
-def strategy_problems(name: str, method: str, world: World) -> list[str]:
+def strategy_problems(train: Any, method: str, world: World) -> list[str]:
+    """Problems with running `method` under train.strategy in this world, and with the options it composes with."""
+    name = train.strategy
     resolved = resolve_strategy(name, world)
     if resolved not in STRATEGIES:
         return [f"train.strategy {name!r} is not available; valid: auto, {', '.join(STRATEGIES)}"]
     if resolved == "single" and world.active:
         return [f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
                 f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}"]
-    return STRATEGIES[resolved].check(method, world)
+    return STRATEGIES[resolved].check(method, world) + STRATEGIES[resolved].check_config(train.optimizer,
+                                                                                          train.mixed_precision)
+
+
+def total_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a number; under FSDP it is a DTensor that must be gathered first."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 @contextmanager

@@ -38,11 +38,10 @@ from training.config import RunConfig
 from training.distributed import World
 from training.methods.base import Method
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
-from training.restore import load_saved_state
 from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
-from training.strategies import STRATEGIES, Strategy, micro_rng, resolve_strategy
+from training.strategies import STRATEGIES, Strategy, micro_rng, resolve_strategy, total_norm
 from training.workload import Stage, Workload
 
 RESULTS_SCHEMA_VERSION = 1
@@ -112,6 +111,7 @@ class Trainer:
         self.world = world
         self.say = log if world.is_main else (lambda message: None)
         self.strategy: Strategy = STRATEGIES[resolve_strategy(cfg.train.strategy, world)](world, device)
+        self.strategy.prepare(model)
         self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
         self.probes = workload.probes
         self.started_at = time.time()
@@ -163,15 +163,17 @@ class Trainer:
             self.say(f"period {k} ({period.name}): resuming from step checkpoint {pos.step}/{total_steps}")
 
         def save_step() -> None:
-            # Every rank holds the same state: rank 0 writes it, the others wait until it is committed.
+            # Every rank takes part in gathering the state (sharded under fsdp); rank 0 writes it, the others
+            # wait until it is committed.
+            snapshot = self._snapshot(optimizer, scheduler, pos)
             if self.world.is_main:
-                ckpts.save(pos.step, lambda d: self._write_step(d, optimizer, scheduler, pos),
+                ckpts.save(pos.step, lambda d: self._write_step(d, snapshot),
                            {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
                             "config_hash": cfg.config_hash(), **slurm_info(), **self._world_info()})
             self.world.barrier()
 
         flat_params = [p for g in params for p in g["params"]]
-        self.wrapped = self.strategy.wrap(self.model)
+        self.wrapped = self.strategy.wrap(self.model, self.method)
         bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.work.stages)} "
                    f"{period.name}", disable=not (cfg.train.progress and self.world.is_main), dynamic_ncols=True,
                    mininterval=1.0)
@@ -210,8 +212,8 @@ class Trainer:
                 due = bool((cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0)
                            or (cfg.checkpoint.every_seconds and now - last_save >= cfg.checkpoint.every_seconds))
                 stop = self.world.any(bool(self.stop))
-                if stop and not self.stop:
-                    self.stop.request("a stop on another rank")
+                if stop:
+                    self._name_stop()
                 if stop or self.world.any(due and self.world.is_main):
                     save_step()
                     last_save = now
@@ -255,7 +257,8 @@ class Trainer:
             seed = seeds[i if real else 0]
             # the stand-in's forward must not count as a second read of its micro-batch
             counted = [] if real else [c.clone() for c in self.method.step_counters(self.model)]
-            with self.strategy.sync(self.wrapped, last_round=r == rounds - 1), micro_rng(seed):
+            with (self.strategy.sync(self.wrapped, last_round=r == rounds - 1), micro_rng(seed),
+                  torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.mixed_precision == "bf16")):
                 outputs = self.wrapped(**inputs)
                 loss = outputs.loss
                 extra = self.method.extra_loss(self.model, {**batch, **inputs, "micro_seed": seed}, outputs)
@@ -270,7 +273,7 @@ class Trainer:
         world.sum_(self.method.step_counters(self.model))
         self.method.after_backward(self.model)
         if self.cfg.train.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
+            grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
         else:
             grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         optimizer.step()
@@ -288,18 +291,18 @@ class Trainer:
     def _evaluate(self, desc: str) -> list[dict[str, Any]]:
         """Every eval item scored once: each rank scores its share of the batches (the same batches one
         process would form), and the rows are put back in one process's order on every rank."""
-        world = self.world
+        world, shard = self.world, self.strategy.eval_shard()
+        share = world.size if shard is world else 1  # rank 0 sees its share of the items, or all of them
         bar = tqdm(total=self.work.num_eval_items(), desc=desc, disable=not (self.cfg.train.progress and world.is_main),
                    dynamic_ncols=True, mininterval=1.0)
         try:
             # the ranks agree on a stop before every batch (shard.agree), so they all leave at the same one
             return self.work.evaluate(self.model, self.tokenizer, self.device, self.cfg.eval.batch_size,
                                       self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
-                                      progress=lambda n: bar.update(n * world.size), shard=world,
+                                      progress=lambda n: bar.update(n * share), shard=shard,
                                       scope=lambda stage: self.method.eval_scope(self.model, stage))
         except EvalInterrupted:
-            if not self.stop:
-                self.stop.request("a stop on another rank")
+            self._name_stop()
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
         finally:
             bar.close()
@@ -311,15 +314,15 @@ class Trainer:
 
     def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
                        train_info: dict[str, Any]) -> None:
+        trainable = self.strategy.trainable_state(self.method, self.model)  # a collective under fsdp
         if self.world.is_main:
-            self._write_period(period, results, extras, train_info)
+            self._write_period(period, results, extras, train_info, trainable)
         self.world.barrier()  # no rank goes on (or reads the commit) before it exists
 
     def _write_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
-                      train_info: dict[str, Any]) -> None:
+                      train_info: dict[str, Any], trainable: dict[str, torch.Tensor]) -> None:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
-        trainable = self.method.trainable_state_dict(self.model)
         save_tensors(tmp / "trainable.safetensors", trainable)
         save_state(tmp / "method_state.pt", self.method.state_dict())
         save_state(tmp / "trainer_state.pt", {"rng": rng_state(), "position": "done"})
@@ -360,26 +363,40 @@ class Trainer:
         return done
 
     def _load_committed(self, k: int) -> None:
-        load_saved_state(self.method, self.model, self.paths.period_dir(k, self.work.stage_names[k - 1]))
+        self.strategy.load(self.method, self.model, self.paths.period_dir(k, self.work.stage_names[k - 1]))
 
-    def _write_step(self, directory: Path, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, pos: Position) -> None:
-        save_tensors(directory / "trainable.safetensors", self.method.trainable_state_dict(self.model))
-        save_state(directory / "method_state.pt", self.method.state_dict())
-        save_state(directory / "trainer_state.pt", {"optimizer": optimizer.state_dict(),
-                                                    "scheduler": scheduler.state_dict(),
-                                                    "rng": rng_state(), "position": vars(pos).copy()})
+    def _snapshot(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                  pos: Position) -> dict[str, Any]:
+        return {"trainable": self.strategy.trainable_state(self.method, self.model),
+                "method": self.method.state_dict(),
+                "trainer": {"optimizer": self.strategy.optimizer_state(self.model, optimizer),
+                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "position": vars(pos).copy()}}
+
+    def _write_step(self, directory: Path, snapshot: dict[str, Any]) -> None:
+        save_tensors(directory / "trainable.safetensors", snapshot["trainable"])
+        save_state(directory / "method_state.pt", snapshot["method"])
+        save_state(directory / "trainer_state.pt", snapshot["trainer"])
 
     def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
-        load_saved_state(self.method, self.model, directory)
+        self.strategy.load(self.method, self.model, directory)
         state = load_state(directory / "trainer_state.pt")
-        optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state(self.model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         return Position(**state["position"])
 
     # -- logs and results ------------------------------------------------------------------
+    def _name_stop(self) -> None:
+        """Every rank calls this once the ranks agreed to stop: a rank that got no signal itself takes the
+        name of the one that did, so rank 0 says which signal stopped the run and where."""
+        if not self.world.active:
+            return
+        names = self.world.gather_objects(self.stop.signal_name)
+        if not self.stop:
+            rank, name = next((r, n) for r, n in enumerate(names) if n)
+            self.stop.request(f"{name} on rank {rank}")
+
     def _world_info(self) -> dict[str, Any]:
         """How the run was spread, recorded with every commit: it must not change the numbers."""
         return {"world_size": self.world.size, "strategy": self.strategy.name,
@@ -416,7 +433,7 @@ class Trainer:
             scores = json.loads((directory / "eval" / "scores.json").read_text())
             extras[name] = scores.get("extras", {})
         metrics = self.work.derive(rows_per_row)
-        final = self.method.trainable_state_dict(self.model)
+        final = self.strategy.trainable_state(self.method, self.model)
         results = {
             "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,
             "mode": self.cfg.mode, "seed": self.cfg.seed, "benchmark": self.cfg.data.benchmark,

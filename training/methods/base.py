@@ -87,6 +87,10 @@ class Method:
     # counts in the training forward (step_counters): a forward recomputed by gradient checkpointing would
     # count twice, so train.gradient_checkpointing is refused for it
     counts_in_forward: ClassVar[bool] = False
+    # some trainable parameters may get no gradient in a step (DDP must then look for them)
+    leaves_parameters_unused: ClassVar[bool] = False
+    # trains the backbone's own weights (which 4-bit quantisation freezes)
+    trains_base_weights: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         self.cfg = cfg

@@ -13,6 +13,7 @@ from training.methods.base import Method
 
 class FullFineTune(Method):
     name = "full_ft"
+    trains_base_weights = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -77,6 +77,9 @@ class LearningWithoutForgetting(Adapted):
         super().__init__(cfg, ctx)
         self.teacher: dict[str, torch.Tensor] | None = None  # trainable tensors at the end of the previous period
         self.last_kl = 0.0
+        # (sum of KL, micro-batches) over the current step: the logged KL is the step's mean, summed over the
+        # ranks of a distributed run by the loop (step_counters) before it is read
+        self.kl_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
 
     def on_period_start(self, model: nn.Module, period: Period, texts: list[str]) -> list[str]:
         # Pure in (model at the end of period k-1, period): the snapshot is exactly that state.
@@ -104,10 +107,16 @@ class LearningWithoutForgetting(Adapted):
             return None
         kl = distillation_kl(outputs.logits, self.teacher_logits(model, batch), batch["labels"],
                              self.cfg.temperature)
-        self.last_kl = float(kl.detach())
+        self.kl_sum += torch.stack([kl.detach().double(), kl.new_ones((), dtype=torch.float64)])
         return self.cfg.weight * self.cfg.temperature ** 2 * kl
 
+    def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
+        return [self.kl_sum]
+
     def step_stats(self) -> dict[str, float]:
+        if self.kl_sum[1] > 0:
+            self.last_kl = float(self.kl_sum[0] / self.kl_sum[1])
+            self.kl_sum.zero_()
         return {"lwf_kl": self.last_kl}
 
     def state_dict(self) -> dict[str, Any]:

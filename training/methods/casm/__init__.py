@@ -159,6 +159,7 @@ def _cat_padded(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 class ContradictionAwareSparseMemory(Method):
     name = "casm"
     counts_in_forward = True
+    leaves_parameters_unused = True  # the router trains from the second period on
     config_cls = CasmOptions
     # its registry parses dated fact statements out of the passages, and its router routes by period
     benchmarks = ("temporal",)

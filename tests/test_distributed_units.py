@@ -1,0 +1,85 @@
+"""The pure parts of distributed training: who a process is, what a strategy accepts, how values merge."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from eval_and_metrics.shard import ONE
+from training.config import RunConfig
+from training.distributed import World, world_from_env
+from training.strategies import STRATEGIES, Lockstep, resolve_strategy, strategy_problems
+
+
+def test_the_world_comes_from_torchrun_then_from_a_multi_task_slurm_step() -> None:
+    assert world_from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == World(1, 4, 1)
+    slurm = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS": "8"}
+    assert world_from_env(slurm) == World(3, 8, 3)
+    # torchrun's variables win over Slurm's (torchrun under srun: one Slurm task, several ranks)
+    assert world_from_env({**slurm, "RANK": "0", "WORLD_SIZE": "2"}) == World(0, 2, 0)
+    # today's one-task job step is a world of one, whatever the allocation holds
+    assert world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == World()
+    assert world_from_env({}) == World()
+
+
+def test_a_world_of_one_is_the_single_process_code() -> None:
+    world = World()
+    assert world.is_main and not world.active
+    assert world.any(True) and not world.any(False)
+    assert world.sum_float(2.5) == 2.5
+    assert world.gather_objects("x") == ["x"]
+    assert world.merge([1, 2]) == [1, 2] == ONE.merge([1, 2])
+    assert all(world.owns(i) for i in range(5))
+
+
+def test_eval_batches_are_dealt_round_robin() -> None:
+    worlds = [World(r, 3) for r in range(3)]
+    owners = [[w.rank for w in worlds if w.owns(b)] for b in range(7)]
+    assert owners == [[0], [1], [2], [0], [1], [2], [0]]  # each batch exactly once
+
+
+def test_fsdp_scores_in_lockstep() -> None:
+    lock = Lockstep(World())
+    assert lock.active and all(lock.owns(b) for b in range(4)) and lock.merge([None, 1]) == [None, 1]
+
+
+def _train(**kw: object) -> SimpleNamespace:
+    base = {"strategy": "auto", "optimizer": "adamw", "mixed_precision": "none"}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_auto_is_single_for_one_process_and_ddp_for_several() -> None:
+    assert resolve_strategy("auto", World()) == "single"
+    assert resolve_strategy("auto", World(0, 2)) == "ddp"
+    assert resolve_strategy("fsdp", World(0, 2)) == "fsdp"
+    assert set(STRATEGIES) == {"single", "ddp", "fsdp"}
+
+
+@pytest.mark.parametrize("train,method,world,expected", [
+    (_train(), "casm", World(0, 2), []),
+    (_train(strategy="ddp"), "smf", World(), []),  # ddp on one process is the plain loop
+    (_train(strategy="fsdp"), "full_ft", World(0, 2), []),
+    (_train(strategy="single"), "lora", World(0, 2),
+     ["train.strategy single runs one process, but the launcher started 2 ranks; valid with 2 ranks: auto, ddp, "
+      "fsdp"]),
+    (_train(strategy="fsdp"), "lora", World(0, 2),
+     ["train.strategy fsdp runs only full_ft, not method 'lora': its trainable state is small enough to "
+      "replicate, use train.strategy ddp"]),
+    (_train(strategy="fsdp", optimizer="casmo"), "full_ft", World(0, 2),
+     ["train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not 'casmo'; valid "
+      "with fsdp: adamw"]),
+])
+def test_strategy_problems_name_the_field_and_the_valid_values(train: SimpleNamespace, method: str, world: World,
+                                                               expected: list[str]) -> None:
+    assert strategy_problems(train, method, world) == expected
+
+
+def test_how_a_run_is_spread_is_not_part_of_its_identity() -> None:
+    a, b = RunConfig(), RunConfig()
+    b.train.strategy, b.train.gradient_checkpointing = "fsdp", True
+    assert a.config_hash() == b.config_hash()
+    b.train.mixed_precision = "bf16"  # changes the numbers: a different run
+    assert a.config_hash() != b.config_hash()
+    # runs made before these options existed keep their identity (and so resume)
+    assert "mixed_precision" not in a.to_dict()["train"]
