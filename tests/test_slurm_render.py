@@ -137,3 +137,61 @@ def test_run_job_gpu_ranks_split_the_node_and_meet_on_the_first_host() -> None:
     assert out.startswith("ranks=8 master=gpu07:23456\n")  # 20000 + 123456 % 20000
     assert "srun --ntasks=8 --nodes=2 --ntasks-per-node=4 --cpus-per-task=2 --wait=120 --kill-on-bad-exit=0" in out
     assert "--seed 3" in out  # SEED still follows the array task id
+
+
+def test_multi_gpu_run_renders_one_task_per_gpu() -> None:
+    res = RES.with_updates(gpus_per_node=4, tasks_per_node=4)
+    text = render_sbatch(train_array_parameters(res), python=PYTHON, folder=FOLDER, map_count=4)
+    check_golden("train_array_4gpus.sbatch", text)
+    flags = sbatch_flags(text)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("1", "4", "4")
+
+
+def test_multi_node_run_renders_tasks_on_every_node() -> None:
+    res = RES.with_updates(gpus_per_node=4, tasks_per_node=4, nodes=2)
+    text = render_sbatch(train_array_parameters(res), python=PYTHON, folder=FOLDER, map_count=4)
+    check_golden("train_array_2nodes_4gpus.sbatch", text)
+    flags = sbatch_flags(text)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("2", "4", "4")
+
+
+@pytest.mark.parametrize("argv, layout", [
+    ([], (1, 1, 1)),  # today: one rank, one GPU
+    (["--gpus-per-run", "4"], (1, 4, 4)),
+    (["--gpus-per-run", "8", "--nodes", "2"], (2, 4, 4)),
+    (["--gpus", "0", "--ranks-per-run", "2"], (1, 2, 0)),  # CPU ranks (the local Slurm test)
+])
+def test_launch_rank_layout(argv: list[str], layout: tuple[int, int, int]) -> None:
+    from scripts.launch import build
+
+    _, res = build(make_parser().parse_args(["--methods", "lora", *argv]), [])
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == layout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-run", "4", "--nodes", "3"], "do not split evenly over --nodes 3"),
+    (["--gpus-per-run", "4", "--ranks-per-run", "2"], "one rank per GPU"),
+    (["--gpus", "0", "--ranks-per-run", "2", "--executor", "local"], "need --executor slurm"),
+])
+def test_launch_rank_layout_errors_say_what_to_change(argv: list[str], message: str) -> None:
+    from scripts.launch import build
+
+    with pytest.raises(ValueError, match=message):
+        build(make_parser().parse_args(["--methods", "lora", *argv]), [])
+
+
+def test_each_submitit_task_learns_its_rank_and_the_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.launch import rank_env
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_", "MASTER_"))]:
+        monkeypatch.delenv(key)
+    assert rank_env() == {}  # not in a job: one process
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123457", "SLURM_ARRAY_JOB_ID": "123450", "SLURM_ARRAY_TASK_ID": "7",
+             "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert rank_env() == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                          "MASTER_PORT": "23457"}
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert rank_env() == {}  # a one-task job is the whole run: nothing to meet
