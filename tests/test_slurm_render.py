@@ -186,7 +186,8 @@ def test_each_submitit_task_learns_its_rank_and_the_rendezvous(monkeypatch: pyte
     for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_", "MASTER_"))]:
         monkeypatch.delenv(key)
     assert rank_env() == {}  # not in a job: one process
-    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123457", "SLURM_ARRAY_JOB_ID": "123450", "SLURM_ARRAY_TASK_ID": "7",
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123457", "SLURM_ARRAY_JOB_ID": "123450",
+             "SLURM_ARRAY_TASK_ID": "7",
              "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
              "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     for key, value in slurm.items():
