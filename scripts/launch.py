@@ -20,8 +20,9 @@ Several ranks per run (`--gpus-per-run N`, `--nodes M`, or `--ranks-per-run N` o
 is N Slurm tasks, one per rank, started by submitit's srun; each runs TrainTask, which tells its main.py
 the rank (RANK/WORLD_SIZE/LOCAL_RANK from submitit's JobEnvironment) and where to meet (MASTER_ADDR =
 the first node of the job, MASTER_PORT from the job id). USR2 reaches every rank; main.py's ranks agree
-to stop at one step boundary, rank 0 saves, all exit 75; submitit calls checkpoint() in every task but
-requeues only from global rank 0, so the job is requeued once.
+to stop at one step boundary, rank 0 saves, all exit 75. submitit's USR2 handler runs in every task, but
+only global rank 0 calls checkpoint() and requeues (submitit.core.job_environment.SignalHandler), so the
+job is requeued once; the other ranks' TrainTask returns when their main.py exits 75.
 
 Executors: slurm (submit and return), local (submitit LocalExecutor: real subprocesses, same USR2 and
 requeue path, waits for the end), debug (in-process, one task after another; for pdb).

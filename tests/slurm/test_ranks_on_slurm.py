@@ -7,8 +7,8 @@ to both ranks: they agree to stop at the same step boundary, rank 0 saves a step
 of ranks the result is bit for bit that of one uninterrupted process (docs/distributed.md), which runs
 once for the module, outside Slurm, while the first job runs.
 
-launch.py --ranks-per-run 2: submitit starts the two tasks; USR2 reaches both, submitit calls
-checkpoint() on both but requeues only from rank 0, so the job comes back exactly once.
+launch.py --ranks-per-run 2: submitit starts the two tasks; USR2 reaches both, submitit's handler runs
+in both but only rank 0's calls checkpoint() and requeues, so the job comes back exactly once.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_launch_two_ranks_usr2_requeues_once_and_ends_like_one_process(
     record = json.loads(proc.stdout[:proc.stdout.index("\n}\n") + 2])
     job_id, report_id = record["tasks"][0]["job_id"], record["report_job_id"]
     stopped_at = wait_for_period(slurm, job_id, run_root)
-    slurm.signal(job_id, "USR2")  # to every task: submitit's handler in each, main.py's in each
+    slurm.signal(job_id, "USR2")  # to every process of the step: submitit's handlers and main.py's
     slurm.release_when_requeued(job_id)
     final = slurm.wait_done(job_id, timeout_s=300)
     logs = {t: (tmp_path / "submitit" / job_id / f"{job_id}_{t}_log.out") for t in (0, 1)}
