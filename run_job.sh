@@ -3,12 +3,14 @@
 #
 #   mkdir -p logs && sbatch run_job.sh casm                   # one method, defaults below
 #   sbatch -J clkit-lora --time=4:00:00 run_job.sh lora --set train.lr=1e-4   # extra args go to main.py
+#   sbatch --gres=gpu:4 --cpus-per-task=32 run_job.sh lora   # one run on 4 GPUs: 4 ranks (one Slurm task each)
+#   sbatch --nodes=2 --gres=gpu:4 run_job.sh lora           # one run on 2 nodes x 4 GPUs: 8 ranks
+#   sbatch --ntasks=2 --gres=none run_job.sh lora           # one run on 2 CPU ranks (gloo)
 #   MODE=synthetic bash run_job.sh lora                       # the same thing without Slurm
 #
 # Every #SBATCH value below is a default: sbatch options on the command line override it.
 #SBATCH --job-name=clkit
 #SBATCH --nodes=1
-#SBATCH --ntasks=1
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=64G
@@ -42,6 +44,13 @@
 #   MODULES   modules to `module load`      default: none (space separated, e.g. "cuda/12.1 gcc/12")
 #   ENV_CMD   prefix that runs python in the project environment
 #                                           default: "uv run --frozen" (run `uv sync --locked` once first)
+#   RUN_JOB_DRY_RUN=1  print the world and the launch command, then exit 0 without running anything
+#
+# Ranks (docs/slurm.md, docs/distributed.md): one run may span several processes. No `#SBATCH --ntasks`
+# above on purpose: with `--ntasks=1` in the header, `sbatch --nodes=2` would shrink the job to one
+# node. The number of ranks is max(SLURM_NTASKS, nodes x GPUs per node); each rank is one Slurm task
+# started by srun directly (not torchrun under srun: torchrun would die on SIGUSR2 and hide Slurm's
+# signals from the ranks, and the stop agreement needs every rank to get them itself).
 set -uo pipefail
 
 log() { echo "run_job.sh: $*" >&2; }
@@ -105,14 +114,73 @@ mkdir -p "$REPO_DIR/logs"  # for the next sbatch from the clone: Slurm does not 
 
 in_slurm=0
 [[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
+
+first_host() {  # the first host of the allocation: where rank 0 runs and the others meet it
+    local list="${SLURM_JOB_NODELIST:-$(hostname -s)}" host
+    host="$(scontrol show hostnames "$list" 2>/dev/null | head -n1)"
+    if [[ -z "$host" ]]; then  # no scontrol (or no config): the first entry, e.g. gpu[07-08],cpu3 -> gpu07
+        list="${list%%,*}"
+        [[ "$list" =~ ^([^[]*)\[([^],-]+) ]] && list="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
+        host="$list"
+    fi
+    echo "$host"
+}
+
+num_ranks=1
 if ((in_slurm)); then
+    num_nodes="${SLURM_JOB_NUM_NODES:-1}"
+    num_tasks="${SLURM_NTASKS:-1}"
+    gpus_per_node="${SLURM_GPUS_ON_NODE:-0}"
+    [[ "$gpus_per_node" =~ ^[0-9]+$ ]] || gpus_per_node=0
+    if ((num_nodes * gpus_per_node > num_tasks && num_nodes * gpus_per_node > 1)); then
+        # One rank per GPU. Every rank of a node sees all of its GPUs (no --gpus-per-task, which would
+        # renumber them) and picks cuda:SLURM_LOCALID. The node's CPUs are split between its ranks.
+        num_ranks=$((num_nodes * gpus_per_node))
+        cpus_per_rank=$(( ${SLURM_CPUS_ON_NODE:-$gpus_per_node} / gpus_per_node ))
+        ((cpus_per_rank >= 1)) || cpus_per_rank=1
+        rank_layout=(--ntasks="$num_ranks" --nodes="$num_nodes" --ntasks-per-node="$gpus_per_node"
+                     --cpus-per-task="$cpus_per_rank")
+    elif ((num_tasks > 1)); then
+        # CPU ranks (sbatch --ntasks=N): Slurm already placed the tasks.
+        num_ranks=$num_tasks
+        rank_layout=(--ntasks="$num_ranks" --nodes="$num_nodes" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
+    fi
+fi
+
+rank_exits=""
+if ((in_slurm && num_ranks == 1)); then
     # 22.05 no longer passes --cpus-per-task from sbatch to srun; without it the step gets one CPU.
     launcher=(srun --ntasks=1 --nodes=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1)
+elif ((in_slurm)); then
+    # The ranks meet on the first node, on a port derived from the job id (array tasks have their own
+    # ids), so two runs sharing a node do not collide.
+    export MASTER_ADDR="${MASTER_ADDR:-$(first_host)}"
+    export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    # Not --kill-on-bad-exit: after a stop every rank exits 75, and the first one to exit would make
+    # srun kill the others (measured on 22.05: srun then returns 143). srun returns the highest exit
+    # code of the ranks, which would turn one rank's crash (1) plus the others' "lost contact" (75)
+    # into a requeue; so every rank writes its own exit code and the decision below reads them all.
+    # --wait: once one rank has exited, the others get 120 s (a lost peer on NCCL can hang a collective
+    # for its whole timeout) before srun kills them.
+    rank_exits="$REPO_DIR/logs/.rank-exits-${SLURM_JOB_ID}"  # in the clone: shared by every node of the job
+    launcher=(srun "${rank_layout[@]}" --wait=120 --kill-on-bad-exit=0
+              bash -c 'trap : TERM USR1 USR2 INT; "$@"; rc=$?; echo "$rc" >"$0/$SLURM_PROCID"; exit "$rc"'
+              "$rank_exits")
+fi
+if ((in_slurm)); then
     log "job ${SLURM_JOB_ID}${SLURM_ARRAY_JOB_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})} restart ${SLURM_RESTART_COUNT:-0} on $(hostname -s)"
+    if ((num_ranks > 1)); then
+        log "world: $num_ranks ranks on $num_nodes node(s) (${SLURM_JOB_NODELIST:-?}), rendezvous $MASTER_ADDR:$MASTER_PORT"
+    fi
 else
     launcher=()
 fi
 log "in $REPO_DIR: ${cmd[*]}"
+if [[ "${RUN_JOB_DRY_RUN:-0}" == 1 ]]; then
+    echo "ranks=$num_ranks master=${MASTER_ADDR:-}:${MASTER_PORT:-}"
+    echo "${launcher[*]} ${cmd[*]}"
+    exit 0
+fi
 
 got_term=0
 child=""
@@ -128,6 +196,9 @@ trap 'forward TERM' INT
 trap 'forward USR1' USR1
 trap 'forward USR2' USR2
 
+if [[ -n "$rank_exits" ]]; then
+    rm -rf "$rank_exits" && mkdir -p "$rank_exits" || die "cannot create $rank_exits"
+fi
 # In the background + wait, so the traps run at once instead of after python exits.
 "${launcher[@]}" "${cmd[@]}" &
 child=$!
@@ -138,6 +209,23 @@ while true; do
     # wait returns >128 when a trapped signal interrupted it; the child is then still running.
     kill -0 "$child" 2>/dev/null || break
 done
+
+# Several ranks: the codes each rank recorded. A rank that failed outright (anything but 0, 75 or a stop
+# signal) decides, whatever the others did after losing it; otherwise a stop anywhere means 75.
+if [[ -n "$rank_exits" ]]; then
+    failed="" stopped=0
+    for ((r = 0; r < num_ranks; r++)); do
+        code="$(cat "$rank_exits/$r" 2>/dev/null)"
+        case "$code" in
+            0) ;;
+            75|138|140|143) stopped=1 ;;
+            "") ;;  # its shell was killed too: srun's code below covers it
+            *) [[ -z "$failed" ]] && failed="$code" && log "rank $r exited with code $code" ;;
+        esac
+    done
+    if [[ -n "$failed" ]]; then rc=$failed; elif ((stopped && (rc == 0 || rc == 75 || rc > 128))); then rc=75; fi
+    rm -rf "$rank_exits"
+fi
 
 # 138/140/143 = python killed by SIGUSR1/SIGUSR2/SIGTERM itself: the signal came while main.py had no
 # handler (during its imports, or after it finished). Nothing newer than the last step checkpoint

@@ -16,6 +16,14 @@ that and requeues the array task (`scontrol requeue <array>_<task>`). The restar
 main.py command, which resumes from the run directory. Trainer state is never pickled: the run
 directory is the only state, so a requeue can never resume from something stale.
 
+Several ranks per run (`--gpus-per-run N`, `--nodes M`, or `--ranks-per-run N` on CPUs): each array task
+is N Slurm tasks, one per rank, started by submitit's srun; each runs TrainTask, which tells its main.py
+the rank (RANK/WORLD_SIZE/LOCAL_RANK from submitit's JobEnvironment) and where to meet (MASTER_ADDR =
+the first node of the job, MASTER_PORT from the job id). USR2 reaches every rank; main.py's ranks agree
+to stop at one step boundary, rank 0 saves, all exit 75. submitit's USR2 handler runs in every task, but
+only global rank 0 calls checkpoint() and requeues (submitit.core.job_environment.SignalHandler), so the
+job is requeued once; the other ranks' TrainTask returns when their main.py exits 75.
+
 Executors: slurm (submit and return), local (submitit LocalExecutor: real subprocesses, same USR2 and
 requeue path, waits for the end), debug (in-process, one task after another; for pdb).
 """
@@ -67,9 +75,11 @@ class TrainTask(Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         cmd = [self.python, "main.py", *self.argv]
-        print(f"launch.py task: {shlex.join(cmd)} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})",
-              flush=True)
-        self._proc = subprocess.Popen(cmd, cwd=self.repo_dir, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        world = rank_env()
+        print(f"launch.py task: {shlex.join(cmd)} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+              + (f", rank {world['RANK']} of {world['WORLD_SIZE']} meeting at {world['MASTER_ADDR']}:"
+                 f"{world['MASTER_PORT']}" if world else "") + ")", flush=True)
+        self._proc = subprocess.Popen(cmd, cwd=self.repo_dir, env={**os.environ, **world, "PYTHONUNBUFFERED": "1"})
         # A thread reaps the child so that this (main) thread, where Python runs signal handlers,
         # never sits inside Popen.wait() holding its lock when submitit's USR2 handler calls
         # checkpoint(), which must itself wait for the child.
@@ -80,6 +90,11 @@ class TrainTask(Checkpointable):
         rc = self._proc.returncode
         if rc == 0:
             return {"argv": self.argv, "returncode": 0}
+        if world and world["RANK"] != "0" and (rc == EXIT_RESUME or rc in KILLED_BY_STOP_SIGNAL):
+            # Every rank stopped at the same step; rank 0 (its checkpoint(), or Slurm on SIGTERM) decides
+            # about the requeue. Not an error of this rank.
+            print(f"launch.py task: rank {world['RANK']} stopped with the others (exit {rc})", flush=True)
+            return {"argv": self.argv, "returncode": rc}
         if rc == EXIT_RESUME or rc in KILLED_BY_STOP_SIGNAL:
             # Without a USR2 through submitit: SIGTERM from scancel, preemption or `scontrol requeue`.
             # Slurm itself requeues (or cancels) the job; a rerun resumes from the saved checkpoint.
@@ -116,6 +131,29 @@ class TrainTask(Checkpointable):
     def __getstate__(self) -> dict[str, Any]:
         # Never pickle the live process or its thread state, only the command.
         return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_exited")}
+
+
+def master_port(job_id: str) -> int:
+    """The rendezvous port of a job: from its id, so two jobs sharing a node do not collide (as run_job.sh)."""
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def rank_env() -> dict[str, str]:
+    """What main.py needs to join the run's other ranks; {} when this task is the whole run."""
+    try:
+        env = submitit.JobEnvironment()
+        num_tasks = env.num_tasks
+    except Exception:  # the debug executor, or no job at all: one process
+        return {}
+    if num_tasks <= 1:
+        return {}
+    hosts = env.hostnames
+    # SLURM_JOB_ID is numeric and distinct per array task; submitit's job_id reads <array>_<task>.
+    return {"RANK": str(env.global_rank), "WORLD_SIZE": str(num_tasks), "LOCAL_RANK": str(env.local_rank),
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else env.hostname),
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(master_port(os.environ.get("SLURM_JOB_ID",
+                                                                                              env.job_id)))}
 
 
 @dataclass
@@ -207,9 +245,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the tasks and the sbatch scripts; submit nothing")
     g = p.add_argument_group("resources (per array task)")
     g.add_argument("--job-name", default="clkit")
-    g.add_argument("--gpus", type=int, default=1, help="GPUs per task (0 on CPU-only partitions)")
-    g.add_argument("--cpus", type=int, default=8, help="CPUs per task")
-    g.add_argument("--mem-gb", type=int, default=64, help="memory per task in GB")
+    g.add_argument("--gpus-per-run", "--gpus", dest="gpus", type=int, default=1,
+                   help="GPUs per run, one rank each (0 on CPU-only partitions); with --nodes M, M x (N/M)")
+    g.add_argument("--nodes", type=int, default=1, help="nodes per run; the ranks are split evenly over them")
+    g.add_argument("--ranks-per-run", type=int, default=None,
+                   help="ranks per run without GPUs (CPU ranks, gloo); with GPUs it is --gpus-per-run")
+    g.add_argument("--cpus", type=int, default=8, help="CPUs per rank (per Slurm task)")
+    g.add_argument("--mem-gb", type=int, default=64, help="memory per node in GB")
     g.add_argument("--time-min", type=int, default=24 * 60, help="time limit per attempt in minutes")
     g.add_argument("--parallelism", type=int, default=4, help="array tasks running at once (%%P of --array)")
     g.add_argument("--signal-delay-s", type=int, default=300, help="SIGUSR2 this many seconds before the limit")
@@ -241,12 +283,30 @@ def build(args: argparse.Namespace, extra_args: list[str]) -> tuple[list[TaskSpe
         extra.append((key.lstrip("-"), value))
     if args.parallelism < 1:
         raise ValueError(f"--parallelism must be >= 1 (got {args.parallelism})")
+    nodes, tasks_per_node, gpus_per_node = rank_layout(args.gpus, args.nodes, args.ranks_per_run)
+    if nodes * tasks_per_node > 1 and args.executor != "slurm":
+        raise ValueError(f"{nodes * tasks_per_node} ranks per run need --executor slurm; without Slurm start one "
+                         "run with torchrun --nproc-per-node N main.py ...")
     res = SlurmResources(job_name=args.job_name, time_min=args.time_min, cpus_per_task=args.cpus,
-                         mem_gb=args.mem_gb, gpus_per_node=args.gpus, partition=args.partition,
+                         mem_gb=args.mem_gb, gpus_per_node=gpus_per_node, nodes=nodes,
+                         tasks_per_node=tasks_per_node, partition=args.partition,
                          account=args.account, qos=args.qos, signal_delay_s=args.signal_delay_s,
                          array_parallelism=min(args.parallelism, len(tasks)), extra=tuple(extra),
                          setup=tuple(args.setup), pythonpath=str(REPO_ROOT))
     return tasks, res
+
+
+def rank_layout(gpus_per_run: int, nodes: int, ranks_per_run: int | None) -> tuple[int, int, int]:
+    """(nodes, tasks per node, GPUs per node) of one run: one rank per GPU, or ranks_per_run CPU ranks."""
+    if gpus_per_run < 0 or nodes < 1 or (ranks_per_run is not None and ranks_per_run < 1):
+        raise ValueError("--gpus-per-run must be >= 0, --nodes and --ranks-per-run >= 1")
+    if gpus_per_run and ranks_per_run not in (None, gpus_per_run):
+        raise ValueError(f"--ranks-per-run {ranks_per_run} with --gpus-per-run {gpus_per_run}: with GPUs there is "
+                         "one rank per GPU; drop --ranks-per-run")
+    ranks = gpus_per_run or ranks_per_run or 1
+    if ranks % nodes:
+        raise ValueError(f"{ranks} ranks do not split evenly over --nodes {nodes}; use a multiple of {nodes}")
+    return nodes, ranks // nodes, gpus_per_run // nodes
 
 
 def log_dirs_for(folder: Path) -> list[str]:

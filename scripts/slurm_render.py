@@ -32,6 +32,10 @@ class SlurmResources:
     cpus_per_task: int = 8
     mem_gb: int = 64
     gpus_per_node: int = 1  # 0 on CPU-only clusters (and the local test cluster)
+    # One run may span several ranks, one Slurm task each (docs/slurm.md): nodes x tasks_per_node of
+    # them, one per GPU on GPU nodes. cpus_per_task is then per rank; mem_gb is per node.
+    nodes: int = 1
+    tasks_per_node: int = 1
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -72,6 +76,12 @@ def train_array_parameters(res: SlurmResources) -> dict[str, Any]:
                   mem=f"{res.mem_gb}GB", array_parallelism=res.array_parallelism)
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
+    if res.nodes > 1:
+        params["nodes"] = res.nodes
+    if res.tasks_per_node > 1:
+        # submitit's srun then starts one task per rank; every rank sees all GPUs of its node (no
+        # --gpus-per-task, which would renumber them) and picks cuda:LOCAL_RANK.
+        params["ntasks_per_node"] = res.tasks_per_node
     # Slurm 22.05's srun no longer inherits --cpus-per-task from sbatch; without this the task's step
     # (which is where python runs) would get a single CPU on clusters that bind tasks to cores.
     params["srun_args"] = [f"--cpus-per-task={res.cpus_per_task}"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from scripts.launch import make_parser, parse_seeds
 from scripts.slurm_render import (SlurmResources, expand_tasks, render_sbatch, report_parameters,
                                   train_array_parameters)
+from tests.conftest import REPO
 
 GOLDEN = Path(__file__).parent / "slurm" / "golden"
 PYTHON = "/repo/.venv/bin/python"
@@ -87,3 +89,110 @@ def test_seed_ranges(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         make_parser().parse_args(["--methods", "lora", "--seeds", "x"])
     assert "'x' is not an integer or a range like 0-3" in capsys.readouterr().err
+
+
+# run_job.sh's launch line for one rank, CPU ranks and nodes x GPUs, from faked Slurm variables
+# (RUN_JOB_DRY_RUN=1 prints it and exits): pure and fast, no Slurm needed.
+RUN_JOB_WORLDS = {
+    "one rank (today's line)": {"SLURM_JOB_ID": "41", "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "8",
+                                "SLURM_CPUS_ON_NODE": "8", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_NODELIST": "gpu07"},
+    "sbatch --ntasks=2 (CPU ranks)": {"SLURM_JOB_ID": "42", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2",
+                                      "SLURM_CPUS_PER_TASK": "1", "SLURM_CPUS_ON_NODE": "2",
+                                      "SLURM_JOB_NODELIST": "cpu3"},
+    "sbatch --gres=gpu:4 --cpus-per-task=32": {"SLURM_JOB_ID": "43", "SLURM_JOB_NUM_NODES": "1",
+                                               "SLURM_CPUS_PER_TASK": "32", "SLURM_CPUS_ON_NODE": "32",
+                                               "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu07"},
+    "sbatch --nodes=2 --gres=gpu:4 (array task)": {
+        "SLURM_JOB_ID": "123456", "SLURM_ARRAY_JOB_ID": "123450", "SLURM_ARRAY_TASK_ID": "3",
+        "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "8", "SLURM_CPUS_ON_NODE": "8",
+        "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]"},
+}
+
+
+def run_job_dry_run(slurm_env: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env.update(slurm_env, REPO_DIR=str(REPO), RUN_ROOT="/runs", MODE="synthetic", ENV_CMD="env",
+               RUN_JOB_DRY_RUN="1")
+    proc = subprocess.run(["bash", str(REPO / "run_job.sh"), "lora", "--set", "train.grad_accum=2"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.replace(str(REPO), "/repo")
+
+
+def test_run_job_launch_lines_match_golden() -> None:
+    text = "".join(f"# {name}\n{run_job_dry_run(env)}\n" for name, env in RUN_JOB_WORLDS.items())
+    check_golden("run_job_launch.txt", text)
+
+
+def test_run_job_one_rank_keeps_its_single_task_srun_line() -> None:
+    out = run_job_dry_run(RUN_JOB_WORLDS["one rank (today's line)"])
+    assert out.splitlines() == [
+        "ranks=1 master=:",
+        "srun --ntasks=1 --nodes=1 --cpus-per-task=8 --kill-on-bad-exit=1 env python main.py --method lora "
+        "--mode synthetic --seed 0 --run-root /runs --set train.grad_accum=2"]
+
+
+def test_run_job_gpu_ranks_split_the_node_and_meet_on_the_first_host() -> None:
+    out = run_job_dry_run(RUN_JOB_WORLDS["sbatch --nodes=2 --gres=gpu:4 (array task)"])
+    assert out.startswith("ranks=8 master=gpu07:23456\n")  # 20000 + 123456 % 20000
+    assert "srun --ntasks=8 --nodes=2 --ntasks-per-node=4 --cpus-per-task=2 --wait=120 --kill-on-bad-exit=0" in out
+    assert "--seed 3" in out  # SEED still follows the array task id
+
+
+def test_multi_gpu_run_renders_one_task_per_gpu() -> None:
+    res = RES.with_updates(gpus_per_node=4, tasks_per_node=4)
+    text = render_sbatch(train_array_parameters(res), python=PYTHON, folder=FOLDER, map_count=4)
+    check_golden("train_array_4gpus.sbatch", text)
+    flags = sbatch_flags(text)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("1", "4", "4")
+
+
+def test_multi_node_run_renders_tasks_on_every_node() -> None:
+    res = RES.with_updates(gpus_per_node=4, tasks_per_node=4, nodes=2)
+    text = render_sbatch(train_array_parameters(res), python=PYTHON, folder=FOLDER, map_count=4)
+    check_golden("train_array_2nodes_4gpus.sbatch", text)
+    flags = sbatch_flags(text)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("2", "4", "4")
+
+
+@pytest.mark.parametrize("argv, layout", [
+    ([], (1, 1, 1)),  # today: one rank, one GPU
+    (["--gpus-per-run", "4"], (1, 4, 4)),
+    (["--gpus-per-run", "8", "--nodes", "2"], (2, 4, 4)),
+    (["--gpus", "0", "--ranks-per-run", "2"], (1, 2, 0)),  # CPU ranks (the local Slurm test)
+])
+def test_launch_rank_layout(argv: list[str], layout: tuple[int, int, int]) -> None:
+    from scripts.launch import build
+
+    _, res = build(make_parser().parse_args(["--methods", "lora", *argv]), [])
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node) == layout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-run", "4", "--nodes", "3"], "do not split evenly over --nodes 3"),
+    (["--gpus-per-run", "4", "--ranks-per-run", "2"], "one rank per GPU"),
+    (["--gpus", "0", "--ranks-per-run", "2", "--executor", "local"], "need --executor slurm"),
+])
+def test_launch_rank_layout_errors_say_what_to_change(argv: list[str], message: str) -> None:
+    from scripts.launch import build
+
+    with pytest.raises(ValueError, match=message):
+        build(make_parser().parse_args(["--methods", "lora", *argv]), [])
+
+
+def test_each_submitit_task_learns_its_rank_and_the_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.launch import rank_env
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_", "MASTER_"))]:
+        monkeypatch.delenv(key)
+    assert rank_env() == {}  # not in a job: one process
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123457", "SLURM_ARRAY_JOB_ID": "123450",
+             "SLURM_ARRAY_TASK_ID": "7",
+             "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert rank_env() == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                          "MASTER_PORT": "23457"}
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert rank_env() == {}  # a one-task job is the whole run: nothing to meet

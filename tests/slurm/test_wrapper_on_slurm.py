@@ -78,3 +78,39 @@ def test_array_task_requeues_itself_by_its_array_id_and_resumes(slurm: SlurmClus
               if '"resume"' in line]
     assert len(resume) == 1 and resume[0]["slurm_job_id"] == f"{array}_1" and resume[0]["restart_count"] == 1
     assert (checkout / "runs" / "standin-lora-s0" / "results.json").exists()
+
+
+# Two ranks whose "python" is a script: which per-rank exit codes requeue. Measured on 22.05: srun alone
+# returns the highest code, so a crash (1) next to a peer's "lost contact" (75) would read as 75.
+CRASH = """#!/bin/bash
+if [[ $SLURM_PROCID == 1 ]]; then sleep 1; echo "rank 1 crashes"; exit 1; fi
+sleep 3; echo "rank 0 lost contact with another rank"; exit 75
+"""
+STOP_ONCE = """#!/bin/bash
+if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then sleep $((1 + SLURM_PROCID)); exit 75; fi
+echo "rank $SLURM_PROCID finished"; exit 0
+"""
+
+
+@pytest.mark.parametrize("ranks, state, code, restarts", [(CRASH, "FAILED", "1:0", "0"),
+                                                          (STOP_ONCE, "COMPLETED", "0:0", "1")])
+def test_two_ranks_requeue_only_when_every_rank_stopped(slurm: SlurmCluster, checkout: Path, ranks: str,
+                                                        state: str, code: str, restarts: str) -> None:
+    fake = checkout / "ranks.sh"
+    fake.write_text(ranks)
+    fake.chmod(0o755)
+    job = slurm.sbatch("--ntasks=2", "--gres=none", "--cpus-per-task=1", "--mem=1G", "--time=20", "--job-name=wrap",
+                       str(checkout / "run_job.sh"), "lora",
+                       env={"MODE": "synthetic", "RUN_ROOT": str(checkout / "runs"), "ENV_CMD": str(fake)},
+                       cwd=checkout)
+    if restarts == "1":
+        slurm.release_when_requeued(job, timeout_s=60)
+    final = slurm.wait_done(job, timeout_s=60)
+    log = (checkout / "logs" / f"wrap-{job}.out").read_text()
+    assert (final["JobState"], final["ExitCode"], final["Restarts"]) == (state, code, restarts), log
+    assert "world: 2 ranks on 1 node(s)" in log
+    if ranks == CRASH:
+        assert "rank 1 exited with code 1" in log and "not requeued" in log, log
+    else:
+        assert f"requeued {job} (restart 1)" in log and log.count("finished") == 2, log
+    assert not list((checkout / "logs").glob(".rank-exits-*"))  # run_job.sh cleans up after itself
