@@ -235,7 +235,8 @@ class Trainer:
         self._commit_period(period, results, extras, train_info={"total_steps": total_steps,
                                                                  "tokens": pos.tokens,
                                                                  "num_texts": len(texts),
-                                                                 "eval_seconds": time.time() - eval_start})
+                                                                 "eval_seconds": time.time() - eval_start,
+                                                                 "peak_memory_bytes": self._peak_memory()})
         if self.world.is_main:
             ckpts.clear()
         self.world.barrier()
@@ -310,7 +311,8 @@ class Trainer:
     def _commit_base(self) -> None:
         results = self._evaluate("eval base model")
         extras = self.method.eval_extras(self.model, self.probes)
-        self._commit_period(Period(index=0, name="base", passages=(), probes=()), results, extras, train_info={})
+        self._commit_period(Period(index=0, name="base", passages=(), probes=()), results, extras,
+                            train_info={"peak_memory_bytes": self._peak_memory()})
 
     def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
                        train_info: dict[str, Any]) -> None:
@@ -448,15 +450,21 @@ class Trainer:
         self.world.barrier()
         return results
 
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def _cost(self, names: list[str]) -> dict[str, Any]:
         """What the run cost: wall time of training steps (from the log) and of evaluations (from the
-        manifests), the peak memory of this process (after a resume: of the last process only), and the
-        size of one committed period's state."""
+        manifests), the peak memory of rank 0's process over every commit (each records its process's peak
+        so far, so a resumed run reports the most any of its processes used, and a rerun of a finished run
+        changes nothing), and the size of one committed period's state."""
         rows = read_jsonl(self.paths.train_log)
         last = self.paths.period_dir(len(names) - 1, names[-1])
         manifests = [read_manifest(self.paths.period_dir(k, n)) or {} for k, n in enumerate(names)]
-        peak = (torch.cuda.max_memory_allocated() if self.device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak = max((m.get("train", {}).get("peak_memory_bytes", 0) for m in manifests), default=0) \
+            or self._peak_memory()  # runs committed before commits recorded it
         return {
             "train_seconds": sum(r.get("seconds", 0.0) for r in rows if r.get("event") == "train"),
             "eval_seconds": sum(m.get("train", {}).get("eval_seconds", 0.0) for m in manifests),
