@@ -12,7 +12,7 @@ are shared with the task-stream scorers in eval_and_metrics/scorers/.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,17 @@ class ProbeResult:
 
 class EvalInterrupted(Exception):
     """A stop was requested between two eval batches; the period is redone from its checkpoint."""
+
+
+def owned_batches(order: list[int], batch_size: int, shard: Shard,
+                  should_stop: Callable[[], bool]) -> Iterator[list[int]]:
+    """The batches of `order` (indices, in one process's batch order) that this rank computes. Before every
+    batch, owned or not, the ranks agree on a stop (EvalInterrupted), so they all leave at the same one."""
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        if shard.agree(should_stop()):
+            raise EvalInterrupted()
+        if shard.owns(number):
+            yield order[start:start + batch_size]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -192,12 +203,7 @@ def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: to
         max_new_tokens = max((len(g) for g in golds), default=1) + 4
     order = sorted(range(len(probes)), key=lambda i: (len(prompts[i]), i))
     results: list[ProbeResult | None] = [None] * len(probes)
-    for number, start in enumerate(range(0, len(order), batch_size)):
-        if shard.agree(should_stop()):
-            raise EvalInterrupted()
-        if not shard.owns(number):
-            continue
-        idx = order[start:start + batch_size]
+    for idx in owned_batches(order, batch_size, shard, should_stop):
         texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens)
         logps = _gold_logprobs(model, [prompts[i] for i in idx], [golds[i] for i in idx], pad_id, device)
         for i, text, lp in zip(idx, texts, logps):

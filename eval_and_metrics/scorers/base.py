@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import EvalInterrupted, encode, generate_greedy, model_max_length
+from eval_and_metrics.evaluate import EvalInterrupted, encode, generate_greedy, model_max_length, owned_batches
 from eval_and_metrics.shard import ONE, Shard
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice", "loglikelihood_rolling")
@@ -133,12 +133,7 @@ class GenerationScorer(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for number, start in enumerate(range(0, len(order), batch_size)):
-                if shard.agree(should_stop()):
-                    raise EvalInterrupted()
-                if not shard.owns(number):
-                    continue
-                idx = order[start:start + batch_size]
+            for idx in owned_batches(order, batch_size, shard, should_stop):
                 texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens,
                                         done=lambda row, text, idx=idx: self.is_done(items[idx[row]], text))
                 for i, text in zip(idx, texts):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import (EvalInterrupted, continuation_logprobs, encode, encode_pair, model_max_length,
+from eval_and_metrics.evaluate import (continuation_logprobs, encode, encode_pair, model_max_length, owned_batches,
                                       prefix_token_id)
 from eval_and_metrics.scorers.base import Row, Scorer, mean_of
 from eval_and_metrics.shard import ONE, Shard
@@ -102,12 +102,7 @@ class MultipleChoice(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for number, start in enumerate(range(0, len(order), batch_size)):
-                if shard.agree(should_stop()):
-                    raise EvalInterrupted()
-                if not shard.owns(number):
-                    continue
-                batch = order[start:start + batch_size]
+            for batch in owned_batches(order, batch_size, shard, should_stop):
                 logps = continuation_logprobs(model, [requests[r][2] for r in batch],
                                               [requests[r][3] for r in batch], tokenizer.pad_token_id, device)
                 finished = 0

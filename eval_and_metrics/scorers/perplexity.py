@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import EvalInterrupted, continuation_logprobs, model_max_length
+from eval_and_metrics.evaluate import continuation_logprobs, model_max_length, owned_batches
 from eval_and_metrics.scorers.base import Row, Scorer
 from eval_and_metrics.shard import ONE, Shard
 from eval_and_metrics.scorers.multiple_choice import encode_request
@@ -99,12 +99,7 @@ class Perplexity(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for number, start in enumerate(range(0, len(order), batch_size)):
-                if shard.agree(should_stop()):
-                    raise EvalInterrupted()
-                if not shard.owns(number):
-                    continue
-                batch = order[start:start + batch_size]
+            for batch in owned_batches(order, batch_size, shard, should_stop):
                 logps = continuation_logprobs(model, [windows[w][1] for w in batch], [windows[w][2] for w in batch],
                                               tokenizer.pad_token_id, device)
                 finished = 0
