@@ -53,7 +53,8 @@ from training.batching import PeriodData, pad
 from training.methods.base import Method, MethodContext
 from training.methods.casm.registry import TemplateParser, build_registry
 from training.methods.smf import (MemoryOptions, ProductKeyMemory, SparseSlotUpdater, attach_memories,
-                                  decoder_layers, install_mask_hook, load_memory_state_dict, memory_state_dict)
+                                  decoder_layers, install_mask_hook, load_memory_state_dict, memory_state_dict,
+                                  value_group)
 from training.seeding import derive_seed
 
 ROUTER_ATTR = "casm_router"
@@ -289,7 +290,7 @@ class ContradictionAwareSparseMemory(Method):
         for p in self.router.parameters():
             p.requires_grad_(True)
         self.updater.start_recording()
-        return [{"params": values, "lr": self.cfg.lr or self.ctx.lr},
+        return [value_group(values, self.cfg, self.ctx.lr),
                 {"params": list(self.router.parameters()), "lr": self.cfg.router_lr}]
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
