@@ -18,8 +18,10 @@ model exactly as training did (load_period below) and reports:
   of its top-k slot set with each storage prompt of the *same* fact (`same`), and with the storage
   prompts of the *other* facts of the same relation (`other`), plus the softmax weight they share
   (`sum_i min(w_a[i], w_b[i])`, `w_same`/`w_other`). `same` well above `other` means a new wording
-  reads where the training wordings wrote. `store_same` is the same between two storage wordings of
-  one fact. The lookup does not depend on training when the backbone is frozen and the memory layer
+  reads where the training wordings wrote. `other` is split by whether the other fact's passage used
+  the probe's own template (`other_same_wording`) or not (`other_other_wording`): `same` is always a
+  different wording, so `same` vs `other_other_wording` isolates what the subject contributes.
+  `store_same` is the overlap between two storage wordings of one fact. The lookup does not depend on training when the backbone is frozen and the memory layer
   is the first one (its query is computed before any memory output), so period 0 already shows it.
 
 Storage probes are built from passage text alone, so the script works on any temporal run (any method).
@@ -141,7 +143,7 @@ def slot_overlap(model: torch.nn.Module, tokenizer: Any, memories: dict[int, Any
     reads = {p.id: last_token_reads(model, tokenizer, memories, p.prompt, device) for p in store + extract}
     out: dict[str, dict[str, float]] = {}
     for layer in memories:
-        same, other, w_same, w_other, store_same = [], [], [], [], []
+        same, other, w_same, w_other, store_same, other_tpl, other_notpl = [], [], [], [], [], [], []
         for q in extract:
             for s in store:
                 if s.relation != q.relation:
@@ -150,12 +152,15 @@ def slot_overlap(model: torch.nn.Module, tokenizer: Any, memories: dict[int, Any
                 bucket = (same, w_same) if s.subject == q.subject else (other, w_other)
                 bucket[0].append(_jaccard(a[0], b[0]))
                 bucket[1].append(_shared_weight(a, b))
+                if s.subject != q.subject:
+                    (other_tpl if s.template_id == q.template_id else other_notpl).append(bucket[0][-1])
         for i, s in enumerate(store):
             for t in store[i + 1:]:
                 if (s.subject, s.relation) == (t.subject, t.relation):
                     store_same.append(_jaccard(reads[s.id][layer][0], reads[t.id][layer][0]))
         out[str(layer)] = {"same": _avg(same), "other": _avg(other), "w_same": _avg(w_same),
-                           "w_other": _avg(w_other), "store_same": _avg(store_same)}
+                           "w_other": _avg(w_other), "store_same": _avg(store_same),
+                           "other_same_wording": _avg(other_tpl), "other_other_wording": _avg(other_notpl)}
     return out
 
 

@@ -272,3 +272,26 @@ def test_sgd_and_passages_background_resume_exactly(tmp_path, monkeypatch):
              "--set", "method.smf.background=passages"]
     monkeypatch.setattr(contract, "TINY", [*contract.TINY, *extra])
     contract.test_signal_in_period_three_then_resume_equals_uninterrupted("smf", tmp_path, monkeypatch)
+
+
+def test_prefix_mean_query_reads_the_same_slots_with_a_kv_cache_and_ignores_padding():
+    """query=prefix_mean keeps running sums across decoding steps: generation must read what a full
+    forward reads, and padding must take no part in the mean."""
+    model, method = make(SmfOptions(num_keys=16, key_dim=16, top_k=4, top_t=8, query="prefix_mean"))
+    mem = method.memories[1]
+    mem.keep_lookup = True
+    ids = torch.randint(2, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids)
+        full = mem.last_lookup[0][0]
+        out = model(input_ids=ids[:, :6], use_cache=True)
+        steps = []
+        for t in range(6, 9):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(mem.last_lookup[0][0, -1])
+    assert torch.equal(torch.stack(steps), full[6:])
+    x = torch.randn(2, 5, 8)
+    mem.token_mask, mem.past_len = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 0
+    mean = mem._prefix_mean(x)
+    torch.testing.assert_close(mean[0, 2:], x[0, 2:].cumsum(0) / torch.arange(1, 4).unsqueeze(-1))
+    torch.testing.assert_close(mean[1], x[1].cumsum(0) / torch.arange(1, 6).unsqueeze(-1))

@@ -65,6 +65,10 @@ class MemoryOptions:
     # Update rule of the value rows: "sgd" = plain SGD (p -= lr * grad), as the paper; "optimizer" =
     # train.optimizer (AdamW), whose per-element normalisation moves every chosen row by about lr.
     value_rule: Literal["sgd", "optimizer"] = "optimizer"
+    # What a token's query reads: "token" = its own hidden state (the paper); "prefix_mean" = the mean
+    # of the (RMS-normalised) hidden states up to it, so the subject named earlier takes part in the
+    # address (docs/methods/smf.md, "Which slots a wording reads").
+    query: Literal["token", "prefix_mean"] = "token"
 
     def validate(self, section: str) -> list[str]:
         """Cross-field rules; each field's own range is declared above (data/fields.py)."""
@@ -126,12 +130,15 @@ class ProductKeyMemory(nn.Module):
         self.gates: torch.Tensor | None = None  # (B, L, num_banks) bank gates (casm); None = bank 0 only
         self.last_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, weights), when asked
         self.keep_lookup = False
+        self.query_input = opts.query
+        # query="prefix_mean" under a KV cache: (sum, count) of the inputs of earlier decoding steps
+        self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, weights) of shape (..., top_k): the slots a token reads and their softmax weights."""
-        xf = x.float()
-        # RMS-normalise so the index does not depend on the scale of the hidden state.
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        xf = _rms(x.float())  # so the index does not depend on the scale of the hidden state
+        if self.query_input == "prefix_mean" and xf.dim() == 3:
+            xf = _rms(self._prefix_mean(xf))
         q = xf @ self.query.float().t()
         q1, q2 = q.chunk(2, dim=-1)
         s1 = q1 @ self.keys[0].float().t()  # (..., n)
@@ -146,6 +153,18 @@ class ProductKeyMemory(nn.Module):
         # selective enough that two facts rarely share most of their weight.
         weights = torch.softmax(scores * math.sqrt(q1.shape[-1]), dim=-1)
         return indices, weights
+
+    def _prefix_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H): the mean of each sequence's real tokens up to each position, continuing the sums
+        of earlier decoding steps when a KV cache holds them (padding takes no part)."""
+        mask = self._token_mask_like(x.shape[0], x.shape[1])
+        w = mask.unsqueeze(-1).to(x) if mask is not None else torch.ones_like(x[..., :1])
+        total, count = (x * w).cumsum(1), w.cumsum(1)
+        if self.past_len and self._prefix is not None and self._prefix[0].shape[0] == x.shape[0]:
+            total = total + self._prefix[0].unsqueeze(1)
+            count = count + self._prefix[1].unsqueeze(1)
+        self._prefix = (total[:, -1], count[:, -1])
+        return total / count.clamp_min(1)
 
     def read(self, bank: int, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         flat_i = indices.reshape(-1, self.top_k)
@@ -182,12 +201,19 @@ class ProductKeyMemory(nn.Module):
         return seen[:, :-1].sum(0).to(self.seq_counts)
 
     def _mask_like(self, indices: torch.Tensor) -> torch.Tensor | None:
-        if self.token_mask is None or indices.dim() != 3:
+        if indices.dim() != 3:
             return None
+        return self._token_mask_like(indices.shape[0], indices.shape[1])
+
+    def _token_mask_like(self, batch: int, length: int) -> torch.Tensor | None:
         mask = self.token_mask
-        if mask.shape[0] != indices.shape[0] or mask.shape[1] < indices.shape[1]:
+        if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
             return None
-        return mask[:, -indices.shape[1]:].bool()  # with a KV cache only the newest positions are here
+        return mask[:, -length:].bool()  # with a KV cache only the newest positions are here
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def _attach_hook(mlp: nn.Module, memory: ProductKeyMemory) -> None:
