@@ -13,6 +13,9 @@ model exactly as training did (load_period below) and reports:
   It asks whether a stored fact is reachable from another wording.
 * **prev-value rate**: among the period's changed-fact probes (storage and extraction apart), the share
   whose prediction equals the fact's previous value (the old version still wins).
+* **formerly-true storage EM** (k >= 2): temporal recall on storage probes, i.e. the training
+  wordings of earlier periods (dated with their own period) of facts whose value had changed by
+  period k, scored against the value of their own period.
 * **slot overlap** (memory methods only, per memory layer): the slots the last prompt token reads
   (the position that predicts the value's first token). For each extraction probe, the Jaccard index
   of its top-k slot set with each storage prompt of the *same* fact (`same`), and with the storage
@@ -188,6 +191,16 @@ def measure(run_dir: Path, periods: list[str] | None) -> list[dict[str, Any]]:
             row["storage"] = em_and_prev(evaluate_probes(pm.model, pm.tokenizer, store, pm.device, bs), store)
             row["extraction"] = em_and_prev(
                 evaluate_probes(pm.model, pm.tokenizer, extract, pm.device, bs), extract)
+        if k > 1:
+            # temporal recall on storage probes: earlier periods' training wordings (their date included)
+            # of facts whose value no longer holds at period k, scored against the value of their period
+            order = {p.name: i for i, p in enumerate(pm.bench.bench.periods)}
+            old = [p for j in range(k - 1) for p in storage_probes(pm.bench.bench.periods[j].passages,
+                                                                    pm.bench.bench.periods[j].probes)
+                   if p.valid_until is not None and order[p.valid_until] <= k - 1]
+            if old:
+                res = evaluate_probes(pm.model, pm.tokenizer, old, pm.device, pm.cfg.eval.batch_size)
+                row["formerly_true_storage"] = {"num": len(old), "em": mean(r.em for r in res)}
         if memories:
             row["overlap"] = slot_overlap(pm.model, pm.tokenizer, memories, store, extract, pm.device)
         rows.append(row)
