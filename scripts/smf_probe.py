@@ -16,6 +16,9 @@ model exactly as training did (load_period below) and reports:
 * **formerly-true storage EM** (k >= 2): temporal recall on storage probes, i.e. the training
   wordings of earlier periods (dated with their own period) of facts whose value had changed by
   period k, scored against the value of their own period.
+* **new value, old wording** (k >= 2): the facts changed in period k, asked in the wordings of their
+  earlier periods' passages re-dated to period k, scored against the new value (can the new version
+  be reached from where the old one was stored).
 * **slot overlap** (memory methods only, per memory layer): the slots the last prompt token reads
   (the position that predicts the value's first token). For each extraction probe, the Jaccard index
   of its top-k slot set with each storage prompt of the *same* fact (`same`), and with the storage
@@ -34,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -201,6 +206,15 @@ def measure(run_dir: Path, periods: list[str] | None) -> list[dict[str, Any]]:
             if old:
                 res = evaluate_probes(pm.model, pm.tokenizer, old, pm.device, pm.cfg.eval.batch_size)
                 row["formerly_true_storage"] = {"num": len(old), "em": mean(r.em for r in res)}
+            # the new value from the old wordings: facts changed in period k, asked in the wordings of
+            # their earlier periods' passages re-dated to period k
+            now = {(p.subject, p.relation): p.value for p in stage.probes if p.kind == "changed"}
+            moved = [replace(p, id=p.id + ":redated", period=stage.name, value=now[(p.subject, p.relation)],
+                             prompt=re.sub(rf"(?<!\w){re.escape(p.period)}(?!\w)", stage.name, p.prompt))
+                     for p in old if (p.subject, p.relation) in now and p.value != now[(p.subject, p.relation)]]
+            if moved:
+                res = evaluate_probes(pm.model, pm.tokenizer, moved, pm.device, pm.cfg.eval.batch_size)
+                row["new_value_old_wording"] = {"num": len(moved), "em": mean(r.em for r in res)}
         if memories:
             row["overlap"] = slot_overlap(pm.model, pm.tokenizer, memories, store, extract, pm.device)
         rows.append(row)
