@@ -245,7 +245,9 @@ def test_restated_passages_are_not_retrained(bench):
     restated = [p.text.replace(first.name, again.name) for p in again.passages]
     new = [p.text.replace(first.name, again.name) for p in bench.periods[1].passages]
     kept = method.on_period_start(model, again, restated + new)
-    assert kept == new
+    # the new passages, in order, then (rewrite_evidence) the changed facts' old evidence re-dated
+    assert kept[:len(new)] == new and not set(restated) & set(kept)
+    assert all(again.name in t and first.name not in t for t in kept[len(new):])
 
 
 def test_checkpoint_holds_memory_router_and_registry_only(bench):
@@ -291,3 +293,27 @@ def test_routing_under_kv_cache_generation_matches_a_full_forward(bench):
             model(input_ids=out)  # one plain forward over prompt + generated tokens, no cache
         full = seen[0][ids.shape[1] - 1:ids.shape[1] - 1 + len(stepwise)]
         assert len(stepwise) == 3 and torch.allclose(stepwise, full, atol=1e-5), (stepwise, full)
+
+
+def test_rewritten_evidence_moves_the_old_wordings_to_the_new_date_and_value():
+    from training.methods.casm import rewritten_evidence
+
+    registry = {"facts": [{"versions": [
+        {"value": "Zorvan Kell", "valid_from": "2018",
+         "evidence": {"2018": ["In 2018, the mayor of Veltrassa was Zorvan Kell.",
+                               "Veltrassa's mayor in 2018 was Zorvan Kell.",
+                               "In 2018 or 2018, Zorvan Kell."]}},  # the period twice: left out
+        {"value": "Ama Tor", "valid_from": "2020", "evidence": {"2020": ["In 2020, Ama Tor led Veltrassa."]}}]}]}
+    already = ["Veltrassa's mayor in 2020 was Ama Tor."]
+    assert rewritten_evidence(registry, "2020", already) == ["In 2020, the mayor of Veltrassa was Ama Tor."]
+    assert rewritten_evidence(registry, "2022", []) == []  # no version starts then
+
+
+@pytest.mark.slow
+def test_rewrite_evidence_resumes_exactly(tmp_path, monkeypatch):
+    """The contract matrix's stop-and-resume test with rewrite_evidence on: the rewritten passages come
+    from on_period_start, which a resumed period calls again before restoring its step checkpoint."""
+    from tests import test_method_contract as contract
+
+    monkeypatch.setattr(contract, "TINY", [*contract.TINY, "--set", "method.casm.rewrite_evidence=true"])
+    contract.test_signal_in_period_three_then_resume_equals_uninterrupted("casm", tmp_path, monkeypatch)

@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.fields import field_problems
+from data.fields import build_dataclass, field_problems
 from training.methods import METHODS, MethodContext
-from training.methods.smf import MEMORY_ATTR, SmfOptions, SparseMemoryFinetune, resolve_layers, tfidf_top_t
+from training.methods.smf import (MEMORY_ATTR, SmfOptions, SparseMemoryFinetune, read_background, resolve_layers,
+                                  tfidf_top_t)
+from training.optimizers import OPTIMIZERS, SGD_RULE
 
 VOCAB = 50
 
@@ -172,3 +174,124 @@ def test_options_validate():
     assert len(problems) == 3 and all(p.startswith("method.smf.") for p in problems)
     assert SmfOptions(key_dim=3).validate() == ["method.smf.key_dim must be an even number (got 3)"]
     assert SmfOptions(num_keys=4, top_k=5).validate() == ["method.smf.top_k must be in [1, num_keys=4] (got 5)"]
+
+
+def test_options_reject_unknown_rules():
+    problems: list[str] = []
+    build_dataclass(SmfOptions, {"value_rule": "adam", "background": "corpus"}, "method.smf", problems)
+    assert len(problems) == 2 and all(p.startswith("method.smf.") for p in problems), problems
+
+
+class _Train:
+    lr, betas, weight_decay = 1e-2, (0.9, 0.999), 0.01
+
+
+def test_an_sgd_group_takes_a_plain_sgd_step_and_the_base_rule_never_sees_it():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))
+    ref_b = torch.nn.Parameter(b.detach().clone())
+    opt = OPTIMIZERS["adamw"]([{"params": [a], "lr": 0.5, "rule": SGD_RULE}, {"params": [b]}], _Train())
+    ref = torch.optim.AdamW([ref_b], lr=_Train.lr, betas=_Train.betas, weight_decay=_Train.weight_decay)
+    for _ in range(3):
+        a0 = a.detach().clone()
+        ga, gb = torch.randn(5, 3), torch.randn(4)
+        a.grad, b.grad, ref_b.grad = ga.clone(), gb.clone(), gb.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(a, a0 - 0.5 * ga)  # no momentum, no weight decay
+        assert torch.equal(b, ref_b)  # the other group is plain AdamW, to the bit
+        assert torch.equal(a.grad, ga)  # the gradient is back after the step (logging may read it)
+    assert a not in opt.state and b in opt.state
+    # the rule survives a checkpoint: param_groups round-trip through state_dict
+    again = OPTIMIZERS["adamw"]([{"params": [a], "lr": 0.5, "rule": SGD_RULE}, {"params": [b]}], _Train())
+    again.load_state_dict(opt.state_dict())
+    assert again.param_groups[0]["rule"] == SGD_RULE
+
+
+def test_value_rule_sgd_moves_exactly_the_chosen_rows_by_lr_times_grad():
+    model, method = make(SmfOptions(num_keys=16, key_dim=16, top_k=4, top_t=8, lr=3.0, value_rule="sgd"))
+    groups = method.trainable_parameters(model)
+    assert groups[0]["rule"] == SGD_RULE and groups[0]["lr"] == 3.0
+    opt = OPTIMIZERS["adamw"](groups, _Train())
+    for i in range(3):
+        before = values(model).detach().clone()
+        model.train()
+        model(**batch(seed=i)).loss.backward()
+        method.after_backward(model)
+        grad = values(model).grad.clone()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        method.after_optimizer_step(model)
+        chosen = method.updater.last_selected[1]
+        others = torch.ones(len(before), dtype=torch.bool)
+        others[chosen] = False
+        assert torch.equal(values(model)[others], before[others])
+        # add_(alpha=) may fuse the multiply-add, so the chosen rows agree to rounding
+        torch.testing.assert_close(values(model)[chosen], before[chosen] - 3.0 * grad[chosen], rtol=0, atol=1e-6)
+        assert (values(model)[chosen] != before[chosen]).any()
+    assert not opt.state, "no optimizer state for SGD rows"
+
+
+class _CharTokenizer:
+    """Enough of a tokenizer for read_background: one id per character."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[2 + ord(c) % (VOCAB - 2) for c in t] for t in texts]}
+
+
+def test_passages_background_counts_each_text_once_and_stays_fixed_through_the_period():
+    texts = ["abcabcabc", "xyz", "the same slots", "abc"]  # different lengths: the batch has padding
+    model, method = make(SmfOptions(num_keys=16, key_dim=16, top_k=4, top_t=8, background="passages"))
+    method.ctx.tokenizer = _CharTokenizer()
+    mem = method.memories[1]
+    # reference: each text alone, the slots it reads at least once
+    expected = torch.zeros(mem.num_slots, dtype=torch.long)
+    for t in texts:
+        freq, num = read_background(model, method.memories, method.ctx.tokenizer, [t], 64)
+        assert num == 1 and int(freq[1].max()) == 1
+        expected += freq[1]
+    assert method.on_period_start(model, None, texts) == texts
+    assert method.updater.num_docs == len(texts)
+    assert torch.equal(method.updater.doc_freq[1], expected)
+    opt = torch.optim.AdamW(method.trainable_parameters(model), lr=1e-2)
+    step(model, method, opt, batch())
+    assert method.updater.num_docs == len(texts)  # training steps are not added to this background
+    assert torch.equal(method.updater.doc_freq[1], expected)
+    assert mem.seq_counts is None  # only counted while a background is read
+
+
+@pytest.mark.slow
+def test_sgd_and_passages_background_resume_exactly(tmp_path, monkeypatch):
+    """The contract matrix's stop-and-resume test (tests/test_method_contract.py) with the non-default
+    value rule and background, whose state lives in the optimizer groups and in on_period_start."""
+    from tests import test_method_contract as contract
+
+    extra = ["--set", "method.smf.value_rule=sgd", "--set", "method.smf.lr=100",
+             "--set", "method.smf.background=passages"]
+    monkeypatch.setattr(contract, "TINY", [*contract.TINY, *extra])
+    contract.test_signal_in_period_three_then_resume_equals_uninterrupted("smf", tmp_path, monkeypatch)
+
+
+def test_prefix_mean_query_reads_the_same_slots_with_a_kv_cache_and_ignores_padding():
+    """query=prefix_mean keeps running sums across decoding steps: generation must read what a full
+    forward reads, and padding must take no part in the mean."""
+    model, method = make(SmfOptions(num_keys=16, key_dim=16, top_k=4, top_t=8, query="prefix_mean"))
+    mem = method.memories[1]
+    mem.keep_lookup = True
+    ids = torch.randint(2, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(input_ids=ids)
+        full = mem.last_lookup[0][0]
+        out = model(input_ids=ids[:, :6], use_cache=True)
+        steps = []
+        for t in range(6, 9):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(mem.last_lookup[0][0, -1])
+    assert torch.equal(torch.stack(steps), full[6:])
+    x = torch.randn(2, 5, 8)
+    mem.token_mask, mem.past_len = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 0
+    mean = mem._prefix_mean(x)
+    torch.testing.assert_close(mean[0, 2:], x[0, 2:].cumsum(0) / torch.arange(1, 4).unsqueeze(-1))
+    torch.testing.assert_close(mean[1], x[1].cumsum(0) / torch.arange(1, 6).unsqueeze(-1))

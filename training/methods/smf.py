@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,12 @@ from torch import nn
 
 from data.fields import Items, Range
 from data.schema import Probe
-from training.batching import PeriodData
-from training.methods.base import Method
+from training.batching import PeriodData, collate, tokenize
+from training.methods.base import Method, eval_mode
+from training.optimizers import SGD_RULE
 from training.seeding import derive_seed
 
+BACKGROUND_MAX_LEN = 512  # tokens of a passage read for the background (passages are one sentence)
 MEMORY_ATTR = "memory"  # the memory is registered as <layer>.mlp.memory, so backbone names never change
 
 
@@ -59,7 +61,14 @@ class MemoryOptions:
     # and the learning rate"), the probes' gold log-prob after one period: lr 4 -> -2.90, 8 -> -3.41
     # (lr 2 with top_k 8: -2.82, so 2-4 is flat); the former 0.5 at the middle layer learnt no fact.
     # 0 = train.lr.
-    lr: Annotated[float, Range(0, 100)] = 4.0
+    lr: Annotated[float, Range(0, 100000)] = 4.0
+    # Update rule of the value rows: "sgd" = plain SGD (p -= lr * grad), as the paper; "optimizer" =
+    # train.optimizer (AdamW), whose per-element normalisation moves every chosen row by about lr.
+    value_rule: Literal["sgd", "optimizer"] = "optimizer"
+    # What a token's query reads: "token" = its own hidden state (the paper); "prefix_mean" = the mean
+    # of the (RMS-normalised) hidden states up to it, so the subject named earlier takes part in the
+    # address (docs/methods/smf.md, "Which slots a wording reads").
+    query: Literal["token", "prefix_mean"] = "token"
 
     def validate(self, section: str) -> list[str]:
         """Cross-field rules; each field's own range is declared above (data/fields.py)."""
@@ -73,6 +82,12 @@ class MemoryOptions:
 
 @dataclass
 class SmfOptions(MemoryOptions):
+    # What TF-IDF ranks a step's slots against. "steps": the earlier optimizer steps of this run, one
+    # document per step (a fact's own earlier epochs count against it). "passages": the period's
+    # training passages, one document per passage, read once at the period start and fixed for the
+    # period (the paper ranks against a fixed corpus; we have no pretraining data, docs/methods/smf.md).
+    background: Literal["steps", "passages"] = "steps"
+
     def validate(self) -> list[str]:  # type: ignore[override]
         return MemoryOptions.validate(self, "smf")
 
@@ -108,17 +123,22 @@ class ProductKeyMemory(nn.Module):
             for _ in range(num_banks)])
         # Per-forward bookkeeping, set by the owning method (never saved).
         self.counts: torch.Tensor | None = None  # slot access counts of the current optimizer step
+        # sequences that read each slot at least once, while a background is being read (smf background)
+        self.seq_counts: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None  # (B, L) 1 for real tokens, from the model's forward
         self.past_len = 0  # tokens already in the KV cache when this forward started (generation)
         self.gates: torch.Tensor | None = None  # (B, L, num_banks) bank gates (casm); None = bank 0 only
         self.last_lookup: tuple[torch.Tensor, torch.Tensor] | None = None  # (indices, weights), when asked
         self.keep_lookup = False
+        self.query_input = opts.query
+        # query="prefix_mean" under a KV cache: (sum, count) of the inputs of earlier decoding steps
+        self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, weights) of shape (..., top_k): the slots a token reads and their softmax weights."""
-        xf = x.float()
-        # RMS-normalise so the index does not depend on the scale of the hidden state.
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        xf = _rms(x.float())  # so the index does not depend on the scale of the hidden state
+        if self.query_input == "prefix_mean" and xf.dim() == 3:
+            xf = _rms(self._prefix_mean(xf))
         q = xf @ self.query.float().t()
         q1, q2 = q.chunk(2, dim=-1)
         s1 = q1 @ self.keys[0].float().t()  # (..., n)
@@ -133,6 +153,18 @@ class ProductKeyMemory(nn.Module):
         # selective enough that two facts rarely share most of their weight.
         weights = torch.softmax(scores * math.sqrt(q1.shape[-1]), dim=-1)
         return indices, weights
+
+    def _prefix_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H): the mean of each sequence's real tokens up to each position, continuing the sums
+        of earlier decoding steps when a KV cache holds them (padding takes no part)."""
+        mask = self._token_mask_like(x.shape[0], x.shape[1])
+        w = mask.unsqueeze(-1).to(x) if mask is not None else torch.ones_like(x[..., :1])
+        total, count = (x * w).cumsum(1), w.cumsum(1)
+        if self.past_len and self._prefix is not None and self._prefix[0].shape[0] == x.shape[0]:
+            total = total + self._prefix[0].unsqueeze(1)
+            count = count + self._prefix[1].unsqueeze(1)
+        self._prefix = (total[:, -1], count[:, -1])
+        return total / count.clamp_min(1)
 
     def read(self, bank: int, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         flat_i = indices.reshape(-1, self.top_k)
@@ -149,6 +181,8 @@ class ProductKeyMemory(nn.Module):
             mask = self._mask_like(indices)
             picked = indices[mask] if mask is not None else indices
             self.counts += torch.bincount(picked.reshape(-1), minlength=self.num_slots).to(self.counts)
+        if self.seq_counts is not None and indices.dim() == 3:
+            self.seq_counts += self._sequences_reading(indices)
         if self.gates is None:
             return self.read(0, indices, weights).to(x.dtype)
         out = torch.zeros_like(x)
@@ -156,13 +190,30 @@ class ProductKeyMemory(nn.Module):
             out = out + self.gates[..., bank:bank + 1].to(x.dtype) * self.read(bank, indices, weights).to(x.dtype)
         return out
 
+    def _sequences_reading(self, indices: torch.Tensor) -> torch.Tensor:
+        """(num_slots,) how many of the batch's sequences read each slot (padding excluded)."""
+        flat = indices.reshape(indices.shape[0], -1)
+        mask = self._mask_like(indices)
+        if mask is not None:  # padding reads a spare column that is dropped below
+            flat = flat.masked_fill(~mask.unsqueeze(-1).expand_as(indices).reshape_as(flat), self.num_slots)
+        seen = torch.zeros(flat.shape[0], self.num_slots + 1, dtype=torch.bool, device=flat.device)
+        seen.scatter_(1, flat, True)
+        return seen[:, :-1].sum(0).to(self.seq_counts)
+
     def _mask_like(self, indices: torch.Tensor) -> torch.Tensor | None:
-        if self.token_mask is None or indices.dim() != 3:
+        if indices.dim() != 3:
             return None
+        return self._token_mask_like(indices.shape[0], indices.shape[1])
+
+    def _token_mask_like(self, batch: int, length: int) -> torch.Tensor | None:
         mask = self.token_mask
-        if mask.shape[0] != indices.shape[0] or mask.shape[1] < indices.shape[1]:
+        if mask is None or mask.shape[0] != batch or mask.shape[1] < length:
             return None
-        return mask[:, -indices.shape[1]:].bool()  # with a KV cache only the newest positions are here
+        return mask[:, -length:].bool()  # with a KV cache only the newest positions are here
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def _attach_hook(mlp: nn.Module, memory: ProductKeyMemory) -> None:
@@ -230,6 +281,15 @@ def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -
     model.register_forward_pre_hook(grab, with_kwargs=True)
 
 
+def value_group(params: list[nn.Parameter], opts: MemoryOptions, default_lr: float) -> dict[str, Any]:
+    """The optimizer group of the value tables: their own lr, and plain SGD when value_rule says so
+    (training/optimizers: the registry's optimizers update a group marked rule=sgd by plain SGD)."""
+    group: dict[str, Any] = {"params": params, "lr": opts.lr or default_lr}
+    if opts.value_rule == "sgd":
+        group["rule"] = SGD_RULE
+    return group
+
+
 def memory_param_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if f".{MEMORY_ATTR}." in n]
 
@@ -264,9 +324,10 @@ class SparseSlotUpdater:
     `bank_of` says which value table of each memory trains now (smf: 0; casm: the current period's).
     """
 
-    def __init__(self, memories: dict[int, ProductKeyMemory], top_t: int) -> None:
+    def __init__(self, memories: dict[int, ProductKeyMemory], top_t: int, grow_background: bool = True) -> None:
         self.memories = memories
         self.top_t = top_t
+        self.grow_background = grow_background  # add every step to the background (else set_background)
         ref = next(iter(memories.values()))
         self.doc_freq = {i: torch.zeros(m.num_slots, dtype=torch.long) for i, m in memories.items()}
         self.num_docs = 0
@@ -302,10 +363,16 @@ class SparseSlotUpdater:
             self._snapshot[i] = (bank, keep_dev, values.detach().clone())
             self.last_selected[i] = chosen
             self.ever_updated[i] |= keep
-            self.doc_freq[i] += (counts > 0).long()
+            if self.grow_background:
+                self.doc_freq[i] += (counts > 0).long()
             if mem.counts is not None:
                 mem.counts.zero_()
-        self.num_docs += 1
+        if self.grow_background:
+            self.num_docs += 1
+
+    def set_background(self, doc_freq: dict[int, torch.Tensor], num_docs: int) -> None:
+        self.doc_freq = {i: t.clone() for i, t in doc_freq.items()}
+        self.num_docs = num_docs
 
     def after_optimizer_step(self) -> None:
         """Put back every row the mask excluded: AdamW would otherwise move it by momentum/decay."""
@@ -323,6 +390,27 @@ class SparseSlotUpdater:
         self.doc_freq = {int(i): t.clone() for i, t in state["doc_freq"].items()}
         self.ever_updated = {int(i): t.clone() for i, t in state["ever_updated"].items()}
         self.num_docs = int(state["num_docs"])
+
+
+@torch.no_grad()
+def read_background(model: nn.Module, memories: dict[int, ProductKeyMemory], tokenizer: Any, texts: list[str],
+                    max_len: int, batch_size: int = 16) -> tuple[dict[int, torch.Tensor], int]:
+    """Document frequencies of every slot over `texts` (one document per text, tokenised as training
+    tokenises passages), read by the model as it is now: (per memory layer, how many texts read the
+    slot), and the number of texts."""
+    device = next(iter(memories.values())).values[0].device
+    for mem in memories.values():
+        mem.seq_counts = torch.zeros(mem.num_slots, dtype=torch.long, device=device)
+    try:
+        data = tokenize(tokenizer, texts, max_len)
+        with eval_mode(model):
+            for start in range(0, len(data.token_ids), batch_size):
+                batch = collate(data.token_ids[start:start + batch_size], tokenizer.pad_token_id)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        return {i: m.seq_counts.cpu().clone() for i, m in memories.items()}, len(texts)
+    finally:
+        for mem in memories.values():
+            mem.seq_counts = None
 
 
 ROWS, DATA = ".rows", ".data"  # suffixes of a value table stored as (written row indices, those rows)
@@ -392,8 +480,17 @@ class SparseMemoryFinetune(Method):
     def prepare(self, model: nn.Module) -> nn.Module:
         self.memories = attach_memories(model, self.cfg, num_banks=1, seed=self.ctx.seed, section="smf")
         install_mask_hook(model, self.memories)
-        self.updater = SparseSlotUpdater(self.memories, self.cfg.top_t)
+        self.updater = SparseSlotUpdater(self.memories, self.cfg.top_t,
+                                         grow_background=self.cfg.background == "steps")
         return model
+
+    def on_period_start(self, model: nn.Module, period: Any, texts: list[str]) -> list[str]:
+        if self.cfg.background == "passages":
+            assert self.updater is not None, "prepare() first"
+            # a pure function of the model at the period start and the texts, as a resume requires
+            self.updater.set_background(*read_background(model, self.memories, self.ctx.tokenizer, texts,
+                                                         BACKGROUND_MAX_LEN))
+        return texts
 
     def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:
         assert self.updater is not None, "prepare() first"
@@ -401,7 +498,7 @@ class SparseMemoryFinetune(Method):
         for p in params:
             p.requires_grad_(True)
         self.updater.start_recording()  # counting starts with the first training forward
-        return [{"params": params, "lr": self.cfg.lr or self.ctx.lr}]
+        return [value_group(params, self.cfg, self.ctx.lr)]
 
     def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
         return self.updater.counters() if self.updater is not None else []

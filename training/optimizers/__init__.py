@@ -4,6 +4,11 @@ An optimizer is a choice of update rule, not a continual-learning method, so it 
 registry rather than in it: each factory takes the method's parameter groups and the train section.
 An optimizer may define `stats() -> dict[str, float]`; the loop logs it with every step (CASMO's
 confidence trace comes from there).
+
+A method may mark a parameter group `{"rule": "sgd"}`: every optimizer here then updates that group by
+plain SGD (`p -= lr * grad`: no momentum, no weight decay, no state) and runs its own rule on the other
+groups. Sparse memory finetuning (training/methods/smf.py) trains its memory value rows this way, as
+the paper does; the group still follows the lr schedule.
 """
 
 from __future__ import annotations
@@ -18,14 +23,49 @@ import torch
 from training.optimizers.casmo import CASMO
 
 
+SGD_RULE = "sgd"  # value of a param group's "rule" key: plain SGD for that group
+
+
+class SgdGroups:
+    """Mixin for a torch optimizer: groups marked {"rule": "sgd"} take a plain SGD step first; their
+    gradients are hidden while the base rule runs, so it skips them (and keeps no state for them)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group.get("rule") != SGD_RULE:
+                    continue
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+                        hidden.append((p, p.grad))
+                        p.grad = None
+        try:
+            return super().step(closure)  # type: ignore[misc]
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+
+
+class AdamW(SgdGroups, torch.optim.AdamW):
+    pass
+
+
+class Casmo(SgdGroups, CASMO):
+    pass
+
+
 def adamw(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    return AdamW(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
 
 def casmo(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
     # AdamW's lr, betas and weight decay, so casmo with a calibration window longer than the period is
     # exactly the adamw run; the train.casmo section (training/optimizer_options.py) adds the rest.
-    return CASMO(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+    return Casmo(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
                  **dataclasses.asdict(train.casmo))
 
 
@@ -47,4 +87,4 @@ def optimizer_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return stats() if callable(stats) else {}
 
 
-__all__ = ["OPTIMIZERS", "horizon_problem", "optimizer_stats"]
+__all__ = ["OPTIMIZERS", "SGD_RULE", "horizon_problem", "optimizer_stats"]
