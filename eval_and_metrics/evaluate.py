@@ -23,6 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from data.schema import Probe
 from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
 from eval_and_metrics.padding import pad
+from eval_and_metrics.shard import ONE, Shard
 
 
 @dataclass
@@ -178,8 +179,8 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], devic
 @torch.inference_mode()
 def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: torch.device, batch_size: int,
                     max_new_tokens: int = 0, should_stop: Callable[[], bool] = lambda: False,
-                    progress: Callable[[int], None] | None = None) -> list[ProbeResult]:
-    """Score every probe; results come back in the order of `probes`."""
+                    progress: Callable[[int], None] | None = None, shard: Shard = ONE) -> list[ProbeResult]:
+    """Score every probe; results come back in the order of `probes` (on every rank of `shard`)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id
@@ -188,10 +189,12 @@ def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: to
     if max_new_tokens <= 0:
         max_new_tokens = max((len(g) for g in golds), default=1) + 4
     order = sorted(range(len(probes)), key=lambda i: (len(prompts[i]), i))
-    results: dict[int, ProbeResult] = {}
-    for start in range(0, len(order), batch_size):
-        if should_stop():
+    results: list[ProbeResult | None] = [None] * len(probes)
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        if shard.agree(should_stop()):
             raise EvalInterrupted()
+        if not shard.owns(number):
+            continue
         idx = order[start:start + batch_size]
         texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens)
         logps = _gold_logprobs(model, [prompts[i] for i in idx], [golds[i] for i in idx], pad_id, device)
@@ -202,4 +205,4 @@ def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: to
         if progress is not None:
             progress(len(idx))
     model.train(was_training)
-    return [results[i] for i in range(len(probes))]
+    return shard.merge(results)

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in getattr(exc, "problems", None) or [str(exc)]:
             print(f"error: {line}", file=sys.stderr)
         return 2
+    for line in bench.meta.get("warnings", []):
+        print(f"warning: {line}", file=sys.stderr)
     path = write_benchmark(bench, args.out)
 
     print(f"{path}  name={bench.name}  fingerprint={bench.fingerprint[:16]}")

@@ -468,7 +468,7 @@ def test_unknown_path_and_bad_files(tmp_path: Path, bench: Benchmark) -> None:
     with pytest.raises(DataError, match=r"'/no/such/place'.*no such file.*temporalwiki") as info:
         load_benchmark("/no/such/place", DataConfig())
     assert "\n" not in str(info.value)
-    with pytest.raises(DataError, match=r"holds neither benchmark.json nor synthetic_facts_raw"):
+    with pytest.raises(DataError, match=r"holds none of benchmark.json, passages.json \+ probes.json, synthetic_facts_raw"):
         load_benchmark(str(tmp_path), DataConfig())
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match="not a .json file"):

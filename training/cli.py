@@ -7,6 +7,7 @@ is created, so bad input exits 2 with nothing written.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -18,10 +19,12 @@ from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeState
                        staging_dir)
 from data import DataError
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
+from training.distributed import PeerLost, World, close_world, init_world, world_from_env
 from training.methods import METHODS
-from training.models import check_model_source, model_skeleton
+from training.models import check_model_source, enable_checkpointing, model_skeleton
 from training.restore import build_model_and_method
-from training.run import committed_periods, human_bytes, open_run, run_dir_of
+from training.run import RunPaths, committed_periods, human_bytes, open_run, run_dir_of
+from training.strategies import resolve_strategy, strategy_problems
 from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
                               EXIT_UNTRUSTED, StopFlag, StopRequested)
 from training.trainer import Trainer
@@ -61,27 +64,45 @@ def parse_configs(argv: list[str]) -> list[RunConfig]:
     return build_run_configs(tree, METHODS)
 
 
-def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag) -> dict[str, Any]:
+def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = World()) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with stop.immediately():  # loading writes nothing to the run; a stop ends it at once
         loaded, method, model = build_model_and_method(cfg, workload)
-    paths, lock = open_run(cfg, workload)  # short atomic writes: a stop request waits for them
+        if cfg.train.gradient_checkpointing:
+            enable_checkpointing(model)
+    # Rank 0 creates (or reopens) and locks the run directory; the others only read it, after it exists.
+    lock = None
+    with world.main_first():
+        if world.is_main:
+            paths, lock = open_run(cfg, workload, world_info(cfg, world))  # short atomic writes
+    paths = RunPaths(run_dir_of(cfg))
     try:
-        if stop:
-            raise StopRequested(f"{stop.signal_name} before training started")
-        print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}", file=sys.stderr)
-        if loaded.source == "synthetic" and not (paths.root / "tokenizer").exists():
+        if world.any(bool(stop)):
+            raise StopRequested(f"{stop.signal_name or 'a stop on another rank'} before training started")
+        if world.is_main:
+            print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}"
+                  + (f" ranks={world.size}" if world.active else ""), file=sys.stderr)
+        if world.is_main and loaded.source == "synthetic" and not (paths.root / "tokenizer").exists():
             staging = staging_dir(paths.root / "tokenizer")
             loaded.tokenizer.save_pretrained(staging)
             commit_dir(staging, paths.root / "tokenizer")
         trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, workload, stop,
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), world=world)
         results = trainer.run()
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     results["run_dir"] = str(paths.root)
     return results
+
+
+def world_info(cfg: RunConfig, world: World) -> dict[str, Any]:
+    """How the run is spread (run.json): the global batch is the config's; the per-rank share follows."""
+    return {"world_size": world.size, "strategy": resolve_strategy(cfg.train.strategy, world),
+            "global_batch_micro_batches": cfg.train.grad_accum,
+            "max_tokens_per_micro_batch": cfg.train.max_tokens_per_batch,
+            "per_rank_micro_batches": -(-cfg.train.grad_accum // world.size)}
 
 
 def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -123,10 +144,15 @@ def _main(argv: list[str], stop: StopFlag) -> int:
     started = time.time()
     current: RunConfig | None = None
     all_results = []
+    world = world_from_env()  # who we are (from the launcher's environment); the group is joined below
+    if not world.is_main:
+        _quiet()
     try:
         with stop.immediately():
             configs = parse_configs(argv)
             workload = load_workload(configs[0].data)
+            for line in workload.warnings:
+                print("warning: " + " ".join(line.splitlines()), file=sys.stderr)
             for cfg in configs:
                 check_model_source(cfg.model, cfg.mode)
             # Every method's options are checked against the model's structure before the first run
@@ -137,11 +163,18 @@ def _main(argv: list[str], stop: StopFlag) -> int:
                          f"{', '.join(METHODS[cfg.method.name].benchmarks)} benchmarks, not on a {workload.kind}; "
                          f"valid here: {', '.join(n for n, m in METHODS.items() if workload.kind in m.benchmarks)}"
                          for cfg in configs if workload.kind not in METHODS[cfg.method.name].benchmarks]
+            problems += [p for cfg in configs for p in strategy_problems(cfg.train.strategy, cfg.method.name, world)]
+            problems += [f"train.gradient_checkpointing cannot be used with method {cfg.method.name!r}: it counts "
+                         f"memory reads in the forward, which checkpointing runs twice; valid: false"
+                         for cfg in configs
+                         if cfg.train.gradient_checkpointing and METHODS[cfg.method.name].counts_in_forward]
             if problems:
                 raise ConfigError(problems)
+            # every rank validated the same input the same way; now they meet
+            world = init_world(configs[0].model.device)
         for cfg in configs:
             current = cfg
-            all_results.append(run_one(cfg, workload, stop))
+            all_results.append(run_one(cfg, workload, stop, world))
     except ConfigError as exc:
         return _fail(EXIT_BAD_INPUT, *exc.problems)
     except DataError as exc:
@@ -149,24 +182,42 @@ def _main(argv: list[str], stop: StopFlag) -> int:
     except LockHeldError as exc:
         return _fail(EXIT_LOCKED, str(exc))
     except StopRequested as exc:
-        print(f"stopped: {exc}; everything committed or checkpointed is kept, run the same command again to "
-              f"resume (exit {EXIT_RESUME})", file=sys.stderr)
+        if _SPEAKS[0]:
+            print(f"stopped: {exc}; everything committed or checkpointed is kept, run the same command again to "
+                  f"resume (exit {EXIT_RESUME})", file=sys.stderr)
         return EXIT_RESUME
     except StorageError as exc:
         return _fail(EXIT_STORAGE, storage_message(exc, current))
+    except PeerLost as exc:
+        # another rank died (killed, out of memory, node lost): this one stops without writing anything;
+        # the last committed period and step checkpoint stay valid, so a rerun resumes from them
+        return _fail(EXIT_RESUME, f"{exc}; the last checkpoint is intact, run the same command again to resume")
     except (UnsafeStateError, UnsafePathError) as exc:
         return _fail(EXIT_UNTRUSTED, str(exc))
     except KeyboardInterrupt:
         print(f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
               f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})", file=sys.stderr)
         return EXIT_ABORTED
-    print(format_summary(all_results, workload.summary_columns))
-    print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
+    finally:
+        close_world()
+    if world.is_main:
+        print(format_summary(all_results, workload.summary_columns))
+        print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
     return EXIT_OK
 
 
+_SPEAKS = [True]
+
+
+def _quiet() -> None:
+    """Ranks other than 0 print nothing: rank 0 speaks for the run (errors included: every rank meets the
+    same ones). Their stderr stays open for a traceback, which only a bug produces."""
+    sys.stdout = open(os.devnull, "w")
+    _SPEAKS[0] = False
+
+
 def _fail(code: int, *lines: str) -> int:
-    for line in lines:
+    for line in lines if _SPEAKS[0] else ():
         print("error: " + " ".join(line.splitlines()), file=sys.stderr)
     return code
 

@@ -74,6 +74,11 @@ class TrainConfig:
     max_grad_norm: Annotated[float, Range(0, 1e6)] = 1.0  # gradient clipping (0 disables)
     max_seq_len: Annotated[int, Range(1, 131072)] = 128  # passages are truncated to this many tokens
     threads: Annotated[int, Range(0, 4096)] = 0  # torch intra-op threads; 0 = torch's default
+    # how one run spreads over the ranks the launcher started (docs/distributed.md); auto = single for one
+    # process, ddp for several. Not part of the run's identity: a run may resume on another world size.
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    # recompute activations in the backward (less memory, about a third more compute); same numbers
+    gradient_checkpointing: bool = False
     progress: bool = True  # show progress bars (stderr)
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
@@ -146,9 +151,7 @@ class RunConfig:
         out = self.to_dict()
         out.pop("run_root")
         out.pop("run_id")
-        out["train"].pop("progress")
-        out["train"].pop("step_sleep")
-        out["checkpoint"] = {}  # when we checkpoint never changes the numbers
+        drop_runtime_keys(out)
         return out
 
     def config_hash(self) -> str:
@@ -319,6 +322,19 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
         if value is not None:
             _set_dotted(tree, dotted, value)
     return _deep_merge(tree, parse_set(sets))
+
+
+# Settings that change how a run executes, not what it computes: they stay out of the config hash and
+# of the resume check, so a run continues after a change of world size, strategy or progress bars.
+RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing")}
+
+
+def drop_runtime_keys(tree: dict) -> dict:
+    for section, keys in RUNTIME_KEYS.items():
+        for key in keys:
+            tree.get(section, {}).pop(key, None)
+    tree["checkpoint"] = {}  # when we checkpoint never changes the numbers
+    return tree
 
 
 def configs_differ(saved: dict, current: dict, prefix: str = "") -> list[str]:

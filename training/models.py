@@ -44,7 +44,8 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError(["model.device cuda was asked for but no CUDA device is visible; valid here: auto, cpu"])
-        return torch.device("cuda")
+        # the rank's own GPU under several ranks (training/distributed.py sets it before loading)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -212,7 +213,7 @@ def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> Load
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                 bnb_4bit_use_double_quant=True)
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": device.index}
         if cfg.name:
             local = Path(cfg.name).expanduser()
             where = str(local) if local.is_dir() else cfg.name
@@ -227,7 +228,21 @@ def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> Load
             raise ConfigError([f"model.name {cfg.name!r}: cannot load ({str(exc).splitlines()[0]})"]) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.quantize != "4bit":
+    if cfg.quantize == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        # QLoRA's preparation: norms and the head in float32, inputs that carry grad into the adapters;
+        # gradient checkpointing stays train.gradient_checkpointing's choice (enable_checkpointing below)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
         model.to(device=device, dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, source=source)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """train.gradient_checkpointing: each decoder layer's activations are recomputed in the backward.
+    Non-reentrant, so frozen embeddings (LoRA) need no input-grad hook and the numbers do not change."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False

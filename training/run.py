@@ -16,7 +16,7 @@ import yaml
 
 from artifacts import (RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir, read_text_inside,
                        staging_dir)
-from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ
+from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ, drop_runtime_keys
 from training.workload import Workload
 
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy", "gguf")
@@ -88,7 +88,7 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def open_run(cfg: RunConfig, workload: Workload) -> tuple[RunPaths, RunLock]:
+def open_run(cfg: RunConfig, workload: Workload, extra: dict | None = None) -> tuple[RunPaths, RunLock]:
     """Create or reopen the run directory under an exclusive lock.
 
     Refuses (ConfigError) when the directory holds a run whose resolved config differs, listing the
@@ -103,9 +103,7 @@ def open_run(cfg: RunConfig, workload: Workload) -> tuple[RunPaths, RunLock]:
         saved_identity = {k: v for k, v in saved.items() if k not in ("run_root",)}
         ours = {k: v for k, v in current.items() if k not in ("run_root",)}
         for tree in (saved_identity, ours):
-            tree.get("train", {}).pop("progress", None)
-            tree.get("train", {}).pop("step_sleep", None)
-            tree.pop("checkpoint", None)
+            drop_runtime_keys(tree)
         diffs = configs_differ(saved_identity, ours)
         if diffs:
             raise ConfigError([f"run directory {root} holds a run with a different config; differing fields: "
@@ -132,6 +130,7 @@ def open_run(cfg: RunConfig, workload: Workload) -> tuple[RunPaths, RunLock]:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         **slurm_info(),
+        **(extra or {}),
     }
     atomic_write_json(root / "run.json", meta)
     return paths, lock

@@ -52,6 +52,11 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self.signal_name is not None
 
+    def request(self, reason: str) -> None:
+        """A stop that did not come as a signal to this process (another rank of the run got one)."""
+        if self.signal_name is None:
+            self.signal_name = reason
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
             self._num_sigint += 1

@@ -35,12 +35,14 @@ from data.schema import Period
 from eval_and_metrics.evaluate import EvalInterrupted
 from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
+from training.distributed import World
 from training.methods.base import Method
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
 from training.restore import load_saved_state
 from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
+from training.strategies import STRATEGIES, Strategy, micro_rng, resolve_strategy
 from training.workload import Stage, Workload
 
 RESULTS_SCHEMA_VERSION = 1
@@ -97,7 +99,7 @@ def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: in
 class Trainer:
     def __init__(self, cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, tokenizer: Any,
                  device: torch.device, method: Method, workload: Workload, stop: StopFlag,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, world: World = World()) -> None:
         self.cfg = cfg
         self.paths = paths
         self.model = model
@@ -106,7 +108,11 @@ class Trainer:
         self.method = method
         self.work = workload
         self.stop = stop
-        self.say = log
+        # Rank 0 speaks and writes; the others hold the same state and only compute.
+        self.world = world
+        self.say = log if world.is_main else (lambda message: None)
+        self.strategy: Strategy = STRATEGIES[resolve_strategy(cfg.train.strategy, world)](world, device)
+        self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
         self.probes = workload.probes
         self.started_at = time.time()
 
@@ -140,7 +146,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, warmup, cfg.train.min_lr_ratio))
         ckpts = StepCheckpoints(self.paths.checkpoint_root(k, period.name), keep=cfg.checkpoint.keep)
-        if cfg.checkpoint.check_free_space:
+        if cfg.checkpoint.check_free_space and self.world.is_main:
             check_free_space(ckpts.root, k, params, cfg.checkpoint.keep)
         pos = Position()
         latest = ckpts.latest_valid()
@@ -157,13 +163,18 @@ class Trainer:
             self.say(f"period {k} ({period.name}): resuming from step checkpoint {pos.step}/{total_steps}")
 
         def save_step() -> None:
-            ckpts.save(pos.step, lambda d: self._write_step(d, optimizer, scheduler, pos),
-                       {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
-                        "config_hash": cfg.config_hash(), **slurm_info()})
+            # Every rank holds the same state: rank 0 writes it, the others wait until it is committed.
+            if self.world.is_main:
+                ckpts.save(pos.step, lambda d: self._write_step(d, optimizer, scheduler, pos),
+                           {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
+                            "config_hash": cfg.config_hash(), **slurm_info(), **self._world_info()})
+            self.world.barrier()
 
         flat_params = [p for g in params for p in g["params"]]
+        self.wrapped = self.strategy.wrap(self.model)
         bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.work.stages)} "
-                   f"{period.name}", disable=not cfg.train.progress, dynamic_ncols=True, mininterval=1.0)
+                   f"{period.name}", disable=not (cfg.train.progress and self.world.is_main), dynamic_ncols=True,
+                   mininterval=1.0)
         last_save, window_tokens, window_start = time.time(), 0, time.time()
         last_step = time.time()
         while pos.epoch < cfg.train.epochs:
@@ -172,7 +183,8 @@ class Trainer:
             while pos.epoch == epoch:
                 group = batches[pos.batch:pos.batch + cfg.train.grad_accum]
                 micro = [self._batch(data, idx) for idx in group]
-                loss, grad_norm = self.train_step(micro, optimizer, scheduler, flat_params)
+                seeds = [derive_seed(cfg.seed, "micro", k, pos.epoch, pos.batch + i) for i in range(len(group))]
+                loss, grad_norm = self.train_step(micro, optimizer, scheduler, flat_params, seeds)
                 num_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                 padded = sum(b["attention_mask"].numel() for b in micro)
                 pos.batch += len(group)
@@ -193,15 +205,22 @@ class Trainer:
                 if pos.batch >= len(batches):
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 now = time.time()
-                due = ((cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0)
-                       or (cfg.checkpoint.every_seconds and now - last_save >= cfg.checkpoint.every_seconds))
-                if self.stop or due:
+                # Both decisions are agreed over the ranks: a signal to any rank, or rank 0's clock, stops or
+                # saves all of them at this same step boundary.
+                due = bool((cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0)
+                           or (cfg.checkpoint.every_seconds and now - last_save >= cfg.checkpoint.every_seconds))
+                stop = self.world.any(bool(self.stop))
+                if stop and not self.stop:
+                    self.stop.request("a stop on another rank")
+                if stop or self.world.any(due and self.world.is_main):
                     save_step()
                     last_save = now
-                if self.stop:
+                if stop:
                     bar.close()
                     raise StopRequested(f"{self.stop.signal_name} during period {k} at step {pos.step}")
         bar.close()
+        self.strategy.unwrap()
+        self.wrapped = self.model
         # The end-of-training checkpoint makes evaluation restartable: a kill during eval redoes the
         # eval from here instead of retraining (or, worse, skipping) the period.
         saved = ckpts.list_steps()
@@ -215,23 +234,40 @@ class Trainer:
                                                                  "tokens": pos.tokens,
                                                                  "num_texts": len(texts),
                                                                  "eval_seconds": time.time() - eval_start})
-        ckpts.clear()
+        if self.world.is_main:
+            ckpts.clear()
+        self.world.barrier()
 
     def train_step(self, micro: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, params: list[torch.nn.Parameter]
-                   ) -> tuple[float, float]:
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, params: list[torch.nn.Parameter],
+                   seeds: list[int]) -> tuple[float, float]:
+        """One optimizer step over `micro`, the step's micro-batches, dealt round-robin over the ranks
+        (training/strategies.py): the summed gradient is the same for any number of ranks."""
         self.model.train()
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for batch in micro:
+        world, total = self.world, 0.0
+        rounds = math.ceil(len(micro) / world.size)
+        for r in range(rounds):
+            i = r * world.size + world.rank
+            real = i < len(micro)
+            batch = micro[i] if real else micro[0]  # a zero-weight stand-in: every rank joins every backward
             inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
-            outputs = self.model(**inputs)
-            loss = outputs.loss
-            extra = self.method.extra_loss(self.model, {**batch, **inputs}, outputs)
-            if extra is not None:
-                loss = loss + extra
-            (loss / len(micro)).backward()
-            total += loss.item() / len(micro)
+            seed = seeds[i if real else 0]
+            # the stand-in's forward must not count as a second read of its micro-batch
+            counted = [] if real else [c.clone() for c in self.method.step_counters(self.model)]
+            with self.strategy.sync(self.wrapped, last_round=r == rounds - 1), micro_rng(seed):
+                outputs = self.wrapped(**inputs)
+                loss = outputs.loss
+                extra = self.method.extra_loss(self.model, {**batch, **inputs, "micro_seed": seed}, outputs)
+                if extra is not None:
+                    loss = loss + extra
+                ((loss * (self.strategy.grad_factor if real else 0.0)) / len(micro)).backward()
+            for before, now in zip(counted, self.method.step_counters(self.model)):
+                now.copy_(before)
+            if real:
+                total += loss.item() / len(micro)
+        total = world.sum_float(total)
+        world.sum_(self.method.step_counters(self.model))
         self.method.after_backward(self.model)
         if self.cfg.train.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
@@ -250,14 +286,20 @@ class Trainer:
         return batch
 
     def _evaluate(self, desc: str) -> list[dict[str, Any]]:
-        bar = tqdm(total=self.work.num_eval_items(), desc=desc, disable=not self.cfg.train.progress,
+        """Every eval item scored once: each rank scores its share of the batches (the same batches one
+        process would form), and the rows are put back in one process's order on every rank."""
+        world = self.world
+        bar = tqdm(total=self.work.num_eval_items(), desc=desc, disable=not (self.cfg.train.progress and world.is_main),
                    dynamic_ncols=True, mininterval=1.0)
         try:
+            # the ranks agree on a stop before every batch (shard.agree), so they all leave at the same one
             return self.work.evaluate(self.model, self.tokenizer, self.device, self.cfg.eval.batch_size,
                                       self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
-                                      progress=bar.update,
+                                      progress=lambda n: bar.update(n * world.size), shard=world,
                                       scope=lambda stage: self.method.eval_scope(self.model, stage))
         except EvalInterrupted:
+            if not self.stop:
+                self.stop.request("a stop on another rank")
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
         finally:
             bar.close()
@@ -269,6 +311,12 @@ class Trainer:
 
     def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
                        train_info: dict[str, Any]) -> None:
+        if self.world.is_main:
+            self._write_period(period, results, extras, train_info)
+        self.world.barrier()  # no rank goes on (or reads the commit) before it exists
+
+    def _write_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
+                      train_info: dict[str, Any]) -> None:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
         trainable = self.method.trainable_state_dict(self.model)
@@ -287,7 +335,7 @@ class Trainer:
             "data_fingerprint": self.work.fingerprint, "code_version": _code_version(self.paths),
             "metrics": {"by_period": summary, "extras": extras}, "train": train_info,
             "trainable_sha256": state_sha256(trainable), "started_at": self.started_at,
-            "finished_at": time.time(), **slurm_info(),
+            "finished_at": time.time(), **slurm_info(), **self._world_info(),
         })
         commit_dir(tmp, final)
         self._log({"event": "eval", "period": period.index, "scores": summary})
@@ -332,11 +380,20 @@ class Trainer:
         return Position(**state["position"])
 
     # -- logs and results ------------------------------------------------------------------
+    def _world_info(self) -> dict[str, Any]:
+        """How the run was spread, recorded with every commit: it must not change the numbers."""
+        return {"world_size": self.world.size, "strategy": self.strategy.name,
+                "global_batch_micro_batches": self.cfg.train.grad_accum,
+                "per_rank_micro_batches": math.ceil(self.cfg.train.grad_accum / self.world.size)}
+
     def _log(self, record: dict[str, Any]) -> None:
-        append_text(self.paths.train_log, json.dumps(record, sort_keys=True) + "\n")
+        if self.world.is_main:
+            append_text(self.paths.train_log, json.dumps(record, sort_keys=True) + "\n")
 
     def _truncate_log(self, period: int, step: int) -> None:
         """Drop records a resumed run is about to produce again, so the log never holds duplicates."""
+        if not self.world.is_main:
+            return
         rows = read_jsonl(self.paths.train_log)
 
         def keep(r: dict[str, Any]) -> bool:
@@ -369,7 +426,9 @@ class Trainer:
             "final_state_sha256": state_sha256(final), "is_bound": self.method.is_bound,
             "cost": self._cost(names), **self.work.result_fields(self.cfg),
         }
-        atomic_write_json(self.paths.results, results)
+        if self.world.is_main:
+            atomic_write_json(self.paths.results, results)
+        self.world.barrier()
         return results
 
     def _cost(self, names: list[str]) -> dict[str, Any]:

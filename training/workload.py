@@ -36,6 +36,7 @@ from data.streams.schema import STREAM_FILE, Stream
 from eval_and_metrics.evaluate import evaluate_probes
 from eval_and_metrics.metrics import derive_metrics, score_matrix
 from eval_and_metrics.scorers import SCORERS
+from eval_and_metrics.shard import ONE, Shard
 from eval_and_metrics.stream_metrics import derive_stream_metrics, row_summary
 from training.batching import PeriodData, tokenize, tokenize_pairs
 from training.config import ConfigError
@@ -67,6 +68,7 @@ class Workload:
     fingerprint: str
     stages: list[Stage]
     probes: list[Probe]  # what eval_extras sees (temporal probes; none for a stream)
+    warnings: tuple[str, ...] = ()  # one line each about the input (data taken as the truth); the CLI prints them
 
     @property
     def stage_names(self) -> list[str]:
@@ -99,7 +101,7 @@ class Workload:
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
                  max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None],
-                 scope: Scope = _no_scope) -> list[dict[str, Any]]:
+                 scope: Scope = _no_scope, shard: Shard = ONE) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def row_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,6 +131,7 @@ class TemporalWorkload(Workload):
         self.name = bench.name
         self.fingerprint = bench.fingerprint
         self.probes = bench.all_probes()
+        self.warnings = tuple(bench.meta.get("warnings", ()))
         self.stages = [Stage(p.index, p.name, p, tuple(("", x.text) for x in p.passages), True)
                        for p in bench.periods]
 
@@ -142,7 +145,8 @@ class TemporalWorkload(Workload):
     def vocabulary_texts(self) -> list[str]:
         return benchmark_texts(self.bench)
 
-    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope):
+    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,
+                 shard=ONE):
         scopes = {p.name: scope(p.name) for p in self.bench.periods}
         # one set of batches over every probe unless a stage needs its own context (same numbers as always)
         groups = ([(nullcontext(), self.probes)] if all(c is None for c in scopes.values()) else
@@ -151,7 +155,7 @@ class TemporalWorkload(Workload):
         for context, probes in groups:
             with context:
                 results += evaluate_probes(model, tokenizer, probes, device, batch_size, max_new_tokens,
-                                           should_stop=should_stop, progress=progress)
+                                           should_stop=should_stop, progress=progress, shard=shard)
         return [r.to_json() for r in results]
 
     def row_summary(self, rows):
@@ -215,12 +219,14 @@ class StreamWorkload(Workload):
                 texts.extend([x.prompt + x.target, *(x.prompt + c for c in x.choices), x.tests])
         return texts
 
-    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope):
+    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,
+                 shard=ONE):
         rows: list[dict[str, Any]] = []
         for task in self.stream.tasks:
             with scope(task.name) or nullcontext():
                 scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
-                                                       max_new_tokens, should_stop=should_stop, progress=progress)
+                                                       max_new_tokens, should_stop=should_stop, progress=progress,
+                                                       shard=shard)
             rows.extend({**row, "task": task.name} for row in scored)
         return rows
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from data.streams.schema import EvalItem
 from eval_and_metrics.evaluate import EvalInterrupted, encode, generate_greedy, model_max_length
+from eval_and_metrics.shard import ONE, Shard
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice", "loglikelihood_rolling")
 
@@ -33,12 +34,13 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None) -> list[Row]:
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
         """One row per item, in item order: {"id", "prediction", <per-item values>}.
 
         should_stop() is polled before every batch (EvalInterrupted when it holds); progress(n) is
         called with the number of items each batch finished. max_new_tokens <= 0 means the
-        scorer's default; scorers that do not generate ignore it.
+        scorer's default; scorers that do not generate ignore it. Under several ranks (`shard`,
+        eval_and_metrics/shard.py) each computes the batches it owns and every rank returns all rows.
         """
 
     @abstractmethod
@@ -112,7 +114,7 @@ class GenerationScorer(Scorer):
 
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None) -> list[Row]:
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
         positions = model_max_length(model)
         if max_new_tokens <= 0:
             # The default leaves at least half of a small model's positions to the prompt; an
@@ -127,20 +129,24 @@ class GenerationScorer(Scorer):
         encoded = [encode(tokenizer, item.prompt) for item in items]
         prompts = [ids[-room:] for ids in encoded]
         order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))
-        rows: dict[int, Row] = {}
+        rows: list[Row | None] = [None] * len(items)
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                poll(should_stop)
+            for number, start in enumerate(range(0, len(order), batch_size)):
+                if shard.agree(should_stop()):
+                    raise EvalInterrupted()
+                if not shard.owns(number):
+                    continue
                 idx = order[start:start + batch_size]
                 texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens,
                                         done=lambda row, text, idx=idx: self.is_done(items[idx[row]], text))
                 for i, text in zip(idx, texts):
-                    poll(should_stop)  # scoring one row can take seconds (the code sandbox)
+                    if not shard.active:  # between batches only when ranks must agree on it
+                        poll(should_stop)  # scoring one row can take seconds (the code sandbox)
                     rows[i] = {"id": items[i].id, **self.score_generation(items[i], text),
                                "prompt_truncated": len(encoded[i]) > room}
                 progress(len(idx))
         finally:
             model.train(was_training)
-        return [rows[i] for i in range(len(items))]
+        return shard.merge(rows)

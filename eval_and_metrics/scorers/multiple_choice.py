@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import continuation_logprobs, encode, encode_pair, model_max_length, prefix_token_id
-from eval_and_metrics.scorers.base import Row, Scorer, mean_of, poll
+from eval_and_metrics.evaluate import (EvalInterrupted, continuation_logprobs, encode, encode_pair, model_max_length,
+                                      prefix_token_id)
+from eval_and_metrics.scorers.base import Row, Scorer, mean_of
+from eval_and_metrics.shard import ONE, Shard
 
 
 def continuation_text(prompt: str, choice: str) -> str:
@@ -84,7 +86,7 @@ class MultipleChoice(Scorer):
 
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None) -> list[Row]:
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
         max_len = model_max_length(model)
         requests: list[tuple[int, int, list[int], list[int]]] = []
         for i, item in enumerate(items):
@@ -95,27 +97,33 @@ class MultipleChoice(Scorer):
                 # Too long: the context keeps its end (lm-eval truncates from the left as well).
                 requests.append((i, j, context[-(max_len - len(cont)):], cont))
         order = sorted(range(len(requests)), key=lambda r: (len(requests[r][2]) + len(requests[r][3]), r))
-        lls: list[list[float]] = [[math.nan] * len(item.choices) for item in items]
-        num_tokens: list[list[int]] = [[0] * len(item.choices) for item in items]
+        request_ll: list[float | None] = [None] * len(requests)
         remaining = [len(item.choices) for item in items]
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                poll(should_stop)
-                batch = [requests[r] for r in order[start:start + batch_size]]
-                logps = continuation_logprobs(model, [b[2] for b in batch], [b[3] for b in batch],
-                                              tokenizer.pad_token_id, device)
+            for number, start in enumerate(range(0, len(order), batch_size)):
+                if shard.agree(should_stop()):
+                    raise EvalInterrupted()
+                if not shard.owns(number):
+                    continue
+                batch = order[start:start + batch_size]
+                logps = continuation_logprobs(model, [requests[r][2] for r in batch],
+                                              [requests[r][3] for r in batch], tokenizer.pad_token_id, device)
                 finished = 0
-                for (i, j, _, cont), lp in zip(batch, logps):
-                    lls[i][j] = lp.double().sum().item()
-                    num_tokens[i][j] = len(cont)
-                    remaining[i] -= 1
-                    finished += remaining[i] == 0
+                for r, lp in zip(batch, logps):
+                    request_ll[r] = lp.double().sum().item()
+                    remaining[requests[r][0]] -= 1
+                    finished += remaining[requests[r][0]] == 0
                 if finished:
                     progress(finished)
         finally:
             model.train(was_training)
+        lls: list[list[float]] = [[math.nan] * len(item.choices) for item in items]
+        num_tokens: list[list[int]] = [[0] * len(item.choices) for item in items]
+        for (i, j, _, cont), ll in zip(requests, shard.merge(request_ll)):
+            lls[i][j] = ll
+            num_tokens[i][j] = len(cont)
         rows = []
         for i, item in enumerate(items):
             chars = [len(c) for c in item.choices]

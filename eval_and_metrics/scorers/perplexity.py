@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import continuation_logprobs, model_max_length
-from eval_and_metrics.scorers.base import Row, Scorer, poll
+from eval_and_metrics.evaluate import EvalInterrupted, continuation_logprobs, model_max_length
+from eval_and_metrics.scorers.base import Row, Scorer
+from eval_and_metrics.shard import ONE, Shard
 from eval_and_metrics.scorers.multiple_choice import encode_request
 
 
@@ -78,7 +79,7 @@ class Perplexity(Scorer):
 
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None) -> list[Row]:
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
         max_len = self.max_length or model_max_length(model)
         windows: list[tuple[int, list[int], list[int]]] = []  # (item, context ids, scored ids)
         num_tokens, num_windows = [], []
@@ -90,7 +91,7 @@ class Perplexity(Scorer):
             num_tokens.append(len(target))
             num_windows.append(len(item_windows))
         order = sorted(range(len(windows)), key=lambda w: (len(windows[w][1]) + len(windows[w][2]), w))
-        nll = [0.0] * len(items)
+        window_nll: list[float | None] = [None] * len(windows)
         remaining = list(num_windows)
         done_early = sum(1 for n in num_windows if n == 0)
         if done_early:
@@ -98,20 +99,28 @@ class Perplexity(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                poll(should_stop)
-                batch = [windows[w] for w in order[start:start + batch_size]]
-                logps = continuation_logprobs(model, [b[1] for b in batch], [b[2] for b in batch],
+            for number, start in enumerate(range(0, len(order), batch_size)):
+                if shard.agree(should_stop()):
+                    raise EvalInterrupted()
+                if not shard.owns(number):
+                    continue
+                batch = order[start:start + batch_size]
+                logps = continuation_logprobs(model, [windows[w][1] for w in batch], [windows[w][2] for w in batch],
                                               tokenizer.pad_token_id, device)
                 finished = 0
-                for (i, _, _), lp in zip(batch, logps):
-                    nll[i] -= lp.double().sum().item()
-                    remaining[i] -= 1
-                    finished += remaining[i] == 0
+                for w, lp in zip(batch, logps):
+                    window_nll[w] = lp.double().sum().item()
+                    remaining[windows[w][0]] -= 1
+                    finished += remaining[windows[w][0]] == 0
                 if finished:
                     progress(finished)
         finally:
             model.train(was_training)
+        # summed in the batch order one process uses, whichever rank computed each window
+        merged = shard.merge(window_nll)
+        nll = [0.0] * len(items)
+        for w in order:
+            nll[windows[w][0]] -= merged[w]
         return [{"id": item.id, "prediction": None, "nll": nll[i], "num_tokens": num_tokens[i],
                  "num_bytes": len(item.target.encode("utf-8")), "num_words": count_words(item.target),
                  "num_windows": num_windows[i]} for i, item in enumerate(items)]

@@ -6,6 +6,8 @@ The training loop (training/trainer.py) calls these hooks at fixed points and no
     on_period_start(model, period, texts) -> texts     data hook: replay adds old passages here
     trainable_parameters(model)         parameter groups handed to AdamW (fresh each period)
     extra_loss(model, batch, outputs)   added to the LM loss (EWC, LwF, routing objectives)
+    step_counters(model)                tensors the forward counted this step (memory reads); summed
+                                        over the ranks of a distributed run before after_backward
     after_backward(model)               gradient surgery before clipping (A-GEM, sparse masks)
     after_optimizer_step(model)         post-update bookkeeping (re-normalisation, counters)
     step_stats()                        numbers logged with every optimizer step (penalty scales)
@@ -82,6 +84,9 @@ class Method:
     benchmarks: ClassVar[tuple[str, ...]] = ("temporal", "stream")
     # a reference point rather than a method to compare (the joint and per-task bounds); reports label it
     is_bound: ClassVar[bool] = False
+    # counts in the training forward (step_counters): a forward recomputed by gradient checkpointing would
+    # count twice, so train.gradient_checkpointing is refused for it
+    counts_in_forward: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         self.cfg = cfg
@@ -105,6 +110,11 @@ class Method:
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         return None
+
+    def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
+        """Statistics the training forward accumulates during one optimizer step and after_backward reads.
+        Each rank sees only its share of the step's micro-batches, so the loop sums them over the ranks."""
+        return []
 
     def after_backward(self, model: nn.Module) -> None:
         pass

@@ -283,6 +283,10 @@ class SparseSlotUpdater:
         for mem in self.memories.values():
             mem.counts = None
 
+    def counters(self) -> list[torch.Tensor]:
+        """This step's access counts, one tensor per memory (summed over ranks by the training loop)."""
+        return [mem.counts for _, mem in sorted(self.memories.items()) if mem.counts is not None]
+
     def after_backward(self, bank_of: Callable[[int], int]) -> None:
         """Rank, mask the gradient of every unchosen row, snapshot for the restore, update background."""
         for i, mem in self.memories.items():
@@ -377,6 +381,7 @@ def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], nam
 
 class SparseMemoryFinetune(Method):
     name = "smf"
+    counts_in_forward = True
     config_cls = SmfOptions
 
     def __init__(self, cfg: SmfOptions, ctx: Any) -> None:
@@ -397,6 +402,9 @@ class SparseMemoryFinetune(Method):
             p.requires_grad_(True)
         self.updater.start_recording()  # counting starts with the first training forward
         return [{"params": params, "lr": self.cfg.lr or self.ctx.lr}]
+
+    def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
+        return self.updater.counters() if self.updater is not None else []
 
     def after_backward(self, model: nn.Module) -> None:
         assert self.updater is not None

@@ -158,6 +158,7 @@ def _cat_padded(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 
 class ContradictionAwareSparseMemory(Method):
     name = "casm"
+    counts_in_forward = True
     config_cls = CasmOptions
     # its registry parses dated fact statements out of the passages, and its router routes by period
     benchmarks = ("temporal",)
@@ -302,7 +303,10 @@ class ContradictionAwareSparseMemory(Method):
         targets = [labels] if where.any() else []
         if self.replay is not None and self.cfg.router_replay:
             assert self.router is not None
-            gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "casm", "replay", self.micro_count))
+            # seeded by the micro-batch itself (the loop's micro_seed), not by how many this process has seen:
+            # under several ranks each sees only its share, and the draw must not depend on that
+            gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "casm", "replay",
+                                                            batch.get("micro_seed", self.micro_count)))
             idx = torch.randint(len(self.replay["x"]), (self.cfg.router_replay,), generator=gen)
             dev = logits.device
             target = self.replay["target"][idx].to(dev)
@@ -339,6 +343,9 @@ class ContradictionAwareSparseMemory(Method):
         if len(offsets) < width:
             out.append((len(offsets), label))  # the EOS the trainer appends
         return out
+
+    def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
+        return self.updater.counters() if self.updater is not None else []
 
     def after_backward(self, model: nn.Module) -> None:
         assert self.updater is not None

@@ -1,0 +1,195 @@
+"""The processes of one run: who they are, how they agree, and how they share work.
+
+One run may span several processes (ranks): `torchrun --nproc-per-node N main.py ...` locally, or one
+Slurm task per GPU (`srun` in run_job.sh). The engine is torch.distributed (gloo on CPU, NCCL on GPUs);
+the strategies that use it (DDP, FSDP) live in training/strategies.py. This module only knows the
+world: its rank and size from the launcher's environment, the process group, and the few collective
+operations the loop needs, each written so that a world of one is the plain single-process code.
+
+Every rank holds the same run state (the same batch plan, the same replicated weights or the same
+shards of them, the same RNG state), so rank 0 alone writes the run's files and the others only read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+# How long a collective may wait for a peer before it fails: long enough for rank 0 to write a full
+# checkpoint while the others wait at the barrier, short enough that a lost rank ends the job.
+DEFAULT_TIMEOUT_S = 30 * 60
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or stopped answering."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    # -- collectives (no-ops in a world of one) ------------------------------------------------
+    def barrier(self) -> None:
+        if self.active:
+            _call(dist.barrier)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on at least one: the agreed stop flag."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
+        _call(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks, in place (statistics a method counts in the forward)."""
+        if not self.active:
+            return
+        for t in tensors:
+            _call(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+
+    def sum_float(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+        _call(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
+    def gather_objects(self, obj: T) -> list[T]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        _call(dist.all_gather_object, out, obj)
+        return out
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's `obj` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        _call(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    # -- eval_and_metrics.shard.Shard: how scorers share an evaluation ------------------------
+    def owns(self, index: int) -> bool:
+        """Work items (eval batches) are dealt round-robin: item i belongs to rank i % size."""
+        return index % self.size == self.rank
+
+    def agree(self, flag: bool) -> bool:
+        return self.any(flag)
+
+    def merge(self, values: list[T | None]) -> list[T]:
+        """Each position's value from the rank that computed it (the others hold None there)."""
+        if not self.active:
+            return values  # type: ignore[return-value]
+        shares = self.gather_objects(values)
+        return [next((v for v in column if v is not None), None) for column in zip(*shares)]  # type: ignore[misc]
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (it creates files), the others after it is done (they read them).
+
+        An exception on rank 0 is passed to the others, so every rank fails the same way rather than
+        some of them waiting at a barrier for a rank that has left.
+        """
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                yield
+            except BaseException as exc:  # noqa: BLE001 - re-raised below after telling the others
+                error = exc
+            failed = self.broadcast_object(None if error is None else _portable(error))
+            if error is not None:
+                raise error
+        else:
+            failed = self.broadcast_object(None)
+            if failed is not None:
+                raise failed
+            yield
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it pickles (a ConfigError, a StorageError), else a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A collective; a dead peer becomes PeerLost (one clear line) instead of a backend traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistBackendError) as exc:  # gloo: "Connection closed by peer", timeouts
+        raise PeerLost(f"rank {dist.get_rank()} lost contact with another rank of the run "
+                       f"({' '.join(str(exc).split())[:200]})") from exc
+
+
+def world_from_env(env: dict[str, str] | None = None) -> World:
+    """The launcher's view: torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else Slurm's task ids under srun.
+
+    Slurm's variables count only when the job step has several tasks: a one-task step (today's
+    run_job.sh) is a world of one whatever the allocation.
+    """
+    env = dict(os.environ) if env is None else env
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return World(rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)))
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1)
+    if ntasks > 1 and "SLURM_PROCID" in env:
+        return World(rank=int(env["SLURM_PROCID"]), size=ntasks, local_rank=int(env.get("SLURM_LOCALID", 0)))
+    return World()
+
+
+def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+    """Join the process group when the launcher started several ranks; a world of one joins nothing.
+
+    Under Slurm without torchrun, MASTER_ADDR and MASTER_PORT come from run_job.sh (the first node of
+    the allocation, a port derived from the job id), and the rank from SLURM_PROCID.
+    """
+    world = world_from_env()
+    if not world.active or dist.is_initialized():
+        return world
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise RuntimeError(f"{world.size} ranks but {', '.join(missing)} unset: start the run with torchrun, or "
+                           "with run_job.sh under Slurm, which sets them")
+    os.environ.setdefault("RANK", str(world.rank))
+    os.environ.setdefault("WORLD_SIZE", str(world.size))
+    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(world.local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=world.rank, world_size=world.size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return world
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
