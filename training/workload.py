@@ -64,6 +64,7 @@ class Workload:
     kind: ClassVar[str]
     # (dotted key into results.json's metrics, label) of the table main.py prints at the end
     summary_columns: ClassVar[list[tuple[str, str]]]
+    summary_legend: ClassVar[str] = ""  # printed under that table: what its labels abbreviate
     name: str
     fingerprint: str
     stages: list[Stage]
@@ -125,6 +126,8 @@ class TemporalWorkload(Workload):
                        ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
                        ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
                        ("acc_extraction", "ACC-X")]
+    summary_legend = ("-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
+                      "never trained on); Plast and Stab pooled over all their probes (docs/metrics.md)")
 
     def __init__(self, bench: Benchmark) -> None:
         self.bench = bench
