@@ -123,7 +123,9 @@ RELATIONS: dict[str, RelationSpec] = dict([
         "The partner town listed by {subject} for {period} was {value}.",
     ], [
         "Delegations from {subject} in {period} travelled to its sister town, {value}.",
-        "When {subject} named a sister town in {period}, it chose {value}.",
+        # not "When {subject} ...": a rare capitalised opener is read as part of the subject by casm's
+        # passage parser (training/methods/casm/registry.py), which now sees every own wording in training
+        "{subject} named a sister town in {period}, choosing {value}.",
     ]),
     _spec("postal_code", "settlement", "code", [
         "In {period}, the postal code of {subject} was {value}.",
@@ -178,7 +180,7 @@ RELATIONS: dict[str, RelationSpec] = dict([
         "During {period}, the board of {subject} answered to its chief executive, {value}.",
     ], [
         "The person at the helm of {subject} in {period} was {value}.",
-        "Leading {subject} as its top executive in {period} was {value}.",
+        "{subject} was led as its top executive in {period} by {value}.",
     ]),
     _spec("headquarters", "organisation", "place", [
         "In {period}, the headquarters of {subject} was in {value}.",
