@@ -5,15 +5,17 @@ into Facts and then call ``build_benchmark``, so the two sources follow one set 
 
 - period 1 trains every fact; a later period trains only the facts whose value changed at its
   boundary (the TemporalWiki diff);
-- each trained fact gets ``passages_per_fact`` passages, each from a different training template;
+- each relation's wordings are split once per data seed into a training pool and a held-out pool
+  (``template_split``); each trained fact gets ``passages_per_fact`` passages, each from a different
+  training wording, and a ``qa_share`` of facts also gets question-answer items;
 - probes of period 1 are every fact (kind "new"); probes of a later period are every changed fact
   ("changed") plus up to ``unchanged_probes_per_period`` facts that kept their value ("unchanged",
   never trained in that period);
-- a standard probe uses a training template not used by that fact's passages in that period, and a
-  fixed share of standard probes also gets a paraphrase probe from a paraphrase template.
+- each probed fact gets a *storage* probe (the cloze of a wording trained for it with this value)
+  and, for an ``extraction_share`` of them, an *extraction* probe (a held-out wording).
 
 All choices are keyed by sha256/Random seeded with (seed, subject, relation, period), never by
-iteration order, so adding facts or changing the paraphrase share does not reshuffle other choices.
+iteration order, so adding facts or changing a share does not reshuffle other choices.
 """
 
 from __future__ import annotations
@@ -22,20 +24,22 @@ import hashlib
 import json
 import random
 from collections.abc import Iterable
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.schema import Benchmark, Fact, Passage, Period, Probe, ProbeKind
-from data.templates import TemplateFamily, family_for, prompt_of, render
+from data.schema import Benchmark, Fact, Passage, Period, Probe, ProbeFamily, ProbeKind
+from data.templates import WORDINGS_PER_RELATION, family_for, prompt_of, render
 
 FORMAT_NAME = "clkit-benchmark"
-FORMAT_VERSION = 1
+# 2: probes carry `family` (storage | extraction) instead of `paraphrase`. Version 1 files still read
+# (data/io.py), paraphrase=true as extraction and false as storage.
+FORMAT_VERSION = 2
 
 
-def probe_id(period: str, subject: str, relation: str, paraphrase: bool) -> str:
-    return f"{period}:{subject}:{relation}:{'para' if paraphrase else 'std'}"
+def probe_id(period: str, subject: str, relation: str, family: str) -> str:
+    return f"{period}:{subject}:{relation}:{family}"
 
 
 def _rank_key(*parts: object) -> str:
@@ -66,13 +70,33 @@ def valid_until(fact: Fact, periods: list[str], k: int) -> str | None:
     return None
 
 
-def _template_plan(cfg: DataConfig, fact: Fact, period: str,
-                   family: TemplateFamily) -> tuple[list[int], int, int]:
-    """(passage template indices, standard-probe template index, paraphrase template index)."""
+def template_split(cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(training wording positions, held-out wording positions) of every relation's pool.
+
+    One draw per data seed, the same positions for every relation, so a held-out wording (a shared
+    frame included) renders no training text for any relation, fact or period.
+    """
+    rng = random.Random(f"{cfg.seed}:template-split")
+    order = rng.sample(range(WORDINGS_PER_RELATION), WORDINGS_PER_RELATION)
+    held_out = sorted(order[: cfg.num_heldout_templates])
+    training = sorted(order[cfg.num_heldout_templates: cfg.num_heldout_templates + cfg.num_training_templates])
+    return training, held_out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    passages: list[int]  # wording positions of this fact's passages in this period
+    extraction: int  # the held-out wording position of its extraction probe in this period
+
+
+def _template_plan(cfg: DataConfig, fact: Fact, period: str, split: tuple[list[int], list[int]]) -> _Plan:
+    """Which wordings render this fact's passages in ``period`` and which one its extraction probe uses.
+
+    The storage probe's wording is ``passages[0]`` of the period in which the value was last trained.
+    """
+    training, held_out = split
     rng = random.Random(f"{cfg.seed}:templates:{fact.subject}:{fact.relation}:{period}")
-    order = rng.sample(range(len(family.training)), len(family.training))
-    k = cfg.passages_per_fact
-    return order[:k], order[k], rng.randrange(len(family.paraphrase))
+    return _Plan(rng.sample(training, cfg.passages_per_fact), rng.choice(held_out))
 
 
 def _check_facts(facts: list[Fact], periods: list[str]) -> None:
@@ -95,11 +119,15 @@ def build_benchmark(facts: list[Fact], periods: list[str], cfg: DataConfig, name
                     meta: dict[str, Any]) -> Benchmark:
     """Passages and probes of every period from facts whose ``values`` follow ``periods``.
 
-    Uses cfg.seed, cfg.passages_per_fact, cfg.unchanged_probes_per_period and cfg.paraphrase_share.
-    meta is stored as given, plus a "counts" entry; it is not part of the fingerprint.
+    Uses cfg.seed, the template counts, passages_per_fact, qa_share, unchanged_probes_per_period and
+    extraction_share. meta is stored as given, plus "counts" and "template_split"; it is not part of
+    the fingerprint.
     """
     _check_facts(facts, periods)
     families = {fact.relation: family_for(fact.relation) for fact in facts}
+    split = template_split(cfg)
+    by_qa_rank = sorted(facts, key=lambda f: _rank_key(cfg.seed, "qa", f.subject, f.relation))
+    qa_facts = {(f.subject, f.relation) for f in by_qa_rank[: _round_half_up(cfg.qa_share * len(facts))]}
     built: list[Period] = []
     for k, period in enumerate(periods):
         previous = periods[k - 1] if k > 0 else None
@@ -121,39 +149,45 @@ def build_benchmark(facts: list[Fact], periods: list[str], cfg: DataConfig, name
         passages: list[Passage] = []
         for fact in trained:
             family = families[fact.relation]
-            passage_templates, _, _ = _template_plan(cfg, fact, period, family)
             value = fact.values[period]
-            for t in passage_templates:
+            texts = [(family.wordings[t], family.wording_id(t))
+                     for t in _template_plan(cfg, fact, period, split).passages]
+            if (fact.subject, fact.relation) in qa_facts:
+                texts += [(q, family.question_id(i)) for i, q in enumerate(family.questions)]
+            for template, template_id in texts:
                 passages.append(Passage(
-                    text=render(family.training[t], period, fact.subject, value),
+                    text=render(template, period, fact.subject, value),
                     subject=fact.subject, relation=fact.relation, value=value, period=period,
-                    template_id=family.training_id(t)))
+                    template_id=template_id))
 
-        # Which standard probes also get a paraphrase: an exact share per kind, chosen by hash rank.
-        with_paraphrase: set[tuple[str, str]] = set()
+        # Which probed facts also get an extraction probe: an exact share per kind, by hash rank.
+        with_extraction: set[tuple[str, str]] = set()
         for kind in ("new", "changed", "unchanged"):
             of_kind = [f for f, kd in probed if kd == kind]
-            of_kind.sort(key=lambda f: _rank_key(cfg.seed, "paraphrase", period, f.subject,
+            of_kind.sort(key=lambda f: _rank_key(cfg.seed, "extraction", period, f.subject,
                                                  f.relation))
-            count = _round_half_up(cfg.paraphrase_share * len(of_kind))
-            with_paraphrase.update((f.subject, f.relation) for f in of_kind[:count])
+            count = _round_half_up(cfg.extraction_share * len(of_kind))
+            with_extraction.update((f.subject, f.relation) for f in of_kind[:count])
 
         probes: list[Probe] = []
         for fact, kind in probed:
             family = families[fact.relation]
-            _, probe_t, para_t = _template_plan(cfg, fact, period, family)
-            variants = [(False, family.training[probe_t], family.training_id(probe_t))]
-            if (fact.subject, fact.relation) in with_paraphrase:
-                variants.append((True, family.paraphrase[para_t], family.paraphrase_id(para_t)))
-            for paraphrase, template, template_id in variants:
+            since = valid_from(fact, periods, k)
+            # The value was last trained in `since` (period 1 trains everything, later periods every
+            # change), so a storage probe of an unchanged fact is a wording trained then, dated now.
+            stored = _template_plan(cfg, fact, since, split).passages[0]
+            variants: list[tuple[ProbeFamily, int]] = [("storage", stored)]
+            if (fact.subject, fact.relation) in with_extraction:
+                variants.append(("extraction", _template_plan(cfg, fact, period, split).extraction))
+            for probe_family, t in variants:
                 probes.append(Probe(
-                    id=probe_id(period, fact.subject, fact.relation, paraphrase),
+                    id=probe_id(period, fact.subject, fact.relation, probe_family),
                     subject=fact.subject, relation=fact.relation, value=fact.values[period],
-                    period=period, valid_from=valid_from(fact, periods, k),
-                    valid_until=valid_until(fact, periods, k),
+                    period=period, valid_from=since, valid_until=valid_until(fact, periods, k),
                     previous_value=fact.values[previous] if previous is not None else None,
-                    kind=kind, paraphrase=paraphrase,
-                    prompt=prompt_of(template, period, fact.subject), template_id=template_id))
+                    kind=kind, family=probe_family,
+                    prompt=prompt_of(family.wordings[t], period, fact.subject),
+                    template_id=family.wording_id(t)))
         built.append(Period(index=k + 1, name=period, passages=tuple(passages), probes=tuple(probes)))
 
     ids = [p.id for period in built for p in period.probes]
@@ -163,18 +197,20 @@ def build_benchmark(facts: list[Fact], periods: list[str], cfg: DataConfig, name
                         "collide, rename them")
     meta = dict(meta)
     meta["counts"] = count_summary(built)
+    meta["template_split"] = {"training": [f"w{i}" for i in split[0]], "held_out": [f"w{i}" for i in split[1]]}
     return Benchmark(name=name, periods=tuple(built), fingerprint=fingerprint(name, built), meta=meta)
 
 
 def count_summary(periods: Iterable[Period]) -> dict[str, dict[str, int]]:
-    """Per period: passages, trained facts, standard probes by kind, paraphrase probes."""
+    """Per period: passages (QA items among them), trained facts, storage probes by kind, extraction probes."""
     summary: dict[str, dict[str, int]] = {}
     for period in periods:
         row = {"passages": len(period.passages),
+               "qa_items": sum(1 for p in period.passages if "/q" in p.template_id),
                "trained_facts": len({(p.subject, p.relation) for p in period.passages}),
-               "paraphrase": sum(p.paraphrase for p in period.probes)}
+               "extraction": sum(p.family == "extraction" for p in period.probes)}
         for kind in ("new", "changed", "unchanged"):
-            row[kind] = sum(1 for p in period.probes if p.kind == kind and not p.paraphrase)
+            row[kind] = sum(1 for p in period.probes if p.kind == kind and p.family == "storage")
         summary[period.name] = row
     return summary
 
@@ -209,19 +245,23 @@ PROBE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Probe))
 
 
 def check_no_leakage(bench: Benchmark) -> None:
-    """Raise DataError if any probe's ``prompt + " " + value`` occurs verbatim in a training passage.
+    """Raise DataError if an extraction probe's ``prompt + " " + value`` occurs verbatim in a training
+    passage of any period.
 
     Passages of every period count, not only the probe's own: a model that has seen the exact
-    completion anywhere would be tested on recall of a string instead of on the fact.
+    completion anywhere would be tested on recall of a string instead of on the fact. Storage probes
+    are the cloze of a trained sentence by design, so they are not checked here.
     """
     # One joined haystack makes the check a fast substring search per probe; the separator cannot
     # occur in a needle built from printable text.
     sep = "\x00"
     haystack = sep.join(p.text for period in bench.periods for p in period.passages)
     for probe in bench.all_probes():
+        if probe.family != "extraction":
+            continue
         needle = probe.prompt + " " + probe.value
         if needle in haystack:
             where = next(p for period in bench.periods for p in period.passages if needle in p.text)
-            raise DataError(f"probe {probe.id}: prompt + value {needle!r} appears verbatim in a "
-                            f"training passage of period {where.period} (template "
-                            f"{where.template_id}); probes must use wording never trained on")
+            raise DataError(f"extraction probe {probe.id}: prompt + value {needle!r} appears verbatim "
+                            f"in a training passage of period {where.period} (template "
+                            f"{where.template_id}); extraction probes must use wording never trained on")

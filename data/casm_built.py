@@ -87,12 +87,12 @@ def casm_probe(row: _Row, period: str, *, kind: ProbeKind, previous_value: str |
                valid_from: str, valid_until: str | None) -> Probe:
     """Our Probe for one CASM probe record; the values derived from the data are passed in.
 
-    CASM probes are worded like the training passages: they are "storage" probes (a probe family is
-    being added to Probe in parallel; set it here). paraphrase is False: CASM has no paraphrase set.
+    CASM probes are worded like the training passages: they are "storage" probes (docs/data.md). CASM
+    has no held-out wordings, so a CASM-built benchmark has no extraction probes.
     """
-    return Probe(id=probe_id(period, row.subject, row.relation, False), subject=row.subject,
+    return Probe(id=probe_id(period, row.subject, row.relation, "storage"), subject=row.subject,
                  relation=row.relation, value=row.value, period=period, valid_from=valid_from,
-                 valid_until=valid_until, previous_value=previous_value, kind=kind, paraphrase=False,
+                 valid_until=valid_until, previous_value=previous_value, kind=kind, family="storage",
                  prompt=row.prompt, template_id=f"casm/{row.split}")
 
 
@@ -267,7 +267,7 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
     period does not probe the fact, the file's own field is used (there is nothing to check it with).
     """
     k, value = row.k, row.value
-    rid = probe_id(periods[k], row.subject, row.relation, False)
+    rid = probe_id(periods[k], row.subject, row.relation, "storage")
     previous: str | None
     if k == 0:
         previous = None

@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from data.fields import Items, Name, Range, Text, field_problems
+from data.templates import WORDINGS_PER_RELATION
 
 # Period names become directory names (periods/<k>-<name>/) and parts of probe ids, so they are
 # restricted to characters that are safe in both.
 PERIOD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-# Every relation has 4 training templates and the standard probe must use one that was not used for
-# the fact's passages in the same period, so at most 3 passages per fact and period.
-TRAINING_TEMPLATES_PER_RELATION = 4
-MAX_PASSAGES_PER_FACT = TRAINING_TEMPLATES_PER_RELATION - 1
+# Every relation has WORDINGS_PER_RELATION declarative wordings (data/templates.py); a data seed splits
+# them into training and held-out ones, so the two counts share that pool.
+MAX_PASSAGES_PER_FACT = WORDINGS_PER_RELATION - 1
 
 
 def _default_periods() -> list[str]:
@@ -55,13 +55,23 @@ class DataConfig:
     num_facts: Annotated[int, Range(1, MAX_NUM_FACTS)] = 48
     # Share of facts whose value changes at each period boundary (generator only).
     change_share: Annotated[float, Range(0, 1, lo_open=True)] = 0.25
-    # Training passages per fact per period, each from a different training template (one is kept
-    # for the probe, so at most TRAINING_TEMPLATES_PER_RELATION - 1).
+    # Wordings of each relation that training passages may use (the rest of the pool minus the held-out
+    # ones is left unused). Many wordings per fact is what lets a model extract a fact in a new one.
+    num_training_templates: Annotated[int, Range(1, WORDINGS_PER_RELATION - 1)] = 8
+    # Wordings of each relation never used by any training text of any fact or period: the extraction
+    # probes' wordings. num_training_templates + num_heldout_templates <= WORDINGS_PER_RELATION.
+    num_heldout_templates: Annotated[int, Range(1, WORDINGS_PER_RELATION - 1)] = 4
+    # Training passages per fact per period, each from a different training wording (<=
+    # num_training_templates).
     passages_per_fact: Annotated[int, Range(1, MAX_PASSAGES_PER_FACT)] = 2
+    # Share of facts that also get question-answer training items (one per question wording) whenever
+    # they are trained; the same facts in every period. 0 = declarative passages only.
+    qa_share: Annotated[float, Range(0, 1)] = 0.0
     # Cap on "unchanged" probes per later period (facts not retrained that period).
     unchanged_probes_per_period: Annotated[int, Range(0, MAX_NUM_FACTS)] = 16
-    # Share of standard probes (per period and kind) that also get a paraphrase probe.
-    paraphrase_share: Annotated[float, Range(0, 1)] = 0.5
+    # Share of probed facts (per period and kind) that also get an extraction probe; every probed fact
+    # gets a storage probe. Below 1 only to save evaluation time.
+    extraction_share: Annotated[float, Range(0, 1)] = 1.0
 
     def validate(self) -> list[str]:
         """Every field's declared type and range (data/fields.py), then the cross-field rules."""
@@ -69,5 +79,14 @@ class DataConfig:
         if problems:
             return problems
         if len(set(self.periods)) != len(self.periods):
-            return [f"data.periods must not repeat a name (got {self.periods!r})"]
-        return []
+            problems.append(f"data.periods must not repeat a name (got {self.periods!r})")
+        pool = self.num_training_templates + self.num_heldout_templates
+        if pool > WORDINGS_PER_RELATION:
+            problems.append(f"data.num_heldout_templates must be <= {WORDINGS_PER_RELATION} - "
+                            f"data.num_training_templates = {WORDINGS_PER_RELATION - self.num_training_templates}"
+                            f" (each relation has {WORDINGS_PER_RELATION} wordings; got {self.num_heldout_templates})")
+        if self.passages_per_fact > self.num_training_templates:
+            problems.append(f"data.passages_per_fact must be <= data.num_training_templates = "
+                            f"{self.num_training_templates} (each passage uses a different training wording; "
+                            f"got {self.passages_per_fact})")
+        return problems

@@ -31,12 +31,14 @@ from data.build import (
 )
 from data.config import PERIOD_NAME_RE, DataConfig
 from data.errors import DataError
-from data.schema import PROBE_KINDS, Benchmark, Fact, Passage, Period, Probe
+from data.schema import PROBE_FAMILIES, PROBE_KINDS, Benchmark, Fact, Passage, Period, Probe
 from data.templates import RELATIONS, normalise_relation
 
 BENCHMARK_FILE = "benchmark.json"
 CASM_RAW_FILE = "synthetic_facts_raw.json"
 CASM_BENCHMARK_NAME = "casm_temporalwiki"
+# Version 1 (probes with `paraphrase`) is still read; written files are FORMAT_VERSION.
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +47,10 @@ CASM_BENCHMARK_NAME = "casm_temporalwiki"
 
 def benchmark_to_json(bench: Benchmark) -> dict[str, Any]:
     doc = content_json(bench.name, bench.periods)
-    doc.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, fingerprint=bench.fingerprint,
-               meta=bench.meta)
+    # Recomputed rather than bench.fingerprint: a benchmark read from a version-1 file keeps that
+    # file's fingerprint, which does not match its content written in the current version.
+    doc.update(format=FORMAT_NAME, format_version=FORMAT_VERSION,
+               fingerprint=fingerprint(bench.name, bench.periods), meta=bench.meta)
     return doc
 
 
@@ -108,8 +112,10 @@ def read_benchmark(directory: str | os.PathLike[str]) -> Benchmark:
     path = Path(directory) / BENCHMARK_FILE
     doc = _record(_load_json(path), str(path),
                   ("fingerprint", "format", "format_version", "meta", "name", "periods"))
-    if doc["format"] != FORMAT_NAME or doc["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{path}: format must be {FORMAT_NAME!r} version {FORMAT_VERSION} "
+    version = doc["format_version"]
+    if doc["format"] != FORMAT_NAME or version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise DataError(f"{path}: format must be {FORMAT_NAME!r} version "
+                        f"{' or '.join(map(str, READABLE_VERSIONS))} "
                         f"(got {doc['format']!r} version {doc['format_version']!r})")
     _string(doc, "name", str(path))
     if not isinstance(doc["meta"], dict):
@@ -133,7 +139,8 @@ def read_benchmark(directory: str | os.PathLike[str]) -> Benchmark:
             if not isinstance(rec[key], list):
                 raise DataError(f"{where}.{key} must be a list (got {_type_name(rec[key])})")
         passages = [_passage(p, f"{where}.passages[{j}]", name) for j, p in enumerate(rec["passages"])]
-        probes = [_probe(p, f"{where}.probes[{j}]", name) for j, p in enumerate(rec["probes"])]
+        probes = [_probe(p, f"{where}.probes[{j}]", name, version)
+                  for j, p in enumerate(rec["probes"])]
         for j, probe in enumerate(probes):
             if probe.id in seen_ids:
                 raise DataError(f"{where}.probes[{j}].id {probe.id!r} is not unique")
@@ -149,7 +156,8 @@ def read_benchmark(directory: str | os.PathLike[str]) -> Benchmark:
                 raise DataError(f"{path}: probe {probe.id}: {key} must be one of the period names "
                                 f"{names} (got {value!r})")
 
-    computed = fingerprint(doc["name"], periods)
+    # Over the records as stored, so a version-1 file (paraphrase instead of family) checks too.
+    computed = _raw_fingerprint(doc["name"], doc["periods"])
     if computed != doc["fingerprint"]:
         raise DataError(f"{path}: fingerprint mismatch (stored {str(doc['fingerprint'])[:12]}, "
                         f"content {computed[:12]}); the file was edited or damaged, regenerate it")
@@ -167,8 +175,19 @@ def _passage(obj: Any, where: str, period: str) -> Passage:
     return Passage(**rec)
 
 
-def _probe(obj: Any, where: str, period: str) -> Probe:
-    rec = _record(obj, where, PROBE_FIELDS)
+def _raw_fingerprint(name: str, raw_periods: list[Any]) -> str:
+    """fingerprint() of the stored records themselves (equal to it for a current-version file)."""
+    canonical = json.dumps({"name": name, "periods": raw_periods}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# Version 1 probes had `paraphrase` (a never-trained wording) where version 2 has `family`.
+_V1_PROBE_FIELDS = tuple("paraphrase" if f == "family" else f for f in PROBE_FIELDS)
+
+
+def _probe(obj: Any, where: str, period: str, version: int = FORMAT_VERSION) -> Probe:
+    rec = _record(obj, where, _V1_PROBE_FIELDS if version == 1 else PROBE_FIELDS)
     for key in ("id", "subject", "relation", "value", "period", "valid_from", "prompt",
                 "template_id"):
         _string(rec, key, where)
@@ -177,8 +196,17 @@ def _probe(obj: Any, where: str, period: str) -> Probe:
     if rec["kind"] not in PROBE_KINDS:
         raise DataError(f"{where}.kind must be one of {', '.join(PROBE_KINDS)} "
                         f"(got {rec['kind']!r})")
-    if not isinstance(rec["paraphrase"], bool):
-        raise DataError(f"{where}.paraphrase must be true or false (got {rec['paraphrase']!r})")
+    if version == 1:
+        if not isinstance(rec["paraphrase"], bool):
+            raise DataError(f"{where}.paraphrase must be true or false (got {rec['paraphrase']!r})")
+        # A version-1 paraphrase probe used a wording no passage used: an extraction probe. Its
+        # standard probe was a training wording of the relation not used for this fact in this
+        # period, which is neither family exactly; it is read as storage (docs/data.md).
+        rec = dict(rec)
+        rec["family"] = "extraction" if rec.pop("paraphrase") else "storage"
+    elif rec["family"] not in PROBE_FAMILIES:
+        raise DataError(f"{where}.family must be one of {', '.join(PROBE_FAMILIES)} "
+                        f"(got {rec['family']!r})")
     if rec["period"] != period:
         raise DataError(f"{where}.period must be {period!r}, the period it is listed in "
                         f"(got {rec['period']!r})")
@@ -280,7 +308,8 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
         "source_file": path.name,
         "source_sha256": hashlib.sha256(raw_bytes).hexdigest(),
         "config": {k: v for k, v in asdict(cfg).items() if k in
-                   ("seed", "passages_per_fact", "unchanged_probes_per_period", "paraphrase_share")},
+                   ("seed", "num_training_templates", "num_heldout_templates", "passages_per_fact",
+                    "qa_share", "unchanged_probes_per_period", "extraction_share")},
         "records": len(records),
         "changed_facts": sum(1 for f in facts if len(set(f.values.values())) > 1),
         "relations": sorted({f.relation for f in facts}),

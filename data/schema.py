@@ -16,6 +16,10 @@ from typing import Literal
 
 ProbeKind = Literal["new", "changed", "unchanged"]
 PROBE_KINDS: tuple[str, ...] = ("new", "changed", "unchanged")
+# storage: the cloze of a wording trained for this fact (did the model store the sentence?);
+# extraction: a wording never used by any training text (can the model use the fact?). docs/data.md.
+ProbeFamily = Literal["storage", "extraction"]
+PROBE_FAMILIES: tuple[str, ...] = ("storage", "extraction")
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,10 @@ class Probe:
 
     kind: "new" (period 1: every fact is new), "changed" (value differs from the previous
     period), "unchanged" (same value as the previous period and absent from this period's
-    training data). paraphrase=True marks wording from templates never used in training.
+    training data). family: "storage" (the prompt is the cloze of a wording trained for this fact
+    with this value: for new/changed the exact trained sentence of this period cut before the value;
+    for unchanged one trained when the value was last taught, with this period's date) or
+    "extraction" (a held-out wording that no training text of any fact or period uses).
     valid_until is the first period in which the value no longer holds (None: still true at
     the last period), so "formerly true after period k" is ``valid_until <= k``.
     """
@@ -59,7 +66,7 @@ class Probe:
     valid_until: str | None
     previous_value: str | None
     kind: ProbeKind
-    paraphrase: bool
+    family: ProbeFamily
     prompt: str
     template_id: str
 

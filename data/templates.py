@@ -2,12 +2,18 @@
 
 Every template contains ``{period}`` and ``{subject}`` and ends with ``{value}.``, so a probe prompt is
 the rendered text before the value (a cloze the model completes) and a passage is that same prompt
-followed by `` <value>.``. Because of that identity, a probe never uses a template that rendered one of
-the same fact's passages in the same period: the wording family is seen in training, the probe string
-never is. Paraphrase templates are never used for any passage.
+followed by `` <value>.``.
+
+Each relation has a pool of ``WORDINGS_PER_RELATION`` declarative wordings: its own six sentences
+(written for the relation) followed by six shared frames that read the relation as a noun phrase
+("the {relation} of {subject}"). data/build.py splits the pool positions, once per data seed and the
+same way for every relation, into a training pool (passages, and the cloze of a trained passage is a
+*storage* probe) and a held-out pool that renders no training text at all (*extraction* probes).
+Question-answer wordings (``questions``) render the optional QA training items; they are never probes.
 
 Within a family no template's prompt followed by the value may occur inside another template's
-rendered text (checked at import), otherwise a probe would leak into a passage of another template.
+rendered text, QA items included (checked at import), otherwise a held-out probe could leak into a
+passage of another wording.
 """
 
 from __future__ import annotations
@@ -16,29 +22,46 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from data.config import TRAINING_TEMPLATES_PER_RELATION
-
 SubjectKind = Literal["settlement", "organisation", "person"]
 ValueKind = Literal["person", "place", "organisation", "code", "colour", "year", "count", "money",
                     "frequency", "employees", "job_title"]
 
-PARAPHRASE_TEMPLATES_PER_RELATION = 2
+# Six sentences written per relation + six shared frames. The split into training and held-out
+# wordings is a data option (data/config.py) bounded by this pool.
+OWN_WORDINGS_PER_RELATION = 6
+
+# Frames shared by every relation; {relation} is the relation key read with spaces ("chief executive").
+# They start differently from every relation's own sentences so that no prompt is inside another text.
+SHARED_FRAMES: tuple[str, ...] = (
+    "According to records from {period}, the {relation} of {subject} was {value}.",
+    "An archive entry for {subject} dated {period} gives the {relation} as {value}.",
+    "In the {period} yearbook, the {relation} of {subject} is listed as {value}.",
+    "Official sources for {period} record the {relation} of {subject} as {value}.",
+    "Researchers checking {period} documents found that the {relation} of {subject} was {value}.",
+    "A {period} report on {subject} stated that its {relation} was {value}.",
+)
+# Question-answer wordings of the optional QA items (DataConfig.qa_share). Never probes.
+QUESTION_FRAMES: tuple[str, ...] = (
+    "Question: What was the {relation} of {subject} in {period}? Answer: {value}.",
+    "Q: In {period}, what was the {relation} of {subject}? A: {value}.",
+)
+WORDINGS_PER_RELATION = OWN_WORDINGS_PER_RELATION + len(SHARED_FRAMES)
 
 
 @dataclass(frozen=True)
 class TemplateFamily:
-    """The wordings of one relation: training templates (passages, standard probes) and paraphrases."""
+    """The wordings of one relation: the declarative pool and the question-answer wordings."""
 
     relation: str  # normalised relation key, e.g. "chief_executive"
-    training: tuple[str, ...]
-    paraphrase: tuple[str, ...]
+    wordings: tuple[str, ...]  # WORDINGS_PER_RELATION declarative templates, split by data/build.py
+    questions: tuple[str, ...]  # QA item templates ("Question: ... Answer: {value}.")
     generic: bool = False  # True when built from the relation name (relation not in RELATIONS)
 
-    def training_id(self, index: int) -> str:
-        return f"{self.relation}/t{index}"
+    def wording_id(self, index: int) -> str:
+        return f"{self.relation}/w{index}"
 
-    def paraphrase_id(self, index: int) -> str:
-        return f"{self.relation}/p{index}"
+    def question_id(self, index: int) -> str:
+        return f"{self.relation}/q{index}"
 
 
 @dataclass(frozen=True)
@@ -50,10 +73,25 @@ class RelationSpec:
     family: TemplateFamily
 
 
+def relation_phrase(key: str) -> str:
+    """How a relation key reads inside a sentence."""
+    return key.replace("_", " ")
+
+
+def _with_frames(relation: str, own: list[str] | tuple[str, ...], generic: bool = False) -> TemplateFamily:
+    """A family from a relation's own sentences plus the shared frames and questions."""
+    # Escape braces so a relation name like "x{y}" cannot inject format fields.
+    phrase = relation_phrase(relation).replace("{", "{{").replace("}", "}}")
+    shared = tuple(t.replace("{relation}", phrase) for t in SHARED_FRAMES)
+    questions = tuple(t.replace("{relation}", phrase) for t in QUESTION_FRAMES)
+    return TemplateFamily(relation, tuple(own) + shared, questions, generic)
+
+
 def _spec(key: str, subject_kind: SubjectKind, value_kind: ValueKind,
-          training: list[str], paraphrase: list[str]) -> tuple[str, RelationSpec]:
-    return key, RelationSpec(subject_kind, value_kind,
-                             TemplateFamily(key, tuple(training), tuple(paraphrase)))
+          first: list[str], second: list[str]) -> tuple[str, RelationSpec]:
+    # The two lists were once "training" and "paraphrase"; now they are just the relation's own six
+    # wordings, in a fixed order that the seeded split (data/build.py) indexes.
+    return key, RelationSpec(subject_kind, value_kind, _with_frames(key, first + second))
 
 
 # Past tense throughout: every sentence is a statement about a dated period. Templates of one family
@@ -85,7 +123,9 @@ RELATIONS: dict[str, RelationSpec] = dict([
         "The partner town listed by {subject} for {period} was {value}.",
     ], [
         "Delegations from {subject} in {period} travelled to its sister town, {value}.",
-        "When {subject} named a sister town in {period}, it chose {value}.",
+        # not "When {subject} ...": a rare capitalised opener is read as part of the subject by casm's
+        # passage parser (training/methods/casm/registry.py), which now sees every own wording in training
+        "{subject} named a sister town in {period}, choosing {value}.",
     ]),
     _spec("postal_code", "settlement", "code", [
         "In {period}, the postal code of {subject} was {value}.",
@@ -140,7 +180,7 @@ RELATIONS: dict[str, RelationSpec] = dict([
         "During {period}, the board of {subject} answered to its chief executive, {value}.",
     ], [
         "The person at the helm of {subject} in {period} was {value}.",
-        "Leading {subject} as its top executive in {period} was {value}.",
+        "{subject} was led as its top executive in {period} by {value}.",
     ]),
     _spec("headquarters", "organisation", "place", [
         "In {period}, the headquarters of {subject} was in {value}.",
@@ -244,15 +284,13 @@ RELATIONS: dict[str, RelationSpec] = dict([
     ]),
 ])
 
-# Generic wordings for relations read from files that are not in RELATIONS. {relation} is the relation
+# Own wordings for relations read from files that are not in RELATIONS. {relation} is the relation
 # key with underscores as spaces; it is substituted before the other fields.
-GENERIC_TRAINING: tuple[str, ...] = (
+GENERIC_OWN: tuple[str, ...] = (
     "In {period}, the {relation} of {subject} was {value}.",
     "{subject}'s {relation} in {period} was {value}.",
     "Records from {period} list the {relation} of {subject} as {value}.",
     "For {subject}, the {relation} on file in {period} was {value}.",
-)
-GENERIC_PARAPHRASE: tuple[str, ...] = (
     "The {relation} for {subject}, as of {period}, was {value}.",
     "Back in {period}, the entry for {relation} at {subject} read {value}.",
 )
@@ -267,24 +305,13 @@ def normalise_relation(raw: str) -> str:
     return re.sub(r"[\s_\-]+", "_", raw.strip().lower()).strip("_")
 
 
-def relation_phrase(key: str) -> str:
-    """How a relation key reads inside a sentence."""
-    return key.replace("_", " ")
-
-
 def family_for(relation: str) -> TemplateFamily:
     """The template family of a normalised relation key; a generic one for unknown relations."""
     spec = RELATIONS.get(relation)
     if spec is not None:
         return spec.family
-    # Escape braces so a relation name like "x{y}" cannot inject format fields.
     phrase = relation_phrase(relation).replace("{", "{{").replace("}", "}}")
-    return TemplateFamily(
-        relation=relation,
-        training=tuple(t.replace("{relation}", phrase) for t in GENERIC_TRAINING),
-        paraphrase=tuple(t.replace("{relation}", phrase) for t in GENERIC_PARAPHRASE),
-        generic=True,
-    )
+    return _with_frames(relation, [t.replace("{relation}", phrase) for t in GENERIC_OWN], generic=True)
 
 
 def render(template: str, period: str, subject: str, value: str) -> str:
@@ -302,13 +329,9 @@ def family_problems(family: TemplateFamily) -> list[str]:
     """Structural problems of a family (empty when fine); used at import and by the tests."""
     problems: list[str] = []
     name = family.relation
-    if len(family.training) != TRAINING_TEMPLATES_PER_RELATION:
-        problems.append(f"{name}: {len(family.training)} training templates, "
-                        f"need {TRAINING_TEMPLATES_PER_RELATION}")
-    if len(family.paraphrase) < PARAPHRASE_TEMPLATES_PER_RELATION:
-        problems.append(f"{name}: {len(family.paraphrase)} paraphrase templates, "
-                        f"need >= {PARAPHRASE_TEMPLATES_PER_RELATION}")
-    templates = list(family.training) + list(family.paraphrase)
+    if len(family.wordings) != WORDINGS_PER_RELATION:
+        problems.append(f"{name}: {len(family.wordings)} wordings, need {WORDINGS_PER_RELATION}")
+    templates = list(family.wordings) + list(family.questions)
     if len(set(templates)) != len(templates):
         problems.append(f"{name}: a template is listed twice")
     for template in templates:
@@ -318,10 +341,11 @@ def family_problems(family: TemplateFamily) -> list[str]:
                             "once and end with '{value}.'")
     if problems:
         return problems
-    # Sample arguments with a value that could be a suffix of a longer word, the worst case.
+    # Sample arguments with a value that could be a suffix of a longer word, the worst case. Only
+    # declarative wordings are probes; every template (questions too) renders training text.
     period, subject, value = "2020", "Zorvan Kell", "Vel"
     texts = [render(t, period, subject, value) for t in templates]
-    for i, template in enumerate(templates):
+    for i, template in enumerate(family.wordings):
         needle = prompt_of(template, period, subject) + " " + value
         for j, text in enumerate(texts):
             if i != j and needle in text:

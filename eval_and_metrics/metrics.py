@@ -6,13 +6,17 @@ training period k. Every row must score every probe: a metric that compares rows
 meaningful when the rows scored the same probes, so a missing probe id is a ValueError, never a
 silently smaller mean.
 
-Two kinds of metric are derived:
+Every metric is computed per probe family (data/schema.py: storage = the cloze of a trained
+sentence, extraction = a wording never trained on) and carries the family in its key; the two are
+never averaged together. Two kinds of metric are derived:
 
 * matrix metrics (ACC, BWT, FWT, forgetting) from the score matrix R (rows = model states,
-  columns = the periods whose probes are asked), on standard (non-paraphrase) probes;
-* subset metrics (plasticity, stability, temporal recall, paraphrase) that pick probes by kind /
-  validity inside one row. These are computed from per-probe scores directly, not from R,
-  because R averages over all kinds of a period and would mix re-trained and retained facts.
+  columns = the periods whose probes are asked), one matrix per family;
+* subset metrics (plasticity, stability, temporal recall) that pick probes by kind / validity
+  inside one row. These are computed from per-probe scores directly, not from R, because R
+  averages over all kinds of a period and would mix re-trained and retained facts. Each comes as
+  a per-period list, its macro mean over periods, and the pooled (micro) mean over every probe
+  the list used, with the counts.
 
 Every value returned by ``derive_metrics`` is JSON-safe: NaN (nothing to average) becomes None.
 """
@@ -25,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from data.schema import PROBE_KINDS, Probe
+from data.schema import PROBE_FAMILIES, PROBE_KINDS, Probe
 
 Rows = Sequence[Mapping[str, float]]
 
@@ -199,49 +203,69 @@ def _per_period_subset(
     ]
 
 
-def plasticity(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]) -> list[float]:
-    """For k = 1..T: score on period k's standard probes of kind new/changed, after period k."""
+def _pooled_subset(
+    rows: Rows,
+    probes: Sequence[Probe],
+    period_names: Sequence[str],
+    pick: Callable[[Probe, int], bool],
+) -> tuple[float, int]:
+    """(pooled mean, n) over every (k, probe) pair with pick(probe, k), k = 1..T; (NaN, 0) if none.
+
+    The micro counterpart of averaging _per_period_subset: each probe counts once per row it is
+    picked in, so a period with 6 probes weighs a quarter of one with 24.
+    """
+    scores = [float(rows[k][p.id]) for k in range(1, len(period_names) + 1) for p in probes if pick(p, k)]
+    return (float(np.mean(scores)) if scores else math.nan), len(scores)
+
+
+def _counts(probes: Sequence[Probe], period_names: Sequence[str],
+            pick: Callable[[Probe, int], bool]) -> list[int]:
+    return [sum(1 for p in probes if pick(p, k)) for k in range(1, len(period_names) + 1)]
+
+
+def subset_pickers(period_names: Sequence[str], family: str) -> dict[str, Callable[[Probe, int], bool]]:
+    """The probe selections of plasticity, stability and temporal recall for one family: each picks
+    (probe, k) pairs, k being the row (the model after period k) that scores the probe."""
+    if family not in PROBE_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(PROBE_FAMILIES)} (got {family!r})")
     index = {name: i + 1 for i, name in enumerate(period_names)}
-    return _per_period_subset(
-        rows,
-        probes,
-        period_names,
-        lambda p, k: not p.paraphrase and index[p.period] == k and p.kind in PLASTICITY_KINDS,
-    )
+
+    def learned(p: Probe, k: int) -> bool:
+        return p.family == family and index[p.period] == k and p.kind in PLASTICITY_KINDS
+
+    def kept(p: Probe, k: int) -> bool:
+        return p.family == family and index[p.period] == k and p.kind in STABILITY_KINDS
+
+    def formerly_true(p: Probe, k: int) -> bool:
+        return (p.family == family and index[p.period] < k and p.valid_until is not None
+                and index[p.valid_until] <= k)
+
+    return {"plasticity": learned, "stability": kept, "temporal_recall": formerly_true}
 
 
-def stability(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]) -> list[float]:
-    """For k = 1..T: score on period k's standard "unchanged" probes after period k (NaN if none).
+def plasticity(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
+               family: str = "storage") -> list[float]:
+    """For k = 1..T: score on period k's probes of one family and kind new/changed, after period k."""
+    return _per_period_subset(rows, probes, period_names, subset_pickers(period_names, family)["plasticity"])
+
+
+def stability(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
+              family: str = "storage") -> list[float]:
+    """For k = 1..T: score on period k's "unchanged" probes of one family after period k (NaN if none).
 
     Only facts absent from period k's training data count: a re-trained fact measures
     re-learning, not retention.
     """
-    index = {name: i + 1 for i, name in enumerate(period_names)}
-    return _per_period_subset(
-        rows,
-        probes,
-        period_names,
-        lambda p, k: not p.paraphrase and index[p.period] == k and p.kind in STABILITY_KINDS,
-    )
+    return _per_period_subset(rows, probes, period_names, subset_pickers(period_names, family)["stability"])
 
 
-def temporal_recall(
-    rows: Rows, probes: Sequence[Probe], period_names: Sequence[str]
-) -> list[float]:
-    """For k = 1..T: score after period k on standard probes of earlier periods (t < k) whose value
-    no longer holds at period k (valid_until is set and index(valid_until) <= k). NaN if none
+def temporal_recall(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
+                    family: str = "storage") -> list[float]:
+    """For k = 1..T: score after period k on probes of one family of earlier periods (t < k) whose
+    value no longer holds at period k (valid_until is set and index(valid_until) <= k). NaN if none
     (always for k = 1)."""
-    index = {name: i + 1 for i, name in enumerate(period_names)}
-
-    def formerly_true(p: Probe, k: int) -> bool:
-        return (
-            not p.paraphrase
-            and index[p.period] < k
-            and p.valid_until is not None
-            and index[p.valid_until] <= k
-        )
-
-    return _per_period_subset(rows, probes, period_names, formerly_true)
+    return _per_period_subset(rows, probes, period_names,
+                              subset_pickers(period_names, family)["temporal_recall"])
 
 
 def routing_accuracy(
@@ -270,12 +294,12 @@ def routing_accuracy(
 
 def _count_probes(probes: Sequence[Probe]) -> dict[str, Any]:
     counts: dict[str, Any] = {"total": len(probes)}
-    for group, flag in (("standard", False), ("paraphrase", True)):
-        counts[group] = {
-            kind: sum(1 for p in probes if p.paraphrase == flag and p.kind == kind)
+    for family in PROBE_FAMILIES:
+        counts[family] = {
+            kind: sum(1 for p in probes if p.family == family and p.kind == kind)
             for kind in PROBE_KINDS
         }
-        counts[group]["total"] = sum(1 for p in probes if p.paraphrase == flag)
+        counts[family]["total"] = sum(1 for p in probes if p.family == family)
     return counts
 
 
@@ -294,49 +318,37 @@ def derive_metrics(
     probes: Sequence[Probe],
     period_names: Sequence[str],
 ) -> dict[str, Any]:
-    """All continual-learning metrics of one run, JSON-safe (NaN -> None). Keys: docs/metrics.md."""
+    """All continual-learning metrics of one run, JSON-safe (NaN -> None). Keys: docs/metrics.md.
+
+    Every temporal key names its family (``acc_storage``, ``plasticity_extraction_pooled``, ...).
+    """
     for rows in (rows_em, rows_f1):
         _check_inputs(rows, probes, period_names)
         _check_rows_cover(rows, probes)
 
-    def standard(p: Probe) -> bool:
-        return not p.paraphrase
+    out: dict[str, Any] = {"period_names": list(period_names)}
+    for family in PROBE_FAMILIES:
+        def of_family(p: Probe, family: str = family) -> bool:
+            return p.family == family
 
-    def paraphrase(p: Probe) -> bool:
-        return p.paraphrase
-
-    t_count = len(period_names)
-    r_em = score_matrix(rows_em, probes, period_names, standard)
-    r_f1 = score_matrix(rows_f1, probes, period_names, standard)
-    r_para_em = score_matrix(rows_em, probes, period_names, paraphrase)
-
-    out: dict[str, Any] = {
-        "period_names": list(period_names),
-        "matrix_em": r_em,
-        "matrix_f1": r_f1,
-        "matrix_paraphrase_em": r_para_em,
-        **_matrix_metrics(r_em, ""),
-        **_matrix_metrics(r_f1, "_f1"),
-    }
-
-    for name, fn in (
-        ("plasticity", plasticity),
-        ("stability", stability),
-        ("temporal_recall", temporal_recall),
-    ):
-        per_k_em = fn(rows_em, probes, period_names)
-        per_k_f1 = fn(rows_f1, probes, period_names)
-        out[name] = per_k_em
-        out[f"{name}_mean"] = _mean(per_k_em)
-        out[f"{name}_mean_f1"] = _mean(per_k_f1)
-        if name == "temporal_recall":
-            out["temporal_recall_final"] = per_k_em[-1]
-            out["temporal_recall_final_f1"] = per_k_f1[-1]
-
-    # Paraphrase: pooled over all paraphrase probes for the final model, and the diagonal of the
-    # paraphrase matrix (each period's paraphrases right after that period was trained).
-    para_probes = [p for p in probes if p.paraphrase]
-    out["paraphrase_em_final"] = _subset_score(rows_em[t_count], para_probes)
-    out["paraphrase_em_diag"] = _mean([r_para_em[k, k - 1] for k in range(1, t_count + 1)])
+        r_em = score_matrix(rows_em, probes, period_names, of_family)
+        r_f1 = score_matrix(rows_f1, probes, period_names, of_family)
+        out[f"matrix_{family}_em"] = r_em
+        out[f"matrix_{family}_f1"] = r_f1
+        out.update(_matrix_metrics(r_em, f"_{family}"))
+        out.update(_matrix_metrics(r_f1, f"_{family}_f1"))
+        for name, pick in subset_pickers(period_names, family).items():
+            key = f"{name}_{family}"
+            per_k_em = _per_period_subset(rows_em, probes, period_names, pick)
+            per_k_f1 = _per_period_subset(rows_f1, probes, period_names, pick)
+            out[key] = per_k_em
+            out[f"{key}_counts"] = _counts(probes, period_names, pick)
+            out[f"{key}_mean"] = _mean(per_k_em)
+            out[f"{key}_mean_f1"] = _mean(per_k_f1)
+            out[f"{key}_pooled"], out[f"{key}_n"] = _pooled_subset(rows_em, probes, period_names, pick)
+            out[f"{key}_pooled_f1"], _ = _pooled_subset(rows_f1, probes, period_names, pick)
+            if name == "temporal_recall":
+                out[f"{key}_final"] = per_k_em[-1]
+                out[f"{key}_final_f1"] = per_k_f1[-1]
     out["num_probes"] = _count_probes(probes)
     return _json_safe(out)

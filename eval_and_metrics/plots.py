@@ -20,16 +20,20 @@ from matplotlib.figure import Figure
 
 DPI = 90
 # (key, label, higher is better) of the summary metrics, in table order.
+# Storage (S: the cloze of a trained sentence) and extraction (X: a held-out wording) are named in every
+# label and never averaged together (docs/metrics.md).
 SUMMARY_METRICS: list[tuple[str, str, bool]] = [
-    ("acc", "final ACC", True),
-    ("bwt", "BWT", True),
-    ("fwt", "FWT", True),
-    ("forgetting", "forgetting", False),
-    ("plasticity_mean", "plasticity", True),
-    ("stability_mean", "stability", True),
-    ("temporal_recall_final", "temporal recall", True),
-    ("acc_f1", "token F1", True),
-    ("paraphrase_em_final", "paraphrase EM", True),
+    ("acc_storage", "final ACC (storage)", True),
+    ("bwt_storage", "BWT (storage)", True),
+    ("fwt_storage", "FWT (storage)", True),
+    ("forgetting_storage", "forgetting (storage)", False),
+    ("plasticity_storage_pooled", "plasticity (storage)", True),
+    ("plasticity_extraction_pooled", "plasticity (extraction)", True),
+    ("stability_storage_pooled", "stability (storage)", True),
+    ("stability_extraction_pooled", "stability (extraction)", True),
+    ("temporal_recall_storage_final", "temporal recall (storage)", True),
+    ("temporal_recall_extraction_final", "temporal recall (extraction)", True),
+    ("acc_extraction", "final ACC (extraction)", True),
 ]
 
 
@@ -92,7 +96,7 @@ def accuracy_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path | N
         ax.set_yticks(range(t_count + 1), _row_labels(g.period_names), fontsize=8)
         ax.set_xlabel("probes of period")
         ax.set_title(f"{g.label} (n={g.n})", fontsize=9)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="exact match")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="exact match (storage probes)")
     fig.suptitle(f"{title}: accuracy matrix (mean over seeds)", fontsize=10)
     return _save(fig, path)
 
@@ -129,9 +133,9 @@ def timelines(groups: Sequence[Any], path: Path, title: str) -> Path | None:
         ax.set_xticks(x, ["base"] + names, fontsize=7, rotation=45)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes.flat[0].set_ylabel("exact match")
+    axes.flat[0].set_ylabel("exact match (storage)")
     axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{title}: each period's score over the sequence (dotted: the period is trained)", fontsize=10)
+    fig.suptitle(f"{title}: each period's storage score over the sequence (dotted: the period is trained)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -151,7 +155,7 @@ def final_scores(groups: Sequence[Any], path: Path, title: str) -> Path | None:
         ax.bar(x + (i - (len(groups) - 1) / 2) * width, y, width, yerr=err, capsize=3, color=c, label=g.label)
     ax.set_xticks(x, names)
     ax.set_xlabel("probes of period")
-    ax.set_ylabel("exact match after the last period")
+    ax.set_ylabel("storage EM after the last period")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -174,7 +178,7 @@ def forgetting_curves(groups: Sequence[Any], path: Path, title: str) -> Path | N
         ax.fill_between(x, y - h, y + h, color=c, alpha=0.15, linewidth=0)
         ax.set_xticks(x, [f"after {n}" for n in names], fontsize=8)
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_ylabel("forgetting (lower is better)")
+    ax.set_ylabel("forgetting, storage (lower is better)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(f"{title}: forgetting curves", fontsize=10)
@@ -182,23 +186,29 @@ def forgetting_curves(groups: Sequence[Any], path: Path, title: str) -> Path | N
 
 
 def plasticity_stability(groups: Sequence[Any], path: Path, title: str) -> Path | None:
-    """Mean plasticity vs mean stability per method, 95% CI error bars on both axes."""
-    points = [(g, g.metrics.get("plasticity_mean"), g.metrics.get("stability_mean")) for g in groups]
-    points = [(g, p, s) for g, p, s in points if p and s and p.get("mean") is not None and s.get("mean") is not None]
+    """Pooled plasticity vs pooled stability per method and probe family (filled: storage, hollow:
+    extraction), 95% CI error bars on both axes."""
+    points = [(g, fam, g.metrics.get(f"plasticity_{fam}_pooled"), g.metrics.get(f"stability_{fam}_pooled"))
+              for g in groups for fam in ("storage", "extraction")]
+    points = [(g, fam, p, s) for g, fam, p, s in points
+              if p and s and p.get("mean") is not None and s.get("mean") is not None]
     if not points:
         return None
     fig, ax = subplots(figsize=(4.6, 4.0))
-    for (g, p, s), c in zip(points, colors(len(points))):
+    color_of = dict(zip([g.label for g in groups], colors(len(groups))))
+    for g, fam, p, s in points:
+        c = color_of[g.label]
         ax.errorbar(p["mean"], s["mean"], xerr=_half(p), yerr=_half(s), fmt="o", color=c, capsize=4,
-                    label=f"{g.label} (n={min(p['n'], s['n'])})")
+                    markerfacecolor=c if fam == "storage" else "none",
+                    label=f"{g.label} {fam} (n={min(p['n'], s['n'])})")
     ax.set_xlabel("plasticity (EM on the period's new/changed facts)")
     ax.set_ylabel("stability (EM on unchanged facts)")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    ax.set_title(f"{title}: plasticity vs stability", fontsize=10)
+    ax.set_title(f"{title}: plasticity vs stability (filled: storage, hollow: extraction)", fontsize=10)
     return _save(fig, path)
 
 

@@ -82,18 +82,28 @@ LM_EVAL_FILE = "results.json"
 
 STATUSES = ("complete", "running", "partial", "corrupted", "failed")
 CONFIDENCE = 0.95
-# Run-level metrics aggregated per group: every scalar of derive_metrics (summary ones first).
-SUMMARY_KEYS = ["acc", "bwt", "fwt", "forgetting", "plasticity_mean", "stability_mean", "temporal_recall_final",
-                "acc_f1", "paraphrase_em_final"]
-SUMMARY_LABELS = {"acc": "final ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting",
-                  "plasticity_mean": "plasticity", "stability_mean": "stability",
-                  "temporal_recall_final": "temporal recall", "acc_f1": "token F1",
-                  "paraphrase_em_final": "paraphrase EM"}
-LOWER_IS_BETTER = {"forgetting", "forgetting_f1"}
-SCALAR_KEYS = SUMMARY_KEYS + ["bwt_f1", "fwt_f1", "forgetting_f1", "plasticity_mean_f1", "stability_mean_f1",
-                              "temporal_recall_mean", "temporal_recall_mean_f1", "temporal_recall_final_f1",
-                              "paraphrase_em_diag"]
-PER_PERIOD_KEYS = ["plasticity", "stability", "temporal_recall"]
+# Run-level metrics aggregated per group: every scalar of derive_metrics (summary ones first). Every
+# temporal key names its probe family (storage / extraction); the two are never averaged together.
+FAMILIES = ("storage", "extraction")
+SUBSET_METRICS = ("plasticity", "stability", "temporal_recall")
+SUMMARY_KEYS = ["acc_storage", "bwt_storage", "fwt_storage", "forgetting_storage",
+                "plasticity_storage_pooled", "plasticity_extraction_pooled",
+                "stability_storage_pooled", "stability_extraction_pooled",
+                "temporal_recall_storage_final", "temporal_recall_extraction_final", "acc_extraction"]
+SUMMARY_LABELS = {"acc_storage": "final ACC storage", "bwt_storage": "BWT storage", "fwt_storage": "FWT storage",
+                  "forgetting_storage": "forgetting storage",
+                  "plasticity_storage_pooled": "plasticity storage", "plasticity_extraction_pooled": "plasticity extraction",
+                  "stability_storage_pooled": "stability storage", "stability_extraction_pooled": "stability extraction",
+                  "temporal_recall_storage_final": "temporal recall storage",
+                  "temporal_recall_extraction_final": "temporal recall extraction",
+                  "acc_extraction": "final ACC extraction"}
+LOWER_IS_BETTER = {f"forgetting_{fam}{s}" for fam in FAMILIES for s in ("", "_f1")}
+_ALL_SCALARS = [f"{m}_{fam}{s}" for fam in FAMILIES for m in ("acc", "bwt", "fwt", "forgetting") for s in ("", "_f1")]
+_ALL_SCALARS += [f"{name}_{fam}_{stat}" for fam in FAMILIES for name in SUBSET_METRICS
+                 for stat in ("pooled", "pooled_f1", "n", "mean", "mean_f1")]
+_ALL_SCALARS += [f"temporal_recall_{fam}_{stat}" for fam in FAMILIES for stat in ("final", "final_f1")]
+SCALAR_KEYS = SUMMARY_KEYS + [k for k in _ALL_SCALARS if k not in SUMMARY_KEYS]
+PER_PERIOD_KEYS = [f"{name}_{fam}" for fam in FAMILIES for name in SUBSET_METRICS]
 LANDSCAPE_KEYS = ["center_loss", "max_loss", "min_loss", "std_loss", "loss_range", "max_curvature",
                   "fisher_top_eigenvalue", "delta_w_norm", "forgetting_estimate"]
 # Task streams: the scalars of each summary of stream_metrics, in table order, as (key, label, higher is
@@ -127,7 +137,7 @@ class PeriodRow:
 
     index: int
     name: str
-    scores: dict[str, Any]  # eval/scores.json "by_period": {"<t>": {em, f1, n}, "<t>/paraphrase": ...}
+    scores: dict[str, Any]  # eval/scores.json "by_period": {"<t>/storage": {em, f1, n}, "<t>/extraction": ...}
     extras: dict[str, Any]
     train: dict[str, Any]
     trainable_sha256: str | None
@@ -462,9 +472,10 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
 def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
     probes = bench.all_probes()
     metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names)
-    logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names,
-                           select=lambda p: not p.paraphrase)
-    metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
+    for family in FAMILIES:
+        logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names,
+                               select=lambda p, family=family: p.family == family)
+        metrics[f"matrix_{family}_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
     return metrics
 
 
@@ -778,8 +789,8 @@ class Group:
                 "runs": [r.run_id for r in self.runs], "complete_runs": [r.run_id for r in self.complete],
                 "metrics": self.metrics, "per_period": self.per_period,
                 # a stream's matrix is of each task's primary metric, not EM: it is under "stream"
-                "matrix_em_mean": self.matrix_mean if self.kind == "temporal" else None,
-                "matrix_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
+                "matrix_storage_em_mean": self.matrix_mean if self.kind == "temporal" else None,
+                "matrix_storage_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
                 "forgetting_curve": self.forgetting_curve,
                 "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape,
                 "kind": self.kind, "stream": self.stream or None}
@@ -878,8 +889,9 @@ def _aggregate_temporal(group: Group, runs: list[Run]) -> None:
         group.metrics[key] = mean_ci(r.metrics.get(key) for r in runs)
     for key in PER_PERIOD_KEYS:
         group.per_period[key] = [mean_ci(r.metrics[key][k] for r in runs) for k in range(len(group.period_names))]
-    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix_em"] for r in runs])
-    curves = [forgetting_curve(r.metrics["matrix_em"]) for r in runs]
+    # The figures' matrix is the storage one (the extraction matrix stays in each run's results.json).
+    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix_storage_em"] for r in runs])
+    curves = [forgetting_curve(r.metrics["matrix_storage_em"]) for r in runs]
     group.forgetting_curve = [mean_ci(c[i] for c in curves) for i in range(len(group.period_names) - 1)]
 
 
@@ -1021,8 +1033,8 @@ def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, An
                     for m, value in cell.items():
                         add(row.index, "cell", m, value, task)
             for key, cell in sorted(row.scores.items()) if run.kind == "temporal" else ():
-                period, _, kind = key.partition("/")
-                prefix = "paraphrase_" if kind == "paraphrase" else ""
+                period, _, family = key.partition("/")
+                prefix = f"{family}_" if family else ""
                 for m in ("em", "f1", "n"):
                     add(row.index, "cell", f"{prefix}{m}", cell.get(m), period)
             for key, value in _numeric_leaves(row.extras).items():
@@ -1044,9 +1056,10 @@ def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, An
                     add(t_count, "run", "base_solved", int(task in solved), task)
         elif run.metrics:
             t_count = run.num_periods
-            for k, row in enumerate(run.metrics.get("matrix_logprob") or []):
-                for t, value in enumerate(row):
-                    add(k, "cell", "logprob", value, run.period_names[t])
+            for family in FAMILIES:
+                for k, row in enumerate(run.metrics.get(f"matrix_{family}_logprob") or []):
+                    for t, value in enumerate(row):
+                        add(k, "cell", f"{family}_logprob", value, run.period_names[t])
             for key in PER_PERIOD_KEYS:
                 for k, value in enumerate(run.metrics.get(key) or [], start=1):
                     add(k, "period", key, value)

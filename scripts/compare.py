@@ -37,16 +37,20 @@ sys.path.insert(0, str(REPO))
 from data.io import read_benchmark  # noqa: E402
 
 # (key in results.json metrics or a derived name, column title)
+# Every temporal column names its probe family (storage: a trained sentence's cloze; extraction: a
+# wording never trained on); the two are never mixed (docs/metrics.md).
 COLUMNS = [
-    ("plasticity_mean", "Plasticity"),
-    ("stability_mean", "Stability"),
-    ("temporal_recall_final", "Temporal recall (final)"),
-    ("temporal_recall_mean", "Temporal recall (mean k)"),
+    ("plasticity_storage_pooled", "Plasticity storage"),
+    ("plasticity_extraction_pooled", "Plasticity extraction"),
+    ("stability_storage_pooled", "Stability storage"),
+    ("stability_extraction_pooled", "Stability extraction"),
+    ("temporal_recall_storage_final", "Temporal recall storage (final)"),
+    ("temporal_recall_extraction_final", "Temporal recall extraction (final)"),
     ("routing_accuracy", "Routing acc."),
-    ("acc", "ACC"),
-    ("forgetting", "Forgetting"),
-    ("paraphrase_em_final", "Paraphrase EM"),
-    ("formerly_true_dlogprob", "Δlogp formerly-true"),
+    ("acc_storage", "ACC storage"),
+    ("forgetting_storage", "Forgetting storage"),
+    ("acc_extraction", "ACC extraction"),
+    ("formerly_true_dlogprob", "Δlogp formerly-true (storage)"),
 ]
 
 
@@ -127,7 +131,7 @@ def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | No
     names = bench.period_names
     index = {n: i + 1 for i, n in enumerate(names)}
     last = len(names)
-    ids = {p.id for p in bench.all_probes() if not p.paraphrase and index[p.period] < last
+    ids = {p.id for p in bench.all_probes() if p.family == "storage" and index[p.period] < last
            and p.valid_until is not None and index[p.valid_until] <= last}
     if not ids:
         return None
@@ -168,8 +172,8 @@ def row_of(run_dir: Path) -> dict[str, Any]:
     last = results["periods"][-1]
     out["routing_accuracy"] = (results.get("method_extras", {}).get(last) or {}).get("routing_accuracy")
     out["formerly_true_dlogprob"] = formerly_true_dlogprob(run_dir, results)
-    out["plasticity"] = metrics.get("plasticity")
-    out["temporal_recall"] = metrics.get("temporal_recall")
+    out["plasticity_storage"] = metrics.get("plasticity_storage")
+    out["temporal_recall_storage"] = metrics.get("temporal_recall_storage")
     out["run_dir"] = str(run_dir)
     return out
 

@@ -262,6 +262,27 @@ def _probe_logprobs(model: nn.Module) -> torch.Tensor:
     return torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
 
 
+def untie_adapted_embeddings(model: nn.Module) -> None:
+    """Give the output head its own copy of the embedding matrix when an adapter sits on tied embeddings.
+
+    A LoRA on embed_tokens (the synthetic preset has one) changes only the input lookup; with tied
+    weights, merging it into the shared matrix would change the output head too. So the merged model is
+    written untied: the head keeps the base weights, the embeddings get the update.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    embedding = base.get_input_embeddings()
+    adapted = isinstance(embedding, LoraLayer) and len(embedding.lora_embedding_A) > 0
+    head = base.get_output_embeddings()
+    if not adapted or head is None or not getattr(base.config, "tie_word_embeddings", False):
+        return
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
+    if hasattr(base.config, "get_text_config"):  # transformers reads the flag from the text config too
+        base.config.get_text_config().tie_word_embeddings = False
+
+
 def combine_adapters(model: nn.Module, names: list[str]) -> float:
     """Leave `model` holding one adapter, "default", that computes what the `names` adapters compute
     when active together, and return the largest log-probability change this made on a probe batch.
@@ -270,10 +291,14 @@ def combine_adapters(model: nn.Module, names: list[str]) -> float:
     summed): A_j stacked along the rank, B_j side by side, so B A x = sum_j B_j A_j x. peft scales an
     adapter by lora_alpha / r; the combined r is sum_j r_j, so lora_alpha is scaled by the same factor
     (alpha * K / (r * K): the same quotient, the same float) and a B_j whose own scale differs is rescaled.
-    Refuses (ExportError) adapters this cannot combine exactly (DoRA, rsLoRA, per-module ranks, other
-    target modules, embeddings) or a result whose log-probs move by more than float rounding.
+    An Embedding target (the synthetic preset adapts embed_tokens) combines the same way: its A is
+    r x vocabulary, its B dim x r. Refuses (ExportError) adapters this cannot combine exactly (DoRA,
+    rsLoRA, per-module ranks, other target modules) or a result whose log-probs move by more than float
+    rounding.
     """
     from peft.tuners.lora import LoraLayer
+
+    from training.methods.adapters import lora_pair
 
     if list(model.peft_config) == names == ["default"]:
         return 0.0  # the model as trained (lora and the adapter methods): nothing to do
@@ -282,9 +307,9 @@ def combine_adapters(model: nn.Module, names: list[str]) -> float:
     problems = [n for n, c in zip(names, cfgs) if c.use_dora or c.use_rslora or c.rank_pattern or c.alpha_pattern
                 or set(c.target_modules) != set(first.target_modules)]
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if problems or "default" in model.peft_config or any(len(m.lora_embedding_A) for m in layers):
-        raise ExportError(f"adapters {names} cannot be combined into one exactly (DoRA, rsLoRA, per-module ranks, "
-                          "different targets or embedding adapters); export with --merge instead")
+    if problems or "default" in model.peft_config:
+        raise ExportError(f"adapters {names} cannot be combined into one exactly (DoRA, rsLoRA, per-module ranks "
+                          "or different targets); export with --merge instead")
     before = _probe_logprobs(model)
     combined = copy.deepcopy(first)
     combined.r = sum(c.r for c in cfgs)
@@ -293,13 +318,13 @@ def combine_adapters(model: nn.Module, names: list[str]) -> float:
         model.add_adapter("default", combined)
     with torch.no_grad():
         for layer in layers:
-            if "default" not in layer.lora_A:
+            if "default" not in layer.lora_A and "default" not in layer.lora_embedding_A:
                 continue
+            pairs = {n: lora_pair(layer, n) for n in [*names, "default"]}
             s = layer.scaling["default"]
-            layer.lora_A["default"].weight.copy_(torch.cat([layer.lora_A[n].weight for n in names], dim=0))
-            layer.lora_B["default"].weight.copy_(torch.cat(
-                [layer.lora_B[n].weight if layer.scaling[n] == s else layer.lora_B[n].weight * (layer.scaling[n] / s)
-                 for n in names], dim=1))
+            pairs["default"][0].copy_(torch.cat([pairs[n][0] for n in names], dim=0))
+            pairs["default"][1].copy_(torch.cat(
+                [pairs[n][1] if layer.scaling[n] == s else pairs[n][1] * (layer.scaling[n] / s) for n in names], dim=1))
     model.base_model.set_adapter(["default"])
     for name in [n for n in model.peft_config if n != "default"]:
         model.delete_adapter(name)
@@ -451,6 +476,7 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Workload, tree: dict[str
         write_hf_model(pm.model.unload(), pm.tokenizer, directory)
         fmt = HF_MODEL
     elif merged:
+        untie_adapted_embeddings(pm.model)
         plain = pm.model.merge_and_unload()
         write_hf_model(plain, pm.tokenizer, directory)
         fmt = HF_MODEL

@@ -25,7 +25,7 @@ The loss is the mean over examples of each example's mean token NLL, on the item
 (a task, for a task stream; --data-period, default the checkpoint's own):
   --data eval  (alias probes): the items the period is scored on, the NLL of the gold answer given the
                prompt. Temporal: each probe's " " + value given its prompt (what evaluate.py's logprob
-               scores; paraphrases left out). Stream: each eval item's target given its prompt, whatever
+               scores; storage probes only, as the storage metrics). Stream: each eval item's target given its prompt, whatever
                the task's scorer (multiple choice: the gold choice; perplexity: the held-out text; code:
                the reference body).
   --data train (alias passages): the period's training items with the training loss's own mask
@@ -170,7 +170,7 @@ def _eval_pairs(bench: Workload, data_period: str) -> list[tuple[str, str]]:
         task = bench.stream.tasks[bench.stage_names.index(data_period)]
         return [(x.prompt, x.target) for x in task.eval]
     period = _stage(bench, data_period).period
-    return [(p.prompt, " " + p.value) for p in period.probes if not p.paraphrase]
+    return [(p.prompt, " " + p.value) for p in period.probes if p.family == "storage"]
 
 
 def build_examples(pm: PeriodModel, data: str, data_period: str, max_examples: int, seed: int) -> Examples:

@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{path}  name={bench.name}  fingerprint={bench.fingerprint[:16]}")
     header = f"{'period':>8} {'passages':>9} {'facts':>6} {'new':>5} {'changed':>8} " \
-             f"{'unchanged':>10} {'paraphrase':>11} {'probes':>7}"
+             f"{'unchanged':>10} {'extraction':>11} {'probes':>7}"
     print(header)
     for period in bench.periods:
         row = count_summary([period])[period.name]
         print(f"{period.name:>8} {row['passages']:>9} {row['trained_facts']:>6} {row['new']:>5} "
-              f"{row['changed']:>8} {row['unchanged']:>10} {row['paraphrase']:>11} "
+              f"{row['changed']:>8} {row['unchanged']:>10} {row['extraction']:>11} "
               f"{len(period.probes):>7}")
     return 0
 

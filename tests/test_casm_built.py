@@ -17,7 +17,7 @@ from tests.conftest import only_run_dir, read_results, run_main
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "casm_built"
 PERIODS = ["2018", "2020", "2022", "2024"]
-AZURE = "Azure Tide Harbor:primary_berth_depth:std"  # 12 fathoms (2018, 2020) -> 14 fathoms (2022, 2024)
+AZURE = "Azure Tide Harbor:primary_berth_depth:storage"  # 12 fathoms (2018, 2020) -> 14 fathoms (2022, 2024)
 RETRAINED = "are kind unchanged but their fact is restated"  # the fixture's one warning: CASM's own design
 
 
@@ -57,7 +57,7 @@ def test_reads_the_fixture_into_periods_probes_and_passages() -> None:
         assert (p.kind, p.value, p.previous_value, p.valid_from, p.valid_until) == fields, period
         assert p.prompt == f"[{period}] The primary berth depth of Azure Tide Harbor is"
         assert p.subject == "Azure Tide Harbor" and p.relation == "primary_berth_depth"
-        assert p.period == period and not p.paraphrase and p.template_id.startswith("casm/")
+        assert p.period == period and p.family == "storage" and p.template_id.startswith("casm/")
     # Probe order within a period is the file's: the changed list, then the unchanged list.
     assert [p.subject for p in bench.periods[2].probes] == [
         "Azure Tide Harbor", "Coral Reef Buoy", "Seabridge Construction", "Whispering Shoals"]
@@ -236,7 +236,8 @@ def test_cli_runs_the_fixture_end_to_end(tmp_path: Path) -> None:
     assert run.name.startswith("casm_built-lora-")
     results = read_results(run)
     assert results["data_fingerprint"] == read_casm_built(FIXTURE, DataConfig()).fingerprint
-    assert len(results["metrics"]["matrix_em"]) == 5  # base row + 4 periods
+    assert len(results["metrics"]["matrix_storage_em"]) == 5  # base row + 4 periods
+    assert results["metrics"]["acc_extraction"] is None  # CASM has no held-out wordings
 
 
 def test_a_fact_missing_from_a_period_falls_back_to_the_files_own_fields(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_smoke_run_leaves_exactly_the_documented_files(tmp_path: Path):
         assert key in manifest, key
     assert manifest["status"] == "complete" and manifest["period_index"] == 2
     results = json.loads((run / "results.json").read_text())
-    matrix = results["metrics"]["matrix_em"]
+    matrix = results["metrics"]["matrix_storage_em"]
     assert len(matrix) == 5 and all(len(row) == 4 for row in matrix)  # base row + 4 periods, 4 probe sets
     # a rerun of a finished run is a no-op that reports the same numbers
     again = run_main(*SMALL, "--method", "full_ft", "--run-root", str(root), "--seed", "3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -19,10 +20,12 @@ from data import (
     read_casm_raw,
     write_benchmark,
 )
-from data.build import fingerprint
+from data.build import fingerprint, template_split
 from data.schema import Benchmark, Passage, Period, Probe
 from data.templates import (
+    QUESTION_FRAMES,
     RELATIONS,
+    WORDINGS_PER_RELATION,
     family_for,
     family_problems,
     normalise_relation,
@@ -60,16 +63,33 @@ def trained_keys(period: Period) -> set[tuple[str, str]]:
 def test_config_defaults_are_valid_and_errors_are_messages() -> None:
     assert DataConfig().validate() == []
     assert DataConfig(change_share=1.5).validate() == ["data.change_share must be in (0, 1] (got 1.5)"]
-    bad = DataConfig(seed=True, periods="2018", num_facts=0, passages_per_fact=4,  # type: ignore[arg-type]
-                     unchanged_probes_per_period=-1, paraphrase_share=float("nan"), benchmark="")
+    bad = DataConfig(seed=True, periods="2018", num_facts=0, passages_per_fact=12,  # type: ignore[arg-type]
+                     unchanged_probes_per_period=-1, extraction_share=float("nan"), benchmark="",
+                     qa_share=1.5, num_heldout_templates=0)
     messages = bad.validate()  # must not raise, whatever the types
-    assert len(messages) == 7, messages
+    assert len(messages) == 9, messages
     assert all(m.startswith("data.") and "\n" not in m for m in messages)
     assert DataConfig(periods=["2018", "2018"]).validate()
     assert DataConfig(periods=["2018"]).validate()
     assert DataConfig(periods=["20/18", "2020"]).validate()
     with pytest.raises(DataError, match="data.num_facts"):
         generate(DataConfig(num_facts=0))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_training_templates": 9, "num_heldout_templates": 4},
+     "data.num_heldout_templates must be <= 12 - data.num_training_templates = 3 (each relation has 12 "
+     "wordings; got 4)"),
+    ({"num_training_templates": 3, "passages_per_fact": 4},
+     "data.passages_per_fact must be <= data.num_training_templates = 3 (each passage uses a different "
+     "training wording; got 4)"),
+    ({"num_heldout_templates": 0}, "data.num_heldout_templates must be in [1, 11] (got 0)"),
+    ({"qa_share": -0.1}, "data.qa_share must be in [0, 1] (got -0.1)"),
+])
+def test_template_and_augmentation_options_are_validated(fields: dict, message: str) -> None:
+    assert DataConfig(**fields).validate() == [message]
+    with pytest.raises(DataError, match=re.escape(message)):
+        generate(DataConfig(**fields))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +121,9 @@ def test_relations_and_templates() -> None:
     assert len({spec.value_kind for spec in RELATIONS.values()}) >= 8
     for spec in RELATIONS.values():
         fam = spec.family
-        assert len(fam.training) >= 4 and len(fam.paraphrase) >= 2
+        assert len(fam.wordings) == WORDINGS_PER_RELATION >= 8 + 4 and len(fam.questions) >= 1
         assert family_problems(fam) == []
-        for template in fam.training + fam.paraphrase:
+        for template in fam.wordings + fam.questions:
             assert "{period}" in template and "{subject}" in template
             assert template.endswith("{value}.")
             text = render(template, "2020", "Zorvan Kell", "QX-4821")
@@ -153,76 +173,192 @@ def test_period_one_trains_every_fact_later_periods_only_the_diff(bench: Benchma
             per_fact.setdefault((passage.subject, passage.relation), []).append(passage)
         for passages in per_fact.values():
             assert len(passages) == 2 and len({p.template_id for p in passages}) == 2
+            assert all(re.fullmatch(r"[a-z_]+/w\d+", p.template_id) for p in passages)
 
 
 def test_unchanged_probes_are_not_trained_in_their_period(bench: Benchmark) -> None:
     for period in bench.periods[1:]:
         unchanged = [p for p in period.probes if p.kind == "unchanged"]
-        assert len([p for p in unchanged if not p.paraphrase]) == 16
+        assert len([p for p in unchanged if p.family == "storage"]) == 16
         trained = trained_keys(period)
         for probe in unchanged:
             assert (probe.subject, probe.relation) not in trained
             assert probe.value == probe.previous_value
 
 
-def test_probe_wording_never_trained(bench: Benchmark) -> None:
-    all_texts = [p.text for period in bench.periods for p in period.passages]
-    assert all(re.fullmatch(r"[a-z_]+/t\d", p.template_id)
-               for period in bench.periods for p in period.passages)
-    for period in bench.periods:
-        used = {}
-        for passage in period.passages:
-            used.setdefault((passage.subject, passage.relation), set()).add(passage.template_id)
-        for probe in period.probes:
-            if probe.paraphrase:
-                assert re.fullmatch(r"[a-z_]+/p\d", probe.template_id)
-                assert not any(probe.prompt in text for text in all_texts)
-            else:
-                assert probe.template_id not in used.get((probe.subject, probe.relation), set())
-    # every paraphrase wording of every relation, rendered for every trained fact: never a passage
-    for period in bench.periods:
-        for passage in period.passages:
-            for template in family_for(passage.relation).paraphrase:
-                assert render(template, period.name, passage.subject, passage.value) not in all_texts
+def all_training_texts(bench: Benchmark) -> list[str]:
+    return [p.text for period in bench.periods for p in period.passages]
 
 
-def test_paraphrase_share_and_ids(bench: Benchmark) -> None:
+@pytest.mark.parametrize("cfg", [DataConfig(), DataConfig(seed=1, qa_share=0.5, passages_per_fact=4),
+                                 DataConfig(seed=5, num_training_templates=6, num_heldout_templates=6)])
+def test_held_out_wordings_never_render_any_training_text(cfg: DataConfig) -> None:
+    bench = generate(cfg)
+    training, held_out = template_split(cfg)
+    assert len(training) == cfg.num_training_templates and len(held_out) == cfg.num_heldout_templates
+    assert not set(training) & set(held_out)
+    texts = all_training_texts(bench)
+    text_set = set(texts)
+    used = {int(p.template_id.split("/w")[1]) for period in bench.periods for p in period.passages
+            if "/w" in p.template_id}
+    assert used <= set(training) and not used & set(held_out)
+    # Every held-out wording, rendered for every fact in every period with every value it ever had:
+    # never a training text, and its prompt + value never inside one.
+    for fact in bench.meta["facts"]:
+        family = family_for(fact["relation"])
+        for period in bench.period_names:
+            for value in set(fact["values"].values()):
+                for t in held_out:
+                    text = render(family.wordings[t], period, fact["subject"], value)
+                    assert text not in text_set
+                    needle = prompt_of(family.wordings[t], period, fact["subject"]) + " " + value
+                    assert not any(needle in x for x in texts)
+    for probe in bench.all_probes():
+        if probe.family == "extraction":
+            assert int(probe.template_id.split("/w")[1]) in held_out
+
+
+def test_storage_probe_is_the_cloze_of_a_trained_passage() -> None:
+    bench = generate(DataConfig(seed=1, qa_share=0.5, passages_per_fact=3))
+    passages_of = {}
+    for period in bench.periods:
+        for p in period.passages:
+            passages_of.setdefault((p.period, p.subject, p.relation), []).append(p)
+    storage = [p for p in bench.all_probes() if p.family == "storage"]
+    assert storage
+    for probe in storage:
+        if probe.kind in ("new", "changed"):
+            # the exact trained sentence of this fact in this period, cut before the value
+            texts = [p.text for p in passages_of[(probe.period, probe.subject, probe.relation)]]
+            assert probe.prompt + " " + probe.value + "." in texts
+        else:
+            # unchanged: a wording trained for this fact when its value was last taught, dated now
+            trained = passages_of[(probe.valid_from, probe.subject, probe.relation)]
+            assert probe.valid_from != probe.period
+            assert probe.template_id in {p.template_id for p in trained}
+            assert any(p.text == (probe.prompt + " " + probe.value + ".").replace(probe.period, probe.valid_from)
+                       for p in trained)
+
+
+def test_families_ids_and_extraction_share(bench: Benchmark) -> None:
     ids = [p.id for p in bench.all_probes()]
     assert len(ids) == len(set(ids))
     for period in bench.periods:
-        standard = [p for p in period.probes if not p.paraphrase]
-        paraphrase = [p for p in period.probes if p.paraphrase]
+        storage = [p for p in period.probes if p.family == "storage"]
+        extraction = [p for p in period.probes if p.family == "extraction"]
+        # defaults: every probed fact has one probe of each family, same fact, kind and validity
+        assert len(storage) == len(extraction) > 0
+        storage_by_key = {(p.subject, p.relation): p for p in storage}
+        for ext in extraction:
+            sto = storage_by_key[(ext.subject, ext.relation)]
+            assert ext.id == sto.id.replace(":storage", ":extraction")
+            assert replace(ext, id=sto.id, prompt=sto.prompt, template_id=sto.template_id,
+                           family="storage") == sto
+            assert ext.prompt != sto.prompt
+    half = generate(DataConfig(extraction_share=0.5))
+    for period in half.periods:
         for kind in ("new", "changed", "unchanged"):
-            n = sum(p.kind == kind for p in standard)
-            assert sum(p.kind == kind for p in paraphrase) == int(0.5 * n + 0.5)
-        std_by_key = {(p.subject, p.relation): p for p in standard}
-        for para in paraphrase:
-            std = std_by_key[(para.subject, para.relation)]
-            assert para.id == std.id.replace(":std", ":para")
-            assert replace(para, id=std.id, prompt=std.prompt, template_id=std.template_id,
-                           paraphrase=False) == std
+            n = sum(p.kind == kind and p.family == "storage" for p in period.probes)
+            assert sum(p.kind == kind and p.family == "extraction" for p in period.probes) == int(0.5 * n + 0.5)
+
+
+def test_qa_items_for_a_share_of_facts() -> None:
+    cfg = DataConfig(seed=2, num_facts=40, qa_share=0.25)
+    bench = generate(cfg)
+    qa = [p for period in bench.periods for p in period.passages if "/q" in p.template_id]
+    qa_facts = {(p.subject, p.relation) for p in qa}
+    assert len({(p.subject, p.relation) for p in bench.periods[0].passages if "/q" in p.template_id}) == 10
+    for period in bench.periods:
+        for key in {(p.subject, p.relation) for p in period.passages} & qa_facts:
+            items = [p for p in period.passages if (p.subject, p.relation) == key and "/q" in p.template_id]
+            assert len(items) == len(family_for(key[1]).questions)
+            assert all(p.text.endswith(f" {p.value}.") and period.name in p.text for p in items)
+    assert bench.meta["counts"]["2018"]["qa_items"] == 10 * len(QUESTION_FRAMES)
+    # declarative passages and probes do not move when QA items are added
+    plain = generate(DataConfig(seed=2, num_facts=40))
+    assert [p for p in bench.all_probes()] == plain.all_probes()
+    assert [p for period in bench.periods for p in period.passages if "/q" not in p.template_id] == \
+        [p for period in plain.periods for p in period.passages]
+
+
+def test_enough_probes_for_tight_intervals() -> None:
+    """num_facts scales the probe set: 240 facts give >= 384 probes per family for plasticity, the n at
+    which a 95% interval of a proportion is at most +-0.05."""
+    bench = generate(DataConfig(num_facts=240, unchanged_probes_per_period=240))
+    for family in ("storage", "extraction"):
+        learned = [p for p in bench.all_probes() if p.family == family and p.kind in ("new", "changed")]
+        kept = [p for p in bench.all_probes() if p.family == family and p.kind == "unchanged"]
+        assert len(learned) >= 384 and len(kept) >= 384
 
 
 def test_no_leakage_on_generated_data(bench: Benchmark) -> None:
     check_no_leakage(bench)
-    check_no_leakage(generate(DataConfig(seed=7, num_facts=200, passages_per_fact=3)))
+    check_no_leakage(generate(DataConfig(seed=7, num_facts=200, passages_per_fact=3, qa_share=0.5)))
 
 
-def test_leakage_check_catches_a_leaky_benchmark(tmp_path: Path) -> None:
+def _probe(family: str, prompt: str = "In 2018, the mayor of Veltrassa was") -> Probe:
+    return Probe(id=f"2018:Veltrassa:mayor:{family}", subject="Veltrassa", relation="mayor",
+                 value="Zorvan Kell", period="2018", valid_from="2018", valid_until=None,
+                 previous_value=None, kind="new", family=family,  # type: ignore[arg-type]
+                 prompt=prompt, template_id="mayor/w0")
+
+
+def test_leakage_check_refuses_extraction_and_allows_storage(tmp_path: Path) -> None:
     passage = Passage(text="In 2018, the mayor of Veltrassa was Zorvan Kell.", subject="Veltrassa",
-                      relation="mayor", value="Zorvan Kell", period="2018", template_id="mayor/t0")
-    probe = Probe(id="2018:Veltrassa:mayor:std", subject="Veltrassa", relation="mayor",
-                  value="Zorvan Kell", period="2018", valid_from="2018", valid_until=None,
-                  previous_value=None, kind="new", paraphrase=False,
-                  prompt="In 2018, the mayor of Veltrassa was", template_id="mayor/t0")
-    periods = (Period(1, "2018", (passage,), (probe,)), Period(2, "2020", (), ()))
+                      relation="mayor", value="Zorvan Kell", period="2018", template_id="mayor/w0")
+    # a storage probe is the trained sentence's cloze by design: accepted
+    periods = (Period(1, "2018", (passage,), (_probe("storage"),)), Period(2, "2020", (), ()))
+    check_no_leakage(Benchmark("ok", periods, fingerprint("ok", periods)))
+    # the same text as an extraction probe is a leak, in any period's passages
+    later = replace(passage, period="2020")
+    periods = (Period(1, "2018", (), (_probe("extraction"),)), Period(2, "2020", (later,), ()))
     leaky = Benchmark("leaky", periods, fingerprint("leaky", periods))
-    with pytest.raises(DataError, match=r"probe 2018:Veltrassa:mayor:std") as info:
+    with pytest.raises(DataError, match=r"extraction probe 2018:Veltrassa:mayor:extraction.*period 2020") as info:
         check_no_leakage(leaky)
     assert "\n" not in str(info.value)
     write_benchmark(leaky, tmp_path)
     with pytest.raises(DataError, match="appears verbatim"):
         load_benchmark(str(tmp_path), DataConfig())
+
+
+def _as_version_1(doc: dict) -> dict:
+    """A current file rewritten as format version 1 wrote it: `paraphrase` instead of `family`."""
+    for period in doc["periods"]:
+        for probe in period["probes"]:
+            probe["paraphrase"] = probe.pop("family") == "extraction"
+    doc["format_version"] = 1
+    canonical = json.dumps({"name": doc["name"], "periods": doc["periods"]}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
+    doc["fingerprint"] = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return doc
+
+
+def test_version_1_files_still_read(tmp_path: Path, bench: Benchmark) -> None:
+    path = write_benchmark(bench, tmp_path / "v2")
+    assert json.loads(path.read_text(encoding="utf-8"))["format_version"] == 2
+    old = _as_version_1(json.loads(path.read_text(encoding="utf-8")))
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "benchmark.json").write_text(json.dumps(old), encoding="utf-8")
+    back = read_benchmark(tmp_path / "v1")
+    # paraphrase=true reads as extraction, false as storage; the stored v1 fingerprint is kept
+    assert back.all_probes() == bench.all_probes()
+    assert back.fingerprint == old["fingerprint"] != bench.fingerprint
+    # rewritten, it is a current-version file with a fingerprint of its content
+    assert read_benchmark(write_benchmark(back, tmp_path / "again").parent) == bench
+    # a v1 file must not carry `family`, a v2 file must not carry `paraphrase`
+    old["periods"][0]["probes"][0]["family"] = "storage"
+    (tmp_path / "v1" / "benchmark.json").write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(DataError, match=r"probes\[0\] has unknown field 'family'"):
+        read_benchmark(tmp_path / "v1")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["periods"][0]["probes"][0]["family"] = "paraphrase"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(DataError, match=r"family must be one of storage, extraction \(got 'paraphrase'\)"):
+        read_benchmark(path.parent)
+    doc["format_version"] = 3
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(DataError, match="version 1 or 2"):
+        read_benchmark(path.parent)
 
 
 def test_valid_from_until_previous_on_every_probe(bench: Benchmark) -> None:
@@ -275,7 +411,7 @@ def test_casm_raw_reader(tmp_path: Path) -> None:
     assert bench.meta["relations"] == ["census_commissioner", "harbour_master", "mayor"]
     assert bench.meta["generic_template_relations"] == ["census_commissioner", "harbour_master"]
     first = bench.periods[0]
-    assert len(first.passages) == 8 and sum(not p.paraphrase for p in first.probes) == 4
+    assert len(first.passages) == 8 and sum(p.family == "storage" for p in first.probes) == 4
     thornex = [p for p in first.passages if p.subject == "Thornex Mining Co"]
     assert thornex and all(p.relation == "harbour_master" and "harbour master" in p.text
                            for p in thornex)
@@ -283,7 +419,7 @@ def test_casm_raw_reader(tmp_path: Path) -> None:
 
     # Hand-checked fact: Maren Holt (2018) -> Dex Calloway (2020, 2022) -> Sela Draven (2024).
     probes = {(p.period, p.kind): p for p in bench.all_probes()
-              if p.subject == "Veldris Harbour Authority" and not p.paraphrase}
+              if p.subject == "Veldris Harbour Authority" and p.family == "storage"}
     expected = {
         ("2018", "new"): ("Maren Holt", "2018", "2020", None),
         ("2020", "changed"): ("Dex Calloway", "2020", "2024", "Maren Holt"),
@@ -371,6 +507,6 @@ def test_make_benchmark_script(tmp_path: Path, capsys: pytest.CaptureFixture[str
     spec.loader.exec_module(module)
     assert module.main(["--out", str(tmp_path), "--seed", "3", "--num-facts", "20"]) == 0
     out = capsys.readouterr().out
-    assert "2018" in out and "paraphrase" in out
+    assert "2018" in out and "extraction" in out
     assert read_benchmark(tmp_path) == generate(DataConfig(seed=3, num_facts=20))
     assert module.main(["--out", str(tmp_path), "--num-facts", "0"]) == 2

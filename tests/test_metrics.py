@@ -31,7 +31,7 @@ def make_probe(
     kind: str,
     valid_from: str,
     valid_until: str | None,
-    paraphrase: bool = False,
+    family: str = "storage",
 ) -> Probe:
     return Probe(
         id=pid,
@@ -43,7 +43,7 @@ def make_probe(
         valid_until=valid_until,
         previous_value=None,
         kind=kind,  # type: ignore[arg-type]
-        paraphrase=paraphrase,
+        family=family,  # type: ignore[arg-type]
         prompt=f"In {period}, {pid[0]} rel was",
         template_id="t0",
     )
@@ -96,12 +96,14 @@ def test_score_matrix_reproduces_hand_matrix_and_derive_metrics() -> None:
     rows = [{p.id: float(HAND_R[k, t]) for t, p in enumerate(probes)} for k in range(4)]
     np.testing.assert_allclose(score_matrix(rows, probes, PERIODS), HAND_R)
     out = derive_metrics(rows, rows, probes, PERIODS)
-    assert out["acc"] == pytest.approx(2.2 / 3)
-    assert out["bwt"] == pytest.approx(-0.25)
-    assert out["fwt"] == pytest.approx(0.25)
-    assert out["forgetting"] == pytest.approx(0.30)
-    assert out["forgetting_f1"] == pytest.approx(0.30)
-    np.testing.assert_allclose(np.array(out["matrix_em"], dtype=float), HAND_R)
+    assert out["acc_storage"] == pytest.approx(2.2 / 3)
+    assert out["bwt_storage"] == pytest.approx(-0.25)
+    assert out["fwt_storage"] == pytest.approx(0.25)
+    assert out["forgetting_storage"] == pytest.approx(0.30)
+    assert out["forgetting_storage_f1"] == pytest.approx(0.30)
+    np.testing.assert_allclose(np.array(out["matrix_storage_em"], dtype=float), HAND_R)
+    # no extraction probe: its matrix is all null, its metrics None (never mixed with storage)
+    assert out["matrix_extraction_em"] == [[None] * 3] * 4 and out["acc_extraction"] is None
 
 
 def test_score_matrix_nan_for_empty_selection() -> None:
@@ -151,7 +153,7 @@ def test_bad_inputs_raise() -> None:
 #   2020: A1 new, 2021        B1 new, 2022        C1 new, 2021        D1 new
 #   2021: A2 changed          B2 unchanged, 2022  C2 changed, 2022    D2 unchanged
 #   2022: A3 unchanged        B3 changed          C3 changed          D3 unchanged
-#   paraphrases: P1 of A1 (2020), P2 of C2 (2021), P3 of D3 (2022)
+#   extraction probes: P1 of A1 (2020), P2 of C2 (2021), P3 of D3 (2022); the others are storage
 def hand_probes() -> list[Probe]:
     return [
         make_probe("A1", "2020", "new", "2020", "2021"),
@@ -166,9 +168,9 @@ def hand_probes() -> list[Probe]:
         make_probe("B3", "2022", "changed", "2022", None),
         make_probe("C3", "2022", "changed", "2022", None),
         make_probe("D3", "2022", "unchanged", "2020", None),
-        make_probe("P1", "2020", "new", "2020", "2021", paraphrase=True),
-        make_probe("P2", "2021", "changed", "2021", "2022", paraphrase=True),
-        make_probe("P3", "2022", "unchanged", "2020", None, paraphrase=True),
+        make_probe("P1", "2020", "new", "2020", "2021", family="extraction"),
+        make_probe("P2", "2021", "changed", "2021", "2022", family="extraction"),
+        make_probe("P3", "2022", "unchanged", "2020", None, family="extraction"),
     ]
 
 
@@ -215,94 +217,126 @@ def test_temporal_recall_hand_computed() -> None:
     # k=1: no earlier period -> NaN
     # k=2: 2020 probes with valid_until <= 2021: A1, C1; row 2 = 1,0 -> 0.5
     # k=3: 2020/2021 probes with valid_until <= 2022: A1 B1 C1 B2 C2; row 3 = 0,1,1,0,1 -> 0.6
-    #      (A2, D1, D2 are still true; P1, P2 are paraphrases and reported apart)
+    #      (A2, D1, D2 are still true; P1, P2 are extraction probes and reported apart)
     got = temporal_recall(hand_rows_em(), hand_probes(), PERIODS)
     assert math.isnan(got[0])
     assert got[1:] == pytest.approx([0.5, 0.6])
 
 
+def test_extraction_family_hand_computed() -> None:
+    # P1 (2020 new, until 2021), P2 (2021 changed, until 2022), P3 (2022 unchanged); rows from _EM_TABLE
+    rows = hand_rows_em()
+    # plasticity: k=1 P1 in row 1 = 1; k=2 P2 in row 2 = 1; k=3 no new/changed extraction probe
+    got = plasticity(rows, hand_probes(), PERIODS, family="extraction")
+    assert got[:2] == [1.0, 1.0] and math.isnan(got[2])
+    # stability: only P3 (k=3) in row 3 = 0
+    got = stability(rows, hand_probes(), PERIODS, family="extraction")
+    assert math.isnan(got[0]) and math.isnan(got[1]) and got[2] == 0.0
+    # temporal recall: k=2 P1 in row 2 = 1; k=3 P1, P2 in row 3 = 0, 1 -> 0.5
+    got = temporal_recall(rows, hand_probes(), PERIODS, family="extraction")
+    assert math.isnan(got[0]) and got[1:] == pytest.approx([1.0, 0.5])
+    with pytest.raises(ValueError, match="family must be one of storage, extraction"):
+        plasticity(rows, hand_probes(), PERIODS, family="paraphrase")
+
+
+def test_pooled_weighs_every_probe_once_per_period_mean_every_period_once() -> None:
+    # period 2020: 4 new probes, all right; period 2021: 1 changed probe, wrong.
+    probes = [make_probe(f"a{i}", "2020", "new", "2020", None) for i in range(4)]
+    probes.append(make_probe("b0", "2021", "changed", "2021", None))
+    row = {**{f"a{i}": 1.0 for i in range(4)}, "b0": 0.0}
+    out = derive_metrics([row] * 3, [row] * 3, probes, PERIODS[:2])
+    assert out["plasticity_storage"] == [1.0, 0.0]
+    assert out["plasticity_storage_mean"] == pytest.approx(0.5)  # (1.0 + 0.0) / 2 periods
+    assert out["plasticity_storage_pooled"] == pytest.approx(0.8)  # 4 right of 5 probes
+    assert out["plasticity_storage_n"] == 5 and out["plasticity_storage_counts"] == [4, 1]
+    assert out["stability_storage_pooled"] is None and out["stability_storage_n"] == 0
+
+
 def test_derive_metrics_hand_computed() -> None:
     out = derive_metrics(hand_rows_em(), hand_rows_f1(), hand_probes(), PERIODS)
 
-    # Standard-probe matrix (4 probes per period):
+    # Storage matrix (4 probes per period):
     #   row 0: [1/4, 1/4, 1/4]   row 1: [3/4, 2/4, 1/4]
     #   row 2: [3/4, 3/4, 1/4]   row 3: [3/4, 3/4, 2/4]
     np.testing.assert_allclose(
-        out["matrix_em"],
+        out["matrix_storage_em"],
         [[0.25, 0.25, 0.25], [0.75, 0.5, 0.25], [0.75, 0.75, 0.25], [0.75, 0.75, 0.5]],
     )
     # ACC = (0.75 + 0.75 + 0.5) / 3 = 2/3
     # BWT = ((0.75 - 0.75) + (0.75 - 0.75)) / 2 = 0
     # FWT = ((0.5 - 0.25) + (0.25 - 0.25)) / 2 = 0.125
     # forgetting = ((max(0.75, 0.75) - 0.75) + (0.75 - 0.75)) / 2 = 0
-    assert out["acc"] == pytest.approx(2 / 3)
-    assert out["bwt"] == pytest.approx(0.0)
-    assert out["fwt"] == pytest.approx(0.125)
-    assert out["forgetting"] == pytest.approx(0.0)
+    assert out["acc_storage"] == pytest.approx(2 / 3)
+    assert out["bwt_storage"] == pytest.approx(0.0)
+    assert out["fwt_storage"] == pytest.approx(0.125)
+    assert out["forgetting_storage"] == pytest.approx(0.0)
     # F1 = 0.5 * EM + 0.5: ACC -> 5/6, differences halve.
-    assert out["acc_f1"] == pytest.approx(5 / 6)
-    assert out["bwt_f1"] == pytest.approx(0.0)
-    assert out["fwt_f1"] == pytest.approx(0.0625)
-    assert out["forgetting_f1"] == pytest.approx(0.0)
-    assert out["matrix_f1"][0] == pytest.approx([0.625, 0.625, 0.625])
+    assert out["acc_storage_f1"] == pytest.approx(5 / 6)
+    assert out["bwt_storage_f1"] == pytest.approx(0.0)
+    assert out["fwt_storage_f1"] == pytest.approx(0.0625)
+    assert out["forgetting_storage_f1"] == pytest.approx(0.0)
+    assert out["matrix_storage_f1"][0] == pytest.approx([0.625, 0.625, 0.625])
 
-    assert out["plasticity"] == pytest.approx([0.75, 1.0, 0.5])
-    assert out["plasticity_mean"] == pytest.approx(0.75)
-    assert out["stability"][0] is None
-    assert out["stability"][1:] == pytest.approx([0.5, 0.5])
-    assert out["stability_mean"] == pytest.approx(0.5)
-    assert out["temporal_recall"][0] is None
-    assert out["temporal_recall"][1:] == pytest.approx([0.5, 0.6])
-    assert out["temporal_recall_mean"] == pytest.approx(0.55)
-    assert out["temporal_recall_final"] == pytest.approx(0.6)
-    assert out["plasticity_mean_f1"] == pytest.approx(0.875)
-    assert out["stability_mean_f1"] == pytest.approx(0.75)
-    assert out["temporal_recall_mean_f1"] == pytest.approx(0.775)
-    assert out["temporal_recall_final_f1"] == pytest.approx(0.8)
+    assert out["plasticity_storage"] == pytest.approx([0.75, 1.0, 0.5])
+    assert out["plasticity_storage_mean"] == pytest.approx(0.75)
+    assert out["plasticity_storage_pooled"] == pytest.approx(6 / 8)  # 3 + 2 + 1 right of 4 + 2 + 2
+    assert out["plasticity_storage_counts"] == [4, 2, 2] and out["plasticity_storage_n"] == 8
+    assert out["stability_storage"][0] is None
+    assert out["stability_storage"][1:] == pytest.approx([0.5, 0.5])
+    assert out["stability_storage_mean"] == pytest.approx(0.5)
+    assert out["stability_storage_pooled"] == pytest.approx(0.5)
+    assert out["stability_storage_counts"] == [0, 2, 2] and out["stability_storage_n"] == 4
+    assert out["temporal_recall_storage"][0] is None
+    assert out["temporal_recall_storage"][1:] == pytest.approx([0.5, 0.6])
+    assert out["temporal_recall_storage_mean"] == pytest.approx(0.55)
+    # pooled over (k, probe) pairs: k=2 A1 C1 (1 right), k=3 A1 B1 C1 B2 C2 (3 right) -> 4/7
+    assert out["temporal_recall_storage_pooled"] == pytest.approx(4 / 7)
+    assert out["temporal_recall_storage_counts"] == [0, 2, 5] and out["temporal_recall_storage_n"] == 7
+    assert out["temporal_recall_storage_final"] == pytest.approx(0.6)
+    assert out["plasticity_storage_mean_f1"] == pytest.approx(0.875)
+    assert out["plasticity_storage_pooled_f1"] == pytest.approx(0.875)
+    assert out["stability_storage_mean_f1"] == pytest.approx(0.75)
+    assert out["temporal_recall_storage_mean_f1"] == pytest.approx(0.775)
+    assert out["temporal_recall_storage_pooled_f1"] == pytest.approx(0.5 * 4 / 7 + 0.5)
+    assert out["temporal_recall_storage_final_f1"] == pytest.approx(0.8)
 
-    # Paraphrase matrix: row 0 [0,0,0], row 1 [1,0,0], row 2 [1,1,0], row 3 [0,1,0]
+    # Extraction matrix: row 0 [0,0,0], row 1 [1,0,0], row 2 [1,1,0], row 3 [0,1,0]
     np.testing.assert_allclose(
-        out["matrix_paraphrase_em"], [[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]]
+        out["matrix_extraction_em"], [[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]]
     )
-    # final: P1 P2 P3 in row 3 = 0,1,0 -> 1/3; diagonal: P1@1, P2@2, P3@3 = 1,1,0 -> 2/3
-    assert out["paraphrase_em_final"] == pytest.approx(1 / 3)
-    assert out["paraphrase_em_diag"] == pytest.approx(2 / 3)
+    # ACC = (0 + 1 + 0) / 3; BWT = ((0 - 1) + (1 - 1)) / 2; FWT = ((0 - 0) + (0 - 0)) / 2;
+    # forgetting = ((max(1, 1) - 0) + (1 - 1)) / 2
+    assert out["acc_extraction"] == pytest.approx(1 / 3)
+    assert out["bwt_extraction"] == pytest.approx(-0.5)
+    assert out["fwt_extraction"] == pytest.approx(0.0)
+    assert out["forgetting_extraction"] == pytest.approx(0.5)
+    assert out["plasticity_extraction"][:2] == [1.0, 1.0] and out["plasticity_extraction"][2] is None
+    assert out["plasticity_extraction_pooled"] == 1.0 and out["plasticity_extraction_n"] == 2
+    assert out["stability_extraction_pooled"] == 0.0 and out["stability_extraction_n"] == 1
+    assert out["temporal_recall_extraction"][1:] == pytest.approx([1.0, 0.5])
+    assert out["temporal_recall_extraction_mean"] == pytest.approx(0.75)
+    assert out["temporal_recall_extraction_pooled"] == pytest.approx(2 / 3)  # P1@2, P1@3, P2@3 = 1, 0, 1
+    assert out["temporal_recall_extraction_final"] == pytest.approx(0.5)
 
     assert out["num_probes"] == {
         "total": 15,
-        "standard": {"new": 4, "changed": 4, "unchanged": 4, "total": 12},
-        "paraphrase": {"new": 1, "changed": 1, "unchanged": 1, "total": 3},
+        "storage": {"new": 4, "changed": 4, "unchanged": 4, "total": 12},
+        "extraction": {"new": 1, "changed": 1, "unchanged": 1, "total": 3},
     }
 
 
-EXPECTED_KEYS = {
-    "period_names",
-    "matrix_em",
-    "matrix_f1",
-    "matrix_paraphrase_em",
-    "acc",
-    "bwt",
-    "fwt",
-    "forgetting",
-    "acc_f1",
-    "bwt_f1",
-    "fwt_f1",
-    "forgetting_f1",
-    "plasticity",
-    "plasticity_mean",
-    "plasticity_mean_f1",
-    "stability",
-    "stability_mean",
-    "stability_mean_f1",
-    "temporal_recall",
-    "temporal_recall_mean",
-    "temporal_recall_mean_f1",
-    "temporal_recall_final",
-    "temporal_recall_final_f1",
-    "paraphrase_em_final",
-    "paraphrase_em_diag",
-    "num_probes",
-}
+def _expected_keys() -> set[str]:
+    keys = {"period_names", "num_probes"}
+    for fam in ("storage", "extraction"):
+        keys |= {f"matrix_{fam}_em", f"matrix_{fam}_f1"}
+        keys |= {f"{m}_{fam}{s}" for m in ("acc", "bwt", "fwt", "forgetting") for s in ("", "_f1")}
+        for name in ("plasticity", "stability", "temporal_recall"):
+            keys |= {f"{name}_{fam}{s}" for s in ("", "_counts", "_mean", "_mean_f1", "_pooled", "_pooled_f1", "_n")}
+        keys |= {f"temporal_recall_{fam}_final", f"temporal_recall_{fam}_final_f1"}
+    return keys
+
+
+EXPECTED_KEYS = _expected_keys()
 
 
 def test_derive_metrics_keys_and_json_safe() -> None:
@@ -314,20 +348,21 @@ def test_derive_metrics_keys_and_json_safe() -> None:
 
 
 def test_derive_metrics_all_undefined_is_none_not_nan() -> None:
-    # T = 1, no paraphrases, no unchanged probes: most metrics are undefined and must be None.
+    # T = 1, no extraction probes, no unchanged probes: most metrics are undefined and must be None.
     probes = [make_probe("a1", "2020", "new", "2020", None)]
     rows = [{"a1": 0.0}, {"a1": 1.0}]
     out = derive_metrics(rows, rows, probes, ["2020"])
     text = json.dumps(out, allow_nan=False)
     assert "NaN" not in text
-    for key in ("bwt", "fwt", "forgetting", "bwt_f1", "stability_mean", "temporal_recall_mean",
-                "temporal_recall_final", "paraphrase_em_final", "paraphrase_em_diag"):
+    for key in ("bwt_storage", "fwt_storage", "forgetting_storage", "bwt_storage_f1", "stability_storage_mean",
+                "stability_storage_pooled", "temporal_recall_storage_mean", "temporal_recall_storage_final",
+                "acc_extraction", "plasticity_extraction_pooled"):
         assert out[key] is None, key
-    assert out["acc"] == 1.0
-    assert out["plasticity"] == [1.0]
-    assert out["stability"] == [None]
-    assert out["matrix_paraphrase_em"] == [[None], [None]]
-    assert all(isinstance(v, float) for v in out["matrix_em"][1])
+    assert out["acc_storage"] == 1.0
+    assert out["plasticity_storage"] == [1.0]
+    assert out["stability_storage"] == [None]
+    assert out["matrix_extraction_em"] == [[None], [None]]
+    assert all(isinstance(v, float) for v in out["matrix_storage_em"][1])
 
 
 def test_routing_accuracy() -> None:

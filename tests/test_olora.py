@@ -211,3 +211,24 @@ def test_a_fresh_model_loads_the_state_of_any_period():
     assert {adapters.param_adapter(n) for n, p in fresh.named_parameters() if p.requires_grad} == {3}
     with pytest.raises(RuntimeError, match="non-adapter"):
         fresh_method.load_trainable_state_dict(fresh, {"model.embed_tokens.weight": torch.zeros(1)})
+
+
+def test_an_embedding_target_is_an_adapter_like_the_others() -> None:
+    """The synthetic preset adapts embed_tokens too: its per-period tensors must be recognised as adapter
+    tensors (trained, saved, reloaded), start at exactly zero effect and enter the penalties."""
+    targets = ["q_proj", "v_proj", "embed_tokens"]
+    model, method = make(OLoraOptions(r=4, alpha=8, target_modules=targets))
+    names = [n for n, _ in model.named_parameters() if "lora_embedding" in n]
+    assert names and all(adapters.param_adapter(n) == 1 for n in names)
+    b = batch()
+    torch.testing.assert_close(logits(model, b), logits(tiny_llama(), b), rtol=0, atol=0)
+    train(model, method, 1)
+    train(model, method, 2)
+    state = method.trainable_state_dict(model)
+    assert {n for n in state if "lora_embedding" in n} >= {n.replace("period_1", "period_2") for n in names}
+    fresh, other = make(OLoraOptions(r=4, alpha=8, target_modules=targets))
+    other.current = 2
+    other.load_trainable_state_dict(fresh, state)
+    torch.testing.assert_close(logits(fresh, b), logits(model, b))
+    ortho, _ = method.penalties(model)
+    assert float(ortho) > 0  # the embedding adapter's A of period 2 against period 1's

@@ -89,7 +89,7 @@ def test_groups_use_only_complete_runs(damaged_sweep: dict) -> None:
 
 
 def _hand_acc(run: Path) -> float:
-    """ACC by hand: final row, mean EM over each period's standard probes, averaged over periods."""
+    """Storage ACC by hand: final row, mean EM over each period's storage probes, averaged over periods."""
     bench = json.loads((run / "data" / "benchmark.json").read_text())
     last = run / "periods" / f"{len(bench['periods'])}-{bench['periods'][-1]['name']}"
     em = {}
@@ -98,7 +98,7 @@ def _hand_acc(run: Path) -> float:
         em[row["id"]] = row["em"]
     per_period = []
     for period in bench["periods"]:
-        scores = [em[p["id"]] for p in period["probes"] if not p["paraphrase"]]
+        scores = [em[p["id"]] for p in period["probes"] if p["family"] == "storage"]
         per_period.append(sum(scores) / len(scores))
     return sum(per_period) / len(per_period)
 
@@ -126,11 +126,13 @@ def test_summary_ci_equals_hand_computation(damaged_sweep: dict) -> None:
     runs = damaged_sweep["runs"]
     complete = {"full_ft": [runs[("full_ft", 0)], runs[("full_ft", 2)]],
                 "lora": [runs[("lora", 0)], runs[("lora", 1)]]}
-    columns = {"final ACC ↑": "acc", "BWT ↑": "bwt", "forgetting ↓": "forgetting", "plasticity ↑": "plasticity_mean",
-               "token F1 ↑": "acc_f1"}
+    columns = {"final ACC storage ↑": "acc_storage", "BWT storage ↑": "bwt_storage",
+               "forgetting storage ↓": "forgetting_storage", "plasticity storage ↑": "plasticity_storage_pooled",
+               "plasticity extraction ↑": "plasticity_extraction_pooled",
+               "stability extraction ↑": "stability_extraction_pooled", "final ACC extraction ↑": "acc_extraction"}
     for method, method_runs in complete.items():
         assert rows[method]["n"] == "2"
-        assert rows[method]["final ACC ↑"] == _hand_cell([_hand_acc(r) for r in method_runs])
+        assert rows[method]["final ACC storage ↑"] == _hand_cell([_hand_acc(r) for r in method_runs])
         for column, key in columns.items():
             values = [json.loads((r / "results.json").read_text())["metrics"][key] for r in method_runs]
             assert rows[method][column] == _hand_cell(values), (method, column)
@@ -150,7 +152,7 @@ def test_forgetting_curve_ends_at_the_forgetting_metric(damaged_sweep: dict) -> 
     for run in result["runs"]:
         if run["status"] == "complete":
             m = run["metrics"]
-            assert report.forgetting_curve(m["matrix_em"])[-1] == pytest.approx(m["forgetting"])
+            assert report.forgetting_curve(m["matrix_storage_em"])[-1] == pytest.approx(m["forgetting_storage"])
 
 
 def test_results_csv_is_tidy(damaged_sweep: dict) -> None:
@@ -161,7 +163,8 @@ def test_results_csv_is_tidy(damaged_sweep: dict) -> None:
     assert len(keys) == len(set(keys)), "one row per run x period x metric"
     by_run = {r["run_id"] for r in rows}
     assert damaged_sweep["partial"].name in by_run  # its committed rows are still data
-    acc = [r for r in rows if r["metric"] == "acc" and r["scope"] == "run"]
+    acc = [r for r in rows if r["metric"] == "acc_storage" and r["scope"] == "run"]
+    assert {r["metric"] for r in rows if r["scope"] == "cell"} >= {"storage_em", "extraction_em", "storage_logprob"}
     assert len(acc) == 4 and all(r["status"] == "complete" for r in acc)
 
 

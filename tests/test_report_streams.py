@@ -195,7 +195,7 @@ def test_report_json_and_csv_carry_the_stream_aggregates(stream_sweep: dict) -> 
         acc = g["metrics"]["lower_is_better_summary.final"]
         assert acc["mean"] == pytest.approx(sum(m["lower_is_better_summary"]["final"] for m in runs) / 2)
         assert g["stream"]["matrix_mean"][1][1] == pytest.approx(sum(m["matrix"][1][1] for m in runs) / 2)
-        assert g["matrix_em_mean"] is None  # a stream's matrix is not EM
+        assert g["matrix_storage_em_mean"] is None  # a stream's matrix is not EM
     with open(stream_sweep["out"] / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == report.CSV_COLUMNS

@@ -206,6 +206,8 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         close_world()
     if world.is_main:
         print(format_summary(all_results, workload.summary_columns))
+        if workload.summary_legend:
+            print(workload.summary_legend)
         print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
     return EXIT_OK
 

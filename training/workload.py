@@ -30,7 +30,7 @@ from artifacts import atomic_write_text, commit_dir, staging_dir
 from data import DataError, load_benchmark
 from data.config import DataConfig
 from data.io import read_benchmark, write_benchmark
-from data.schema import Benchmark, Period, Probe
+from data.schema import PROBE_FAMILIES, Benchmark, Period, Probe
 from data.streams import load_stream
 from data.streams.schema import STREAM_FILE, Stream
 from eval_and_metrics.evaluate import evaluate_probes
@@ -64,6 +64,7 @@ class Workload:
     kind: ClassVar[str]
     # (dotted key into results.json's metrics, label) of the table main.py prints at the end
     summary_columns: ClassVar[list[tuple[str, str]]]
+    summary_legend: ClassVar[str] = ""  # printed under that table: what its labels abbreviate
     name: str
     fingerprint: str
     stages: list[Stage]
@@ -118,9 +119,15 @@ class TemporalWorkload(Workload):
     """Synthetic TemporalWiki (or CASM raw facts): periods of passages, probes scored by EM/F1/log-prob."""
 
     kind = "temporal"
-    summary_columns = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forget"),
-                       ("plasticity_mean", "Plast"), ("stability_mean", "Stab"), ("temporal_recall_final", "TempRec"),
-                       ("acc_f1", "ACC-F1"), ("paraphrase_em_final", "ParaEM")]
+    # Storage (S: the cloze of a trained sentence) and extraction (X: a wording never trained on) side
+    # by side, never averaged together; subset metrics are pooled over all their probes.
+    summary_columns = [("acc_storage", "ACC-S"), ("bwt_storage", "BWT-S"), ("forgetting_storage", "Fgt-S"),
+                       ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
+                       ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
+                       ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
+                       ("acc_extraction", "ACC-X")]
+    summary_legend = ("-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
+                      "never trained on); Plast and Stab pooled over all their probes (docs/metrics.md)")
 
     def __init__(self, bench: Benchmark) -> None:
         self.bench = bench
@@ -158,12 +165,11 @@ class TemporalWorkload(Workload):
         by_id = {r["id"]: r for r in rows}
         summary: dict[str, Any] = {}
         for period in self.bench.periods:
-            for paraphrase in (False, True):
-                sel = [by_id[p.id] for p in period.probes if p.paraphrase == paraphrase]
+            for family in PROBE_FAMILIES:
+                sel = [by_id[p.id] for p in period.probes if p.family == family]
                 if sel:
-                    key = f"{period.name}{'/paraphrase' if paraphrase else ''}"
-                    summary[key] = {"em": sum(r["em"] for r in sel) / len(sel),
-                                    "f1": sum(r["f1"] for r in sel) / len(sel), "n": len(sel)}
+                    summary[f"{period.name}/{family}"] = {"em": sum(r["em"] for r in sel) / len(sel),
+                                                          "f1": sum(r["f1"] for r in sel) / len(sel), "n": len(sel)}
         return summary
 
     def derive(self, rows_per_row):
@@ -171,8 +177,11 @@ class TemporalWorkload(Workload):
         rows_f1 = [{r["id"]: r["f1"] for r in rows} for rows in rows_per_row]
         rows_lp = [{r["id"]: r["logprob"] for r in rows} for rows in rows_per_row]
         metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names)
-        logprob = score_matrix(rows_lp, self.probes, self.bench.period_names, select=lambda p: not p.paraphrase)
-        metrics["matrix_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
+        for family in PROBE_FAMILIES:
+            logprob = score_matrix(rows_lp, self.probes, self.bench.period_names,
+                                   select=lambda p, family=family: p.family == family)
+            metrics[f"matrix_{family}_logprob"] = [[None if math.isnan(v) else float(v) for v in row]
+                                                   for row in logprob]
         return metrics
 
     def write_files(self, directory):

@@ -104,7 +104,7 @@ def main() -> int:
     assert read_manifest(run / "periods" / f"{len(PERIODS)}-{PERIODS[-1]}") is not None
     atomic_write_json(run / "results.json", {"run_id": run.name, "method": args.method, "periods": PERIODS,
                                              "final_state_sha256": state.hexdigest(),
-                                             "metrics": {"matrix_em": [[0.0] * len(PERIODS)]}})
+                                             "metrics": {"matrix_storage_em": [[0.0] * len(PERIODS)]}})
     return 0
 
 

@@ -33,8 +33,9 @@ from training.methods.lora import LoraOptions, check_targets
 from training.seeding import derive_seed
 
 PREFIX = "period_"
-# ".lora_A.period_3.weight": which adapter a parameter belongs to
-_PARAM_RE = re.compile(rf"\.lora_[AB]\.{PREFIX}(\d+)\.")
+# ".lora_A.period_3.weight" (a Linear target) or ".lora_embedding_A.period_3" (an Embedding target, a bare
+# Parameter): which adapter a parameter belongs to
+_PARAM_RE = re.compile(rf"\.lora_(?:embedding_)?[AB]\.{PREFIX}(\d+)(?:\.|$)")
 
 
 def adapter_name(k: int) -> str:
@@ -62,17 +63,29 @@ def adapters(model: nn.Module) -> list[int]:
     return sorted(int(n[len(PREFIX):]) for n in model.peft_config if n.startswith(PREFIX))
 
 
+def lora_pair(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of adapter `name` in one layer: A is r x in (a Linear's input, an Embedding's vocabulary)."""
+    if name in layer.lora_A:
+        return layer.lora_A[name].weight, layer.lora_B[name].weight
+    return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+
+
 def _init(model: nn.Module, k: int, seed: int) -> None:
-    """peft's own LoRA init (kaiming-uniform A, zero B) drawn from a local generator."""
+    """peft's own LoRA init drawn from a local generator: a Linear target gets kaiming-uniform A and zero B,
+    an Embedding target (the synthetic preset adapts embed_tokens) zero A and normal B. Either adds zero."""
     gen = torch.Generator().manual_seed(seed)
     name = adapter_name(k)
     with torch.no_grad():
         for layer in lora_layers(model):
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-            fresh = torch.empty(a.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
-            a.copy_(fresh)
-            b.zero_()
+            a, b = lora_pair(layer, name)
+            if name in layer.lora_A:
+                fresh = torch.empty(a.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+                a.copy_(fresh)
+                b.zero_()
+            else:
+                a.zero_()
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32))
 
 
 def attach(model: nn.Module, cfg: LoraOptions, seed: int) -> PeftModel:

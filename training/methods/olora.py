@@ -64,9 +64,9 @@ class OLoRA(adapters.PerPeriodAdapters):
         earlier = [adapters.adapter_name(k) for k in adapters.adapters(model) if k < self.current]
         ortho, l2 = [], []
         for layer in adapters.lora_layers(model):
-            a_new = layer.lora_A[new].weight
-            ortho.append(orthogonality_loss([layer.lora_A[j].weight for j in earlier], a_new))
-            l2.append(torch.linalg.norm(a_new) + torch.linalg.norm(layer.lora_B[new].weight))
+            a_new, b_new = adapters.lora_pair(layer, new)
+            ortho.append(orthogonality_loss([adapters.lora_pair(layer, j)[0] for j in earlier], a_new))
+            l2.append(torch.linalg.norm(a_new) + torch.linalg.norm(b_new))
         return torch.stack(ortho).sum(), torch.stack(l2).sum()
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
