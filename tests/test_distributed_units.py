@@ -45,7 +45,7 @@ def test_fsdp_scores_in_lockstep() -> None:
 
 
 def _train(**kw: object) -> SimpleNamespace:
-    base = {"strategy": "auto", "optimizer": "adamw", "mixed_precision": "none"}
+    base = {"strategy": "auto", "optimizer": "adamw"}
     return SimpleNamespace(**{**base, **kw})
 
 

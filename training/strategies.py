@@ -36,9 +36,7 @@ from training.restore import load_saved_state
 
 class Strategy:
     name: ClassVar[str]
-    # Methods that cannot run under this strategy, with the reason printed in the refusal.
-    refuses: ClassVar[dict[str, str]] = {}
-    # Methods this strategy runs; None = every method not refused.
+    # Methods this strategy runs; None = every method.
     only: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, world: World, device: torch.device) -> None:
@@ -51,12 +49,10 @@ class Strategy:
         if cls.only is not None and method not in cls.only:
             return [f"train.strategy {cls.name} runs only {', '.join(cls.only)}, not method {method!r}: "
                     f"its trainable state is small enough to replicate, use train.strategy ddp"]
-        if method in cls.refuses:
-            return [f"train.strategy {cls.name} cannot run method {method!r}: {cls.refuses[method]}"]
         return []
 
     @classmethod
-    def check_config(cls, optimizer: str, mixed_precision: str) -> list[str]:
+    def check_optimizer(cls, optimizer: str) -> list[str]:
         return []
 
     def prepare(self, model: nn.Module) -> None:
@@ -167,7 +163,7 @@ class FSDP(Strategy):
         self.sharded = False
 
     @classmethod
-    def check_config(cls, optimizer: str, mixed_precision: str) -> list[str]:
+    def check_optimizer(cls, optimizer: str) -> list[str]:
         if optimizer != "adamw":
             return [f"train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not "
                     f"{optimizer!r}; valid with fsdp: adamw"]
@@ -257,8 +253,7 @@ def strategy_problems(train: Any, method: str, world: World) -> list[str]:
     if resolved == "single" and world.active:
         return [f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
                 f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}"]
-    return STRATEGIES[resolved].check(method, world) + STRATEGIES[resolved].check_config(train.optimizer,
-                                                                                          train.mixed_precision)
+    return STRATEGIES[resolved].check(method, world) + STRATEGIES[resolved].check_optimizer(train.optimizer)
 
 
 def total_norm(norm: torch.Tensor) -> float:
