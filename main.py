@@ -27,6 +27,10 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|accelerate)(\.|$)")
+# peft warns whenever an adapter sits on a tied embedding (the synthetic preset adapts embed_tokens) that
+# merging may be complicated: our export merges such adapters itself, untying the head (docs/export.md).
+warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True. and a tied layer is part of the adapter",
+                        category=UserWarning)
 
 from training.signals import EXIT_RESUME, STOP_SIGNALS, StopFlag, StopRequested  # noqa: E402
 
