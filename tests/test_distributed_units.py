@@ -83,3 +83,15 @@ def test_how_a_run_is_spread_is_not_part_of_its_identity() -> None:
     assert a.config_hash() != b.config_hash()
     # runs made before these options existed keep their identity (and so resume)
     assert "mixed_precision" not in a.to_dict()["train"]
+
+
+def test_several_ranks_without_a_rendezvous_address_is_one_line_and_exit_2(tmp_path, monkeypatch) -> None:
+    from tests.conftest import SMALL, run_main
+
+    proc = run_main(*SMALL, "--method", "lora", "--run-root", str(tmp_path),
+                    env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "", "MASTER_PORT": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: 2 ranks but MASTER_ADDR, MASTER_PORT unset: start the run with torchrun, or with run_job.sh under "
+        "Slurm, which sets them"]
+    assert not tmp_path.joinpath("runs").exists() and not any(tmp_path.iterdir())

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from training.config import ConfigError
+
 T = TypeVar("T")
 
 # How long a collective may wait for a peer before it fails: long enough for rank 0 to write a full
@@ -177,16 +179,21 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
         return world
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise RuntimeError(f"{world.size} ranks but {', '.join(missing)} unset: start the run with torchrun, or "
-                           "with run_job.sh under Slurm, which sets them")
+        raise ConfigError([f"{world.size} ranks but {', '.join(missing)} unset: start the run with torchrun, or "
+                           "with run_job.sh under Slurm, which sets them"])
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=world.rank, world_size=world.size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=world.rank, world_size=world.size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, dist.DistError) as exc:  # port taken, rendezvous timed out, a rank never came
+        raise PeerLost(f"rank {world.rank} could not join the run's {world.size} ranks at "
+                       f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                       f"({' '.join(str(exc).split())[:200]})") from None
     return world
 
 
