@@ -80,9 +80,6 @@ class Strategy:
         """How evaluation is shared (eval_and_metrics/shard.py): by default each rank scores its batches."""
         return self.world
 
-    def unwrap(self) -> None:
-        """End of the period: drop what wrap() built (DDP's gradient hooks are per set of trainables)."""
-
     def sync(self, wrapped: nn.Module, last_round: bool) -> Any:
         """Context of one round's forward and backward: gradients are reduced only in the last round."""
         return nullcontext()
@@ -100,10 +97,6 @@ class Single(Strategy):
 class DDP(Strategy):
     name = "ddp"
 
-    def __init__(self, world: World, device: torch.device) -> None:
-        super().__init__(world, device)
-        self.wrapped: nn.Module | None = None
-
     def wrap(self, model: nn.Module, method: Method) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -112,13 +105,11 @@ class DDP(Strategy):
         # A method whose trainables need not all take part in a step (CASM's router waits for a second
         # period) says so; for the others DDP skips the extra graph traversal (and its warning). Buffers are
         # never trained, so they are not re-broadcast.
-        self.wrapped = DistributedDataParallel(
+        # A new wrapper every period (its gradient hooks belong to that period's trainables); the loop drops
+        # the old one at the period's end.
+        return DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=method.leaves_parameters_unused)
-        return self.wrapped
-
-    def unwrap(self) -> None:
-        self.wrapped = None
 
     def sync(self, wrapped: nn.Module, last_round: bool) -> Any:
         if last_round or not hasattr(wrapped, "no_sync"):

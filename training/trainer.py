@@ -221,8 +221,7 @@ class Trainer:
                     bar.close()
                     raise StopRequested(f"{self.stop.signal_name} during period {k} at step {pos.step}")
         bar.close()
-        self.strategy.unwrap()
-        self.wrapped = self.model
+        self.wrapped = self.model  # releases this period's wrapper
         # The end-of-training checkpoint makes evaluation restartable: a kill during eval redoes the
         # eval from here instead of retraining (or, worse, skipping) the period.
         saved = ckpts.list_steps()
