@@ -16,6 +16,7 @@ from data.schema import Period
 from training.batching import collate, tokenize
 from training.config import ModelConfig
 from training.methods import METHODS, MethodContext
+from training.optimizers import AdamW  # the registry's AdamW: it honours the memory's update_rows
 from training.methods.casm import ROUTER_ATTR, CasmOptions, ContradictionAwareSparseMemory
 from training.methods.casm.registry import TemplateParser, build_registry, value_shape
 from training.models import build_synthetic
@@ -146,7 +147,7 @@ def as_batch(tok, texts: list[str]) -> dict:
 
 def train_period(model, tok, method, period: Period, steps: int = 4) -> None:
     texts = method.on_period_start(model, period, [p.text for p in period.passages])
-    opt = torch.optim.AdamW(method.trainable_parameters(model), lr=1e-2)
+    opt = AdamW(method.trainable_parameters(model), lr=1e-2)
     b = as_batch(tok, texts)
     model.train()
     for _ in range(steps):
@@ -179,7 +180,7 @@ def test_router_receives_gradient_from_its_loss_and_from_the_lm_loss(bench):
     train_period(model, tok, method, bench.periods[0])
     period = bench.periods[1]
     texts = method.on_period_start(model, period, [p.text for p in period.passages])
-    opt = torch.optim.AdamW(method.trainable_parameters(model), lr=1e-2)
+    opt = AdamW(method.trainable_parameters(model), lr=1e-2)
     b = as_batch(tok, texts)
     model.train()
     # One step first: the LM loss reaches the router through gate_b = 1 + soft_b - stop_grad(soft_b),

@@ -10,14 +10,13 @@ k^2 candidates whose top-k are read, so `num_keys**2` slots cost two `num_keys`-
 Values start at zero, so the prepared model computes exactly what the base model does. The backbone is
 frozen. After each backward pass the slots the batch read are ranked by TF-IDF (how often this batch
 read a slot, discounted by how many earlier batches read it) and only the top-t slots' value rows keep
-their gradient; every other row is restored after the optimizer step, so Adam's momentum cannot move a
-slot the batch did not choose. Keys and the query projection are random and frozen: the paper starts
+their gradient, and the optimizer is told to move only those rows (`update_rows`, training/optimizers),
+so Adam's momentum cannot move a slot the batch did not choose. Keys and the query projection are random and frozen: the paper starts
 from a pretrained memory, which we do not have, and a frozen random product-key index is a stable
 locality-sensitive hash of the hidden state (training keys would move old facts to new slots).
 
 Hooks: prepare (attach memories, freeze the backbone), trainable_parameters (value tables only),
-after_backward (TF-IDF top-t gradient mask, background counts), after_optimizer_step (restore the rows
-the mask excluded), eval_extras (how many slots were ever written). Checkpoints: trainable_state_dict
+after_backward (TF-IDF top-t gradient mask and row restriction, background counts), eval_extras (how many slots were ever written). Checkpoints: trainable_state_dict
 holds only memory tensors (keys, query projection, values), state_dict the access statistics.
 
 The memory classes here are shared with casm (training/methods/casm), which gives each period its own
@@ -39,7 +38,7 @@ from data.fields import Items, Range
 from data.schema import Probe
 from training.batching import PeriodData, collate, tokenize
 from training.methods.base import Method, eval_mode
-from training.optimizers import SGD_RULE
+from training.optimizers import SGD_RULE, UPDATE_ROWS
 from training.seeding import derive_seed
 
 BACKGROUND_MAX_LEN = 512  # tokens of a passage read for the background (passages are one sentence)
@@ -319,7 +318,7 @@ def tfidf_top_t(counts: torch.Tensor, doc_freq: torch.Tensor, num_docs: int, top
 
 
 class SparseSlotUpdater:
-    """Per-step TF-IDF selection, gradient mask and exact restore of the unchosen rows.
+    """Per-step TF-IDF selection, gradient mask, and the rows the optimizer may move.
 
     `bank_of` says which value table of each memory trains now (smf: 0; casm: the current period's).
     """
@@ -332,7 +331,6 @@ class SparseSlotUpdater:
         self.doc_freq = {i: torch.zeros(m.num_slots, dtype=torch.long) for i, m in memories.items()}
         self.num_docs = 0
         self.ever_updated = {i: torch.zeros(ref.num_slots, dtype=torch.bool) for i in memories}
-        self._snapshot: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.last_selected: dict[int, torch.Tensor] = {}
 
     def start_recording(self) -> None:
@@ -349,7 +347,8 @@ class SparseSlotUpdater:
         return [mem.counts for _, mem in sorted(self.memories.items()) if mem.counts is not None]
 
     def after_backward(self, bank_of: Callable[[int], int]) -> None:
-        """Rank, mask the gradient of every unchosen row, snapshot for the restore, update background."""
+        """Rank, mask the gradient of every unchosen row, restrict the step to the chosen rows (the
+        registry's optimizers honour `update_rows`), update the background."""
         for i, mem in self.memories.items():
             counts = mem.counts.cpu() if mem.counts is not None else torch.zeros(mem.num_slots, dtype=torch.long)
             chosen = tfidf_top_t(counts, self.doc_freq[i], self.num_docs, self.top_t)
@@ -360,7 +359,7 @@ class SparseSlotUpdater:
             keep_dev = keep.to(values.device)
             if values.grad is not None:
                 values.grad[~keep_dev] = 0
-            self._snapshot[i] = (bank, keep_dev, values.detach().clone())
+            setattr(values, UPDATE_ROWS, chosen.to(values.device))
             self.last_selected[i] = chosen
             self.ever_updated[i] |= keep
             if self.grow_background:
@@ -373,14 +372,6 @@ class SparseSlotUpdater:
     def set_background(self, doc_freq: dict[int, torch.Tensor], num_docs: int) -> None:
         self.doc_freq = {i: t.clone() for i, t in doc_freq.items()}
         self.num_docs = num_docs
-
-    def after_optimizer_step(self) -> None:
-        """Put back every row the mask excluded: AdamW would otherwise move it by momentum/decay."""
-        with torch.no_grad():
-            for i, (bank, keep, before) in self._snapshot.items():
-                values = self.memories[i].values[bank]
-                values[~keep] = before[~keep]
-        self._snapshot = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"doc_freq": {str(i): t.clone() for i, t in self.doc_freq.items()}, "num_docs": self.num_docs,
@@ -506,10 +497,6 @@ class SparseMemoryFinetune(Method):
     def after_backward(self, model: nn.Module) -> None:
         assert self.updater is not None
         self.updater.after_backward(lambda i: 0)
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        assert self.updater is not None
-        self.updater.after_optimizer_step()
 
     def on_period_end(self, model: nn.Module, period: Any, data: PeriodData) -> None:
         assert self.updater is not None

@@ -28,7 +28,7 @@ eval_extras()["registry"], which the trainer writes to periods/<k>-<name>/eval/s
 
 Hooks: prepare (memories with one bank per period, router, hooks), on_period_start (parse passages,
 update the registry, drop passages that restate an active value), trainable_parameters (bank k + router),
-extra_loss (router cross-entropy incl. rehearsal), after_backward / after_optimizer_step (TF-IDF top-t
+extra_loss (router cross-entropy incl. rehearsal), after_backward (TF-IDF top-t
 slot mask, as smf), on_period_end (router rehearsal inputs and slot assignment), eval_extras
 (routing accuracy from the prompts alone, routed versions, registry). Checkpoints: memory tensors and
 router (trainable_state_dict); registry (with its text log, from which the router's rehearsal set is
@@ -391,10 +391,6 @@ class ContradictionAwareSparseMemory(Method):
         assert self.updater is not None
         bank = self.current - 1
         self.updater.after_backward(lambda i: bank)
-
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        assert self.updater is not None
-        self.updater.after_optimizer_step()
 
     def on_period_end(self, model: nn.Module, period: Period, data: PeriodData) -> None:
         assert self.updater is not None and self.router is not None
