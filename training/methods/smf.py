@@ -10,14 +10,16 @@ k^2 candidates whose top-k are read, so `num_keys**2` slots cost two `num_keys`-
 Values start at zero, so the prepared model computes exactly what the base model does. The backbone is
 frozen. After each backward pass the slots the batch read are ranked by TF-IDF (how often this batch
 read a slot, discounted by how many earlier batches read it) and only the top-t slots' value rows keep
-their gradient, and the optimizer is told to move only those rows (`update_rows`, training/optimizers),
-so Adam's momentum cannot move a slot the batch did not choose. Keys and the query projection are random and frozen: the paper starts
-from a pretrained memory, which we do not have, and a frozen random product-key index is a stable
-locality-sensitive hash of the hidden state (training keys would move old facts to new slots).
+their gradient, and the optimizer is told to move only those rows (`update_rows`,
+training/optimizers), so Adam's momentum cannot move a slot the batch did not choose. Keys and the
+query projection are random and frozen: the paper starts from a pretrained memory, which we do not
+have, and a frozen random product-key index is a stable locality-sensitive hash of the hidden state
+(training keys would move old facts to new slots).
 
 Hooks: prepare (attach memories, freeze the backbone), trainable_parameters (value tables only),
-after_backward (TF-IDF top-t gradient mask and row restriction, background counts), eval_extras (how many slots were ever written). Checkpoints: trainable_state_dict
-holds only memory tensors (keys, query projection, values), state_dict the access statistics.
+after_backward (TF-IDF top-t gradient mask and row restriction, background counts), eval_extras
+(how many slots were ever written). Checkpoints: trainable_state_dict holds only memory tensors
+(keys, query projection, values), state_dict the access statistics.
 
 The memory classes here are shared with casm (training/methods/casm), which gives each period its own
 value table over the same keys.
