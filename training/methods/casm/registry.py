@@ -4,8 +4,9 @@ Nothing here reads Passage.subject/relation/value or any probe: the input is a l
 period. Extraction uses three assumptions about the text, each learnt from or checked on the corpus:
 
 1. a passage mentions the period it is about by name (the run's period names are known);
-2. names are capitalised words; a capitalised sentence-initial word counts as a name only if the
-   corpus also shows it capitalised mid-sentence, or it is directly followed by "'s" or another name;
+2. names are capitalised words; a capitalised word that opens a sentence (the first word, or one after
+   ". ? ! :", as in a question-answer item) counts as a name only if the corpus also shows it
+   capitalised mid-sentence, or it is directly followed by "'s" or another name;
 3. the value is the sentence-final phrase (cloze convention): the last run of name/number tokens
    and the lowercase words that follow it ("135 million crowns"); a sentence that has no such run
    after its subject ends in a lowercase value ("teal", "clock restorer"), which is recovered as the
@@ -54,6 +55,16 @@ def _is_capitalised(tok: str) -> bool:
     return tok[:1].isupper()
 
 
+SENTENCE_BREAK = {".", "?", "!", ":"}
+
+
+def _starts_sentence(toks: Sequence[str], i: int) -> bool:
+    """Whether toks[i] opens a sentence: the first token, or one after a sentence break. A question-answer
+    item ("Q: In 2018, what was ...? A: Cosith.") has three such openings; a word capitalised there is
+    no evidence of a name (the "A" of "A: ..." made every "A 2018 report on ..." passage's subject "A")."""
+    return i == 0 or toks[i - 1] in SENTENCE_BREAK
+
+
 def _has_digit(tok: str) -> bool:
     return any(c.isdigit() for c in tok)
 
@@ -93,8 +104,8 @@ class TemplateParser:
         doc_freq: Counter[str] = Counter()
         for toks in tokenised.values():
             doc_freq.update({t.lower() for t in toks})
-            for tok in toks[1:]:
-                if _is_capitalised(tok):
+            for i, tok in enumerate(toks):
+                if _is_capitalised(tok) and not _starts_sentence(toks, i):
                     mid_caps.add(tok)
         function_words = {w for w, n in doc_freq.items()
                           if n >= max(2, self.function_word_share * len(all_texts))}
@@ -132,10 +143,10 @@ class TemplateParser:
                 return True
             if not _is_capitalised(tok):
                 return False
-            if i > 0:
+            if not _starts_sentence(toks, i):
                 return True
-            nxt = toks[1] if len(toks) > 1 else ""
-            return tok in mid_caps or nxt in ("'s", "’s") or (_is_capitalised(nxt) and p_idx != 1)
+            nxt = toks[i + 1] if i + 1 < len(toks) else ""
+            return tok in mid_caps or nxt in ("'s", "’s") or (_is_capitalised(nxt) and p_idx != i + 1)
 
         runs: list[tuple[int, int]] = []
         i = 0
