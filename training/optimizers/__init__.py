@@ -63,8 +63,8 @@ UPDATE_ROWS = "update_rows"  # attribute a method sets on a parameter: the only 
 class RowGroups:
     """Mixin for a torch optimizer: a parameter carrying `update_rows` moves only in those rows.
 
-    `row_step` is the rule's own row-restricted update (None: take the dense step and put the other
-    rows back, which is exact for any rule and costs a copy of the parameter)."""
+    `row_step` is the rule's own row-restricted update; where it returns False the parameter takes the
+    rule's dense step and the other rows are put back, which is exact for any rule and costs a copy."""
 
     param_groups: list[dict[str, Any]]
 
