@@ -48,6 +48,21 @@ def train_records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if r.get("event") == "train"]
 
 
+def log_rows(run_dir: Path) -> list[dict]:
+    """train_log.jsonl of a run that may still be writing it: [] before it exists, and a last line
+    being written right now is left out."""
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
 def read_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMALL, comparable, only_run_dir, read_results, run_main, train_records
+from tests.conftest import REPO, SMALL, comparable, log_rows, only_run_dir, read_results, run_main, train_records
 
 pytestmark = pytest.mark.slow
 
@@ -75,10 +75,8 @@ def wait_for_steps(root: Path, launcher: subprocess.Popen, steps: int, timeout: 
     deadline = time.time() + timeout
     while time.time() < deadline:
         dirs = [d for d in root.iterdir() if d.is_dir()] if root.exists() else []
-        if dirs and (dirs[0] / "train_log.jsonl").exists():
-            done = sum(1 for line in (dirs[0] / "train_log.jsonl").read_text().splitlines() if '"train"' in line)
-            if done >= steps:
-                return
+        if dirs and sum(1 for r in log_rows(dirs[0]) if r.get("event") == "train") >= steps:
+            return
         if launcher.poll() is not None:
             raise AssertionError(f"ended early ({launcher.returncode}): {launcher.stderr.read()[-3000:]}")
         time.sleep(0.05)

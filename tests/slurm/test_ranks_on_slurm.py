@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import comparable, main_cmd, only_run_dir, read_results
+from tests.conftest import comparable, log_rows, main_cmd, only_run_dir, read_results
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -68,16 +68,7 @@ def reference_results(reference: subprocess.Popen) -> dict:
 
 def train_rows(run_root: Path) -> list[dict]:
     dirs = [d for d in run_root.iterdir() if d.is_dir()] if run_root.is_dir() else []
-    log = dirs[0] / "train_log.jsonl" if dirs else None
-    if log is None or not log.exists():
-        return []
-    rows = []
-    for line in log.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a line being written right now
-    return rows
+    return log_rows(dirs[0]) if dirs else []
 
 
 def wait_for_period(slurm: SlurmCluster, job_id: str, run_root: Path) -> int:

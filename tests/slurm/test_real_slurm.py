@@ -28,6 +28,7 @@ import pytest
 from artifacts import read_manifest, verify_manifest
 from scripts.launch import build, make_parser
 from scripts.slurm_render import render_sbatch, train_array_parameters
+from tests.conftest import log_rows
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -86,19 +87,6 @@ def only_run_dir(run_root: Path) -> Path:
     return dirs[0] if dirs else run_root / "__not_yet__"
 
 
-def train_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "train_log.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a line being written right now
-    return rows
-
-
 def job_log(run_root: Path, job_id: str) -> str:
     path = run_root.parent / "logs" / f"clkit-test-{job_id}.out"
     return path.read_text() if path.exists() else f"(no log at {path})"
@@ -115,10 +103,10 @@ class Preempted:
 def preempt_mid_period(slurm: SlurmCluster, job_id: str, run_root: Path, how: str) -> Preempted:
     def progressed() -> bool:
         return any(r.get("event") == "train" and r.get("period") == PREEMPT_PERIOD and r.get("step", 0) >= 2
-                   for r in train_log(only_run_dir(run_root)))
+                   for r in log_rows(only_run_dir(run_root)))
 
     slurm.wait_for(f"job {job_id} to train period {PREEMPT_PERIOD}", progressed, timeout_s=300, poll_s=0.2)
-    logged = [r["step"] for r in train_log(only_run_dir(run_root))
+    logged = [r["step"] for r in log_rows(only_run_dir(run_root))
               if r.get("event") == "train" and r.get("period") == PREEMPT_PERIOD]
     if how == "requeue":
         slurm.run("scontrol", "requeue", job_id)  # Slurm sends SIGTERM, then requeues the job itself
@@ -184,7 +172,7 @@ def test_preempted_job_resumes_from_its_step_checkpoint_with_identical_results(j
     assert p.final["JobState"] == "COMPLETED", f"{record}\n{log}"
     assert int(p.final["Restarts"]) >= 1, log
     run = only_run_dir(p.run_root)
-    rows = train_log(run)
+    rows = log_rows(run)
 
     # Resumed from a step checkpoint inside period 2, at or after the last step seen before the signal.
     resumes = [r for r in rows if r["event"] == "resume"]
@@ -246,7 +234,7 @@ def test_launch_fans_out_an_array_and_the_report_runs_last_and_sees_all_runs(slu
 
     # USR2 to task 0 once its main.py is training: submitit's handler -> TrainTask.checkpoint -> requeue.
     first_run = run_root / run_ids[0]
-    slurm.wait_for("task 0 to train", lambda: any(r.get("event") == "train" for r in train_log(first_run)),
+    slurm.wait_for("task 0 to train", lambda: any(r.get("event") == "train" for r in log_rows(first_run)),
                    timeout_s=300, poll_s=0.2)
     slurm.signal(f"{array_id}_0", "USR2")
     slurm.release_when_requeued(f"{array_id}_0")
@@ -261,4 +249,4 @@ def test_launch_fans_out_an_array_and_the_report_runs_last_and_sees_all_runs(slu
     assert "report: all 4 runs complete" in report_log, report_log
     for run_id in run_ids:
         assert re.search(rf"^{re.escape(run_id)}\s+complete\s+4/4\s", report_log, flags=re.M), report_log
-    assert [r for r in train_log(first_run) if r["event"] == "resume"], "task 0 did not resume"
+    assert [r for r in log_rows(first_run) if r["event"] == "resume"], "task 0 did not resume"
