@@ -234,8 +234,9 @@ def test_routing_to_an_old_period_reads_the_memory_as_that_period_left_it(bench)
     probe_batch = as_batch(tok, [p.prompt for p in bench.periods[0].probes[:6]])
     after_first = logits(model, probe_batch)
     train_period(model, tok, method, bench.periods[1])
-    bank0 = method.memories[1].values[0]
-    assert torch.equal(logits(model, probe_batch), after_first) or bank0.abs().sum() > 0
+    # the second period was written into the memory: the default routing reads it, so the next two checks
+    # (forced to the first period: unchanged; to the second: changed) are not trivially true
+    assert not torch.equal(logits(model, probe_batch), after_first)
     with torch.no_grad():  # force every token to the first period
         method.router.out.bias[:] = torch.tensor([1e4] + [-1e4] * (len(bench.period_names) - 1))
     assert torch.equal(logits(model, probe_batch), after_first)
@@ -254,7 +255,10 @@ def test_eval_extras_route_from_the_prompt_and_carry_the_registry(bench):
     extras = method.eval_extras(model, probes)
     assert set(extras["routed"]) == {p.id for p in probes}
     assert set(extras["routed"].values()) <= {"2018", "2020"}
-    assert 0.0 <= extras["routing_accuracy"] <= 1.0
+    # the share of probes routed to their own period, counted here from the routing decisions themselves
+    expected = sum(extras["routed"][p.id] == p.period for p in probes) / len(probes)
+    assert extras["routing_accuracy"] == pytest.approx(expected)
+    assert extras["routing_accuracy"] > 0.0  # two trained periods: some probes reach their own version
     json.dumps(extras)
     reg = extras["registry"]
     assert reg["num_contradictions"] == len({(x.subject, x.relation) for x in bench.periods[1].passages})

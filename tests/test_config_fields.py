@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ def test_bad_value_exits_2_with_one_line_naming_the_field_and_writes_nothing(tmp
     assert code == 2, err[-2000:]
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert dotted in lines[0] or dotted.rsplit(".", 1)[0] in lines[0], lines[0]
+    # the whole dotted name of the bad field, not only its section ("train.casmo" for train.casmo.beta1)
+    assert re.search(rf"(?<![\w.]){re.escape(dotted)}(?![\w])", lines[0]), lines[0]
     assert list(work.iterdir()) == []
     assert not (tmp_path / "home").exists() and not (tmp_path / "cache").exists()
