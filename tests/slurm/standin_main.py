@@ -1,9 +1,10 @@
 """A stand-in for main.py that keeps its process contract and nothing else, in well under a second.
 
 Used by the fast tests of run_job.sh and scripts/status.py (tests/slurm/test_local_tools.py and
-tests/slurm/test_wrapper_on_slurm.py), where what matters is the exit codes, the signals and the run directory layout, not training. It writes
-the same layout as main.py (docs/design.md) with artifacts.write_manifest, so status.py reads it the
-way it reads a real run. The real-Slurm tests use the real main.py.
+tests/slurm/test_wrapper_on_slurm.py), where what matters is the exit codes, the signals and the run
+directory layout, not training. It writes the same layout as main.py (docs/design.md) with
+artifacts.write_manifest, so status.py reads it the way it reads a real run. The real-Slurm tests use
+the real main.py.
 
 Contract kept: exit 0 when every period is committed; 2 on bad input; 75 after SIGUSR1/SIGUSR2/SIGTERM,
 having saved a step checkpoint at the next step boundary; resuming from the newest step checkpoint;
