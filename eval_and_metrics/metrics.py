@@ -171,16 +171,19 @@ def forward_transfer(r: np.ndarray) -> float:
     return _mean(terms)
 
 
-def forgetting(r: np.ndarray) -> float:
-    """F = 1/(T-1) * sum_{t=1..T-1} (max_{l=t..T-1} R[l][t] - R[T][t]) (Chaudhry et al. 2018).
+def forgetting(r: np.ndarray, first_row: int | None = None) -> float:
+    """F = 1/(T-1) * sum_{t=1..T-1} (max_{l=t..T-1} R[l][t] - R[T][t]): ours, the default.
 
     The best score a period ever had after it was trained (rows t..T-1) minus its final score.
+    ``first_row=1`` gives Chaudhry et al. 2018's exact form, max over l = 1..T-1: every trained model
+    before the last, including those from before period t was trained. The two differ here because a
+    period's unchanged facts can be answered before it is trained (docs/metrics.md names both).
     NaN for T = 1.
     """
     t_count = _check_matrix(r)
     terms = []
     for t in range(1, t_count):
-        column = r[t:t_count, t - 1]  # rows l = t..T-1
+        column = r[(t if first_row is None else first_row):t_count, t - 1]  # rows l = t (or first_row)..T-1
         best = np.nan if np.all(np.isnan(column)) else float(np.nanmax(column))
         terms.append(best - r[t_count, t - 1])
     return _mean(terms)
@@ -309,6 +312,7 @@ def _matrix_metrics(r: np.ndarray, suffix: str) -> dict[str, float]:
         f"bwt{suffix}": backward_transfer(r),
         f"fwt{suffix}": forward_transfer(r),
         f"forgetting{suffix}": forgetting(r),
+        f"forgetting_chaudhry{suffix}": forgetting(r, first_row=1),
     }
 
 

@@ -164,7 +164,7 @@ def final_scores(groups: Sequence[Any], path: Path, title: str) -> Path | None:
 
 
 def forgetting_curves(groups: Sequence[Any], path: Path, title: str) -> Path | None:
-    """Forgetting after period k (k = 2..T), the Chaudhry et al. formula truncated at k, with CI bands."""
+    """Forgetting after period k (k = 2..T), our formula (docs/metrics.md) truncated at k, with CI bands."""
     groups = [g for g in groups if g.forgetting_curve]
     if not groups:
         return None

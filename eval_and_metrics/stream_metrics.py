@@ -54,8 +54,11 @@ def higher_better_metrics(r: np.ndarray, cols: list[int], counts: list[int]) -> 
         "bwt": _mean([r[t][j] - r[j + 1][j] for j in earlier]),
         # FWT: zero-shot score just before training on the task, against the base model
         "fwt": _mean([r[j][j] - r[0][j] for j in cols if j >= 1]),
-        # forgetting (Chaudhry et al. 2018): best score at any earlier row minus the final one
+        # forgetting, ours: the best score the task had after it was trained minus the final one
         "forgetting": _mean([max(r[i][j] for i in range(j + 1, t)) - r[t][j] for j in earlier]),
+        # Chaudhry et al. 2018 exactly: the max over every trained model before the last (rows 1..T-1),
+        # also those from before the task was trained, where a task the base already solves scores high
+        "forgetting_chaudhry": _mean([max(r[i][j] for i in range(1, t)) - r[t][j] for j in earlier]),
         # maximum drop (CASMO B7): the worst fall of any task below its just-trained score, at any later row
         "max_drop": (max(max(r[j + 1][j] - r[i][j] for i in range(j + 1, t + 1)) for j in earlier)
                      if earlier else None),
@@ -79,6 +82,7 @@ def lower_better_metrics(r: np.ndarray, cols: list[int]) -> dict[str, Any]:
         "final": _mean([r[t][j] for j in cols]),
         "bwt": _mean([r[t][j] - r[j + 1][j] for j in earlier]),  # > 0: the loss rose again (forgetting)
         "forgetting": _mean([r[t][j] - min(r[i][j] for i in range(j + 1, t)) for j in earlier]),
+        "forgetting_chaudhry": _mean([r[t][j] - min(r[i][j] for i in range(1, t)) for j in earlier]),
         "learning": _mean([r[j + 1][j] - r[j][j] for j in cols]),  # < 0: training on the task lowered its loss
         "num_tasks": len(cols),
     }

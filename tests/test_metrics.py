@@ -10,6 +10,7 @@ import pytest
 
 from data.schema import Probe
 from eval_and_metrics.metrics import (
+    _matrix_metrics,
     average_accuracy,
     backward_transfer,
     derive_metrics,
@@ -79,6 +80,27 @@ def test_matrix_formulas_hand_computed() -> None:
     assert backward_transfer(HAND_R) == pytest.approx(-0.25)
     assert forward_transfer(HAND_R) == pytest.approx(0.25)
     assert forgetting(HAND_R) == pytest.approx(0.30)
+
+
+# Where the two forgetting conventions part: period 2's probes score 0.95 after period 1, before period 2
+# is trained (an unchanged fact the model already answers), and only 0.6 right after it.
+#            p1    p2    p3
+#   row 0   0.1   0.0   0.2
+#   row 1   0.8   0.95  0.1
+#   row 2   0.9   0.6   0.4
+#   row 3   0.5   0.5   1.0
+# ours      = ((max(R11, R21) - R31) + (max(R22) - R32)) / 2      = ((0.9-0.5) + (0.6-0.5)) / 2  = 0.25
+# Chaudhry  = ((max(R11, R21) - R31) + (max(R12, R22) - R32)) / 2 = ((0.9-0.5) + (0.95-0.5)) / 2 = 0.425
+PRE_TRAINED_R = np.array([[0.1, 0.0, 0.2], [0.8, 0.95, 0.1], [0.9, 0.6, 0.4], [0.5, 0.5, 1.0]])
+
+
+def test_forgetting_in_both_conventions_hand_computed() -> None:
+    assert forgetting(PRE_TRAINED_R) == pytest.approx(0.25)
+    assert forgetting(PRE_TRAINED_R, first_row=1) == pytest.approx(0.425)
+    assert forgetting(HAND_R, first_row=1) == pytest.approx(0.30)  # no earlier row beats the trained ones
+    out = _matrix_metrics(PRE_TRAINED_R, "_storage")
+    assert out["forgetting_storage"] == pytest.approx(0.25)
+    assert out["forgetting_chaudhry_storage"] == pytest.approx(0.425)
 
 
 def test_matrix_formulas_single_period() -> None:
@@ -329,7 +351,7 @@ def _expected_keys() -> set[str]:
     keys = {"period_names", "num_probes"}
     for fam in ("storage", "extraction"):
         keys |= {f"matrix_{fam}_em", f"matrix_{fam}_f1"}
-        keys |= {f"{m}_{fam}{s}" for m in ("acc", "bwt", "fwt", "forgetting") for s in ("", "_f1")}
+        keys |= {f"{m}_{fam}{s}" for m in ("acc", "bwt", "fwt", "forgetting", "forgetting_chaudhry") for s in ("", "_f1")}
         for name in ("plasticity", "stability", "temporal_recall"):
             keys |= {f"{name}_{fam}{s}" for s in ("", "_counts", "_mean", "_mean_f1", "_pooled", "_pooled_f1", "_n")}
         keys |= {f"temporal_recall_{fam}_final", f"temporal_recall_{fam}_final_f1"}

@@ -31,6 +31,18 @@ def test_higher_is_better_metrics_match_the_hand_computation():
     assert m["matrix"][0] == [0.1, 0.2, 0.0]
 
 
+def test_forgetting_in_both_conventions_hand_computed():
+    r = R.copy()
+    r[1][1] = 0.85  # task b already scores 0.85 after task a, before it is trained; 0.8 right after
+    hi = stream_metrics(["a", "b", "c"], ["acc"] * 3, [True] * 3, r, [10, 20, 10])["higher_is_better_summary"]
+    assert hi["forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.4)) / 2)  # ours: rows after training
+    assert hi["forgetting_chaudhry"] == pytest.approx(((0.9 - 0.5) + (0.85 - 0.4)) / 2)  # every row 1..T-1
+    nll = np.array([[3.0, 3.0, 3.0], [2.0, 1.9, 3.0], [2.2, 2.0, 3.0], [2.6, 2.4, 1.5]])
+    lo = stream_metrics(["a", "b", "c"], ["nll_per_token"] * 3, [False] * 3, nll, [5, 5, 5])["lower_is_better_summary"]
+    assert lo["forgetting"] == pytest.approx(((2.6 - 2.0) + (2.4 - 2.0)) / 2)
+    assert lo["forgetting_chaudhry"] == pytest.approx(((2.6 - 2.0) + (2.4 - 1.9)) / 2)
+
+
 def test_lower_is_better_tasks_are_summarised_apart_and_base_solved_tasks_are_flagged():
     r = np.array([
         [0.8, 3.0],   # base: task a already at 0.8 accuracy; task b NLL 3.0
