@@ -16,9 +16,18 @@ How each layer works (process tree: caller -> supervisor -> harness running the 
   preexec function (limits, privilege drop) is safe there.
 * The supervisor marks itself a child subreaper: descendants orphaned by the program re-parent to
   it, not to PID 1 (which in a container may never reap them; zombies still count against
-  RLIMIT_NPROC), and it unshares its network namespace when it may (root): the program then sees
-  only a down loopback device. Without CAP_SYS_ADMIN (an unprivileged container) this step is
-  skipped and `network_isolated` says so.
+  RLIMIT_NPROC).
+* Namespaces (`_isolate`), the same as root and as an ordinary user: a user that is not root first
+  creates a user namespace (unprivileged user namespaces: Linux >= 3.8 where the distribution allows
+  them), which gives it what it needs to create the others; the program keeps the caller's uid and
+  loses those capabilities at exec. The program gets a network namespace (a loopback device, down:
+  no connection to anything, 127.0.0.1 included), a PID namespace of which it is PID 1 (it cannot
+  see or signal the caller or anything else, and the kernel kills whatever it left when it ends), a
+  mount namespace in which every mount is read-only (mount_setattr, Linux >= 5.12) but fresh tmpfs on
+  /tmp, /var/tmp and /dev/shm (its files there die with it) and its own directory, and a /proc of its
+  own PID namespace (the caller's environment is not in view). Each layer that the kernel refuses is
+  missing from `SandboxResult.isolated`; the code scorer then says once per process, loudly, what is
+  not isolated (`isolation_warning`).
 * The program's process: a new session and process group; cwd a fresh temp directory holding
   only program.py (so tracebacks show source lines), removed afterwards; an environment built
   from nothing (PATH, LANG, HOME/TMPDIR = the temp dir,
@@ -47,17 +56,16 @@ How each layer works (process tree: caller -> supervisor -> harness running the 
 
 What it does not stop (say so rather than pretend): the program runs in the harness's own
 interpreter, so code written to cheat on purpose can find the token in the harness's frame or
-memory (sys._getframe, ctypes) and write it early, or redefine `check`; this defends against
-accidents, not against an adversary. It can read any world-readable file (the repository, system
-files), connect to the network where the namespace could not be created, write to world-writable
-directories (/tmp, /dev/shm) up to RLIMIT_FSIZE per file until the wall time is up (not cleaned
-afterwards), use RLIMIT_CPU of CPU and RLIMIT_AS of memory per process times RLIMIT_NPROC
-processes, and exploit kernel bugs. RLIMIT_NPROC counts every process of uid 65534 on the machine:
-other programs running as nobody (another sandbox in parallel, a daemon) share the budget, and if
-they already exceed it the program cannot start (reported as such). As a non-root caller there is
-no privilege drop: the program runs as the caller's uid (with the caller's file permissions), and
-RLIMIT_NPROC then counts all of the caller's processes, which usually means the program cannot fork
-or start a thread at all. The network namespace needs root. For hostile code use a VM or gVisor.
+memory (sys._getframe, ctypes) and write it early, redefine `check`, or return an object whose
+`__eq__` is always true: this defends the verdict against accidents, not against an adversary
+(closing it needs the checks in a process the program cannot reach, with plain data crossing
+between them; not built). It can read any world-readable file (read-only), use RLIMIT_CPU of CPU and
+RLIMIT_AS of memory per process times RLIMIT_NPROC processes, and exploit kernel bugs. Where the
+kernel refuses the namespaces (no unprivileged user namespaces, mount_setattr missing), the layers
+that failed are named and their protection is gone: as a user without them there is no privilege
+drop, the program runs with the caller's file permissions and can see and signal the caller's
+processes. As root, RLIMIT_NPROC counts every process of uid 65534 on the machine: other programs
+running as nobody share the budget. For hostile code use a VM or gVisor.
 """
 
 from __future__ import annotations
@@ -89,7 +97,17 @@ _OUTPUT_TAIL_BYTES = 4000
 _SUPERVISOR_GRACE_S = 30.0
 _SWEEP_LIMIT_S = 5.0
 _PR_SET_CHILD_SUBREAPER = 36
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
+_SYS_MOUNT_SETATTR = 442  # the same number on every architecture (Linux >= 5.12)
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+# Directories every user may write: each gets a fresh tmpfs of the run's own, gone with the run.
+_PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# What a complete isolation consists of (SandboxResult.isolated lists those in place).
+ISOLATION_LAYERS = ("network", "pid", "mount", "read_only", "private_tmp", "proc")
 
 # Runs inside the sandboxed interpreter, before and after the untrusted program. Kept to the
 # stdlib calls every Python 3 has, since the sandbox interpreter may not be the caller's.
@@ -134,6 +152,10 @@ class SandboxResult:
     returncode: int | None = None  # of the harness process; negative = killed by that signal
     output_tail: str = ""  # last few KB of the program's stdout+stderr
     network_isolated: bool = False
+    # the namespace layers in place for this run (ISOLATION_LAYERS); a missing one is named by
+    # isolation_warning() and warned about once per process by the code scorer
+    isolated: tuple[str, ...] = ()
+    isolation_error: str = ""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -262,8 +284,27 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
     reason = "passed" if passed else _why_not(status, returncode, returned, token, tail, timeout_s)
     if status.get("leftover"):
         reason += f" ({status['leftover']} sandbox process(es) survived the cleanup)"
+    isolated = tuple(layer for layer in ISOLATION_LAYERS if layer in status.get("isolated", ()))
     return SandboxResult(passed=passed, reason=reason, wall_s=wall_s, returncode=returncode, output_tail=tail,
-                         network_isolated=bool(status.get("network_isolated", False)))
+                         network_isolated="network" in isolated, isolated=isolated,
+                         isolation_error=str(status.get("isolation_error", ""))[:300])
+
+
+def isolation_warning(result: SandboxResult) -> str | None:
+    """One line naming what this machine's kernel did not let the sandbox isolate, or None when all is."""
+    missing = [layer for layer in ISOLATION_LAYERS if layer not in result.isolated]
+    if not missing:
+        return None
+    meaning = {"network": "the program can open network connections",
+               "pid": "the program sees and can signal the caller's processes",
+               "mount": "no private mounts", "read_only": "the program can write wherever its uid may",
+               "private_tmp": "its files in /tmp, /var/tmp and /dev/shm outlive it",
+               "proc": "it can read /proc of the caller's processes (their environment included)"}
+    why = f" ({result.isolation_error})" if result.isolation_error else ""
+    return ("the code sandbox could not isolate " + ", ".join(missing) + why + ": "
+            + "; ".join(meaning[m] for m in missing)
+            + ". Allow unprivileged user namespaces (sysctl user.max_user_namespaces, kernel.apparmor_restrict_"
+            "unprivileged_userns=0) or run untrusted code in a VM")
 
 
 def _why_not(status: dict, returncode: int | None, returned: bytes, token: bytes, tail: str,
@@ -443,17 +484,135 @@ def _libc_call(name: str, *args: int) -> bool:
         return False
 
 
+def _libc_errno() -> str:
+    import ctypes
+
+    return os.strerror(ctypes.get_errno())
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> bool:
+    import ctypes
+
+    enc = (lambda v: None if v is None else v.encode())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _read_only_tree() -> bool:
+    """Every mount of this (private) mount namespace read-only, recursively: mount_setattr(2)."""
+    import ctypes
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        attr = MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        return libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), b"/",
+                            ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _write(path: str, text: str) -> bool:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+        return True
+    except OSError:
+        return False
+
+
+def _isolate(cfg: dict, status: dict) -> str:
+    """Namespaces for the program, set up in the supervisor before it starts the program; the program's
+    working directory (it may have moved onto a private /tmp).
+
+    As root: a new mount, PID and network namespace (root may create them; the program itself runs as
+    uid 65534). Otherwise: a new user namespace first (the kernel lets an unprivileged user create one
+    where it is allowed), which grants exactly the capabilities to create the others inside it; the
+    program, which keeps the caller's uid, loses them at exec. Then:
+      network  only a loopback device, down: no connection to anything, 127.0.0.1 included;
+      pid      the program is PID 1 of its own namespace: it cannot see or signal the caller (or any other
+               process), and when it ends the kernel kills every process it left;
+      mount    private mounts: the whole tree read-only (mount_setattr), fresh tmpfs on /tmp, /var/tmp and
+               /dev/shm (what it writes there is gone with the run), a fresh /proc of its own PID
+               namespace (mounted by the program's process itself, _child_mounts).
+    Each layer that fails is left out of status["isolated"]; run_program reports what is missing.
+    """
+    isolated: list[str] = status.setdefault("isolated", [])
+    workdir = cfg["workdir"]
+    if not cfg["drop"]:
+        uid, gid = os.getuid(), os.getgid()
+        if not _libc_call("unshare", _CLONE_NEWUSER):
+            status["isolation_error"] = f"unshare(CLONE_NEWUSER): {_libc_errno()}"
+            return workdir
+        # map our own ids (the only ones an unprivileged user may map); the program keeps them
+        if not (_write("/proc/self/setgroups", "deny") and _write("/proc/self/uid_map", f"{uid} {uid} 1")
+                and _write("/proc/self/gid_map", f"{gid} {gid} 1")):
+            status["isolation_error"] = "writing the user namespace's id maps failed"
+            return workdir
+    if _libc_call("unshare", _CLONE_NEWNET):
+        isolated.append("network")
+    if _libc_call("unshare", _CLONE_NEWPID):  # applies to the children: the program is its PID 1
+        isolated.append("pid")
+    if not (_libc_call("unshare", _CLONE_NEWNS) and _mount(None, "/", None, _MS_REC | _MS_PRIVATE)):
+        status["isolation_error"] = f"a private mount namespace: {_libc_errno()}"
+        return workdir
+    isolated.append("mount")
+    with open(os.path.join(workdir, _PROGRAM_FILE), "rb") as f:  # before /tmp is covered
+        program = f.read()
+    if _read_only_tree():
+        isolated.append("read_only")
+    size = f"size={max(16 << 20, 4 * cfg['file_size_bytes'])},mode=1777"
+    private = [d for d in _PRIVATE_TMP_DIRS
+               if os.path.isdir(d) and _mount("tmpfs", d, "tmpfs", _MS_NOSUID | _MS_NODEV, size)]
+    if len(private) == len([d for d in _PRIVATE_TMP_DIRS if os.path.isdir(d)]):
+        isolated.append("private_tmp")
+    if private and (workdir + os.sep).startswith(tuple(d + os.sep for d in private)):
+        # the caller's workdir is hidden under the fresh tmpfs now: the same path, made anew on it
+        os.makedirs(workdir, mode=0o700)
+        with open(os.path.join(workdir, _PROGRAM_FILE), "wb") as f:
+            f.write(program)
+        os.chmod(os.path.join(workdir, _PROGRAM_FILE), 0o444)
+        if cfg["drop"]:
+            os.chown(workdir, cfg["uid"], cfg["gid"])
+    elif "read_only" in isolated:
+        # its own directory stays writable: a writable mount of it on top of the read-only tree
+        if not (_mount(workdir, workdir, None, _MS_BIND) and _mount(None, workdir, None, _MS_BIND | _MS_REMOUNT)):
+            status["isolation_error"] = f"the program's directory stayed read-only: {_libc_errno()}"
+    return workdir
+
+
+def _child_mounts(isolated: list[str]) -> None:
+    """In the program's process, before exec: a /proc of its own PID namespace, in a mount namespace of its
+    own (a /proc mounted in the supervisor's namespace would show the supervisor the wrong PIDs)."""
+    if "pid" not in isolated or "mount" not in isolated:
+        return
+    if _libc_call("unshare", _CLONE_NEWNS) and _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC):
+        return
+    # a kernel that refuses a new proc here (a container that masks parts of /proc): hide it instead
+    if not _mount("tmpfs", "/proc", "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4096,mode=555"):
+        os._exit(124)  # never run the program with the caller's /proc in view when we said it is hidden
+
+
 def _supervise(config_json: str) -> None:
     cfg = json.loads(config_json)
-    status: dict = {"started": False, "timed_out": False, "returncode": None, "leftover": 0,
-                    "network_isolated": False}
+    status: dict = {"started": False, "timed_out": False, "returncode": None, "leftover": 0, "isolated": []}
     _libc_call("prctl", _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    if cfg["drop"]:  # the program inherits this namespace: loopback only, and down
-        status["network_isolated"] = _libc_call("unshare", _CLONE_NEWNET)
+    _isolate(cfg, status)
+    isolated = list(status["isolated"])
+    if "pid" in isolated and "mount" in isolated:
+        isolated.append("proc")  # _child_mounts makes it so, or the program never starts
+        status["isolated"] = isolated
     cpu_s = max(1, math.ceil(cfg["timeout_s"]))
 
     def limit_and_drop() -> None:
         # Runs in the forked child before exec; the supervisor has a single thread, so this is safe.
+        _child_mounts(isolated)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"]))

@@ -88,7 +88,7 @@ def test_privileges_dropped_and_limits_set_inside_the_child(monkeypatch):
     """)
     result = run_program(program, timeout_s=1.5, memory_mb=300, max_processes=7, file_size_mb=3, max_open_files=40)
     assert result.passed, result.reason + "\n" + result.output_tail
-    assert result.network_isolated == ROOT
+    assert result.network_isolated and set(result.isolated) == set(sandbox.ISOLATION_LAYERS), result.isolated
     assert _sandbox_dirs() == before, "the temp directory must be removed"
 
 
@@ -135,7 +135,9 @@ def test_writes_outside_its_directory_fail(tmp_path: Path):
         result = run_program(program, timeout_s=5)
         assert result.passed, result.reason  # every write raised
         unguarded = run_program(f"open({str(inside)!r}, 'w').write('pwned')\n", timeout_s=5)
-        assert not unguarded.passed and ("PermissionError" in unguarded.reason), unguarded.reason
+        # refused by the permissions, the read-only tree, or not even there (the private /tmp hides it)
+        assert not unguarded.passed and any(e in unguarded.reason for e in (
+            "PermissionError", "Read-only file system", "FileNotFoundError")), unguarded.reason
         assert not inside.exists() and not etc.exists()
     finally:
         target_dir.chmod(0o755)
@@ -230,3 +232,191 @@ def test_fork_bomb_fails_quickly_and_leaves_nothing_behind():
 def test_bad_limits_are_rejected():
     with pytest.raises(ValueError):
         run_program("pass\n", timeout_s=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same attacks as root and as an unprivileged caller (a cluster user): both must fail in both modes.
+# As root the calls run here; as a user, a driver runs them under a spare uid (setpriv), from a copy of
+# sandbox.py (standard library only), with a secret in its environment, a listening socket on 127.0.0.1
+# and a home directory of its own: exactly what the candidate program is after.
+
+SPARE_UID = 4242  # no such user on the machine: nothing else runs as it
+
+_ATTACKS = {
+    # the caller's environment (cluster tokens) through /proc
+    "environ": """
+        import os
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                if b"{secret}" in open(f"/proc/{{pid}}/environ", "rb").read():
+                    found.append(pid)
+            except OSError:
+                pass
+        assert not found, "read the caller's secret through /proc/" + ",".join(found)
+    """,
+    # the caller, and whatever else it can see, killed
+    "kill": """
+        import os, signal
+        for pid in [{caller}] + [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        assert not os.path.exists("/proc/{caller}") or os.getpid() != 1, "the caller is in view"
+    """,
+    # other processes in view at all
+    "processes": """
+        import os
+        assert os.getpid() == 1, os.getpid()
+        assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1], os.listdir("/proc")
+    """,
+    # the caller's home and directories
+    "write_home": """
+        import os
+        for path in ["{home}/pwned.txt", "{home}/.bashrc"]:
+            try:
+                open(path, "w").write("pwned")
+            except OSError:
+                continue
+            raise AssertionError("wrote " + path)
+    """,
+    # a service on the loopback address
+    "connect": """
+        import socket
+        s = socket.socket()
+        s.settimeout(1)
+        try:
+            s.connect(("127.0.0.1", {port}))
+        except OSError:
+            pass
+        else:
+            raise AssertionError("connected to the caller's 127.0.0.1:{port}")
+    """,
+    # RLIMIT_NPROC holds (as a user, the program's processes are counted in its own user namespace)
+    "nproc": """
+        import os, time
+        children = []
+        try:
+            for _ in range(40):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                children.append(pid)
+        except BlockingIOError:
+            pass
+        assert len(children) < 40, "RLIMIT_NPROC is not enforced"
+    """,
+    # files that outlive the run in the world-writable directories
+    "persist": """
+        for d in ["/tmp", "/dev/shm", "/var/tmp"]:
+            try:
+                open(d + "/clkit-sandbox-left-{tag}", "w").write("left behind")
+            except OSError:
+                pass
+    """,
+}
+
+_DRIVER = r'''
+import json, os, socket, sys, textwrap
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sandbox
+
+attacks, home, tag = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(4)
+values = {"secret": os.environ["CLKIT_ATTACK_SECRET"], "caller": os.getpid(), "home": home,
+          "port": listener.getsockname()[1], "tag": tag}
+out = {}
+for name, code in attacks.items():
+    r = sandbox.run_program(textwrap.dedent(code.format(**values)).lstrip(), timeout_s=5)
+    out[name] = {"passed": r.passed, "reason": r.reason, "isolated": list(r.isolated)}
+print(json.dumps({"uid": os.getuid(), "results": out}))
+'''
+
+
+def _attack_results(as_user: bool, tmp_path: Path) -> dict:
+    import json
+    import shutil
+    import subprocess
+
+    tag = f"{os.getpid()}-{int(as_user)}"
+    secret = "clkit-secret-" + tag
+    if not as_user:
+        home = Path(tempfile.mkdtemp(prefix="clkit-sandbox-home-", dir=Path.home()))
+        values = {"secret": secret, "caller": os.getpid(), "home": home, "port": 0, "tag": tag}
+        import socket
+
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)
+            values["port"] = listener.getsockname()[1]
+            old = os.environ.get("CLKIT_ATTACK_SECRET")
+            os.environ["CLKIT_ATTACK_SECRET"] = secret
+            try:
+                out = {name: run_program(_src(code.format(**values)), timeout_s=5) for name, code in _ATTACKS.items()}
+            finally:
+                os.environ.pop("CLKIT_ATTACK_SECRET") if old is None else os.environ.update(CLKIT_ATTACK_SECRET=old)
+        shutil.rmtree(home, ignore_errors=True)
+        return {"uid": os.getuid(), "results": {n: {"passed": r.passed, "reason": r.reason, "isolated": list(r.isolated)}
+                                                 for n, r in out.items()}}
+    home = Path(tempfile.mkdtemp(prefix="clkit-sandbox-home-", dir="/home"))
+    code_dir = Path(tempfile.mkdtemp(prefix="clkit-sandbox-code-", dir="/home"))
+    try:
+        shutil.copy(sandbox.__file__, code_dir / "sandbox.py")
+        (code_dir / "driver.py").write_text(_DRIVER)
+        for d in (home, code_dir):
+            os.chown(d, SPARE_UID, SPARE_UID)
+            d.chmod(0o700)
+        for f in code_dir.iterdir():
+            os.chown(f, SPARE_UID, SPARE_UID)
+        python = sandbox.sandbox_python()  # one that uid 65534 can run: so can any other uid
+        proc = subprocess.run(
+            ["setpriv", f"--reuid={SPARE_UID}", f"--regid={SPARE_UID}", "--clear-groups", "--inh-caps=-all",
+             python, "-s", "-S", str(code_dir / "driver.py"), json.dumps(_ATTACKS), str(home), tag],
+            env={"PATH": "/usr/bin:/bin", "HOME": str(home), "CLKIT_ATTACK_SECRET": secret},
+            cwd=str(home), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"the caller ended with {proc.returncode} (-9: killed from the sandbox): {proc.stderr[-3000:]}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(code_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("as_user", [False, True], ids=["as-root", "as-user"])
+def test_the_same_attacks_fail_as_root_and_as_an_unprivileged_user(as_user: bool, tmp_path: Path):
+    if not ROOT:
+        pytest.skip("needs root to run both modes (CI runs as root)")
+    import shutil
+
+    if as_user and shutil.which("setpriv") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but setpriv (util-linux) is missing", pytrace=False)
+        pytest.skip("setpriv (util-linux) is not installed")
+    got = _attack_results(as_user, tmp_path)
+    assert got["uid"] == (SPARE_UID if as_user else 0)
+    for name, result in got["results"].items():
+        # each attack program asserts that its attack failed: it passes only when it ran to its end
+        assert result["passed"], f"{name}: {result['reason']}"
+        assert set(result["isolated"]) == set(sandbox.ISOLATION_LAYERS), (name, result["isolated"])
+    tag = f"{os.getpid()}-{int(as_user)}"
+    left = [d for d in ("/tmp", "/dev/shm", "/var/tmp") if Path(d, f"clkit-sandbox-left-{tag}").exists()]
+    assert not left, f"files written in the sandbox outlived it in {left}"
+
+
+def test_a_missing_isolation_layer_is_named_once_per_process(capsys, monkeypatch):
+    from eval_and_metrics.scorers import code_pass_at_1
+
+    monkeypatch.setattr(code_pass_at_1, "_WARNED", [])
+    partial = sandbox.SandboxResult(passed=True, reason="passed", wall_s=0.1, isolated=("network",),
+                                    isolation_error="unshare(CLONE_NEWUSER): Operation not permitted")
+    code_pass_at_1.warn_once(partial)
+    code_pass_at_1.warn_once(partial)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the code sandbox could not isolate pid, mount")
+    assert "Operation not permitted" in err[0] and "environment" in err[0]
+    full = sandbox.SandboxResult(passed=True, reason="passed", wall_s=0.1, isolated=sandbox.ISOLATION_LAYERS)
+    code_pass_at_1.warn_once(full)
+    assert capsys.readouterr().err == ""

@@ -12,13 +12,23 @@ fraction of problems that pass (the unbiased pass@k estimator with n = k = 1).
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.sandbox import run_program
+from eval_and_metrics.sandbox import SandboxResult, isolation_warning, run_program
 from eval_and_metrics.scorers.base import GenerationScorer, Row
 
 _FENCE = "```"
+_WARNED: list[str] = []
+
+
+def warn_once(result: SandboxResult) -> None:
+    """Say loudly, once per process, what the machine did not let the sandbox isolate (stderr, one line)."""
+    line = isolation_warning(result)
+    if line and line not in _WARNED:
+        _WARNED.append(line)
+        print("warning: " + line, file=sys.stderr)
 
 
 def split_code(generation: str, continues_line: bool = False) -> tuple[str, bool]:
@@ -123,5 +133,6 @@ class CodePassAt1(GenerationScorer):
     def score_generation(self, item: EvalItem, generation: str) -> Row:
         completion = extract_code(generation, continues_line=not item.prompt.endswith("\n"))
         result = run_program(build_program(item, completion), self.timeout_s, self.memory_mb)
+        warn_once(result)
         return {"prediction": completion, "generation": generation, "pass_at_1": float(result.passed),
                 "reason": result.reason}
