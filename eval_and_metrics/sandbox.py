@@ -54,12 +54,12 @@ How each layer works (process tree: caller -> supervisor -> harness running the 
   os._exit(0), sys.exit(0), a killed process or a printed "passed" before the tests finish is a
   fail.
 
-What it does not stop (say so rather than pretend): the program runs in the harness's own
-interpreter, so code written to cheat on purpose can find the token in the harness's frame or
-memory (sys._getframe, ctypes) and write it early, redefine `check`, or return an object whose
-`__eq__` is always true: this defends the verdict against accidents, not against an adversary
-(closing it needs the checks in a process the program cannot reach, with plain data crossing
-between them; not built). It can read any world-readable file (read-only), use RLIMIT_CPU of CPU and
+What it does not stop (say so rather than pretend): in the single-program mode the program runs in
+the harness's own interpreter, so code written to cheat on purpose can find the token in the
+harness's frame or memory (sys._getframe, ctypes) and write it early, redefine `check`, or return an
+object whose `__eq__` is always true; the checked mode (`tests=`, `_CHECKED_HARNESS`) closes that by
+running the tests in a process the program cannot reach, with plain data crossing between them.
+It can read any world-readable file (read-only), use RLIMIT_CPU of CPU and
 RLIMIT_AS of memory per process times RLIMIT_NPROC processes, and exploit kernel bugs. Where the
 kernel refuses the namespaces (no unprivileged user namespaces, mount_setattr missing), the layers
 that failed are named and their protection is gone: as a user without them there is no privilege
@@ -143,6 +143,184 @@ finally:
     os._exit(0)  # no atexit handlers or leftover threads of the program run after the verdict
 """ % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE}
 
+_CHECK_FILE = "check.json"  # the tests of a checked run; read and removed before the program starts
+
+# The checked mode (run_program(..., tests=, entry_point=)): the verdict out of the program's reach.
+# This process (the checker, PID 1 of the sandbox's PID namespace) reads the tests and removes them,
+# forks the program's process before it ever holds the token, makes itself undumpable (a process of the
+# same uid can then neither ptrace it nor read its memory through /proc), reads the token, and runs the
+# tests here, against a proxy of the entry point. Each call crosses a pipe as plain data (None, bool,
+# int, float, complex, str, bytes, list, tuple, set, frozenset, dict; exact types): an object whose
+# __eq__ is always true cannot cross, a redefined check() or a token read from a frame exist only in
+# the program's own process, and killing this one (it is PID 1: it cannot even be signalled from the
+# program) or the program's only fails the run.
+_CHECKED_HARNESS = r"""
+import builtins, json, os, struct, sys
+
+MAX_DEPTH = 64
+
+def enc(v, depth=0):
+    if depth > MAX_DEPTH:
+        raise TypeError("a value nested more than %%d deep" %% MAX_DEPTH)
+    t = type(v)
+    if v is None:
+        return ["none"]
+    if t is bool:
+        return ["bool", v]
+    if t is int:
+        return ["int", str(v)]
+    if t is float:
+        return ["float", repr(v)]
+    if t is complex:
+        return ["complex", repr(v.real), repr(v.imag)]
+    if t is str:
+        return ["str", v]
+    if t is bytes:
+        return ["bytes", v.hex()]
+    if t in (list, tuple, set, frozenset):
+        return [t.__name__, [enc(x, depth + 1) for x in v]]
+    if t is dict:
+        return ["dict", [[enc(k, depth + 1), enc(x, depth + 1)] for k, x in v.items()]]
+    raise TypeError("a %%s cannot cross the sandbox's boundary (only plain data: numbers, strings, bytes, "
+                    "None and lists, tuples, sets and dicts of them)" %% t.__name__)
+
+def dec(v):
+    tag = v[0]
+    if tag == "none":
+        return None
+    if tag == "bool":
+        return bool(v[1])
+    if tag == "int":
+        return int(v[1])
+    if tag == "float":
+        return float(v[1])
+    if tag == "complex":
+        return complex(float(v[1]), float(v[2]))
+    if tag == "str":
+        return str(v[1])
+    if tag == "bytes":
+        return bytes.fromhex(v[1])
+    if tag in ("list", "tuple", "set", "frozenset"):
+        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[tag](dec(x) for x in v[1])
+    if tag == "dict":
+        return {dec(k): dec(x) for k, x in v[1]}
+    raise ValueError("unknown tag %%r" %% (tag,))
+
+def send(fd, obj):
+    data = json.dumps(obj).encode("utf-8", "surrogatepass")
+    data = struct.pack(">Q", len(data)) + data
+    while data:
+        data = data[os.write(fd, data):]
+
+def recv(fd):
+    def exactly(n):
+        out = b""
+        while len(out) < n:
+            chunk = os.read(fd, n - len(out))
+            if not chunk:
+                raise EOFError
+            out += chunk
+        return out
+    n = struct.unpack(">Q", exactly(8))[0]
+    if n > 1 << 26:
+        raise EOFError  # not a message of ours: the other side wrote into the pipe itself
+    return json.loads(exactly(n).decode("utf-8", "surrogatepass"))
+
+def last_line(exc):
+    return ("%%s: %%s" %% (type(exc).__name__, exc))[:500]
+
+def program(source, entry_point, requests, replies):
+    # the program's process: run the candidate, then answer calls of its entry point
+    namespace = {"__name__": "__main__", "__file__": %(file)r, "__builtins__": __builtins__}
+    try:
+        exec(compile(source, %(file)r, "exec"), namespace)
+        function = namespace[entry_point]
+    except BaseException as exc:
+        send(replies, {"error": last_line(exc)})
+        raise
+    send(replies, {"ready": True})
+    while True:
+        try:
+            request = recv(requests)
+        except EOFError:
+            os._exit(0)
+        try:
+            value = function(*dec(request["args"]), **dec(request["kwargs"]))
+            reply = {"value": enc(value)}
+        except BaseException as exc:
+            reply = {"raise": type(exc).__name__, "message": str(exc)[:2000]}
+        send(replies, reply)
+
+def checker():
+    token_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+    with open(%(file)r, encoding="utf-8") as f:
+        source = f.read()
+    requests, to_program = os.pipe()
+    from_program, replies = os.pipe()
+    # fork before the tests or the token are in this process's memory: the program's copy holds neither
+    pid = os.fork()
+    if pid == 0:
+        for fd in (token_fd, result_fd, to_program, from_program):
+            os.close(fd)
+        entry_point = recv(requests)["go"]  # once the tests are read and gone from the disk
+        program(source, entry_point, requests, replies)
+        os._exit(1)
+    for fd in (requests, replies):
+        os.close(fd)
+    with open(%(check)r, encoding="utf-8") as f:
+        job = json.load(f)
+    os.remove(%(check)r)  # the program never reads the tests
+    send(to_program, {"go": job["entry_point"]})
+    try:
+        import ctypes
+        if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 0
+            raise OSError("prctl")
+    except Exception:
+        sys.exit("the checker could not make itself undumpable: not running the tests")
+    token = b""
+    while len(token) < %(n)d:
+        chunk = os.read(token_fd, %(n)d - len(token))
+        if not chunk:
+            break
+        token += chunk
+    os.close(token_fd)
+    try:
+        first = recv(from_program)
+    except EOFError:
+        first = {"error": "the program's process ended before its entry point could be called"}
+    if "error" in first:
+        sys.exit("the program failed before its tests ran: " + first["error"])
+
+    def proxy(*args, **kwargs):
+        send(to_program, {"args": enc(args), "kwargs": enc(kwargs)})
+        try:
+            reply = recv(from_program)
+        except EOFError:
+            raise RuntimeError("the program's process ended during a call") from None
+        if "raise" in reply:
+            kind = getattr(builtins, reply["raise"], None)
+            if not (isinstance(kind, type) and issubclass(kind, Exception)):
+                kind = RuntimeError
+            raise kind(reply["message"])
+        return dec(reply["value"])
+
+    proxy.__name__ = proxy.__qualname__ = job["entry_point"]
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    if job["context"]:
+        exec(compile(job["context"], "<prompt>", "exec"), namespace)  # the task's own helpers, trusted
+    namespace[job["entry_point"]] = proxy
+    exec(compile(job["tests"] + "\ncheck(" + job["entry_point"] + ")\n", "<tests>", "exec"), namespace)
+    os.write(result_fd, token)
+
+checker()
+try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+finally:
+    os._exit(0)
+""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE}
+
 
 @dataclass(frozen=True)
 class SandboxResult:
@@ -216,8 +394,14 @@ def sandbox_python() -> str:
 
 
 def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_processes: int = 16,
-                file_size_mb: int = 16, max_open_files: int = 64, python: str | None = None) -> SandboxResult:
+                file_size_mb: int = 16, max_open_files: int = 64, python: str | None = None,
+                tests: str | None = None, entry_point: str = "", context: str = "") -> SandboxResult:
     """Run `source` in the sandbox (module docstring) and report whether it ran to its end.
+
+    With `tests` and `entry_point` (the checked mode): `source` is only the candidate (prompt +
+    completion); `tests` (which define check) and `context` (the task's prompt, for the helpers the tests
+    use) run in a separate checker process that calls the entry point across a plain-data boundary, and
+    passed means check(entry_point) returned there (_CHECKED_HARNESS).
 
     timeout_s: wall-clock limit (the CPU limit is the same, rounded up); memory_mb: address-space
     limit per process; max_processes: RLIMIT_NPROC (processes and threads of the sandbox user);
@@ -236,6 +420,12 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         with open(program_path, "w", encoding="utf-8", errors="replace") as f:  # a lone surrogate must not crash us
             f.write(source)
         os.chmod(program_path, 0o444)
+        checked = tests is not None
+        if checked:
+            if not entry_point.isidentifier():
+                raise ValueError(f"entry_point {entry_point!r} is not a Python identifier")
+            with open(os.path.join(workdir, _CHECK_FILE), "w", encoding="utf-8", errors="replace") as f:
+                json.dump({"tests": tests, "entry_point": entry_point, "context": context}, f)
         if drop:
             os.chown(workdir, SANDBOX_UID, SANDBOX_GID)
         os.chmod(workdir, 0o700)
@@ -253,7 +443,7 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
                   "file_size_bytes": int(file_size_mb) << 20, "max_open_files": int(max_open_files),
                   "drop": drop, "uid": SANDBOX_UID if drop else os.getuid(),
                   "gid": SANDBOX_GID if drop else os.getgid(), "marker": marker, "token_fd": token_r,
-                  "result_fd": result_w, "status_fd": status_w}
+                  "result_fd": result_w, "status_fd": status_w, "checked": checked}
         log_path = os.path.join(private, "output.log")
         with open(log_path, "wb") as log:
             supervisor = subprocess.Popen(
@@ -563,8 +753,10 @@ def _isolate(cfg: dict, status: dict) -> str:
         status["isolation_error"] = f"a private mount namespace: {_libc_errno()}"
         return workdir
     isolated.append("mount")
-    with open(os.path.join(workdir, _PROGRAM_FILE), "rb") as f:  # before /tmp is covered
-        program = f.read()
+    files = {}
+    for name in os.listdir(workdir):  # program.py (and check.json), read before /tmp is covered
+        with open(os.path.join(workdir, name), "rb") as f:
+            files[name] = (f.read(), os.stat(f.fileno()).st_mode & 0o777)
     if _read_only_tree():
         isolated.append("read_only")
     size = f"size={max(16 << 20, 4 * cfg['file_size_bytes'])},mode=1777"
@@ -575,9 +767,12 @@ def _isolate(cfg: dict, status: dict) -> str:
     if private and (workdir + os.sep).startswith(tuple(d + os.sep for d in private)):
         # the caller's workdir is hidden under the fresh tmpfs now: the same path, made anew on it
         os.makedirs(workdir, mode=0o700)
-        with open(os.path.join(workdir, _PROGRAM_FILE), "wb") as f:
-            f.write(program)
-        os.chmod(os.path.join(workdir, _PROGRAM_FILE), 0o444)
+        for name, (data, mode) in files.items():
+            with open(os.path.join(workdir, name), "wb") as f:
+                f.write(data)
+            os.chmod(os.path.join(workdir, name), mode)
+            if cfg["drop"]:
+                os.chown(os.path.join(workdir, name), cfg["uid"], cfg["gid"])
         if cfg["drop"]:
             os.chown(workdir, cfg["uid"], cfg["gid"])
     elif "read_only" in isolated:
@@ -629,7 +824,8 @@ def _supervise(config_json: str) -> None:
     env = {**_minimal_env(cfg["workdir"]), _MARKER_VAR: cfg["marker"]}
     token_fd, result_fd = cfg["token_fd"], cfg["result_fd"]
     try:
-        proc = subprocess.Popen([cfg["python"], "-s", "-S", "-B", "-c", _HARNESS, str(token_fd), str(result_fd)],
+        harness = _CHECKED_HARNESS if cfg["checked"] else _HARNESS
+        proc = subprocess.Popen([cfg["python"], "-s", "-S", "-B", "-c", harness, str(token_fd), str(result_fd)],
                                 cwd=cfg["workdir"], env=env, stdin=subprocess.DEVNULL, pass_fds=(token_fd, result_fd),
                                 close_fds=True, start_new_session=True, preexec_fn=limit_and_drop)
     except (OSError, subprocess.SubprocessError) as exc:

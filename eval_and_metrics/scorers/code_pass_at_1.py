@@ -86,11 +86,33 @@ def build_program(item: EvalItem, completion: str) -> str:
     return program
 
 
+def checked(item: EvalItem) -> bool:
+    """Whether the item runs in the sandbox's checked mode: its tests in a process of their own, calling the
+    entry point across a plain-data boundary (eval_and_metrics/sandbox.py). That needs an entry point, and
+    a prompt that is valid Python alone, since the tests' process runs it for the task's helpers."""
+    if not item.entry_point:
+        return False
+    try:
+        compile(item.prompt, "<prompt>", "exec")
+    except SyntaxError:
+        return False
+    return True
+
+
+def run_item(item: EvalItem, completion: str, timeout_s: float, memory_mb: int = 512) -> SandboxResult:
+    """The completion against the item's tests in the sandbox; the verdict out of the program's reach
+    where the item allows it (`checked`), else HumanEval's one program."""
+    if checked(item):
+        return run_program(item.prompt + completion, timeout_s, memory_mb, tests=item.tests,
+                           entry_point=item.entry_point, context=item.prompt)
+    return run_program(build_program(item, completion), timeout_s, memory_mb)
+
+
 def check_reference_solutions(items: list[EvalItem], timeout_s: float = 10) -> list[str]:
     """One message per item whose reference solution (prompt + target) fails its own tests."""
     problems = []
     for item in items:
-        result = run_program(build_program(item, item.target), timeout_s)
+        result = run_item(item, item.target, timeout_s)
         if not result.passed:
             problems.append(f"code_pass_at_1: item {item.id!r}: the reference solution fails its own tests: "
                             f"{result.reason}")
@@ -132,7 +154,7 @@ class CodePassAt1(GenerationScorer):
 
     def score_generation(self, item: EvalItem, generation: str) -> Row:
         completion = extract_code(generation, continues_line=not item.prompt.endswith("\n"))
-        result = run_program(build_program(item, completion), self.timeout_s, self.memory_mb)
+        result = run_item(item, completion, self.timeout_s, self.memory_mb)
         warn_once(result)
         return {"prediction": completion, "generation": generation, "pass_at_1": float(result.passed),
                 "reason": result.reason}
