@@ -133,6 +133,30 @@ def test_mixed_precision_auto_resolves_per_device_and_leaves_the_run_id_alone():
     assert cli.world_info(default, World())["mixed_precision"] == "none"
 
 
+def test_trainables_a_method_adds_at_a_period_start_train_in_float32(tmp_path, monkeypatch):
+    """A method may add its trainables per period (olora's and per_task's adapters): the loop makes them
+    float32 before the optimizer is built, whatever dtype the method created them in."""
+    from training.methods.lora import LoRA
+
+    class GrowsInBf16(LoRA):
+        def on_period_start(self, model: nn.Module, period, texts: list[str]) -> list[str]:
+            model.register_parameter(f"grown_{period.index}", nn.Parameter(torch.zeros(4, dtype=torch.bfloat16)))
+            return texts
+
+    seen: list[set[torch.dtype]] = []
+    adamw = trainer.OPTIMIZERS["adamw"]
+
+    def recording(groups, train):
+        seen.append({p.dtype for g in groups for p in g["params"]})
+        return adamw(groups, train)
+
+    monkeypatch.setitem(METHODS, "lora", GrowsInBf16)
+    monkeypatch.setitem(trainer.OPTIMIZERS, "adamw", recording)
+    assert cli.main(["--mode", "synthetic", "--set", "data.num_facts=8", "--set", "train.epochs=1",
+                     "--set", "train.progress=false", "--method", "lora", "--run-root", str(tmp_path)]) == 0
+    assert seen and all(dtypes == {torch.float32} for dtypes in seen), seen
+
+
 # -- the memories' addresses ---------------------------------------------------------------------
 
 
