@@ -21,7 +21,8 @@ from data import DataError
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
 from training.distributed import PeerLost, World, close_world, init_world, world_from_env
 from training.methods import METHODS
-from training.models import check_model_source, enable_checkpointing, model_skeleton
+from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
+                             resolve_precision)
 from training.restore import build_model_and_method
 from training.run import RunPaths, committed_periods, human_bytes, open_run, run_dir_of
 from training.strategies import resolve_strategy, strategy_problems
@@ -75,7 +76,7 @@ def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = W
     lock = None
     with world.main_first():
         if world.is_main:
-            paths, lock = open_run(cfg, workload, world_info(cfg, world))  # short atomic writes
+            paths, lock = open_run(cfg, workload, world_info(cfg, world, loaded.device))  # short atomic writes
     paths = RunPaths(run_dir_of(cfg))
     try:
         if world.any(bool(stop)):
@@ -97,12 +98,28 @@ def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = W
     return results
 
 
-def world_info(cfg: RunConfig, world: World) -> dict[str, Any]:
-    """How the run is spread (run.json): the global batch is the config's; the per-rank share follows."""
+def world_info(cfg: RunConfig, world: World, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """How the run is spread (run.json): the global batch is the config's; the per-rank share follows.
+    And how it computes: train.mixed_precision resolved on this device (auto leaves no trace in the
+    config, so that CPU runs keep their run ids) and the dtype of the frozen weights."""
     return {"world_size": world.size, "strategy": resolve_strategy(cfg.train.strategy, world),
             "global_batch_micro_batches": cfg.train.grad_accum,
             "max_tokens_per_micro_batch": cfg.train.max_tokens_per_batch,
-            "per_rank_micro_batches": -(-cfg.train.grad_accum // world.size)}
+            "per_rank_micro_batches": -(-cfg.train.grad_accum // world.size),
+            "mixed_precision": resolve_precision(cfg.train.mixed_precision, cfg.model, device),
+            "model_dtype": str(resolve_dtype(cfg.model, device)).removeprefix("torch.")}
+
+
+def quantize_problems(cfg: RunConfig) -> list[str]:
+    """4-bit packs the backbone's weights into frozen NF4 bytes: refuse a configuration that would train
+    them (full_ft, or a regulariser with `on: full`), asked of the method for these very options."""
+    method = METHODS[cfg.method.name]
+    if cfg.model.quantize != "4bit" or not method.trains_backbone(cfg.method.options):
+        return []
+    what = f"method {cfg.method.name!r}" + (f" with on: {cfg.method.options.on}"
+                                             if hasattr(cfg.method.options, "on") else "")
+    return [f"model.quantize 4bit freezes the backbone in NF4, so {what} (which trains the backbone's weights) "
+            f"cannot run on it; valid with 4bit: an adapter or memory method such as lora, or on: lora"]
 
 
 def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -168,10 +185,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
                          f"memory reads in the forward, which checkpointing runs twice; valid: false"
                          for cfg in configs
                          if cfg.train.gradient_checkpointing and METHODS[cfg.method.name].counts_in_forward]
-            problems += [f"model.quantize 4bit freezes the backbone in NF4, so method {cfg.method.name!r} (which trains "
-                         f"the backbone's weights) cannot run on it; valid with 4bit: an adapter method such as lora"
-                         for cfg in configs
-                         if cfg.model.quantize == "4bit" and METHODS[cfg.method.name].trains_base_weights]
+            problems += [p for cfg in configs for p in quantize_problems(cfg)]
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet

@@ -39,7 +39,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     # HF hub id or local directory; "" = the embedded SmolLM2-135M-Instruct (real mode)
     name: Annotated[str, Text()] = ""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # the frozen weights' dtype (trainable ones are float32 whatever it is); auto: float32 on CPU, bfloat16 on CUDA
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     quantize: Literal["none", "4bit"] = "none"  # 4bit = bitsandbytes NF4, CUDA only
     cache_dir: Annotated[str, Text()] = ""  # where the embedded model is cached as safetensors; "" = ~/.cache/clkit
@@ -79,9 +80,11 @@ class TrainConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     # recompute activations in the backward (less memory, about a third more compute); same numbers
     gradient_checkpointing: bool = False
-    # bf16: the training forward runs under torch.autocast (weights and optimizer stay in model.dtype, use
-    # float32 for true mixed precision); changes the numbers, so it is part of the run's identity
-    mixed_precision: Literal["none", "bf16"] = "none"
+    # bf16: the training forward runs under torch.autocast in bfloat16; the trainable weights and the
+    # optimizer's state stay float32 whatever model.dtype is (frozen weights keep model.dtype). auto = bf16
+    # when the model computes in bfloat16 (CUDA by default, or model.dtype bfloat16), else none; the
+    # resolved choice is recorded in run.json. bf16 changes the numbers, so it is part of the run's identity
+    mixed_precision: Literal["auto", "none", "bf16"] = "auto"
     progress: bool = True  # show progress bars (stderr)
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
@@ -147,8 +150,10 @@ class RunConfig:
             # options of another optimizer mean nothing to it
             out["train"].pop("optimizer")
             out["train"].pop("casmo")
-        if self.train.mixed_precision == "none":
-            out["train"].pop("mixed_precision")  # as above: runs from before the option keep their identity
+        if self.train.mixed_precision in ("auto", "none"):
+            # as above: runs from before the option keep their identity; auto is none wherever such runs
+            # ran (a float32 model), and what it resolved to is recorded in run.json
+            out["train"].pop("mixed_precision")
         return out
 
     def identity_dict(self) -> dict:

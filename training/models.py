@@ -55,6 +55,36 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
+def resolve_precision(mixed_precision: str, cfg: ModelConfig, device: torch.device) -> str:
+    """train.mixed_precision as the run uses it: auto is bf16 autocast when the model computes in bfloat16
+    (CUDA by default), so a bf16 model trains as mixed precision, never with bf16 optimizer arithmetic."""
+    if mixed_precision == "auto":
+        return "bf16" if resolve_dtype(cfg, device) == torch.bfloat16 else "none"
+    return mixed_precision
+
+
+def training_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The context of a training forward under the resolved precision (resolve_precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def master_weights(model: torch.nn.Module) -> int:
+    """Every trainable floating-point parameter in float32 (the "master weights"); frozen ones keep their dtype.
+
+    In bfloat16 an AdamW step of about lr (2e-4) is below half an ulp once |w| is around 0.06 and rounds
+    away, so a bf16 model trained in place stops moving; float32 weights (and so float32 moments, which
+    AdamW creates like its parameters) keep every step, while autocast still computes in bf16. A no-op
+    on a float32 model, so CPU runs keep their numbers. Called after method.prepare and at every period
+    start (methods add adapters per period). Returns how many parameters it converted.
+    """
+    converted = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            converted += 1
+    return converted
+
+
 def check_model_source(cfg: ModelConfig, mode: str) -> None:
     """Cheap checks that run before anything is written (bad input must exit 2 with nothing created)."""
     problems = []
@@ -207,13 +237,16 @@ def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> Load
         source = "synthetic"
     else:
         kwargs: dict[str, Any] = {"dtype": dtype}
+        if device.type == "cuda":
+            # straight onto this rank's GPU: loading on the host first would hold a full copy per rank
+            # (8 ranks of an 8B model do not fit a 64 GB node); on CPU the plain load is already in place
+            kwargs["device_map"] = {"": device.index}
         if cfg.quantize == "4bit":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
                 bnb_4bit_use_double_quant=True)
-            kwargs["device_map"] = {"": device.index}
         if cfg.name:
             local = Path(cfg.name).expanduser()
             where = str(local) if local.is_dir() else cfg.name

@@ -12,7 +12,7 @@ from artifacts import load_state, load_tensors
 from data.schema import Benchmark
 from training.config import RunConfig
 from training.methods import METHODS, Method, MethodContext
-from training.models import LoadedModel, load_model
+from training.models import LoadedModel, load_model, master_weights
 from training.seeding import derive_seed, seed_everything
 from training.workload import Workload
 
@@ -25,6 +25,7 @@ def build_model_and_method(cfg: RunConfig, bench: Benchmark | Workload) -> tuple
     method = METHODS[cfg.method.name](cfg.method.options, ctx)
     seed_everything(derive_seed(cfg.seed, "prepare"))
     model = method.prepare(loaded.model).to(loaded.device)
+    master_weights(model)  # what trains is float32 even on a bf16 backbone (training/models.py)
     return loaded, method, model
 
 

@@ -39,9 +39,10 @@ class Strategy:
     # Methods this strategy runs; None = every method.
     only: ClassVar[tuple[str, ...] | None] = None
 
-    def __init__(self, world: World, device: torch.device) -> None:
+    def __init__(self, world: World, device: torch.device, precision: str = "none") -> None:
         self.world = world
         self.device = device
+        self.precision = precision  # train.mixed_precision as resolved (training/models.py resolve_precision)
 
     @classmethod
     def check(cls, method: str, world: World) -> list[str]:
@@ -149,8 +150,8 @@ class FSDP(Strategy):
     name = "fsdp"
     only = ("full_ft",)
 
-    def __init__(self, world: World, device: torch.device) -> None:
-        super().__init__(world, device)
+    def __init__(self, world: World, device: torch.device, precision: str = "none") -> None:
+        super().__init__(world, device, precision)
         self.sharded = False
 
     @classmethod
@@ -161,17 +162,22 @@ class FSDP(Strategy):
         return []
 
     def prepare(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if self.sharded:
             return
-        # one unit per decoder layer (the classes transformers itself never splits), then the rest; bf16
-        # mixed precision is the loop's autocast, as under the other strategies, so the weights stay fp32
+        # one unit per decoder layer (the classes transformers itself never splits), then the rest. The
+        # sharded weights are the float32 master weights (training/models.py master_weights); under bf16
+        # FSDP gathers them as bf16 for the forward and backward and reduce-scatters the gradients in
+        # float32, so neither the update nor the sum over ranks is rounded to bf16.
+        kwargs: dict[str, Any] = {}
+        if self.precision == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         layer_classes = set(getattr(model, "_no_split_modules", None) or ())
         for module in model.modules():
             if type(module).__name__ in layer_classes:
-                fully_shard(module)
-        fully_shard(model)
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
         self.sharded = True
 
     def sync(self, wrapped: nn.Module, last_round: bool) -> Any:

@@ -37,6 +37,7 @@ from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
 from training.distributed import World
 from training.methods.base import Method
+from training.models import master_weights, resolve_precision, training_autocast
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
 from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
@@ -110,7 +111,10 @@ class Trainer:
         # Rank 0 speaks and writes; the others hold the same state and only compute.
         self.world = world
         self.say = log if world.is_main else (lambda message: None)
-        self.strategy: Strategy = STRATEGIES[resolve_strategy(cfg.train.strategy, world)](world, device)
+        # train.mixed_precision resolved for this device and model dtype (auto: bf16 on a bf16 model)
+        self.precision = resolve_precision(cfg.train.mixed_precision, cfg.model, device)
+        self.strategy: Strategy = STRATEGIES[resolve_strategy(cfg.train.strategy, world)](world, device,
+                                                                                          precision=self.precision)
         self.strategy.prepare(model)
         self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
         self.probes = workload.probes
@@ -133,6 +137,7 @@ class Trainer:
         k, cfg, period = stage.index, self.cfg, stage.period
         seed_everything(derive_seed(cfg.seed, "period", k))
         texts = self.method.on_period_start(self.model, period, [p + c for p, c in stage.pairs])
+        master_weights(self.model)  # a method may add this period's trainables (an adapter) in the backbone's dtype
         data = self.work.tokenize(self.tokenizer, stage, texts, cfg.train.max_seq_len)
         lengths = [len(t) for t in data.token_ids]
         # Every epoch's batch plan up front: bucketing can give epochs slightly different batch counts,
@@ -258,7 +263,7 @@ class Trainer:
             # the stand-in's forward must not count as a second read of its micro-batch
             counted = [] if real else [c.clone() for c in self.method.step_counters(self.model)]
             with (self.strategy.sync(self.wrapped, last_round=r == rounds - 1), micro_rng(seed),
-                  torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.mixed_precision == "bf16")):
+                  training_autocast(self.precision, self.device)):
                 outputs = self.wrapped(**inputs)
                 loss = outputs.loss
                 extra = self.method.extra_loss(self.model, {**batch, **inputs, "micro_seed": seed}, outputs)

@@ -40,6 +40,10 @@ class Adapted(Method):
         # LoRA's check, naming this method's own section (method.ewc.target_modules, not method.lora...)
         return check_targets(cls.name, cfg, model) if cfg.on == "lora" else []
 
+    @classmethod
+    def trains_backbone(cls, cfg: Any) -> bool:
+        return PARAMETERISATIONS[cfg.on].trains_backbone(cfg)
+
     def prepare(self, model: nn.Module) -> nn.Module:
         return self.base.prepare(model)
 

@@ -89,8 +89,6 @@ class Method:
     counts_in_forward: ClassVar[bool] = False
     # some trainable parameters may get no gradient in a step (DDP must then look for them)
     leaves_parameters_unused: ClassVar[bool] = False
-    # trains the backbone's own weights (which 4-bit quantisation freezes)
-    trains_base_weights: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         self.cfg = cfg
@@ -100,6 +98,12 @@ class Method:
     def check(cls, cfg: Any, model: nn.Module) -> list[str]:
         """Problems with these options for this model (a meta-device skeleton), before any run starts."""
         return []
+
+    @classmethod
+    def trains_backbone(cls, cfg: Any) -> bool:
+        """Whether these options train the backbone's own weights (which 4-bit quantisation packs and
+        freezes): decided per configuration, since a regulariser may train an adapter or every weight."""
+        return False
 
     # -- lifecycle hooks -------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:

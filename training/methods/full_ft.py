@@ -6,6 +6,8 @@ trainable state by definition.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from training.methods.base import Method
@@ -13,7 +15,10 @@ from training.methods.base import Method
 
 class FullFineTune(Method):
     name = "full_ft"
-    trains_base_weights = True
+
+    @classmethod
+    def trains_backbone(cls, cfg: Any) -> bool:
+        return True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

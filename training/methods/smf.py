@@ -136,8 +136,16 @@ class ProductKeyMemory(nn.Module):
         self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, weights) of shape (..., top_k): the slots a token reads and their softmax weights."""
-        xf = _rms(x.float())  # so the index does not depend on the scale of the hidden state
+        """(indices, weights) of shape (..., top_k): the slots a token reads and their softmax weights.
+
+        Always in float32, outside any autocast: under train.mixed_precision bf16 the training forward
+        would otherwise score the keys in bf16 (ties included) while evaluation scores them in float32,
+        so a fact would be written to slots that evaluation never reads."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._lookup(x.float())
+
+    def _lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = _rms(x)  # so the index does not depend on the scale of the hidden state
         if self.query_input == "prefix_mean" and xf.dim() == 3:
             xf = _rms(self._prefix_mean(xf))
         q = xf @ self.query.float().t()
@@ -262,8 +270,10 @@ def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed:
             raise ValueError(f"layer {i} already has a memory; prepare() was called twice")
         ref = next(mlp.parameters())
         hidden = int(getattr(model.config, "hidden_size"))
+        # float32 whatever the backbone holds: the values train (master weights, training/models.py) and
+        # the layer's own weights may be bf16 or packed 4-bit bytes (uint8), never a memory's dtype
         memories[i] = ProductKeyMemory(hidden, opts, num_banks, derive_seed(seed, section, "memory", i),
-                                       ref.dtype, ref.device)
+                                       torch.float32, ref.device)
         _attach_hook(mlp, memories[i])
     return memories
 

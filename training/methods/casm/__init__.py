@@ -253,8 +253,11 @@ class ContradictionAwareSparseMemory(Method):
             self._logits = self._route = None
             return
         full_x, full_mask = self._router_inputs(x)
-        # periods not trained yet cannot be routed to; keep only the positions of this forward
-        logits = self.router(full_x, full_mask)[:, -x.shape[1]:, :avail]
+        # periods not trained yet cannot be routed to; keep only the positions of this forward. The route
+        # picks the banks a token reads, an address like the slots' (ProductKeyMemory.lookup): float32
+        # outside autocast, so training under bf16 routes as evaluation does.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self.router(full_x, full_mask)[:, -x.shape[1]:, :avail]
         probs = torch.softmax(logits, dim=-1)
         route = probs.argmax(-1)
         banks = torch.arange(avail, device=x.device)
