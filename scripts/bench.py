@@ -520,8 +520,8 @@ def write_table(out: Path, card: Card, cfg: SuiteConfig, rows: list[dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(card, cfg, rows)
     (out / "bench_gpu.md").write_text(table)
-    payload = {"card": asdict(card), "config": asdict(cfg), "torch": torch.__version__,
-               "cuda": torch.version.cuda, "rows": rows}
+    payload = {"card": asdict(card), "visible_gpus": torch.cuda.device_count(), "config": asdict(cfg),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "rows": rows}
     (out / "bench_gpu.json").write_text(json.dumps(payload, indent=1) + "\n")
     return table
 

@@ -167,3 +167,13 @@ def test_a_failed_row_is_reported_and_the_others_still_run(monkeypatch):
     rows = bench.run_suite(bench.PRESETS["smoke"], torch.device("cpu"), specs, local=fake)
     assert rows[0]["status"] == "failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert rows[1]["status"] == "ok" and rows[1]["step_time_s"] == 1.0
+
+
+@pytest.mark.slow
+def test_the_two_rank_row_runs_under_torchrun_and_reports_both_ranks():
+    """The 2-GPU row's plumbing (torchrun command line, rank 0's JSON row), on CPU with gloo."""
+    cfg = bench.PRESETS["smoke"]
+    row = bench.run_with_torchrun(cfg, bench.RowSpec("lora, 2 GPUs (ddp)", "lora", ranks=2))
+    assert row["ranks"] == 2 and row["strategy"] == "ddp"
+    assert row["tokens_per_step_per_rank"] == cfg.max_tokens
+    assert row["train_tokens_per_s_total"] == pytest.approx(2 * row["train_tokens_per_s_per_rank"], rel=0.2)
