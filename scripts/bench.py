@@ -318,6 +318,8 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
         first = (i * world.size + world.rank) * per_step  # each rank its own micro-batch
         idx = list(range(first, first + per_step))
         batch = collate([sequences[j] for j in idx], tokenizer.pad_token_id)
+        # counted on the host: reading a CUDA tensor would synchronise inside the timed steps
+        real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
         batch = {k: v.to(device) for k, v in batch.items()}
         if i == warmup:  # the first steps pay for allocation and lazy init
             if device.type == "cuda":
@@ -332,8 +334,8 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
         opt.zero_grad(set_to_none=True)
         method.after_optimizer_step(model)
         if i >= warmup:
-            real_tokens += int(batch["attention_mask"].sum())
-            padded_tokens += batch["attention_mask"].numel()
+            real_tokens += real
+            padded_tokens += slots
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
