@@ -16,10 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
+from scripts import bench
 
-import bench  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # The optional packages behind the scorers: a GPU node with only torch, transformers, peft and
 # accelerate lacks them, so the bench must not import them.
@@ -177,3 +176,25 @@ def test_the_two_rank_row_runs_under_torchrun_and_reports_both_ranks():
     assert row["ranks"] == 2 and row["strategy"] == "ddp"
     assert row["tokens_per_step_per_rank"] == cfg.max_tokens
     assert row["train_tokens_per_s_total"] == pytest.approx(2 * row["train_tokens_per_s_per_rank"], rel=0.2)
+
+
+@pytest.mark.parametrize("python, fakes, expected", [
+    ("mypython -X importtime", ["uv", "python3"], "mypython -X importtime scripts/bench.py --suite --smoke"),
+    (None, ["uv", "python3"], "uv run --frozen python scripts/bench.py --suite --smoke"),
+    (None, ["python3"], "python3 scripts/bench.py --suite --smoke"),
+])
+def test_the_script_runs_the_given_python_else_uv_else_python3(tmp_path, python, fakes, expected):
+    """A GPU node without uv still runs the bench (fake executables print how they were called)."""
+    for name in {*fakes, "mypython"}:
+        exe = tmp_path / name
+        exe.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        exe.chmod(0o755)
+    if "uv" not in fakes:
+        (tmp_path / "uv").unlink(missing_ok=True)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    if python:
+        env["PYTHON"] = str(tmp_path / python.split()[0]) + " " + " ".join(python.split()[1:])
+    done = subprocess.run(["bash", "scripts/bench_gpu.sh", "--smoke"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
