@@ -111,6 +111,7 @@ def test_flops_per_token_are_6n_for_full_and_4n_plus_2_trainable_for_adapters():
     ("NVIDIA H100", 132, 93.1, "H100 NVL", 835),
     ("NVIDIA H100", 132, 79.1, "H100 SXM", 989),
     ("NVIDIA H200", 132, 139.8, "H200 SXM", 989),
+    ("NVIDIA GH200 480GB", 132, 94.5, "GH200", 989),  # contains "H200": the specific name comes first
     ("NVIDIA A100-SXM4-80GB", 108, 79.2, "A100", 312),
     ("NVIDIA A100 80GB PCIe", 108, 79.2, "A100", 312),
     ("NVIDIA L40S", 142, 44.4, "L40S", 362),
