@@ -2,7 +2,8 @@
 # The GPU table of docs/benchmarks.md, one script: full_ft and lora in bf16 (checkpointing off and on),
 # QLoRA (4-bit), and full_ft and lora on 2 GPUs when two are visible; a 1B-class Llama with random
 # weights and the generated benchmark, so nothing is fetched (a few minutes on one H100-class GPU).
-# Writes runs/bench_gpu/bench_gpu.md and bench_gpu.json (--out DIR elsewhere) and prints the table.
+# Writes runs/bench_gpu/bench_gpu.md and bench_gpu.json (--out DIR elsewhere; a relative DIR is taken from
+# the repository root) and prints the table.
 #
 #   bash scripts/bench_gpu.sh                 # on a GPU node
 #   bash scripts/bench_gpu.sh --smoke         # the same rows on CPU with a tiny model, in seconds (the test)
