@@ -1,4 +1,4 @@
-"""Speed benchmark: training tokens/s (per rank and in total), padding share, peak memory, MFU on GPUs,
+"""Speed benchmark: training tokens/s (per rank and in total), step time, peak memory, MFU on GPUs,
 eval probes/s and checkpoint size per method.
 
 Speed is measured here, never in a timed test. Examples (numbers in docs/benchmarks.md):
@@ -6,144 +6,369 @@ Speed is measured here, never in a timed test. Examples (numbers in docs/benchma
     uv run python scripts/bench.py --mode synthetic --methods full_ft,lora --steps 30
     uv run python scripts/bench.py --mode real --methods lora --steps 8 --threads 2
     uv run torchrun --nproc-per-node 2 scripts/bench.py --mode synthetic --methods lora --steps 20
-    # a 1B-class Llama with random weights on one GPU, bf16 (scripts/bench_gpu.sh runs the whole set):
-    python scripts/bench.py --mode synthetic --hidden 2048 --layers 20 --heads 16 --dtype bfloat16 \
-        --methods full_ft,lora --steps 10 --max-tokens 16384 --seq-len 512 [--gradient-checkpointing] [--quantize 4bit]
+    # the GPU table (full_ft and lora in bf16, checkpointing on/off, QLoRA, 2 GPUs), one markdown + JSON file:
+    bash scripts/bench_gpu.sh            # = python scripts/bench.py --suite
+    bash scripts/bench_gpu.sh --smoke    # the same rows on CPU with a tiny model, in seconds
 
-Under torchrun every rank trains its own micro-batches through the run's strategy (ddp by default);
-rank 0 prints one row with the per-rank and the total rate.
+Every optimizer step is one micro-batch of max_tokens // seq_len sequences of exactly seq_len real
+tokens (the benchmark's passages tokenised and packed end to end, repeated as often as the steps need),
+so the token budget is filled with real tokens and the rates count no padding.
+
+Under torchrun every rank trains its own micro-batches (DDP, as train.strategy ddp wraps it); rank 0
+prints one row with the per-rank and the total rate.
+
+Only torch, transformers, peft and accelerate are needed (bitsandbytes for the 4-bit row): nothing here
+imports the scorers (rouge-score and the other evaluation packages); --eval-probes > 0 does, lazily.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from data import DataConfig, load_benchmark  # noqa: E402
-from eval_and_metrics.evaluate import evaluate_probes  # noqa: E402
-from training.batching import collate, epoch_batches, tokenize  # noqa: E402
-from training.config import ModelConfig  # noqa: E402
+from training.batching import collate  # noqa: E402
+from training.config import ConfigError, ModelConfig  # noqa: E402
 from training.distributed import World, close_world, init_world  # noqa: E402
-from training.methods import METHODS, MethodContext  # noqa: E402
+from training.methods import METHODS, Method, MethodContext  # noqa: E402
 from training.models import build_synthetic, enable_checkpointing, load_model  # noqa: E402
-from training.strategies import STRATEGIES, resolve_strategy  # noqa: E402
 
-# Dense bf16 peak of one device (vendor data sheets, without sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+# -- the card and its peak ----------------------------------------------------------------------------
+# Dense bf16 tensor-core peak with fp32 accumulation (vendor data sheets, without 2:4 sparsity), for MFU.
+# First match wins, so the specific names come before the family. torch reports the H100 SXM5 board as
+# "NVIDIA H100 80GB HBM3" and the PCIe card as "NVIDIA H100 PCIe"; a bare "H100" is told apart by its SMs
+# and memory (identify_card). A10G (AWS) is left out: NVIDIA publishes no data sheet for it.
+CARDS: list[tuple[str, str, float]] = [
+    (r"GH200", "GH200", 989e12),
+    (r"H200.*NVL", "H200 NVL", 835e12),
+    (r"H200", "H200 SXM", 989e12),
+    (r"H100.*PCIe", "H100 PCIe", 756e12),
+    (r"H100.*NVL", "H100 NVL", 835e12),
+    (r"H100.*(SXM|HBM3)", "H100 SXM", 989e12),
+    (r"H800.*PCIe", "H800 PCIe", 756e12),
+    (r"H800", "H800 SXM", 989e12),
+    (r"GB200", "GB200", 2500e12),
+    (r"B200", "B200", 2250e12),
+    (r"A100", "A100", 312e12),
+    (r"A800", "A800", 312e12),
+    (r"L40S", "L40S", 362e12),
+    (r"L40\b", "L40", 181e12),
+    (r"\bL4\b", "L4", 121e12),
+    (r"\bA10\b", "A10", 125e12),
+    (r"RTX 4090", "RTX 4090", 165e12),
+]
+H100_PCIE_SMS = 114  # the SXM5 and NVL boards have 132; NVL has 94 GB (SXM5: 80 GB)
 
 
-def peak_flops(device: torch.device) -> float | None:
+@dataclass(frozen=True)
+class Card:
+    name: str  # what torch reports
+    label: str  # the card as the table names it ("H100 PCIe"), or the name when unknown
+    peak_flops: float | None  # dense bf16 FLOP/s; None: unknown card or CPU, MFU is not reported
+    sm_count: int = 0
+    memory_gib: float = 0.0
+
+
+def identify_card(name: str, sm_count: int = 0, memory_gib: float = 0.0) -> Card:
+    for pattern, label, peak in CARDS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return Card(name, label, peak, sm_count, memory_gib)
+    if re.search(r"H100", name):  # no form factor in the name: the SM count and memory tell
+        if sm_count == H100_PCIE_SMS:
+            return Card(name, "H100 PCIe", 756e12, sm_count, memory_gib)
+        if sm_count and memory_gib > 85:
+            return Card(name, "H100 NVL", 835e12, sm_count, memory_gib)
+        if sm_count:
+            return Card(name, "H100 SXM", 989e12, sm_count, memory_gib)
+    return Card(name, name, None, sm_count, memory_gib)
+
+
+def device_card(device: torch.device) -> Card:
     if device.type != "cuda":
+        return Card(f"cpu ({torch.get_num_threads()} threads)", "cpu", None)
+    props = torch.cuda.get_device_properties(device)
+    return identify_card(torch.cuda.get_device_name(device), props.multi_processor_count,
+                         props.total_memory / 2**30)
+
+
+# -- parameters and FLOPs -----------------------------------------------------------------------------
+def logical_numel(p: torch.Tensor) -> int:
+    """How many weights a parameter holds: bitsandbytes' Params4bit packs two 4-bit values per uint8
+    byte, so its numel is half the layer's; its quant_state keeps the original shape."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return math.prod(shape)
+    if type(p).__name__ == "Params4bit":  # not quantised yet (still on the host) or no state kept
+        return 2 * p.numel() if p.dtype == torch.uint8 else p.numel()
+    return p.numel()
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(logical_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def matmul_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Weights of the linear layers (the output head included; the embedding lookup and the norms do no
+    matmul). Linear4bit and LoRA's A and B are nn.Linear; a weight shared by two layers counts once."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and w is not None and (w.requires_grad or not trainable_only):
+            seen[id(w)] = logical_numel(w)
+    return sum(seen.values())
+
+
+def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Model FLOPs of one trained token (PaLM's MFU convention, appendix B): 2N forward, 2N backward for
+    the activation gradients (needed through frozen weights too, to reach the adapters), 2N_trainable for
+    the weight gradients; so 6N for full fine-tuning and about 4N for LoRA and QLoRA. Attention adds
+    12 * layers * hidden * seq_len (forward 4, backward 8, causal mask not halved). Checkpointing's
+    recomputed forward is not counted: MFU is model FLOPs, not hardware FLOPs."""
+    n, n_trainable = matmul_params(model), matmul_params(model, trainable_only=True)
+    config = getattr(model, "config", None)
+    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len if config is not None else 0
+    return 4 * n + 2 * n_trainable + attention
+
+
+# -- memory -------------------------------------------------------------------------------------------
+def _rss_high_water() -> int | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) * 1024 if match else None
 
 
-def train_flops_per_token(model: torch.nn.Module) -> float:
-    """2N for the forward, 2N for the backward through the activations, 2 per trainable weight for its
-    gradient (the usual 6N for full fine-tuning, about 4N for adapters); attention's own FLOPs are left out,
-    so MFU is slightly understated for long sequences."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4 * total + 2 * trainable
+def reset_peak_memory(device: torch.device) -> None:
+    """Before each row: the peak must be that row's, not the largest of all rows so far."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    gc.collect()
+    try:  # Linux: "5" resets the process's resident-set high-water mark (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+    hwm = _rss_high_water()
+    if hwm is not None:
+        return hwm, "rss"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_process_peak"
+
+
+@contextmanager
+def frozen_imports() -> Iterator[None]:
+    """Everything imported so far lives as long as the process: out of the collector's way, the full
+    collection before each row (reset_peak_memory) takes milliseconds instead of half a second. Thawed
+    at the end, so the interpreter's shutdown frees it as usual (nanobind reports leaks otherwise)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def measured(device: torch.device, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One row: the peak memory is reset before it and read after it."""
+    reset_peak_memory(device)
+    row = fn()
+    memory, kind = peak_memory(device)
+    row.update(peak_memory_gib=round(memory / 2**30, 3), peak_memory_kind=kind)
+    return row
+
+
+# -- data: sequences that fill the token budget -------------------------------------------------------
+def packed_sequences(passages: list[list[int]], eos: int, seq_len: int, count: int) -> list[list[int]]:
+    """`count` sequences of exactly seq_len tokens: the passages (each ended by EOS) end to end, cycled
+    as often as needed. A throughput benchmark needs the compute of real tokens, not distinct text."""
+    stream = [t for ids in passages for t in (*ids, eos)]
+    if not stream:
+        raise ConfigError(["bench: the benchmark has no passage text to build sequences from"])
+    out, pos = [], 0
+    for _ in range(count):
+        seq: list[int] = []
+        while len(seq) < seq_len:
+            take = stream[pos:pos + seq_len - len(seq)]
+            seq += take
+            pos = (pos + len(take)) % len(stream)
+        out.append(seq)
+    return out
+
+
+def rows_per_step(max_tokens: int, seq_len: int) -> int:
+    if seq_len > max_tokens:
+        raise ConfigError([f"bench: --seq-len {seq_len} is longer than the step's --max-tokens {max_tokens}"])
+    return max_tokens // seq_len
+
+
+# -- one measurement ----------------------------------------------------------------------------------
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: what training does on this device (bf16 autocast with fp32 trainable weights on CUDA)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def trainable_to_fp32(method: Method, model: nn.Module) -> None:
+    """bf16: the frozen backbone stays bf16, the trained weights (and so AdamW's moments) are fp32, the
+    matmuls run in bf16 under autocast: an update of about lr is not lost to bf16 rounding."""
+    for group in method.trainable_parameters(model):
+        for p in group["params"]:
+            p.data = p.data.float()
+
+
+def wrap_for_world(model: nn.Module, method: Method, world: World, device: torch.device) -> nn.Module:
+    """As train.strategy ddp wraps the model (training/strategies.py DDP.wrap), without importing the
+    strategies, whose module imports the scorers and their optional packages."""
+    if not world.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=method.leaves_parameters_unused)
+
+
+def param_dtype(model: nn.Module, trainable: bool) -> str:
+    """The dtype of the frozen (or the trained) weights; "-" when there are none (full_ft freezes none)."""
+    return next((str(p.dtype) for p in model.parameters() if p.requires_grad == trainable), "-")
+
+
+def random_4bit_source(model_cfg: ModelConfig, bench: Any, seed: int) -> str:
+    """NF4 quantises at load time: the random model goes through a directory and the real loader."""
+    where = tempfile.mkdtemp(prefix="bench-4bit-")
+    plain, tokenizer = build_synthetic(replace(model_cfg, quantize="none"), bench, seed)
+    plain.to(torch.bfloat16).save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
 
 
 def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes: int, seed: int = 0,
-                 model_cfg: ModelConfig | None = None, world: World = World(), strategy: str = "auto",
-                 checkpointing: bool = False, seq_len: int = 128, num_facts: int = 48) -> dict | None:
+                 model_cfg: ModelConfig | None = None, world: World = World(), precision: str = "auto",
+                 checkpointing: bool = False, seq_len: int = 128, num_facts: int = 48,
+                 warmup: int = 2) -> dict | None:
     model_cfg = model_cfg or ModelConfig()
     bench = load_benchmark("temporalwiki", DataConfig(num_facts=num_facts, passages_per_fact=3))
+    tmp_source = None
     if mode == "synthetic" and model_cfg.quantize == "4bit":
-        # NF4 quantises at load time: the random model goes through a directory and the real loader
-        random_dir = tempfile.mkdtemp(prefix="bench-4bit-")
-        plain, tokenizer = build_synthetic(replace(model_cfg, quantize="none"), bench, seed)
-        plain.save_pretrained(random_dir)
-        tokenizer.save_pretrained(random_dir)
-        del plain
-        model_cfg, mode = replace(model_cfg, name=random_dir), "real"
-    loaded = load_model(model_cfg, mode, bench, seed)
-    ctx = MethodContext(tokenizer=loaded.tokenizer, device=loaded.device, seed=seed, lr=1e-3,
-                        period_names=bench.period_names)
+        tmp_source = random_4bit_source(model_cfg, bench, seed)
+        model_cfg, mode = replace(model_cfg, name=tmp_source), "real"
+    try:
+        loaded = load_model(model_cfg, mode, bench, seed)
+    finally:
+        if tmp_source:
+            shutil.rmtree(tmp_source, ignore_errors=True)
+    device, tokenizer = loaded.device, loaded.tokenizer
+    precision = resolve_precision(precision, device)
+    ctx = MethodContext(tokenizer=tokenizer, device=device, seed=seed, lr=1e-3, period_names=bench.period_names)
     method = METHODS[name](METHODS[name].config_cls(), ctx)
     torch.manual_seed(seed)
     model = method.prepare(loaded.model)
     if model_cfg.quantize != "4bit":
-        model = model.to(loaded.device)
+        model = model.to(device)
+    if precision == "bf16":
+        trainable_to_fp32(method, model)
     if checkpointing:
         enable_checkpointing(model)
-    strat = STRATEGIES[resolve_strategy(strategy, world)](world, loaded.device)
-    strat.prepare(model)
     period = bench.periods[0]
     texts = method.on_period_start(model, period, [p.text for p in period.passages])
-    if seq_len > 128:  # longer sequences for GPU throughput: passages joined end to end
-        texts = [" ".join(texts[i:i + seq_len // 24]) for i in range(0, len(texts), max(1, seq_len // 24))]
-    data = tokenize(loaded.tokenizer, texts, seq_len)
-    batches = epoch_batches([len(t) for t in data.token_ids], max_tokens, 512, seed, 1, 0)
+    per_step = rows_per_step(max_tokens, seq_len)
+    passages = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sequences = packed_sequences(passages, tokenizer.eos_token_id, seq_len, per_step * (steps + warmup) * world.size)
+    seq_texts = tokenizer.batch_decode(sequences)  # for methods whose extra loss reads the text
     opt = torch.optim.AdamW(method.trainable_parameters(model), lr=1e-4)
-    wrapped = strat.wrap(model, method)
+    wrapped = wrap_for_world(model, method, world, device)
     model.train()
     real_tokens = padded_tokens = 0
     start = 0.0
-    for i in range(steps + 2):
-        idx = batches[(i * world.size + world.rank) % len(batches)]  # each rank its own micro-batch
-        batch = collate([data.token_ids[j] for j in idx], loaded.tokenizer.pad_token_id)
-        batch = {k: v.to(loaded.device) for k, v in batch.items()}
-        if i == 2:  # the first steps pay for allocation and lazy init
-            if loaded.device.type == "cuda":
+    for i in range(steps + warmup):
+        first = (i * world.size + world.rank) * per_step  # each rank its own micro-batch
+        idx = list(range(first, first + per_step))
+        batch = collate([sequences[j] for j in idx], tokenizer.pad_token_id)
+        # counted on the host: reading a CUDA tensor would synchronise inside the timed steps
+        real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if i == warmup:  # the first steps pay for allocation and lazy init
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        with strat.sync(wrapped, last_round=True):
+        with autocast_for(precision, device):
             out = wrapped(**batch)
-            loss = out.loss + (method.extra_loss(model, {**batch, "texts": [texts[j] for j in idx]}, out) or 0)
-            loss.backward()
+            loss = out.loss + (method.extra_loss(model, {**batch, "texts": [seq_texts[j] for j in idx]}, out) or 0)
+        loss.backward()
         method.after_backward(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
         method.after_optimizer_step(model)
-        if i >= 2:
-            real_tokens += int(batch["attention_mask"].sum())
-            padded_tokens += batch["attention_mask"].numel()
-    if loaded.device.type == "cuda":
+        if i >= warmup:
+            real_tokens += real
+            padded_tokens += slots
+    if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
     total_tokens = world.sum_float(float(real_tokens))
-    memory, memory_kind = peak_memory(loaded.device)
     per_rank = real_tokens / train_s
-    flops = train_flops_per_token(model)
-    peak = peak_flops(loaded.device)
+    flops = train_flops_per_token(model, seq_len)
+    card = device_card(device)
     row = {
-        "method": name, "mode": mode, "device": str(loaded.device), "dtype": str(next(model.parameters()).dtype),
+        "method": name, "mode": mode, "device": str(device), "card": card.label, "precision": precision,
+        "base_dtype": param_dtype(model, trainable=False), "trainable_dtype": param_dtype(model, trainable=True),
         "quantize": model_cfg.quantize, "gradient_checkpointing": checkpointing, "ranks": world.size,
-        "strategy": strat.name, "threads": torch.get_num_threads(),
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "strategy": "ddp" if world.active else "single", "threads": torch.get_num_threads(),
+        "params_m": round(count_params(model) / 1e6, 3),
+        "trainable_params_m": round(count_params(model, trainable_only=True) / 1e6, 3),
+        "steps": steps, "seq_len": seq_len, "max_tokens": max_tokens,
+        "tokens_per_step_per_rank": real_tokens // steps,
+        "step_time_s": round(train_s / steps, 4),
         "train_tokens_per_s_per_rank": round(per_rank, 1),
         "train_tokens_per_s_total": round(total_tokens / train_s, 1),
         "padding_share": round(1 - real_tokens / padded_tokens, 4),
-        "peak_memory_gib": round(memory / 2**30, 2), "peak_memory_kind": memory_kind,
+        "flops_per_token": flops,
         # model FLOPs utilisation of one rank against its device's dense bf16 peak
-        "mfu": round(per_rank * flops / peak, 4) if peak else None,
+        "mfu": round(per_rank * flops / card.peak_flops, 4) if card.peak_flops else None,
     }
-    if world.active:  # eval and state sizes are the single-process part of the benchmark
+    if world.active or eval_probes <= 0:  # eval and state sizes are the single-process part of the benchmark
         return row if world.is_main else None
+    from eval_and_metrics.evaluate import evaluate_probes  # imports the scorers (rouge-score and others)
+
     probes = bench.all_probes()[:eval_probes]
     t0 = time.perf_counter()
-    evaluate_probes(model, loaded.tokenizer, probes, loaded.device, batch_size=32)
+    evaluate_probes(model, tokenizer, probes, device, batch_size=32)
     state = method.trainable_state_dict(model)
     row.update({
         "eval_probes_per_s": round(len(probes) / (time.perf_counter() - t0), 2),
@@ -153,38 +378,233 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
     return row
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["real", "synthetic"], default="synthetic")
-    p.add_argument("--methods", default="full_ft,lora")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--max-tokens", type=int, default=512, help="token budget of a micro-batch")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (longer: passages joined)")
-    p.add_argument("--eval-probes", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=64, help="synthetic model: hidden size (2048: 1B-class with --layers 20)")
-    p.add_argument("--layers", type=int, default=2, help="synthetic model: decoder layers")
-    p.add_argument("--heads", type=int, default=4, help="synthetic model: attention heads")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--quantize", choices=["none", "4bit"], default="none", help="4bit: QLoRA's NF4 (CUDA)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--strategy", default="auto", choices=["auto", *STRATEGIES])
-    args = p.parse_args()
+# -- the table (scripts/bench_gpu.sh) -----------------------------------------------------------------
+@dataclass(frozen=True)
+class RowSpec:
+    label: str
+    method: str
+    quantize: str = "none"
+    checkpointing: bool = False
+    ranks: int = 1
+
+
+SUITE = [
+    RowSpec("full_ft", "full_ft"),
+    RowSpec("lora", "lora"),
+    RowSpec("full_ft + checkpointing", "full_ft", checkpointing=True),
+    RowSpec("lora + checkpointing", "lora", checkpointing=True),
+    RowSpec("qlora (4-bit)", "lora", quantize="4bit"),
+    RowSpec("full_ft, 2 GPUs (ddp)", "full_ft", ranks=2),
+    RowSpec("lora, 2 GPUs (ddp)", "lora", ranks=2),
+]
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    hidden: int
+    layers: int
+    heads: int
+    steps: int
+    warmup: int
+    seq_len: int
+    max_tokens: int
+    precision: str
+    num_facts: int
+    threads: int = 0
+
+
+# gpu: a 1B-class Llama with random weights (hidden 2048, 20 layers: 1.0B in its linear layers), 32
+# sequences of 512 tokens per step; smoke: the same rows with a tiny model on CPU, in seconds.
+PRESETS = {
+    "gpu": SuiteConfig(hidden=2048, layers=20, heads=16, steps=10, warmup=2, seq_len=512, max_tokens=16384,
+                       precision="bf16", num_facts=48),
+    "smoke": SuiteConfig(hidden=64, layers=2, heads=4, steps=2, warmup=1, seq_len=64, max_tokens=256,
+                         precision="bf16", num_facts=8, threads=1),
+}
+
+COLUMNS = [  # (key in the row, header in the markdown table)
+    ("row", "row"), ("precision", "precision"), ("gradient_checkpointing", "grad ckpt"), ("ranks", "GPUs"),
+    ("step_time_s", "step time (s)"), ("tokens_per_step_per_rank", "tokens/step per GPU"),
+    ("train_tokens_per_s_total", "tokens/s"), ("train_tokens_per_s_per_rank", "tokens/s per GPU"),
+    ("mfu", "MFU"), ("peak_memory_gib", "peak memory (GiB)"), ("params_m", "params (M)"),
+    ("trainable_params_m", "trainable (M)"), ("status", "status"),
+]
+
+
+def skip_reason(spec: RowSpec, device: torch.device) -> str | None:
+    if (spec.quantize == "4bit" or spec.ranks > 1) and device.type != "cuda":
+        return "skipped: needs CUDA"
+    if spec.quantize == "4bit" and find_spec("bitsandbytes") is None:
+        return "skipped: bitsandbytes not installed"
+    if spec.ranks > 1 and torch.cuda.device_count() < spec.ranks:
+        return f"skipped: needs {spec.ranks} GPUs ({torch.cuda.device_count()} visible)"
+    return None
+
+
+def bench_args(cfg: SuiteConfig, spec: RowSpec) -> list[str]:
+    """The command-line form of one row, for the ranks torchrun starts."""
+    args = ["--mode", "synthetic", "--methods", spec.method, "--hidden", str(cfg.hidden), "--layers", str(cfg.layers),
+            "--heads", str(cfg.heads), "--steps", str(cfg.steps), "--warmup", str(cfg.warmup),
+            "--seq-len", str(cfg.seq_len), "--max-tokens", str(cfg.max_tokens), "--precision", cfg.precision,
+            "--num-facts", str(cfg.num_facts), "--quantize", spec.quantize, "--eval-probes", "0"]
+    return args + (["--gradient-checkpointing"] if spec.checkpointing else [])
+
+
+def run_in_process(cfg: SuiteConfig, spec: RowSpec, device: torch.device) -> dict[str, Any]:
+    model_cfg = ModelConfig(synthetic_hidden_size=cfg.hidden, synthetic_layers=cfg.layers, synthetic_heads=cfg.heads,
+                            dtype="bfloat16" if cfg.precision == "bf16" else "float32", quantize=spec.quantize)
+    return measured(device, lambda: bench_method(
+        spec.method, "synthetic", cfg.steps, cfg.max_tokens, 0, model_cfg=model_cfg, precision=cfg.precision,
+        checkpointing=spec.checkpointing, seq_len=cfg.seq_len, num_facts=cfg.num_facts, warmup=cfg.warmup) or {})
+
+
+def run_with_torchrun(cfg: SuiteConfig, spec: RowSpec) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(spec.ranks),
+           str(Path(__file__).resolve()), *bench_args(cfg, spec)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not rows:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"torchrun exited {done.returncode}: {tail[:200]}")
+    return rows[-1]
+
+
+def run_suite(cfg: SuiteConfig, device: torch.device, specs: list[RowSpec] = SUITE,
+              local: Callable[[SuiteConfig, RowSpec, torch.device], dict[str, Any]] = run_in_process,
+              ranked: Callable[[SuiteConfig, RowSpec], dict[str, Any]] = run_with_torchrun) -> list[dict[str, Any]]:
+    """Every row of the table; a skipped or failed row stays in it with its reason, the others go on."""
+    rows = []
+    for spec in specs:
+        base = {"row": spec.label, "method": spec.method, "quantize": spec.quantize,
+                "gradient_checkpointing": spec.checkpointing, "ranks": spec.ranks, "precision": cfg.precision}
+        reason = skip_reason(spec, device)
+        if reason:
+            rows.append({**base, "status": reason})
+            continue
+        try:
+            measured_row = ranked(cfg, spec) if spec.ranks > 1 else local(cfg, spec, device)
+            rows.append({**measured_row, **base, "status": "ok"})
+        except Exception as exc:  # noqa: BLE001 -- out of memory in one row must not cost the others
+            rows.append({**base, "status": f"failed: {type(exc).__name__}: {first_line(exc)}"})
+    return rows
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
+def cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if key == "precision" and row.get("quantize") == "4bit":
+        return f"{value}, nf4 base"
+    if key == "mfu":
+        return f"{value:.1%}" if isinstance(value, float) else "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "-" if value is None else str(value)
+
+
+def markdown_table(card: Card, cfg: SuiteConfig, rows: list[dict[str, Any]]) -> str:
+    peak = f"dense bf16 peak {card.peak_flops / 1e12:.0f} TFLOP/s" if card.peak_flops else "peak unknown: MFU -"
+    lines = [
+        f"Card: {card.name} ({card.label}; {card.sm_count} SMs, {card.memory_gib:.1f} GiB; {peak})"
+        if card.sm_count else f"Device: {card.name} ({peak})",
+        f"Model: synthetic Llama, hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads; "
+        f"{cfg.max_tokens // cfg.seq_len} sequences x {cfg.seq_len} real tokens per step, "
+        f"{cfg.steps} timed steps after {cfg.warmup} warm-up; torch {torch.__version__}",
+        "",
+        "| " + " | ".join(h for _, h in COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+    ]
+    lines += ["| " + " | ".join(cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, card: Card, cfg: SuiteConfig, rows: list[dict[str, Any]]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(card, cfg, rows)
+    (out / "bench_gpu.md").write_text(table)
+    payload = {"card": asdict(card), "visible_gpus": torch.cuda.device_count(), "config": asdict(cfg),
+               "torch": torch.__version__, "cuda": torch.version.cuda, "rows": rows}
+    (out / "bench_gpu.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return table
+
+
+# -- command line -------------------------------------------------------------------------------------
+def suite_config(args: argparse.Namespace) -> SuiteConfig:
+    """The preset, with any size the user gave on the command line."""
+    preset = PRESETS["smoke" if args.smoke else "gpu"]
+    given = {f: getattr(args, f) for f in ("hidden", "layers", "heads", "steps", "warmup", "seq_len", "max_tokens",
+                                            "num_facts", "threads")
+             if getattr(args, f) is not None}
+    if args.precision != "auto":
+        given["precision"] = args.precision
+    return replace(preset, **given)
+
+
+def main_suite(args: argparse.Namespace) -> int:
+    cfg = suite_config(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    with frozen_imports():
+        rows = run_suite(cfg, device)
+    print(write_table(Path(args.out), device_card(device), cfg, rows), end="")
+    print(f"written: {Path(args.out) / 'bench_gpu.md'} and {Path(args.out) / 'bench_gpu.json'}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def main_methods(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg = ModelConfig(synthetic_hidden_size=args.hidden, synthetic_layers=args.layers,
-                            synthetic_heads=args.heads, dtype=args.dtype, quantize=args.quantize)
+    dtype = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}[args.precision]
+    model_cfg = ModelConfig(synthetic_hidden_size=args.hidden or 64, synthetic_layers=args.layers or 2,
+                            synthetic_heads=args.heads or 4, dtype=dtype, quantize=args.quantize)
     world = init_world(model_cfg.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        for name in args.methods.split(","):
-            row = bench_method(name, args.mode, args.steps, args.max_tokens, args.eval_probes, model_cfg=model_cfg,
-                               world=world, strategy=args.strategy, checkpointing=args.gradient_checkpointing,
-                               seq_len=args.seq_len)
-            if row is not None:
-                print(json.dumps(row), flush=True)
+        with frozen_imports():
+            for name in args.methods.split(","):
+                row = measured(device, lambda: bench_method(
+                    name, args.mode, args.steps or 20, args.max_tokens or 512, args.eval_probes,
+                    model_cfg=model_cfg, world=world, precision=args.precision,
+                    checkpointing=args.gradient_checkpointing, seq_len=args.seq_len or 128,
+                    num_facts=args.num_facts or 48, warmup=2 if args.warmup is None else args.warmup) or {})
+                if world.is_main:
+                    print(json.dumps(row), flush=True)
     finally:
         close_world()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="store_true", help="the GPU table: every row, one markdown and one JSON file")
+    p.add_argument("--smoke", action="store_true", help="the table's rows with a tiny model in seconds (CPU)")
+    p.add_argument("--out", default="runs/bench_gpu", help="--suite: where bench_gpu.md and bench_gpu.json go")
+    p.add_argument("--mode", choices=["real", "synthetic"], default="synthetic")
+    p.add_argument("--methods", default="full_ft,lora")
+    p.add_argument("--steps", type=int, help="timed optimizer steps (default 20; suite 10, smoke 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 2; smoke 1)")
+    p.add_argument("--max-tokens", type=int, help="real tokens per optimizer step (default 512; suite 16384)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 128; suite 512)")
+    p.add_argument("--num-facts", type=int, help="facts of the generated benchmark the text comes from")
+    p.add_argument("--eval-probes", type=int, default=64, help="0: no eval (needs the scorers' packages)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--hidden", type=int, help="synthetic model: hidden size (2048: 1B-class with --layers 20)")
+    p.add_argument("--layers", type=int, help="synthetic model: decoder layers")
+    p.add_argument("--heads", type=int, help="synthetic model: attention heads")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16: bf16 frozen weights, fp32 trainable weights, bf16 autocast; auto: bf16 on CUDA")
+    p.add_argument("--quantize", choices=["none", "4bit"], default="none", help="4bit: QLoRA's NF4 (CUDA)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        return main_suite(args) if args.suite or args.smoke else main_methods(args)
+    except ConfigError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
