@@ -224,9 +224,10 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
     """Build a Benchmark from a CASM ``synthetic_facts_raw.json`` records file.
 
     Periods come from the ``value_<period>`` keys of the first record (numeric names sorted, other
-    names in file order); every record must have the same set. ``changed`` must be a bool equal to
-    "the value differs in at least one period" (the public generator's definition: changed=false
-    means all period values are identical). Relations are normalised (case, spaces, underscores,
+    names in file order); every record must have the same set. ``changed`` must be a bool; it is
+    redundant ("the value differs in at least one period", the public generator's definition), so one
+    that contradicts the values is a warning naming the records (bench.meta["warnings"]) and the values
+    decide, as in the built-files reader: the CASM project's own file has two such records. Relations are normalised (case, spaces, underscores,
     hyphens) and keep the same template family whatever their spelling. cfg.periods,
     cfg.num_facts and cfg.change_share do not apply: the file defines facts and changes.
     Fails on the first bad record; never drops one.
@@ -258,6 +259,7 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
     required = ("entity", "relation", *value_keys, "changed")
     facts: list[Fact] = []
     seen: dict[tuple[str, str], int] = {}
+    contradicted: list[str] = []  # records whose changed flag disagrees with their values
     for i, rec in enumerate(records):
         where = f"{path}: record {i}"
         if not isinstance(rec, dict):
@@ -294,17 +296,21 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
         if not isinstance(rec["changed"], bool):
             raise DataError(f"{where} field 'changed' must be true or false (got {rec['changed']!r})")
         if rec["changed"] != changes:
-            raise DataError(f"{where} ({fields_['entity']}, {relation}): changed is "
-                            f"{str(rec['changed']).lower()} but the values "
-                            f"{'differ' if changes else 'are all equal'}; changed must be true iff "
-                            "the value differs in at least one period")
+            contradicted.append(f"{i} ({fields_['entity']}, {relation}: changed={str(rec['changed']).lower()}, "
+                                f"values {'differ' if changes else 'all equal'})")
         facts.append(Fact(subject=fields_["entity"], relation=relation, values=values))
 
     if len(facts) != len(records):  # the loop raises on every bad record; this guards refactors
         raise DataError(f"{path}: built {len(facts)} facts from {len(records)} records")
     raw_bytes = path.read_bytes()
+    warnings = []
+    if contradicted:
+        shown = "; ".join(contradicted[:10]) + (f"; and {len(contradicted) - 10} more" if len(contradicted) > 10 else "")
+        warnings.append(f"{path.name}: {len(contradicted)} record(s) have a 'changed' flag that contradicts their "
+                        f"values (the values are used): record {shown}")
     meta = {
         "source": "casm_raw",
+        "warnings": warnings,
         "source_file": path.name,
         "source_sha256": hashlib.sha256(raw_bytes).hexdigest(),
         "config": {k: v for k, v in asdict(cfg).items() if k in

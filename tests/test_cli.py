@@ -98,3 +98,24 @@ def test_second_writer_gets_a_clear_error_naming_the_holder(tmp_path: Path):
                         "--set", "train.epochs=1")
     assert proc.returncode == 3
     assert "is locked by host=" in proc.stderr and "pid=" in proc.stderr
+
+
+def test_a_casm_raw_file_with_contradictory_changed_flags_runs_with_a_warning_naming_the_records(
+        tmp_path: Path, capsys) -> None:
+    # the CASM project's synthetic_facts_raw.json layout, with its flaw: records whose changed flag
+    # contradicts their values (there, records 210 and 450); the values decide and the run goes on
+    from tests.test_data import CASM_RECORDS, write_raw
+
+    records = json.loads(json.dumps(CASM_RECORDS))
+    records[2]["changed"] = False
+    records[1]["changed"] = True
+    bench_dir = tmp_path / "casm"
+    bench_dir.mkdir()
+    write_raw(bench_dir, records)
+    code = cli.main(["--mode", "synthetic", "--method", "full_ft", "--benchmark", str(bench_dir),
+                     "--run-root", str(tmp_path / "runs"), "--set", "train.epochs=1", "--set", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "2 record(s) have a 'changed' flag" in warnings[0], warnings
+    assert "record 1 (Thornex Mining Co" in warnings[0] and "; 2 (Brael Municipal District" in warnings[0]
