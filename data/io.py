@@ -30,7 +30,7 @@ from data.build import (
     fingerprint,
 )
 from data.config import PERIOD_NAME_RE, DataConfig
-from data.errors import DataError
+from data.errors import DataError, read_user_text
 from data.schema import PROBE_FAMILIES, PROBE_KINDS, Benchmark, Fact, Passage, Period, Probe
 from data.templates import RELATIONS, normalise_relation
 
@@ -65,15 +65,7 @@ def write_benchmark(bench: Benchmark, directory: str | os.PathLike[str]) -> Path
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); benchmark files are UTF-8 "
-                        "JSON") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    text = read_user_text(path)  # UTF-8, a byte-order mark allowed; a regular file of bounded size
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

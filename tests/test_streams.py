@@ -762,3 +762,27 @@ def test_each_experiment_names_a_valid_stream_and_parses_with_its_offline_stand_
     assert stand_in, "the header names the offline stand-in stream"
     configs = parse_configs(["--config", str(path), "--stream", stand_in.group(1)])
     assert configs and configs[0].method.name == doc["method"]["name"]
+
+
+def test_user_files_as_users_write_them_bom_fifo_device_size(tmp_path: Path) -> None:
+    import os
+
+    from data.errors import read_user_text
+
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes(b"\xef\xbb\xbfprompt,target\nq,a\n")  # what Excel's "CSV UTF-8" writes
+    assert read_user_text(bom) == "prompt,target\nq,a\n"
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"pipe.jsonl \(task 'qa'\): is a FIFO, not a regular file"):
+        read_user_text(fifo, "(task 'qa')")  # returns at once: no writer is waited for
+    with pytest.raises(DataError, match=r"/dev/zero: is a device or socket"):
+        read_user_text("/dev/zero")
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(DataError, match=r"big.jsonl: 100 bytes, over the 10 bytes"):
+        read_user_text(big, max_bytes=10)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbfok\xff")
+    with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 text \(byte 5\)"):
+        read_user_text(bad)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from data.errors import DataError
+from data.errors import DataError, read_user_text
 from data.fields import Items, Range, Text
 from data.streams.kinds import STANDARD_FIELDS
 from data.streams.rules import Choice, Mapping, Pattern
@@ -41,16 +41,8 @@ LABELS_RULE = Mapping(Pattern(FIELD_NAME_RE, "a field name"), Items(2, 100_000, 
 
 
 def _read_text(path: Path, task: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file (task {task!r})") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a file (task {task!r})") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    """The task's file: UTF-8 with or without a byte-order mark, a regular file, bounded (data/errors.py)."""
+    return read_user_text(path, f"(task {task!r})")
 
 
 def _file_meta(path: Path, text: str) -> dict[str, Any]:
