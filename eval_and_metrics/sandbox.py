@@ -109,6 +109,15 @@ _PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # What a complete isolation consists of (SandboxResult.isolated lists those in place).
 ISOLATION_LAYERS = ("network", "pid", "mount", "read_only", "private_tmp", "proc")
 
+# The end of both harnesses: no atexit handlers or leftover threads of the program run after the verdict.
+_HARNESS_EXIT = r"""
+try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+finally:
+    os._exit(0)
+"""
+
 # Runs inside the sandboxed interpreter, before and after the untrusted program. Kept to the
 # stdlib calls every Python 3 has, since the sandbox interpreter may not be the caller's.
 # %-formatting, because the code itself is full of braces.
@@ -136,12 +145,7 @@ def _harness():
         os.write(result_fd, token)
 
 _harness()
-try:
-    sys.stdout.flush()
-    sys.stderr.flush()
-finally:
-    os._exit(0)  # no atexit handlers or leftover threads of the program run after the verdict
-""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE}
+""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE} + _HARNESS_EXIT
 
 _CHECK_FILE = "check.json"  # the tests of a checked run; read and removed before the program starts
 
@@ -314,12 +318,7 @@ def checker():
     os.write(result_fd, token)
 
 checker()
-try:
-    sys.stdout.flush()
-    sys.stderr.flush()
-finally:
-    os._exit(0)
-""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE}
+""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE} + _HARNESS_EXIT
 
 
 @dataclass(frozen=True)
