@@ -83,6 +83,10 @@ class TrainConfig:
     # float32 for true mixed precision); changes the numbers, so it is part of the run's identity
     mixed_precision: Literal["none", "bf16"] = "none"
     progress: bool = True  # show progress bars (stderr)
+    # CUDA's deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cudnn): what
+    # bit-for-bit resume and "2 ranks equal 1 process" need on GPUs (docs/distributed.md); slower. Changes
+    # nothing on CPU; not part of the run's identity (a run may resume with it switched)
+    deterministic: bool = False
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
     casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
@@ -149,6 +153,8 @@ class RunConfig:
             out["train"].pop("casmo")
         if self.train.mixed_precision == "none":
             out["train"].pop("mixed_precision")  # as above: runs from before the option keep their identity
+        if not self.train.deterministic:
+            out["train"].pop("deterministic")  # as above: the saved config of a run stays what it was
         return out
 
     def identity_dict(self) -> dict:
@@ -331,7 +337,7 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
 
 # Settings that change how a run executes, not what it computes: they stay out of the config hash and
 # of the resume check, so a run continues after a change of world size, strategy or progress bars.
-RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing")}
+RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing", "deterministic")}
 
 
 def drop_runtime_keys(tree: dict) -> dict:
