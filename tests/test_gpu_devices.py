@@ -193,3 +193,78 @@ def test_the_cuda_peak_is_reset_at_every_period_start(monkeypatch: pytest.Monkey
 def _num_periods(root: Path) -> int:
     (run_dir,) = [d for d in root.iterdir() if d.is_dir()]
     return sum(1 for d in (run_dir / "periods").iterdir() if not d.name.startswith("0-"))
+
+
+# -- 7. FSDP resume: rank 0 reads the files, the others receive their shards ------------------------------
+
+def _tiny_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 4))
+    model._no_split_modules = ["Linear"]  # type: ignore[assignment]  # FSDP.prepare's units, as in a transformer
+    return model
+
+
+def _fsdp_rank(rank: int, size: int, port: int, directory: str, out: str) -> None:
+    """One rank of a 2-rank gloo group: load a checkpoint through FSDP and report what it read."""
+    import json
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from training import strategies
+    from training.distributed import World
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    reads: list[str] = []
+    real_tensors, real_state = strategies.load_tensors, strategies.load_state
+    strategies.load_tensors = lambda p: (reads.append(Path(p).name), real_tensors(p))[1]  # type: ignore[assignment]
+    strategies.load_state = lambda p: (reads.append(Path(p).name), real_state(p))[1]  # type: ignore[assignment]
+    model = _tiny_model(seed=1)  # other weights than the checkpoint's: the load must replace them
+    strategy = strategies.FSDP(World(rank, size, rank), torch.device("cpu"))
+    strategy.prepare(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt = Path(directory)
+    strategy.load(SimpleNamespace(load_state_dict=lambda state: None), model, ckpt)  # type: ignore[arg-type]
+    state = strategy.read_trainer_state(ckpt / "trainer_state.pt")
+    strategy.load_optimizer_state(model, optimizer, state["optimizer"])
+    # gathered back to rank 0 exactly as a checkpoint would be: both ranks' shards must hold the file's values
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    moments = strategy.optimizer_state(model, optimizer)
+    result: dict[str, Any] = {"reads": reads, "scheduler": state["scheduler"], "position": state["position"]}
+    if rank == 0:
+        saved_w = real_tensors(ckpt / "trainable.safetensors")
+        saved_o = real_state(ckpt / "trainer_state.pt")["optimizer"]
+        result["weights_equal"] = sorted(weights) == sorted(saved_w) and all(
+            torch.equal(weights[n], saved_w[n]) for n in saved_w)
+        result["moments_equal"] = all(
+            torch.equal(torch.as_tensor(moments["state"][i][k]), torch.as_tensor(v))
+            for i, s in saved_o["state"].items() for k, v in s.items())
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reads_the_files_on_rank_0_only_and_every_shard_gets_its_values(tmp_path: Path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import save_file
+
+    from tests.test_distributed import _free_port
+
+    model = _tiny_model(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(3, 6)).pow(2).sum().backward()
+    optimizer.step()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(ckpt / "trainable.safetensors"))
+    save_state(ckpt / "method_state.pt", {})
+    save_state(ckpt / "trainer_state.pt", {"optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 5},
+                                           "rng": seeding.rng_state(), "position": {"step": 5}})
+    mp.spawn(_fsdp_rank, args=(2, _free_port(), str(ckpt), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["weights_equal"] and rank0["moments_equal"]
+    assert sorted(rank0["reads"]) == ["method_state.pt", "trainable.safetensors", "trainer_state.pt"]
+    assert rank1["reads"] == ["method_state.pt"]  # the small method state; the big files only on rank 0
+    assert rank1["scheduler"] == {"last_epoch": 5} and rank1["position"] == {"step": 5}
