@@ -124,9 +124,10 @@ def test_init_world_sets_the_mapped_device_and_gives_it_to_the_process_group(
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
-    world = init_world("cuda")
+    world = init_world("cuda", timeout_s=90)
     assert world.local_rank == local_rank and cuda.current == expected
     assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", expected)
+    assert calls[0]["timeout"].total_seconds() == 90
     # 12b: a failed collective aborts the communicators and raises here, never SIGABRT from the watchdog
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"
 
@@ -156,6 +157,9 @@ def test_deterministic_is_an_option_outside_the_runs_identity(monkeypatch: pytes
     assert "deterministic" not in plain.to_dict()["train"]  # saved configs of existing runs unchanged
     assert strict.to_dict()["train"]["deterministic"] is True
     assert plain.config_hash() == strict.config_hash()  # switching it keeps the run id and resumes
+    patient = RunConfig()
+    patient.train.collective_timeout_s = 7200.0  # 12b: how long a rank waits for a lost peer, a runtime setting
+    assert "collective_timeout_s" not in plain.to_dict()["train"] and patient.config_hash() == plain.config_hash()
 
     calls: list[tuple[bool, bool]] = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, warn_only=False: calls.append((on, warn_only)))

@@ -177,7 +177,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet
-            world = init_world(configs[0].model.device)
+            world = init_world(configs[0].model.device, configs[0].train.collective_timeout_s)
         for cfg in configs:
             current = cfg
             all_results.append(run_one(cfg, workload, stop, world))

@@ -28,7 +28,8 @@ from training.config import ConfigError
 T = TypeVar("T")
 
 # How long a collective may wait for a peer before it fails: long enough for rank 0 to write a full
-# checkpoint while the others wait at the barrier, short enough that a lost rank ends the job.
+# checkpoint while the others wait at the barrier, short enough that a lost rank ends the job. The run's
+# value is train.collective_timeout_s (the same default); this one is for scripts without a config.
 DEFAULT_TIMEOUT_S = 30 * 60
 
 
