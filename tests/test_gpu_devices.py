@@ -112,6 +112,22 @@ def test_the_local_rank_maps_onto_the_visible_gpus() -> None:
         device_index(3, 2)
 
 
+def test_every_rank_of_a_node_refuses_a_launch_with_more_ranks_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 (local rank 0, which has a GPU) must fail too, or it waits at the rendezvous for the ranks
+    that failed until the timeout."""
+    FakeCuda(2).install(monkeypatch)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: pytest.fail("joined a mismatched launch"))
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="local rank 3 needs its own GPU, but this task sees 2"):
+        init_world("cuda")
+    assert distributed.ranks_per_node({"SLURM_STEP_TASKS_PER_NODE": "4(x2)"}) == 4
+    assert distributed.ranks_per_node({"SLURM_STEP_TASKS_PER_NODE": "2,3"}) == 3
+    assert distributed.ranks_per_node({}) == 0
+
+
 @pytest.mark.parametrize("visible, local_rank, expected", [(1, 3, 0), (4, 2, 2)])
 def test_init_world_sets_the_mapped_device_and_gives_it_to_the_process_group(
         monkeypatch: pytest.MonkeyPatch, visible: int, local_rank: int, expected: int) -> None:
@@ -123,7 +139,8 @@ def test_init_world_sets_the_mapped_device_and_gives_it_to_the_process_group(
     for key, value in {"RANK": str(local_rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", raising=False)
+    for key in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
     world = init_world("cuda", timeout_s=90)
     assert world.local_rank == local_rank and cuda.current == expected
     assert calls[0]["backend"] == "nccl" and calls[0]["device_id"] == torch.device("cuda", expected)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -189,6 +189,15 @@ def device_index(local_rank: int, device_count: int) -> int:
                        f"per visible GPU, or give each task one GPU (srun --gpus-per-task=1)"])
 
 
+def ranks_per_node(env: Mapping[str, str]) -> int:
+    """How many ranks the launcher started on the busiest node: torchrun's LOCAL_WORLD_SIZE, else Slurm's
+    SLURM_STEP_TASKS_PER_NODE ("4(x2)", "2,1"); 0 when neither says."""
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(env["LOCAL_WORLD_SIZE"])
+    counts = [part.split("(")[0] for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(",")]
+    return max((int(c) for c in counts if c.isdigit()), default=0)
+
+
 def nccl_error_handling() -> None:
     """Make a lost peer, or a collective past the process group's timeout, end this rank in the one-line
     "lost contact" error and exit 75 instead of a crash.
@@ -222,7 +231,11 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     device: torch.device | None = None
     if use_cuda:
-        device = torch.device("cuda", device_index(world.local_rank, torch.cuda.device_count()))
+        count = torch.cuda.device_count()
+        # every rank checks the node's highest local rank too, so a mismatch is one line and exit 2 on all of
+        # them (rank 0 included) rather than the others waiting for the failed ranks at the rendezvous
+        device_index(max(world.local_rank, ranks_per_node(os.environ) - 1), count)
+        device = torch.device("cuda", device_index(world.local_rank, count))
         torch.cuda.set_device(device)  # models.resolve_device and the collectives use the current device
         nccl_error_handling()
     try:
