@@ -19,11 +19,12 @@ from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeState
                        staging_dir)
 from data import DataError
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
-from training.distributed import PeerLost, World, close_world, init_world, world_from_env
+from training.distributed import PeerLost, World, close_world, init_world, peer_lost, world_from_env
 from training.methods import METHODS
 from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
                              resolve_precision)
 from training.restore import build_model_and_method
+from training.seeding import use_deterministic
 from training.run import RunPaths, committed_periods, human_bytes, open_run, run_dir_of
 from training.strategies import resolve_strategy, strategy_problems
 from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
@@ -167,6 +168,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
     try:
         with stop.immediately():
             configs = parse_configs(argv)
+            use_deterministic(any(cfg.train.deterministic for cfg in configs))  # before anything starts CUDA
             workload = load_workload(configs[0].data)
             for line in workload.warnings:
                 print("warning: " + " ".join(line.splitlines()), file=sys.stderr)
@@ -189,7 +191,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet
-            world = init_world(configs[0].model.device)
+            world = init_world(configs[0].model.device, configs[0].train.collective_timeout_s)
         for cfg in configs:
             current = cfg
             all_results.append(run_one(cfg, workload, stop, world))
@@ -206,10 +208,12 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         return EXIT_RESUME
     except StorageError as exc:
         return _fail(EXIT_STORAGE, storage_message(exc, current))
-    except PeerLost as exc:
+    except (PeerLost, torch.distributed.DistBackendError) as exc:
         # another rank died (killed, out of memory, node lost): this one stops without writing anything;
-        # the last committed period and step checkpoint stay valid, so a rerun resumes from them
-        return _fail(EXIT_RESUME, f"{exc}; the last checkpoint is intact, run the same command again to resume")
+        # the last committed period and step checkpoint stay valid, so a rerun resumes from them. A
+        # DistBackendError is the same loss seen by an engine's own collective (NCCL, see distributed.py)
+        lost = exc if isinstance(exc, PeerLost) else peer_lost(exc)
+        return _fail(EXIT_RESUME, f"{lost}; the last checkpoint is intact, run the same command again to resume")
     except (UnsafeStateError, UnsafePathError) as exc:
         return _fail(EXIT_UNTRUSTED, str(exc))
     except KeyboardInterrupt:

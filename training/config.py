@@ -86,6 +86,13 @@ class TrainConfig:
     # resolved choice is recorded in run.json. bf16 changes the numbers, so it is part of the run's identity
     mixed_precision: Literal["auto", "none", "bf16"] = "auto"
     progress: bool = True  # show progress bars (stderr)
+    # CUDA's deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, cudnn): what
+    # bit-for-bit resume and "2 ranks equal 1 process" need on GPUs (docs/distributed.md); slower. Changes
+    # nothing on CPU; not part of the run's identity (a run may resume with it switched)
+    deterministic: bool = False
+    # how long a collective waits for a peer before the rank gives up (one line, exit 75): longer than rank 0
+    # needs to write a step checkpoint while the others wait; with several ranks only (docs/distributed.md)
+    collective_timeout_s: Annotated[float, Range(10, 7 * 86400)] = 1800.0
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
     casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
@@ -154,6 +161,10 @@ class RunConfig:
             # as above: runs from before the option keep their identity; auto is none wherever such runs
             # ran (a float32 model), and what it resolved to is recorded in run.json
             out["train"].pop("mixed_precision")
+        if not self.train.deterministic:
+            out["train"].pop("deterministic")  # as above: the saved config of a run stays what it was
+        if self.train.collective_timeout_s == TrainConfig.collective_timeout_s:
+            out["train"].pop("collective_timeout_s")
         return out
 
     def identity_dict(self) -> dict:
@@ -336,7 +347,8 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
 
 # Settings that change how a run executes, not what it computes: they stay out of the config hash and
 # of the resume check, so a run continues after a change of world size, strategy or progress bars.
-RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing")}
+RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing", "deterministic",
+                          "collective_timeout_s")}
 
 
 def drop_runtime_keys(tree: dict) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,7 +28,8 @@ from training.config import ConfigError
 T = TypeVar("T")
 
 # How long a collective may wait for a peer before it fails: long enough for rank 0 to write a full
-# checkpoint while the others wait at the barrier, short enough that a lost rank ends the job.
+# checkpoint while the others wait at the barrier, short enough that a lost rank ends the job. The run's
+# value is train.collective_timeout_s (the same default); this one is for scripts without a config.
 DEFAULT_TIMEOUT_S = 30 * 60
 
 
@@ -149,8 +150,14 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistBackendError) as exc:  # gloo: "Connection closed by peer", timeouts
-        raise PeerLost(f"rank {dist.get_rank()} lost contact with another rank of the run "
-                       f"({' '.join(str(exc).split())[:200]})") from exc
+        raise peer_lost(exc) from exc
+
+
+def peer_lost(exc: BaseException) -> PeerLost:
+    """A backend failure raised outside `_call` (DDP's gradient all-reduce, FSDP's gathers, a DTensor's
+    norm) as the same one line: under NCCL these are where a lost peer usually shows."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return PeerLost(f"rank {rank} lost contact with another rank of the run ({' '.join(str(exc).split())[:200]})")
 
 
 def world_from_env(env: dict[str, str] | None = None) -> World:
@@ -166,6 +173,43 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
     if ntasks > 1 and "SLURM_PROCID" in env:
         return World(rank=int(env["SLURM_PROCID"]), size=ntasks, local_rank=int(env.get("SLURM_LOCALID", 0)))
     return World()
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """The visible GPU of the rank with this node-local rank. torchrun, or srun with every GPU visible to
+    every task: the local rank's own GPU. srun with --gpus-per-task=1 or --gpu-bind: each task sees only
+    its GPU, as device 0. Anything else (two ranks on one visible GPU, more ranks than GPUs) is a launch
+    that does not match the allocation."""
+    if 0 <= local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise ConfigError([f"local rank {local_rank} needs its own GPU, but this task sees {device_count} "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+                       f"per visible GPU, or give each task one GPU (srun --gpus-per-task=1)"])
+
+
+def ranks_per_node(env: Mapping[str, str]) -> int:
+    """How many ranks the launcher started on the busiest node: torchrun's LOCAL_WORLD_SIZE, else Slurm's
+    SLURM_STEP_TASKS_PER_NODE ("4(x2)", "2,1"); 0 when neither says."""
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return int(env["LOCAL_WORLD_SIZE"])
+    counts = [part.split("(")[0] for part in env.get("SLURM_STEP_TASKS_PER_NODE", "").split(",")]
+    return max((int(c) for c in counts if c.isdigit()), default=0)
+
+
+def nccl_error_handling() -> None:
+    """Make a lost peer, or a collective past the process group's timeout, end this rank in the one-line
+    "lost contact" error and exit 75 instead of a crash.
+
+    NCCL's watchdog thread notices a failed or timed-out collective; what it then does is
+    TORCH_NCCL_ASYNC_ERROR_HANDLING: torch's default (3) and torchrun's (1) end the whole process with
+    SIGABRT, which prints none of our lines and exits 134, which run_job.sh counts as a crash. 2 aborts the
+    communicators only: the kernels stuck in the collective return, and the rank's next collective raises
+    (DistBackendError), which the CLI reports as a lost peer. Nothing is written on the way: every write
+    follows a collective (the stop flag, the state gather). Forced, not defaulted, because torchrun
+    exports 1 into every worker. Must be set before the process group exists (read once, at creation)."""
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
 def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
@@ -185,11 +229,19 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    device: torch.device | None = None
     if use_cuda:
-        torch.cuda.set_device(world.local_rank)
+        count = torch.cuda.device_count()
+        # every rank checks the node's highest local rank too, so a mismatch is one line and exit 2 on all of
+        # them (rank 0 included) rather than the others waiting for the failed ranks at the rendezvous
+        device_index(max(world.local_rank, ranks_per_node(os.environ) - 1), count)
+        device = torch.device("cuda", device_index(world.local_rank, count))
+        torch.cuda.set_device(device)  # models.resolve_device and the collectives use the current device
+        nccl_error_handling()
     try:
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guess from the rank number)
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=world.rank, world_size=world.size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), device_id=device)
     except (RuntimeError, dist.DistError) as exc:  # port taken, rendezvous timed out, a rank never came
         raise PeerLost(f"rank {world.rank} could not join the run's {world.size} ranks at "
                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from typing import Any
 
@@ -31,7 +32,9 @@ def rng_state() -> dict[str, Any]:
                                        float(cached)),
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the generator of this process's own device only (a rank draws on its GPU alone): a list of every
+        # visible device's state would not restore where the resumed job sees fewer devices
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -41,4 +44,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(cuda_generator_state(state["cuda"]))
+
+
+def cuda_generator_state(saved: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The state to put on the current device. Checkpoints written before this took one state per visible
+    device (get_rng_state_all), by rank 0, whose own device was the first: that entry is the one its
+    draws advanced, and every rank resumes from it, as every rank resumes from rank 0's CPU state."""
+    if isinstance(saved, (list, tuple)):
+        return saved[0]
+    return saved
+
+
+def use_deterministic(enabled: bool) -> None:
+    """CUDA's deterministic kernels for the whole process (train.deterministic), before CUDA starts:
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle, and without a fixed workspace its
+    split-K reductions may add in any order. Ops with no deterministic CUDA kernel warn (torch's
+    UserWarning names the op) instead of failing the run. On CPU the kernels are deterministic already."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -74,6 +74,10 @@ class Strategy:
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 
+    def read_trainer_state(self, path: Path) -> dict[str, Any]:
+        """trainer_state.pt of a step checkpoint (optimizer, scheduler, RNG, position), on every rank."""
+        return load_state(path)
+
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
@@ -198,8 +202,15 @@ class FSDP(Strategy):
     def load(self, method: Method, model: nn.Module, directory: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        state = load_tensors(directory / "trainable.safetensors")
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        # Rank 0 alone reads the full tensors and sends each one in turn; every rank keeps only its shard,
+        # so a node's host holds one copy of the model, not one per rank. A bad file fails every rank.
+        state: dict[str, torch.Tensor] = {}
+        with self.world.main_first():
+            if self.world.is_main:
+                state = load_tensors(directory / "trainable.safetensors")
+        set_model_state_dict(model, state, options=StateDictOptions(
+            full_state_dict=True, strict=False, broadcast_from_rank0=self.world.active))
+        del state
         method.load_state_dict(load_state(directory / "method_state.pt"))
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -214,13 +225,26 @@ class FSDP(Strategy):
         return {"state": {index[n]: v for n, v in full["state"].items()},
                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
 
+    def read_trainer_state(self, path: Path) -> dict[str, Any]:
+        """Rank 0 reads the file (AdamW's two moments, twice the model); the others get the small rest from
+        it, and their optimizer state from load_optimizer_state's broadcast."""
+        state: dict[str, Any] = {}
+        with self.world.main_first():
+            if self.world.is_main:
+                state = load_state(path)
+        small = self.world.broadcast_object({k: v for k, v in state.items() if k != "optimizer"})
+        return state if self.world.is_main else {**small, "optimizer": {}}
+
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        names = _optimizer_names(model, optimizer)
-        named = {"state": {names[i]: v for i, v in state["state"].items()},
-                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+        named: dict[str, Any] = {}
+        if state:  # rank 0 (or a world of one): positions back to names
+            names = _optimizer_names(model, optimizer)
+            named = {"state": {names[i]: v for i, v in state["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=self.world.active))
 
     def eval_shard(self) -> Any:
         return Lockstep(self.world)

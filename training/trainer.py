@@ -136,6 +136,7 @@ class Trainer:
     def run_period(self, stage: Stage) -> None:
         k, cfg, period = stage.index, self.cfg, stage.period
         seed_everything(derive_seed(cfg.seed, "period", k))
+        self._reset_peak_memory()  # each commit records its own period's peak (the run's cost takes the max)
         texts = self.method.on_period_start(self.model, period, [p + c for p, c in stage.pairs])
         master_weights(self.model)  # a method may add this period's trainables (an adapter) in the backbone's dtype
         data = self.work.tokenize(self.tokenizer, stage, texts, cfg.train.max_seq_len)
@@ -386,7 +387,7 @@ class Trainer:
     def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
         self.strategy.load(self.method, self.model, directory)
-        state = load_state(directory / "trainer_state.pt")
+        state = self.strategy.read_trainer_state(directory / "trainer_state.pt")  # under fsdp rank 0 alone reads
         self.strategy.load_optimizer_state(self.model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -458,6 +459,10 @@ class Trainer:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def _cost(self, names: list[str]) -> dict[str, Any]:
         """What the run cost: wall time of training steps (from the log) and of evaluations (from the
