@@ -45,15 +45,57 @@ class EvalInterrupted(Exception):
     """A stop was requested between two eval batches; the period is redone from its checkpoint."""
 
 
-def owned_batches(order: list[int], batch_size: int, shard: Shard,
-                  should_stop: Callable[[], bool]) -> Iterator[list[int]]:
-    """The batches of `order` (indices, in one process's batch order) that this rank computes. Before every
-    batch, owned or not, the ranks agree on a stop (EvalInterrupted), so they all leave at the same one."""
-    for number, start in enumerate(range(0, len(order), batch_size)):
+@dataclass(frozen=True)
+class Budget:
+    """How large one eval forward may be (eval.max_length, eval.max_tokens_per_batch in the run config).
+
+    The model's own position table is no bound on a GPU: Llama 3 says 131,072, and one perplexity
+    window that long does not fit beside an 8B model. Batches are bounded in padded tokens as well as in
+    items, so a batch of long texts is smaller than a batch of short ones."""
+
+    max_length: int = 0  # longest sequence a forward sees; 0 = the model's position table alone
+    max_tokens: int = 0  # padded tokens (items x longest) per batch; 0 = the item count alone
+
+    def window(self, model: nn.Module) -> int:
+        positions = model_max_length(model)
+        return min(positions, self.max_length) if self.max_length else positions
+
+
+UNBOUNDED = Budget()
+
+
+def token_batches(order: list[int], batch_size: int, lengths: list[int] | None = None,
+                  max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `batch_size` items, and (with `lengths` and `max_tokens`)
+    at most `max_tokens` padded tokens: items x the longest of them. An item longer than the budget on
+    its own is a batch of one; with no token budget the batches are exactly the fixed-size ones."""
+    if not lengths or max_tokens <= 0:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if current and (len(current) >= batch_size or wider * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        longest = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
+def owned_batches(order: list[int], batch_size: int, shard: Shard, should_stop: Callable[[], bool],
+                  lengths: list[int] | None = None, max_tokens: int = 0) -> Iterator[list[int]]:
+    """The batches of `order` (indices, in one process's batch order; see token_batches) that this rank
+    computes. Before every batch, owned or not, the ranks agree on a stop (EvalInterrupted), so they all
+    leave at the same one."""
+    for number, batch in enumerate(token_batches(order, batch_size, lengths, max_tokens)):
         if shard.agree(should_stop()):
             raise EvalInterrupted()
         if shard.owns(number):
-            yield order[start:start + batch_size]
+            yield batch
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from data import DataConfig, load_benchmark
+from data.streams.schema import EvalItem
 from eval_and_metrics import evaluate as ev
 from eval_and_metrics.scorers.multiple_choice import choice_metrics
 from training.config import ModelConfig
@@ -103,3 +104,102 @@ def test_scoring_goes_through_a_peft_wrapper_and_matches_its_full_logits(twins):
             want = logp[len(c) - 1:-1].gather(-1, torch.tensor(x)[:, None]).squeeze(-1)
             assert torch.allclose(lp, want, atol=1e-5)
     assert not model.get_output_embeddings()._forward_pre_hooks, "the hook is removed"
+
+
+# -- item 9: bounded eval forwards ------------------------------------------------------------------
+
+def test_token_batches_respect_the_budget_and_are_the_fixed_batches_without_one():
+    order = list(range(10))
+    lengths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 30]
+    assert ev.token_batches(order, 4) == ev.token_batches(order, 4, lengths, 0) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    batches = ev.token_batches(order, 4, lengths, 16)
+    assert [i for b in batches for i in b] == order
+    assert batches == [[0, 1, 2, 3], [4, 5], [6, 7], [8], [9]]  # 30 alone is over the budget: a batch of one
+    assert all(len(b) * max(lengths[i] for i in b) <= 16 for b in batches[:-1])
+
+
+class _Widths:
+    """Records (rows, width) of every forward of a model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.seen.append(tuple(kwargs["input_ids"].shape))
+
+
+def test_a_long_document_gets_a_capped_window_and_the_default_caps_llama3(twins):
+    from eval_and_metrics.scorers.perplexity import Perplexity
+    from training.config import RunConfig
+
+    _, fp32, tok, prompts = twins
+    doc = EvalItem("doc", "", " ".join(prompts[:12]))  # ~100 tokens, the model takes 512
+    widths = _Widths(fp32)
+    try:
+        (capped,) = Perplexity().score(fp32, tok, [doc], CPU, 8, 0, budget=ev.Budget(max_length=32))
+    finally:
+        widths.handle.remove()
+    assert max(w for _, w in widths.seen) <= 32 and capped["num_windows"] == sum(r for r, _ in widths.seen) > 2
+    (whole,) = Perplexity().score(fp32, tok, [doc], CPU, 8, 0)
+    assert whole["num_windows"] == 1 and whole["num_tokens"] == capped["num_tokens"]
+    # the run's default bound: Llama 3's position table (131,072) is capped, a small model keeps its own
+    cfg = RunConfig()
+    budget = ev.Budget(cfg.eval.max_length, cfg.eval.max_tokens_per_batch)
+    llama3 = nn.Module()
+    llama3.config = type("Config", (), {"max_position_embeddings": 131072})()
+    assert budget.window(llama3) == 4096 and budget.window(fp32) == 512
+    # the bounds at their defaults leave the saved config (and so every pinned run id) as it was
+    assert "max_length" not in cfg.to_dict()["eval"] and "max_tokens_per_batch" not in cfg.to_dict()["eval"]
+    cfg.eval.max_length = 2048
+    assert cfg.to_dict()["eval"]["max_length"] == 2048
+
+
+@pytest.mark.parametrize("scorer_name", ["multiple_choice", "perplexity"])
+def test_batches_respect_the_token_budget_and_score_what_unbatched_forwards_do(twins, scorer_name):
+    from eval_and_metrics.scorers import SCORERS
+
+    _, fp32, tok, prompts = twins
+    if scorer_name == "perplexity":
+        items = [EvalItem(f"p{i}", prompts[i] if i % 2 else "", " ".join(prompts[i + 1:i + 1 + i % 4]) + " ok")
+                 for i in range(12)]
+    else:
+        items = [EvalItem(f"m{i}", " ".join(prompts[i:i + 1 + i % 3]), "was", ("was", "held", "the"), 0)
+                 for i in range(12)]
+    scorer = SCORERS[scorer_name]()
+    budget = ev.Budget(max_tokens=60)
+    widths = _Widths(fp32)
+    try:
+        batched = scorer.score(fp32, tok, items, CPU, 16, 0, budget=budget)
+    finally:
+        widths.handle.remove()
+    assert all(rows * width <= 60 or rows == 1 for rows, width in widths.seen)
+    assert any(rows > 1 for rows, _ in widths.seen) and len(widths.seen) > 3
+    single = scorer.score(fp32, tok, items, CPU, 1, 0)
+    key = "nll" if scorer_name == "perplexity" else "loglikelihoods"
+    for a, b in zip(batched, single):
+        assert a["id"] == b["id"] and a.get("pred_index") == b.get("pred_index")
+        assert torch.allclose(torch.tensor(a[key], dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64),
+                              rtol=0, atol=1e-4)
+
+
+# -- item 10: memory released or kept on the CPU ----------------------------------------------------
+
+def test_gradients_and_optimizer_moments_are_freed_before_eval(tmp_path, monkeypatch):
+    from training import cli, trainer
+
+    made: list[torch.optim.Optimizer] = []
+    adamw = trainer.OPTIMIZERS["adamw"]
+    monkeypatch.setitem(trainer.OPTIMIZERS, "adamw", lambda *a: made.append(adamw(*a)) or made[-1])
+    seen: list[tuple[int, int]] = []  # (params holding a .grad, optimizer states) at each eval
+    evaluate = trainer.Trainer._evaluate
+
+    def recording(self, desc):
+        seen.append((sum(p.grad is not None for p in self.model.parameters()), sum(len(o.state) for o in made)))
+        return evaluate(self, desc)
+
+    monkeypatch.setattr(trainer.Trainer, "_evaluate", recording)
+    assert cli.main(["--mode", "synthetic", "--set", "data.num_facts=8", "--set", "train.epochs=1",
+                     "--set", "train.progress=false", "--method", "full_ft", "--run-root", str(tmp_path)]) == 0
+    assert len(seen) == len(made) + 1 >= 3  # the base model and every period
+    assert seen == [(0, 0)] * len(seen)
