@@ -203,3 +203,25 @@ def test_gradients_and_optimizer_moments_are_freed_before_eval(tmp_path, monkeyp
                      "--set", "train.progress=false", "--method", "full_ft", "--run-root", str(tmp_path)]) == 0
     assert len(seen) == len(made) + 1 >= 3  # the base model and every period
     assert seen == [(0, 0)] * len(seen)
+
+
+def test_checkpointed_weights_are_copied_to_the_cpu_not_cloned_on_the_gpu():
+    """full_ft's trainable state (the whole model) used to be cloned on the GPU before it was written,
+    a second copy of every weight beside training. A fake CUDA model (FakeTensorMode: no GPU, no data)
+    shows where the copies land; on the CPU they are copies, not views."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from training.methods.full_ft import FullFineTune
+
+    with FakeTensorMode():
+        model = nn.Sequential(nn.Linear(4, 4, device="cuda"), nn.Linear(4, 2, device="cuda"))
+        model[1].bias.requires_grad_(False)
+        state = FullFineTune.trainable_state_dict(None, model)  # the base Method's implementation
+    assert sorted(state) == ["0.bias", "0.weight", "1.weight"]
+    assert {str(t.device) for t in state.values()} == {"cpu"}
+    real = nn.Linear(3, 3)
+    copied = FullFineTune.trainable_state_dict(None, real)
+    assert copied["weight"].data_ptr() != real.weight.data_ptr() and not copied["weight"].requires_grad
+    with torch.no_grad():
+        real.weight.add_(1.0)
+    assert not torch.equal(copied["weight"], real.weight)
