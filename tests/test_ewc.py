@@ -192,7 +192,8 @@ def test_fisher_statistics_make_no_flat_copy_on_the_device():
     from training.methods.ewc import fisher_stats
 
     gen = torch.Generator().manual_seed(0)
-    plain = {"a": torch.rand(100, generator=gen), "b": torch.rand(50, 2, generator=gen), "c": torch.rand(3, generator=gen)}
+    plain = {"a": torch.rand(100, generator=gen), "b": torch.rand(50, 2, generator=gen),
+             "c": torch.rand(3, generator=gen)}
     flat = torch.cat([f.flatten() for f in plain.values()])
     assert fisher_stats(plain) == {"sum": float(flat.sum()), "mean": float(flat.mean()), "max": float(flat.max())}
     _OnDevice.largest = 0
