@@ -239,13 +239,13 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
     ids, mask = left_pad(seqs, pad_id, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     # Left padding puts every continuation at the end, so only the last `keep` hidden states reach the
-    # output layer; of those, row r's last len(x_r) + 1 predict its continuation (j predicts j + 1).
+    # output layer; of those, row r's positions -1 - len(x_r) .. -2 predict its continuation (j predicts j + 1).
     keep = max(len(x) for x in continuations) + 1
-    width = ids.shape[1]
     rows = torch.tensor([r for r, x in enumerate(continuations) for _ in x], dtype=torch.long, device=device)
-    cols = torch.tensor([keep - 1 - len(x) + k for x in continuations for k in range(len(x))], dtype=torch.long,
+    # counted from the end, so they hold however many positions the model passes on
+    cols = torch.tensor([k - 1 - len(x) for x in continuations for k in range(len(x))], dtype=torch.long,
                         device=device)
-    targets = ids[rows, cols + (width - keep) + 1]
+    targets = ids[rows, cols + ids.shape[1] + 1]
     with scoring_head(model, rows, cols, targets) as found:
         model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
     (token_logp,) = found
