@@ -177,7 +177,8 @@ def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     for start in range(0, targets.shape[0], step):
         h, t = hidden[start:start + step], targets[start:start + step].unsqueeze(-1)
         if not own_fp32 or vocab_rows == vocab:
-            logits = F.linear(h.float(), weight.float(), head.bias) if own_fp32 else head(h)
+            bias = head.bias.float() if own_fp32 and head.bias is not None else None
+            logits = F.linear(h.float(), weight.float(), bias) if own_fp32 else head(h)
             out[start:start + step] = torch.log_softmax(logits.float(), dim=-1).gather(-1, t).squeeze(-1)
             continue
         h32 = h.float()

@@ -75,6 +75,7 @@ def test_the_fp32_head_in_blocks_equals_one_fp32_log_softmax(monkeypatch):
     targets = torch.randint(0, 50, (37,), generator=gen)
     reference = torch.log_softmax(nn.functional.linear(hidden.float(), head.weight.float(), head.bias.float()), -1)
     expected = reference.gather(-1, targets[:, None]).squeeze(-1)
+    assert torch.allclose(ev.target_logprobs(head, hidden, targets), expected, atol=1e-5, rtol=0)  # in one block
     monkeypatch.setattr(ev, "SCORE_VOCAB_ROWS", 8)  # 7 blocks of rows, the last one short
     monkeypatch.setattr(ev, "SCORE_BLOCK_ELEMENTS", 8 * 5)  # 5 positions a block
     assert torch.allclose(ev.target_logprobs(head, hidden, targets), expected, atol=1e-5, rtol=0)
