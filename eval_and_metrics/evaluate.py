@@ -13,11 +13,13 @@ are shared with the task-stream scorers in eval_and_metrics/scorers/.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
@@ -43,15 +45,57 @@ class EvalInterrupted(Exception):
     """A stop was requested between two eval batches; the period is redone from its checkpoint."""
 
 
-def owned_batches(order: list[int], batch_size: int, shard: Shard,
-                  should_stop: Callable[[], bool]) -> Iterator[list[int]]:
-    """The batches of `order` (indices, in one process's batch order) that this rank computes. Before every
-    batch, owned or not, the ranks agree on a stop (EvalInterrupted), so they all leave at the same one."""
-    for number, start in enumerate(range(0, len(order), batch_size)):
+@dataclass(frozen=True)
+class Budget:
+    """How large one eval forward may be (eval.max_length, eval.max_tokens_per_batch in the run config).
+
+    The model's own position table is no bound on a GPU: Llama 3 says 131,072, and one perplexity
+    window that long does not fit beside an 8B model. Batches are bounded in padded tokens as well as in
+    items, so a batch of long texts is smaller than a batch of short ones."""
+
+    max_length: int = 0  # longest sequence a forward sees; 0 = the model's position table alone
+    max_tokens: int = 0  # padded tokens (items x longest) per batch; 0 = the item count alone
+
+    def window(self, model: nn.Module) -> int:
+        positions = model_max_length(model)
+        return min(positions, self.max_length) if self.max_length else positions
+
+
+UNBOUNDED = Budget()
+
+
+def token_batches(order: list[int], batch_size: int, lengths: list[int] | None = None,
+                  max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `batch_size` items, and (with `lengths` and `max_tokens`)
+    at most `max_tokens` padded tokens: items x the longest of them. An item longer than the budget on
+    its own is a batch of one; with no token budget the batches are exactly the fixed-size ones."""
+    if not lengths or max_tokens <= 0:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if current and (len(current) >= batch_size or wider * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        longest = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
+def owned_batches(order: list[int], batch_size: int, shard: Shard, should_stop: Callable[[], bool],
+                  lengths: list[int] | None = None, max_tokens: int = 0) -> Iterator[list[int]]:
+    """The batches of `order` (indices, in one process's batch order; see token_batches) that this rank
+    computes. Before every batch, owned or not, the ranks agree on a stop (EvalInterrupted), so they all
+    leave at the same one."""
+    for number, batch in enumerate(token_batches(order, batch_size, lengths, max_tokens)):
         if shard.agree(should_stop()):
             raise EvalInterrupted()
         if shard.owns(number):
-            yield order[start:start + batch_size]
+            yield batch
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -107,6 +151,79 @@ def model_max_length(model: nn.Module, default: int = 2048) -> int:
     return default
 
 
+# Elements of one fp32 logits block of the scoring head (positions x vocabulary rows): 256 MiB, so a
+# 2048-token window over a 128k vocabulary never holds its full fp32 logits (1 GiB per row) at once.
+SCORE_BLOCK_ELEMENTS = 1 << 26
+# Vocabulary rows of the head upcast to fp32 at a time (bf16 weights): 32k x 4096 x 4 bytes = 512 MiB at 8B.
+SCORE_VOCAB_ROWS = 1 << 15
+
+
+def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each of n positions (hidden: (n, d), targets: (n,)), in fp32 blocks.
+
+    A float nn.Linear head is applied in fp32 to the hidden states (exact upcasts of bf16 values), so
+    the logits are not rounded to bf16 first: at logits of 8-16 bf16 steps are 0.0625, which ties
+    one-token choices. Only the target's logit and the logsumexp are kept, a block at a time. A head
+    of another kind (a LoRA-wrapped or quantized one) runs as itself and its logits are upcast after.
+    """
+    weight = getattr(head, "weight", None)
+    own_fp32 = (isinstance(head, nn.Linear) and isinstance(weight, torch.Tensor)
+                and weight.is_floating_point())
+    vocab = weight.shape[0] if own_fp32 else int(getattr(head, "out_features", SCORE_VOCAB_ROWS))
+    # fp32 weights need no upcast copy, so they are used whole (and the numbers are log_softmax's, as before)
+    vocab_rows = vocab if own_fp32 and weight.dtype == torch.float32 else min(vocab, SCORE_VOCAB_ROWS)
+    step = max(1, SCORE_BLOCK_ELEMENTS // vocab_rows)
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.shape[0], step):
+        h, t = hidden[start:start + step], targets[start:start + step].unsqueeze(-1)
+        if not own_fp32 or vocab_rows == vocab:
+            bias = head.bias.float() if own_fp32 and head.bias is not None else None
+            logits = F.linear(h.float(), weight.float(), bias) if own_fp32 else head(h)
+            out[start:start + step] = torch.log_softmax(logits.float(), dim=-1).gather(-1, t).squeeze(-1)
+            continue
+        h32 = h.float()
+        picked = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
+        sums = []
+        for v0 in range(0, vocab, vocab_rows):
+            bias = head.bias[v0:v0 + vocab_rows].float() if head.bias is not None else None
+            logits = F.linear(h32, weight[v0:v0 + vocab_rows].float(), bias)
+            sums.append(logits.logsumexp(-1, keepdim=True))
+            inside = (t >= v0) & (t < v0 + logits.shape[-1])
+            picked = torch.where(inside, logits.gather(-1, (t - v0).clamp(0, logits.shape[-1] - 1)), picked)
+        out[start:start + step] = (picked - torch.cat(sums, dim=-1).logsumexp(-1, keepdim=True)).squeeze(-1)
+    return out
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()  # through peft wrappers too (they forward attribute lookups)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings to score with")
+    return head
+
+
+@contextmanager
+def scoring_head(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
+                 targets: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Inside it, one forward of `model` yields log p(targets) at hidden positions (rows, cols) of the
+    output layer's input in the returned list, and the layer itself runs on no position (empty logits).
+
+    The work is done in a forward pre-hook of the output layer, so the model's own forward runs as always
+    (peft wrappers, the memory methods' MLP hooks, FSDP's unsharded weights, a method's eval_scope)."""
+    found: list[torch.Tensor] = []
+    head = output_head(model)
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        found.append(target_logprobs(module, hidden[rows, cols], targets))
+        return (hidden[:, :0], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
 # no_grad, not inference_mode: under FSDP the forward all-gathers weights into buffers that training
 # reuses, and a tensor created in inference mode can never be updated in place afterwards.
 @torch.no_grad()
@@ -116,19 +233,24 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
 
     One float32 tensor per pair (on `device`), of the continuation's length. Every continuation must
     hold at least one token, every context too (the first continuation token is predicted from it).
+    The output layer runs in fp32 at the scored positions only (scoring_head).
     """
     assert all(contexts) and all(continuations), "contexts and continuations must be non-empty"
     seqs = [c + x for c, x in zip(contexts, continuations)]
     ids, mask = left_pad(seqs, pad_id, device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    # Left padding puts every continuation at the end, so the vocabulary head (49k wide for SmolLM2)
-    # only has to run on the last `keep` positions instead of the whole sequence.
+    # Left padding puts every continuation at the end, so only the last `keep` hidden states reach the
+    # output layer; of those, row r's positions -1 - len(x_r) .. -2 predict its continuation (j predicts j + 1).
     keep = max(len(x) for x in continuations) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j predicts token j+1
-    targets = ids[:, -(keep - 1):]
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return [token_logp[row, token_logp.shape[1] - len(x):] for row, x in enumerate(continuations)]
+    rows = torch.tensor([r for r, x in enumerate(continuations) for _ in x], dtype=torch.long, device=device)
+    # counted from the end, so they hold however many positions the model passes on
+    cols = torch.tensor([k - 1 - len(x) for x in continuations for k in range(len(x))], dtype=torch.long,
+                        device=device)
+    targets = ids[rows, cols + ids.shape[1] + 1]
+    with scoring_head(model, rows, cols, targets) as found:
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+    (token_logp,) = found
+    return list(torch.split(token_logp, [len(x) for x in continuations]))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from eval_and_metrics.evaluate import Budget  # noqa: E402
 from training.config import ConfigError, build_run_configs, load_tree  # noqa: E402
 from training.methods import METHODS  # noqa: E402
 from training.restore import build_model_and_method  # noqa: E402
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded, _method, model = build_model_and_method(cfg, workload)
     started = time.time()
     rows = workload.evaluate(model, loaded.tokenizer, loaded.device, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                             should_stop=lambda: False, progress=lambda n: None)
+                             should_stop=lambda: False, progress=lambda n: None,
+                             budget=Budget(cfg.eval.max_length, cfg.eval.max_tokens_per_batch))
     summary = workload.row_summary(rows)
     print(f"{workload.name}: base model {loaded.source}, {len(rows)} items in {time.time() - started:.0f}s")
     for task, metrics in summary.items():

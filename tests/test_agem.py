@@ -204,3 +204,23 @@ def test_state_round_trips_in_the_middle_of_a_period(bench, tmp_path):
         meth.after_backward(m)
     assert torch.equal(_grads(model), _grads(other))
     assert method.step_stats() == other_method.step_stats()
+
+
+def test_the_projection_makes_no_flat_copy_of_the_gradients(bench, monkeypatch):
+    """Issue 25: on a GPU, flattening g and g_ref into fp32 vectors held two more model-sized copies
+    (four at bf16); the projection now goes parameter by parameter, with the same numbers."""
+    model, tok, method = _with_memory(bench, ref_batch=4, on="full")
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    g_ref = _reference_gradient(model, method.reference_batch(0))
+    g = -g_ref + torch.randn(g_ref.shape, generator=torch.Generator().manual_seed(3)) * g_ref.abs().mean()
+    _set_grads(model, g)
+    model.train()
+    widest = []
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: widest.append(cat(*a, **k).numel()) or cat(*a, **k))
+    method.after_backward(model)
+    monkeypatch.undo()
+    assert widest and max(widest) < total // 2, "a flat copy of the gradients was made"
+    assert method.step_stats()["agem_projected"] == 1.0
+    got, want = _grads(model), project(g, g_ref)
+    assert float((got - want).norm()) <= 1e-5 * float(want.norm())

@@ -347,3 +347,45 @@ def test_rewrite_evidence_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(contract, "TINY", [*contract.TINY, "--set", "method.casm.rewrite_evidence=true"])
     contract.test_signal_in_period_three_then_resume_equals_uninterrupted("casm", tmp_path, monkeypatch)
+
+
+class _OnDevice(torch.Tensor):
+    """A mask as it lives on an accelerator: each read of it on the host is a device synchronisation."""
+
+    syncs = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu):
+            cls.syncs += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_routing_targets_read_the_attention_mask_once_per_batch_not_per_position(bench):
+    """Issue 25: `bool(attention[row, pos])` on a CUDA mask synchronised the GPU once per position."""
+    model, tok, method = fresh(bench)
+    train_period(model, tok, method, bench.periods[0], steps=1)
+    period = bench.periods[1]
+    texts = method.on_period_start(model, period, [p.text for p in period.passages])
+    method.trainable_parameters(model)
+    b = as_batch(tok, texts)
+    model.train()
+    model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")})
+    where, labels = method._current_targets(b, method._logits)
+    assert int(where.sum()) > 20
+    _OnDevice.syncs = 0
+    on_device = dict(b, attention_mask=b["attention_mask"].as_subclass(_OnDevice))
+    where2, labels2 = method._current_targets(on_device, method._logits)
+    assert torch.equal(where, where2) and torch.equal(labels, labels2)
+    assert _OnDevice.syncs <= 2, f"{_OnDevice.syncs} host reads of the device mask"
+
+
+def test_router_rehearsal_inputs_keep_the_residual_streams_dtype(bench):
+    """Issue 25: the rehearsal inputs were stored in fp16, which overflows past 65,504 (large models'
+    residual streams reach that); they keep the stream's own dtype now (fp32 here, bf16 on a GPU)."""
+    model, tok, method = fresh(bench)
+    for period in bench.periods[:2]:
+        train_period(model, tok, method, period, steps=1)
+    assert method.replay is not None and method.replay["x"].dtype == torch.float32
+    assert torch.isfinite(method.replay["x"]).all()
+    assert torch.isinf(torch.tensor([70000.0]).half()).all()  # what fp16 made of such an activation

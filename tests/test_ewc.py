@@ -167,3 +167,35 @@ def test_state_round_trips_through_a_weights_only_file():
     assert a["periods"] == b["periods"] and a["fisher_info"] == b["fisher_info"]
     for key in ("fishers", "anchors"):
         assert all(torch.equal(x[n], y[n]) for x, y in zip(a[key], b[key]) for n in x)
+
+
+class _OnDevice(torch.Tensor):
+    """Tensors on an accelerator: what an op on them makes stays there (the largest is recorded);
+    `.cpu()` is the way off."""
+
+    largest = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.cpu:
+            with torch._C.DisableTorchFunctionSubclass():
+                return out.as_subclass(torch.Tensor)
+        if isinstance(out, cls):
+            cls.largest = max(cls.largest, out.numel())
+        return out
+
+
+def test_fisher_statistics_make_no_flat_copy_on_the_device():
+    """Issue 25: the period-end statistics concatenated the whole Fisher on the GPU (4 bytes a trainable
+    weight) for three numbers; they are computed on the host now, with the same numbers."""
+    from training.methods.ewc import fisher_stats
+
+    gen = torch.Generator().manual_seed(0)
+    plain = {"a": torch.rand(100, generator=gen), "b": torch.rand(50, 2, generator=gen),
+             "c": torch.rand(3, generator=gen)}
+    flat = torch.cat([f.flatten() for f in plain.values()])
+    assert fisher_stats(plain) == {"sum": float(flat.sum()), "mean": float(flat.mean()), "max": float(flat.max())}
+    _OnDevice.largest = 0
+    assert fisher_stats({n: f.as_subclass(_OnDevice) for n, f in plain.items()}) == fisher_stats(plain)
+    assert _OnDevice.largest <= 100 < flat.numel(), "a flat copy of the Fisher was made on the device"

@@ -109,6 +109,15 @@ class EvalConfig:
     batch_size: Annotated[int, Range(1, 65536)] = 32  # probes per generation batch
     # greedy tokens generated per probe; 0 = longest gold answer + 4
     max_new_tokens: Annotated[int, Range(0, 4096)] = 0
+    # longest sequence an eval forward sees (perplexity window, kept end of a long prompt), below the model's
+    # own (Llama 3 says 131,072, which does not fit on a GPU beside the model)
+    max_length: Annotated[int, Range(2, 1 << 20)] = 4096
+    # padded tokens per eval batch (items x the longest), besides batch_size; 0 = batch_size alone
+    max_tokens_per_batch: Annotated[int, Range(0, 1 << 30)] = 32768
+
+
+# The eval bounds' defaults, left out of the saved config (and the run id) at these values.
+EVAL_BOUNDS = {"max_length": EvalConfig.max_length, "max_tokens_per_batch": EvalConfig.max_tokens_per_batch}
 
 
 @dataclass
@@ -165,6 +174,9 @@ class RunConfig:
             out["train"].pop("deterministic")  # as above: the saved config of a run stays what it was
         if self.train.collective_timeout_s == TrainConfig.collective_timeout_s:
             out["train"].pop("collective_timeout_s")
+        for key, default in EVAL_BOUNDS.items():
+            if out["eval"][key] == default:
+                out["eval"].pop(key)  # as above: the bounds came later, at values no earlier test run reached
         return out
 
     def identity_dict(self) -> dict:

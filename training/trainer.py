@@ -32,7 +32,7 @@ from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_
                        load_state, read_manifest, save_state, save_tensors, staging_dir, verify_manifest,
                        write_manifest)
 from data.schema import Period
-from eval_and_metrics.evaluate import EvalInterrupted
+from eval_and_metrics.evaluate import Budget, EvalInterrupted
 from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
 from training.distributed import World
@@ -233,6 +233,10 @@ class Trainer:
         saved = ckpts.list_steps()
         if not saved or saved[-1][0] != pos.step:
             save_step()
+        # The period's gradients and optimizer moments are never read again (each period builds its own
+        # optimizer): freed here, they do not sit beside eval's activations and the commit on the GPU.
+        self.model.zero_grad(set_to_none=True)
+        optimizer.state.clear()
         self.method.on_period_end(self.model, period, data)
         eval_start = time.time()
         results = self._evaluate(f"eval after {period.name}")
@@ -306,7 +310,8 @@ class Trainer:
             return self.work.evaluate(self.model, self.tokenizer, self.device, self.cfg.eval.batch_size,
                                       self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
                                       progress=lambda n: bar.update(n * share), shard=shard,
-                                      scope=lambda stage: self.method.eval_scope(self.model, stage))
+                                      scope=lambda stage: self.method.eval_scope(self.model, stage),
+                                      budget=Budget(self.cfg.eval.max_length, self.cfg.eval.max_tokens_per_batch))
         except EvalInterrupted:
             self._name_stop()
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None

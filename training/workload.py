@@ -33,7 +33,7 @@ from data.io import read_benchmark, write_benchmark
 from data.schema import PROBE_FAMILIES, Benchmark, Period, Probe
 from data.streams import load_stream
 from data.streams.schema import STREAM_FILE, Stream
-from eval_and_metrics.evaluate import evaluate_probes
+from eval_and_metrics.evaluate import UNBOUNDED, Budget, evaluate_probes
 from eval_and_metrics.metrics import derive_metrics, score_matrix
 from eval_and_metrics.scorers import SCORERS
 from eval_and_metrics.shard import ONE, Shard
@@ -102,7 +102,7 @@ class Workload:
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
                  max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None],
-                 scope: Scope = _no_scope, shard: Shard = ONE) -> list[dict[str, Any]]:
+                 scope: Scope = _no_scope, shard: Shard = ONE, budget: Budget = UNBOUNDED) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def row_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -149,7 +149,8 @@ class TemporalWorkload(Workload):
         return benchmark_texts(self.bench)
 
     def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,
-                 shard=ONE):
+                 shard=ONE, budget=UNBOUNDED):
+        # a probe is one sentence and its answer, far below any budget: batches stay batch_size probes
         scopes = {p.name: scope(p.name) for p in self.bench.periods}
         # one set of batches over every probe unless a stage needs its own context (same numbers as always)
         groups = ([(nullcontext(), self.probes)] if all(c is None for c in scopes.values()) else
@@ -223,13 +224,13 @@ class StreamWorkload(Workload):
         return texts
 
     def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,
-                 shard=ONE):
+                 shard=ONE, budget=UNBOUNDED):
         rows: list[dict[str, Any]] = []
         for task in self.stream.tasks:
             with scope(task.name) or nullcontext():
                 scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
                                                        max_new_tokens, should_stop=should_stop, progress=progress,
-                                                       shard=shard)
+                                                       shard=shard, budget=budget)
             rows.extend({**row, "task": task.name} for row in scored)
         return rows
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import EvalInterrupted, encode, generate_greedy, model_max_length, owned_batches
+from eval_and_metrics.evaluate import UNBOUNDED, Budget, EvalInterrupted, encode, generate_greedy, owned_batches
 from eval_and_metrics.shard import ONE, Shard
 
 OUTPUT_TYPES = ("generate_until", "multiple_choice", "loglikelihood_rolling")
@@ -34,13 +34,15 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
+              budget: Budget = UNBOUNDED) -> list[Row]:
         """One row per item, in item order: {"id", "prediction", <per-item values>}.
 
         should_stop() is polled before every batch (EvalInterrupted when it holds); progress(n) is
         called with the number of items each batch finished. max_new_tokens <= 0 means the
         scorer's default; scorers that do not generate ignore it. Under several ranks (`shard`,
         eval_and_metrics/shard.py) each computes the batches it owns and every rank returns all rows.
+        `budget` bounds the sequences (the model's window capped) and each batch's padded tokens.
         """
 
     @abstractmethod
@@ -114,8 +116,9 @@ class GenerationScorer(Scorer):
 
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
-        positions = model_max_length(model)
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
+              budget: Budget = UNBOUNDED) -> list[Row]:
+        positions = budget.window(model)
         if max_new_tokens <= 0:
             # The default leaves at least half of a small model's positions to the prompt; an
             # explicit value that does not fit is the caller's error (below).
@@ -133,7 +136,9 @@ class GenerationScorer(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for idx in owned_batches(order, batch_size, shard, should_stop):
+            # a generation's width is its prompt and the tokens it may add (the KV cache holds both)
+            lengths = [len(p) + max_new_tokens for p in prompts]
+            for idx in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
                 texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens,
                                         done=lambda row, text, idx=idx: self.is_done(items[idx[row]], text))
                 for i, text in zip(idx, texts):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import (continuation_logprobs, encode, encode_pair, model_max_length, owned_batches,
+from eval_and_metrics.evaluate import (UNBOUNDED, Budget, continuation_logprobs, encode, encode_pair, owned_batches,
                                       prefix_token_id)
 from eval_and_metrics.scorers.base import Row, Scorer, mean_of
 from eval_and_metrics.shard import ONE, Shard
@@ -86,8 +86,9 @@ class MultipleChoice(Scorer):
 
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
-        max_len = model_max_length(model)
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
+              budget: Budget = UNBOUNDED) -> list[Row]:
+        max_len = budget.window(model)
         requests: list[tuple[int, int, list[int], list[int]]] = []
         for i, item in enumerate(items):
             for j, choice in enumerate(item.choices):
@@ -102,7 +103,8 @@ class MultipleChoice(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for batch in owned_batches(order, batch_size, shard, should_stop):
+            lengths = [len(context) + len(cont) for _, _, context, cont in requests]
+            for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
                 logps = continuation_logprobs(model, [requests[r][2] for r in batch],
                                               [requests[r][3] for r in batch], tokenizer.pad_token_id, device)
                 finished = 0

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import continuation_logprobs, model_max_length, owned_batches
+from eval_and_metrics.evaluate import UNBOUNDED, Budget, continuation_logprobs, owned_batches
 from eval_and_metrics.scorers.base import Row, Scorer
 from eval_and_metrics.shard import ONE, Shard
 from eval_and_metrics.scorers.multiple_choice import encode_request
@@ -72,15 +72,16 @@ class Perplexity(Scorer):
                                           "byte_perplexity": False, "word_perplexity": False}
 
     def __init__(self, max_length: int | None = None) -> None:
-        self.max_length = max_length  # window length in tokens; None = the model's position table
+        self.max_length = max_length  # window length in tokens; None = the budget's window (eval.max_length)
 
     def check_item(self, item: EvalItem) -> list[str]:
         return [] if item.target.strip() else ["target is empty: no text to score"]
 
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE) -> list[Row]:
-        max_len = self.max_length or model_max_length(model)
+              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
+              budget: Budget = UNBOUNDED) -> list[Row]:
+        max_len = self.max_length or budget.window(model)
         windows: list[tuple[int, list[int], list[int]]] = []  # (item, context ids, scored ids)
         num_tokens, num_windows = [], []
         for i, item in enumerate(items):
@@ -99,7 +100,8 @@ class Perplexity(Scorer):
         was_training = model.training
         model.eval()
         try:
-            for batch in owned_batches(order, batch_size, shard, should_stop):
+            lengths = [len(context) + len(scored) for _, context, scored in windows]
+            for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
                 logps = continuation_logprobs(model, [windows[w][1] for w in batch], [windows[w][2] for w in batch],
                                               tokenizer.pad_token_id, device)
                 finished = 0

@@ -12,8 +12,8 @@ points against g_ref, its component along g_ref is removed. The memory holds `me
 tokenised training items of every finished period (chosen at random at the period's end), so period 1
 trains as plain LoRA (or full fine-tuning) and only later periods are constrained.
 
-Hooks: after_backward (reference gradient on the memory, projection over the flattened trainable
-parameters), on_period_start (period index, step counter), on_period_end (add this period's items),
+Hooks: after_backward (reference gradient on the memory, projection over the trainable parameters,
+parameter by parameter), on_period_start (period index, step counter), on_period_end (add this period's items),
 step_stats (`agem_projected`: 1 when this step was projected, `agem_dot`: g . g_ref before projection),
 eval_extras (`agem_memory_items`, `agem_memory_tokens`, `agem_memory_bytes` = tokens as int64).
 
@@ -58,6 +58,15 @@ def project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
     return g - (dot / ref_sq) * g_ref
 
 
+def grad_dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> torch.Tensor:
+    """The dot product of two gradients given per parameter (None = zeros), accumulated in fp32."""
+    total = torch.zeros((), dtype=torch.float32)
+    for x, y in zip(a, b):
+        if x is not None and y is not None:
+            total = total.to(x.device) + torch.dot(x.flatten().float(), y.flatten().float())
+    return total
+
+
 class AveragedGEM(Adapted):
     name = "agem"
     config_cls = AgemOptions
@@ -90,25 +99,29 @@ class AveragedGEM(Adapted):
         if not self.token_ids:
             return
         params = [p for p in model.parameters() if p.requires_grad]
-        grads = [p.grad for p in params]
-        g = torch.cat([(gr if gr is not None else torch.zeros_like(p)).flatten().float()
-                       for p, gr in zip(params, grads)])
+        grads = [p.grad for p in params]  # the step's own gradient, kept as it is (no copy)
         for p in params:
             p.grad = None
         batch = {k: v.to(params[0].device) for k, v in self.reference_batch(step).items()}
         with torch.enable_grad(), eval_mode(model):
             model(**batch).loss.backward()
-        g_ref = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
-                           for p in params])
-        dot = float(torch.dot(g, g_ref))
-        projected = project(g, g_ref)
-        self.last = {"agem_projected": float(projected is not g), "agem_dot": dot}
-        if projected is g:  # put the step's own gradient back untouched, bit for bit
+        refs = [p.grad for p in params]
+        # Parameter by parameter: flattening both gradients into fp32 vectors would hold two more
+        # model-sized copies (four at bf16) on the GPU; the numbers are the same up to float reordering.
+        dot, ref_sq = grad_dot(grads, refs), grad_dot(refs, refs)
+        self.last = {"agem_projected": 0.0, "agem_dot": float(dot)}
+        if dot >= 0 or ref_sq == 0:  # put the step's own gradient back untouched, bit for bit
             for p, gr in zip(params, grads):
                 p.grad = gr
             return
-        for p, gr, new in zip(params, grads, torch.split(projected, [p.numel() for p in params])):
-            p.grad = new.view_as(p).to(p.dtype) if gr is not None or bool(new.any()) else None
+        self.last["agem_projected"] = 1.0
+        scale = dot / ref_sq
+        for p, gr, ref in zip(params, grads, refs):
+            if ref is None:  # g - scale * 0
+                p.grad = gr
+                continue
+            new = (gr.float() if gr is not None else torch.zeros((), device=ref.device)) - scale * ref.float()
+            p.grad = new.to(p.dtype) if gr is not None or bool(new.any()) else None
 
     def step_stats(self) -> dict[str, float]:
         return dict(self.last)

@@ -145,7 +145,7 @@ class Method:
 
     # -- state -----------------------------------------------------------------------------
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         params = dict(model.named_parameters())

@@ -21,6 +21,12 @@ Fisher statistics every period reports in eval_extras so a different model can b
 
 Method state (state_dict): the Fisher diagonals and anchors as fp32 / parameter-dtype tensors keyed by
 parameter name, one pair per stored period (classic) or one pair (online), plus the period names.
+
+Device memory: the penalty reads every pair at every step, so the Fisher diagonals and anchors stay next
+to the parameters: per pair 4 bytes (Fisher) + the parameter's own bytes (anchor) per trainable weight,
+one pair per past period in classic EWC, one in all for online EWC (the choice for `on: full` on a GPU:
+an 8B model in bf16 holds 48 GB per pair). What is read only at a period's end (the Fisher's statistics)
+is computed on the host.
 """
 
 from __future__ import annotations
@@ -104,6 +110,15 @@ def empirical_fisher(model: nn.Module, data: PeriodData, indices: Sequence[int],
     return fisher, used
 
 
+def fisher_stats(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum, mean and max of a Fisher diagonal, over every parameter's entries.
+
+    Read once per period, so computed on the host: one flat fp32 copy of the Fisher on the GPU would be
+    the size of the whole trainable model (4 bytes a weight under `on: full`) for three numbers."""
+    flat = torch.cat([f.detach().flatten().cpu() for f in fisher.values()]) if fisher else torch.zeros(1)
+    return {"sum": float(flat.sum()), "mean": float(flat.mean()), "max": float(flat.max())}
+
+
 def ewc_penalty(params: dict[str, torch.Tensor], fishers: Sequence[dict[str, torch.Tensor]],
                 anchors: Sequence[dict[str, torch.Tensor]], lam: float) -> torch.Tensor:
     """(lam / 2) * sum over pairs and parameters of F * (theta - theta*)^2, in fp32."""
@@ -160,9 +175,7 @@ class EWC(Adapted):
         indices = fisher_sample(len(data.token_ids), self.cfg.fisher_samples, self.ctx.seed, period)
         fisher, used = empirical_fisher(model, data, indices, self.ctx.tokenizer.pad_token_id, self.ctx.device)
         anchor = {n: p.detach().clone() for n, p in params.items()}
-        flat = torch.cat([f.flatten() for f in fisher.values()]) if fisher else torch.zeros(1)
-        self.fisher_info.append({"period": period.name, "items": used, "sum": float(flat.sum()),
-                                 "mean": float(flat.mean()), "max": float(flat.max())})
+        self.fisher_info.append({"period": period.name, "items": used, **fisher_stats(fisher)})
         if self.cfg.online and self.fishers:
             self._on_device(params)
             old = self.fishers[0]

@@ -211,8 +211,8 @@ class ContradictionAwareSparseMemory(Method):
         self.log: list[list[Any]] = []  # [[period name, [passage texts]], ...]: the registry's source
         self.slots: dict[str, Any] = {}
         self.registry: dict[str, Any] = build_registry([], self.period_names)
-        # Router rehearsal set, rebuilt from the text log (never checkpointed): inputs (N, L, d) float16,
-        # token mask (N, L), targets (N, L) with -100 where a position has none.
+        # Router rehearsal set, rebuilt from the text log (never checkpointed): inputs (N, L, d) in the model's
+        # dtype, token mask (N, L), targets (N, L) with -100 where a position has none.
         self.replay: dict[str, torch.Tensor] | None = None
         self.micro_count = 0
         self._logits: torch.Tensor | None = None  # router logits of the last forward (training)
@@ -368,9 +368,11 @@ class ContradictionAwareSparseMemory(Method):
         mask = torch.zeros(logits.shape[:2], dtype=torch.bool)
         label_map = torch.zeros(logits.shape[:2], dtype=torch.long)
         attention = batch.get("attention_mask")
+        # one copy to the host, not a GPU synchronisation per position
+        allowed = attention.bool().cpu().tolist() if attention is not None else None
         for row, text in enumerate(batch.get("texts", [])):
             for pos, label in self._positions_after_mention(text, logits.shape[1]):
-                if attention is None or bool(attention[row, pos]):
+                if allowed is None or allowed[row][pos]:
                     mask[row, pos] = True
                     label_map[row, pos] = label
         return mask.to(logits.device), label_map[mask].to(logits.device)
@@ -448,6 +450,7 @@ class ContradictionAwareSparseMemory(Method):
         model.eval()
         out: dict[str, torch.Tensor] | None = None
         self._stop_after_capture = True
+        stream_dtype = model.get_input_embeddings().weight.dtype
         try:
             for chunk, ids, mask in self._text_batches(texts):
                 self._capture = []
@@ -459,7 +462,9 @@ class ContradictionAwareSparseMemory(Method):
                 for row, text in enumerate(chunk):
                     for pos, label in self._positions_after_mention(text, int(mask[row].sum())):
                         target[row, pos] = label
-                part = {"x": self._capture[0].cpu().half(), "mask": mask, "target": target}
+                # in the residual stream's own dtype, so nothing is lost (bf16 on a GPU, fp32 here): fp16
+                # overflows past 65,504, and the residual streams of large models carry activations that size
+                part = {"x": self._capture[0].to(stream_dtype).cpu(), "mask": mask, "target": target}
                 out = part if out is None else _cat_padded(out, part)
         finally:
             self._capture = None
