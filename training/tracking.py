@@ -135,6 +135,8 @@ class TensorBoardBackend(Backend):
             self.writer.add_scalar(key, value, step)
         if label:
             self.writer.add_text(f"{series}/name", label, step)
+        if series != "train":  # a committed period is never replayed: its row must reach the disk now
+            self.writer.flush()
 
     def log_config(self, config: dict[str, Any], tags: dict[str, str]) -> None:
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, sort_keys=True) + "\n```", 0)
@@ -240,12 +242,22 @@ def _flat_params(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 # -- Weights & Biases ----------------------------------------------------------------------
 
+_WANDB_SERVICE_CHECKED = False
+
+
 class WandbBackend(Backend):
     name, module = "wandb", "wandb"
 
     def __init__(self, ctx: TrackContext) -> None:
         super().__init__(ctx)
         os.environ.setdefault("WANDB_SILENT", "true")
+        global _WANDB_SERVICE_CHECKED
+        if not _WANDB_SERVICE_CHECKED:
+            # A W&B service inherited from a parent process (WANDB_SERVICE, set by any process that used
+            # wandb) outlives a killed run and keeps its run id open there: the rerun would be refused
+            # with "run ID ... is in use". Each main.py process starts its own.
+            os.environ.pop("WANDB_SERVICE", None)
+            _WANDB_SERVICE_CHECKED = True
         import wandb
 
         self.dir = ctx.track_dir / "wandb-runs"
@@ -381,11 +393,31 @@ class Tracker:
                 self.ctx.track_dir.mkdir(parents=True, exist_ok=True)
                 backend = BACKENDS[name](self.ctx)
                 backend.log_config(self.config, self.tags)
+                self._backfill(backend)
                 self.backends.append(backend)
             except Exception as exc:  # noqa: BLE001 - any tracker failure must leave training alone
                 self._warn(name, exc)
         self._write_record()
         return self.backends
+
+    def _backfill(self, backend: Backend) -> None:
+        """Log what the run's own log holds beyond what this backend recorded. W&B's service writes its
+        log in 32 KiB blocks and loses the partial block when the process is killed; the steps up to the
+        checkpoint are then in train_log.jsonl (kept up to the checkpoint, truncated after) but would
+        never be replayed. Only backends that know their last recorded step (`logged`) take part."""
+        logged: dict[str, int] | None = getattr(backend, "logged", None)
+        if not logged or self.ctx is None:
+            return
+        for row in _read_log(self.ctx.run_dir / "train_log.jsonl"):
+            step = row.get("global_step")
+            if not isinstance(step, int):
+                continue
+            if row.get("event") == "train" and step > logged["train"]:
+                backend.log("train", step, train_values(row))
+            elif row.get("event") == "eval" and step > logged["period"]:
+                index = int(row.get("period", 0))
+                backend.log("period", step, period_values(index, row.get("scores", {})),
+                            f"{index}-{row.get('period_name', '')}")
 
     def _write_record(self) -> None:
         assert self.ctx is not None
@@ -417,17 +449,14 @@ class Tracker:
         that are not in the log such as tokens/s)."""
         if not self.active:
             return
-        values = {f"train/{k}": v for k, v in flatten({k: v for k, v in record.items()
-                                                         if k not in _POSITION_KEYS}).items()}
-        values["train/period"] = float(record.get("period", 0))
-        values.update({f"train/{k}": v for k, v in flatten(extra or {}).items()})
+        values = train_values(record, extra)
         self._each(lambda b: b.log("train", step, values))
 
     def log_period(self, step: int, index: int, name: str, scores: dict[str, Any]) -> None:
         """The score-matrix row after period `index` (named `name`), at the global step where it ended."""
         if not self.active:
             return
-        values = {"period/index": float(index), **flatten(scores, "row")}
+        values = period_values(index, scores)
         self._each(lambda b: b.log("period", step, values, f"{index}-{name}"))
 
     def log_final(self, step: int, metrics: dict[str, Any], artifacts: list[Path]) -> None:
@@ -446,6 +475,32 @@ class Tracker:
         if self.backends:
             self._each(lambda b: b.close(finished))
         self.backends = []
+
+
+def train_values(record: dict[str, Any], extra: dict[str, float] | None = None) -> dict[str, float]:
+    """A train_log.jsonl train record's numbers under train/ (and `extra`, measures the log does not keep)."""
+    values = {f"train/{k}": v for k, v in flatten({k: v for k, v in record.items() if k not in _POSITION_KEYS}).items()}
+    values["train/period"] = float(record.get("period", 0))
+    values.update({f"train/{k}": v for k, v in flatten(extra or {}).items()})
+    return values
+
+
+def period_values(index: int, scores: dict[str, Any]) -> dict[str, float]:
+    return {"period/index": float(index), **flatten(scores, "row")}
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a torn last line
+    return rows
 
 
 def open_tracker(track: Any, run_id: str, run_dir: Path, is_main: bool, say: Callable[[str], None],

@@ -359,9 +359,10 @@ class Trainer:
             "finished_at": time.time(), **slurm_info(), **self._world_info(),
         })
         commit_dir(tmp, final)
-        self._log({"event": "eval", "period": period.index, "scores": summary})
-        self.tracker.log_period(self._step_offset(period.index) + train_info.get("total_steps", 0), period.index,
-                                period.name, summary)
+        step = self._step_offset(period.index) + train_info.get("total_steps", 0)  # where its training ended
+        self._log({"event": "eval", "period": period.index, "scores": summary, "global_step": step,
+                   "period_name": period.name})
+        self.tracker.log_period(step, period.index, period.name, summary)
         self.say(f"committed {final}")
 
     def _committed_prefix(self) -> int:
