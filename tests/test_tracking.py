@@ -258,3 +258,17 @@ def test_sigkill_at_a_random_step_and_rerun_gives_the_uninterrupted_curves(tmp_p
             if rec.WhichOneof("record_type") == "run":
                 runs.append((rec.run.run_id, rec.run.project, rec.run.run_group, list(rec.run.tags)))
     assert runs == [(wb["id"], "clkit", "kill-test", ["t1"])] * 2
+
+
+def test_status_prints_where_each_runs_tracker_record_is(runs, capsys):
+    from scripts import status
+
+    assert status.main([str(runs["tracked"].parent)]) == 0
+    out = capsys.readouterr().out
+    record = tracking_record(runs["tracked"])["backends"]
+    line = next(line for line in out.splitlines() if line.startswith(f"  {runs['tracked'].name}: "))
+    assert record["tensorboard"]["log_dir"] in line and record["mlflow"]["run_id"] in line, out
+    assert status.main([str(runs["plain"].parent), "--json"]) == 0
+    plain = capsys.readouterr().out
+    assert '"tracking"' not in plain and status.main([str(runs["plain"].parent)]) == 0
+    assert "trackers" not in capsys.readouterr().out
