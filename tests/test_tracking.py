@@ -9,6 +9,7 @@ records of W&B's own protobuf Record, training.tracking.wandb_history).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -24,6 +25,12 @@ from training import cli
 from training.config import build_run_configs
 from training.methods import METHODS
 from training.tracking import TrackContext, Tracker, tracker_id, wandb_history
+
+_MISSING = [name for name in ("tensorboard", "mlflow", "wandb") if importlib.util.find_spec(name) is None]
+if _MISSING:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {', '.join(_MISSING)} missing: uv sync --extra tracking", pytrace=False)
+    pytest.skip(f"tracking extras missing ({', '.join(_MISSING)}): uv sync --extra tracking", allow_module_level=True)
 
 TINY = ["--mode", "synthetic", "--set", "data.num_facts=8", "--set", "train.epochs=2",
         "--set", "train.max_batch_size=4", "--set", "train.progress=false", "--method", "lora"]
@@ -272,3 +279,19 @@ def test_status_prints_where_each_runs_tracker_record_is(runs, capsys):
     plain = capsys.readouterr().out
     assert '"tracking"' not in plain and status.main([str(runs["plain"].parent)]) == 0
     assert "trackers" not in capsys.readouterr().out
+
+
+def test_a_launch_groups_its_runs_in_one_tracking_dir_without_changing_run_ids(tmp_path):
+    from scripts import launch
+
+    args = launch.make_parser().parse_args(["--methods", "lora,ewc", "--seeds", "0-1", "--mode", "synthetic",
+                                            "--run-root", str(tmp_path), "--job-name", "sweep7"])
+    tasks, _ = launch.build(args, ["--set", "track.tags=[x]"])
+    configs = [cli.parse_configs(t.main_args())[0] for t in tasks]
+    assert {(c.track.group, c.track.dir, tuple(c.track.tags)) for c in configs} == {
+        ("sweep7", f"{tmp_path.resolve()}/tracking", ("x",))}
+    plain = [cli.parse_configs(["--method", t.method, "--seed", str(t.seed), "--mode", "synthetic"])[0] for t in tasks]
+    assert [c.resolved_run_id() for c in configs] == [c.resolved_run_id() for c in plain]
+    # arguments after -- win over the launch's defaults
+    tasks, _ = launch.build(args, ["--set", "track.group=mine"])
+    assert cli.parse_configs(tasks[0].main_args())[0].track.group == "mine"

@@ -169,12 +169,7 @@ class MlflowBackend(Backend):
 
         self.uri = ctx.mlflow_uri or (ctx.track_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
-        experiment = self.client.get_experiment_by_name(ctx.project)
-        if experiment is None:
-            artifacts = None if ctx.mlflow_uri else (ctx.track_dir / "mlartifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(ctx.project, artifact_location=artifacts)
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = self._experiment()
         # The tracker id is a tag: a process killed before tracking.json named the MLflow run finds it again.
         found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`clkit.tracker_id` = '{ctx.id}'",
                                         max_results=1)
@@ -189,6 +184,23 @@ class MlflowBackend(Backend):
             self.run_id = self.client.create_run(self.experiment_id, run_name=ctx.run_id, tags=tags).info.run_id
         # MLflow keeps every value logged: steps at or below what is recorded are skipped (see module doc)
         self.logged = {series: self._last_step(key) for series, key in SERIES.items()}
+
+    def _experiment(self) -> str:
+        """The project's experiment, created by the first run; the runs of a launch share it and may race to
+        create it, so a failed create looks again."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(self.ctx.project)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = None if self.ctx.mlflow_uri else (self.ctx.track_dir / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(self.ctx.project, artifact_location=artifacts)
+        except MlflowException:
+            experiment = self.client.get_experiment_by_name(self.ctx.project)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def _last_step(self, key: str) -> int:
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
