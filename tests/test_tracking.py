@@ -295,3 +295,36 @@ def test_a_launch_groups_its_runs_in_one_tracking_dir_without_changing_run_ids(t
     # arguments after -- win over the launch's defaults
     tasks, _ = launch.build(args, ["--set", "track.group=mine"])
     assert cli.parse_configs(tasks[0].main_args())[0].track.group == "mine"
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_one_process_and_finished_on_two_ranks_keeps_one_tracker_run_written_by_rank_0(tmp_path):
+    from tests.test_distributed import run_ranks
+
+    root = tmp_path / "runs"
+    args = [*SMALL, "--set", "train.epochs=2", "--set", "train.grad_accum=2", "--set", "train.step_sleep=0.1",
+            "--set", "checkpoint.every_steps=3", *ALL, "--method", "lora", "--run-root", str(root)]
+    proc = subprocess.Popen(main_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (root.exists() and any(root.iterdir())
+               and sum(1 for r in log_rows(only_run_dir(root)) if r.get("event") == "train") >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 75
+    done = run_ranks(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("warning: tracking") == 0, done.stderr[-2000:]
+    run_dir = only_run_dir(root)
+    assert_curves_equal(run_dir, {k: log_curve(run_dir, k) for k in ("loss", "lr", "grad_norm")})
+    backends = tracking_record(run_dir)["backends"]
+    # one writer per process: the first process and rank 0 of the second, never rank 1
+    assert len(list(Path(backends["tensorboard"]["log_dir"]).glob("events.out.tfevents.*"))) == 2
+    assert len(list((Path(backends["wandb"]["dir"]) / "wandb").glob("offline-run-*"))) == 2
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=backends["mlflow"]["tracking_uri"])
+    assert [r.info.run_id for r in client.search_runs([backends["mlflow"]["experiment_id"]])] == [
+        backends["mlflow"]["run_id"]]
