@@ -162,6 +162,14 @@ def test_a_failing_backend_warns_once_and_training_goes_on(tmp_path):
     tracker.close(True)
     assert len(lines) == 2 and all(line.startswith("warning: tracking backend ") for line in lines), lines
     assert "training goes on" in lines[0]
+    # an MLflow server that is down: one warning within seconds, not MLflow's minutes of retries
+    lines.clear()
+    ctx = TrackContext("r", tmp_path, tmp_path / "t", "clkit", "", [], "offline", "http://127.0.0.1:9", None)
+    tracker = Tracker(["mlflow"], ctx, lines.append)
+    started = time.time()
+    for step in range(1, 4):
+        tracker.log_step(step, {"event": "train", "loss": 1.0})
+    assert time.time() - started < 15 and len(lines) == 1 and "mlflow failed" in lines[0], lines
 
 
 @pytest.mark.parametrize("backend", ["tensorboard", "mlflow", pytest.param("wandb", marks=pytest.mark.slow)])

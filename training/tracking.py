@@ -165,6 +165,10 @@ class MlflowBackend(Backend):
         # it opens in milliseconds where sqlite runs its schema migrations for seconds at every start,
         # and sqlite's locking is unreliable on the network file systems run directories live on.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # A tracking server that is down must not stall training: MLflow's default is 7 retries with
+        # exponential backoff (minutes per call); fail within seconds and let the Tracker drop the backend.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
         self.uri = ctx.mlflow_uri or (ctx.track_dir / "mlruns").resolve().as_uri()
