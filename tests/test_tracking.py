@@ -231,7 +231,8 @@ SLOW = ["--set", "train.step_sleep=0.1", "--set", "checkpoint.every_steps=4", "-
 def test_sigkill_at_a_random_step_and_rerun_gives_the_uninterrupted_curves(tmp_path, reference_lora):
     root = tmp_path / "runs"
     cmd = main_cmd(*SMALL, *SLOW, *ALL, "--method", "lora", "--run-root", str(root))
-    target = random.Random().choice([5, 6, 9, 10])
+    # one step after a checkpoint: the kill lands there or a step or two later (polling), before the next one
+    target = random.Random().choice([5, 9])
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
