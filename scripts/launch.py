@@ -274,7 +274,10 @@ def build(args: argparse.Namespace, extra_args: list[str]) -> tuple[list[TaskSpe
     methods = _csv(args.methods)
     if not methods:
         raise ValueError("--methods: give at least one method name")
-    tasks = expand_tasks(methods, args.seeds, configs, benchmarks, args.mode, run_root, tuple(extra_args))
+    # The runs of one launch are one group in the trackers, in one tracking directory (methods x seeds in one
+    # view: docs/tracking.md); both are runtime keys, so they change no run id, and arguments after -- win.
+    grouped = ("--set", f"track.group={args.job_name}", "--set", f"track.dir={run_root}/tracking")
+    tasks = expand_tasks(methods, args.seeds, configs, benchmarks, args.mode, run_root, grouped + tuple(extra_args))
     extra = []
     for item in args.slurm_arg:
         key, sep, value = item.partition("=")

@@ -80,6 +80,8 @@ class RunStatus:
     tasks: list[str] | None = None
     current: str | None = None  # the stage after the committed prefix: "base" or a task name
     last_event: str | None = None
+    # experiment trackers (tracking.json, written by main.py with track.backends): backend -> where its record is
+    tracking: dict[str, dict[str, Any]] | None = None
 
     @property
     def state(self) -> str:
@@ -97,6 +99,8 @@ class RunStatus:
         if self.kind != "stream":
             for key in _STREAM_FIELDS:
                 out.pop(key)
+        if self.tracking is None:  # runs without trackers keep their output as it was
+            out.pop("tracking")
         return out
 
 
@@ -312,6 +316,9 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
         logs = find_job_logs(log_dirs, st.job_ids)
         # Only the newest log: an error from an attempt that a later restart got past is history.
         st.last_error = last_error_in(logs[0]) if logs else None
+    record = _read_json(run_dir / "tracking.json")
+    if isinstance(record, dict) and isinstance(record.get("backends"), dict):
+        st.tracking = record["backends"]
     if st.kind == "stream" and st.state != "complete":
         if not st.base_done:
             st.current = "base"
@@ -353,7 +360,29 @@ def format_table(statuses: list[RunStatus], missing: list[str] = ()) -> str:
     if streams:
         lines += ["", "task streams:"]
         lines += [f"  {st.run_id}: {describe_stream(st)}" for st in streams]
+    tracked = [st for st in statuses if st.tracking is not None]
+    if tracked:
+        lines += ["", "trackers (tracking.json; docs/tracking.md):"]
+        lines += [f"  {st.run_id}: {describe_tracking(st.tracking or {})}" for st in tracked]
     return "\n".join(lines)
+
+
+def describe_tracking(backends: dict[str, dict[str, Any]]) -> str:
+    """Where each tracker's record of a run is, e.g. 'tensorboard runs/x/tracking/tensorboard/x; mlflow run
+    3f2e.. in file:///..; wandb id x-1a2b (offline, runs/x/tracking/wandb-runs)'."""
+    if not backends:
+        return "no tracker could be opened (see the run's log)"
+    parts = []
+    for name, rec in sorted(backends.items()):
+        if name == "tensorboard":
+            parts.append(f"tensorboard {rec.get('log_dir')}")
+        elif name == "mlflow":
+            parts.append(f"mlflow run {rec.get('run_id')} in {rec.get('tracking_uri')}")
+        elif name == "wandb":
+            parts.append(f"wandb id {rec.get('id')} ({rec.get('mode')}, {rec.get('dir')})")
+        else:
+            parts.append(name)
+    return "; ".join(parts)
 
 
 def describe_stream(st: RunStatus) -> str:

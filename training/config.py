@@ -131,6 +131,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Experiment tracking (docs/tracking.md). How a run is watched, never what it computes: a runtime
+    section, outside the run id and the resume check."""
+
+    # trackers to log to, any of tensorboard, mlflow, wandb (each an optional extra); [] = none
+    backends: Annotated[list[str], Items(0, 3, Name())] = field(default_factory=list)
+    project: Annotated[str, Name()] = "clkit"  # W&B project / MLflow experiment
+    group: Annotated[str, Text()] = ""  # W&B group / MLflow tag clkit.group; launch.py sets it per launch
+    tags: Annotated[list[str], Items(0, 64, Text(empty_ok=False))] = field(default_factory=list)  # run tags
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # offline: compute nodes rarely reach the net
+    # where tracker files go; "" = <run dir>/tracking (a directory shared by a launch's runs also works)
+    dir: Annotated[str, Text()] = ""
+    # MLflow tracking URI (sqlite:///..., http://...); "" = a file store under the tracking dir
+    mlflow_uri: Annotated[str, Text()] = ""
+
+    def validate(self) -> list[str]:
+        from training.tracking import BACKENDS, missing_extras
+
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            return [f"track.backends: unknown backend {', '.join(map(repr, unknown))}; valid: {', '.join(BACKENDS)}"]
+        return missing_extras(self.backends)
+
+
+@dataclass
 class MethodConfig:
     name: str = "lora"  # registered method; main.py also accepts "a,b" or "all" and makes one run each
     options: Any = None  # the chosen method's own config dataclass (YAML: a section named after it)
@@ -150,6 +175,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     # -- derived -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -368,6 +394,7 @@ def drop_runtime_keys(tree: dict) -> dict:
         for key in keys:
             tree.get(section, {}).pop(key, None)
     tree["checkpoint"] = {}  # when we checkpoint never changes the numbers
+    tree.pop("track", None)  # nor where the run is watched
     return tree
 
 

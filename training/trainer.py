@@ -43,6 +43,7 @@ from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
 from training.strategies import STRATEGIES, Strategy, micro_rng, resolve_strategy, total_norm
+from training.tracking import open_tracker
 from training.workload import Stage, Workload
 
 RESULTS_SCHEMA_VERSION = 1
@@ -119,19 +120,28 @@ class Trainer:
         self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
         self.probes = workload.probes
         self.started_at = time.time()
+        # rank 0 logs to the configured experiment trackers (training/tracking.py); none by default
+        self.tracker = open_tracker(cfg.track, paths.root.name, paths.root, world.is_main, self.say,
+                                    config=cfg.identity_dict(), tags=_provenance(paths))
 
     # -- outer loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         stages = self.work.stages
-        done = self._committed_prefix()
-        if done >= 1:
-            self._load_committed(done)
-            self.say(f"resuming after committed period {done}/{len(stages)} ({stages[done - 1].name})")
-        if done < 0:
-            self._commit_base()
-        for stage in stages[max(done, 0):]:
-            self.run_period(stage)
-        return self._write_results()
+        finished = False
+        try:
+            done = self._committed_prefix()
+            if done >= 1:
+                self._load_committed(done)
+                self.say(f"resuming after committed period {done}/{len(stages)} ({stages[done - 1].name})")
+            if done < 0:
+                self._commit_base()
+            for stage in stages[max(done, 0):]:
+                self.run_period(stage)
+            results = self._write_results()
+            finished = True
+            return results
+        finally:
+            self.tracker.close(finished)
 
     def run_period(self, stage: Stage) -> None:
         k, cfg, period = stage.index, self.cfg, stage.period
@@ -159,6 +169,8 @@ class Trainer:
         if latest is not None:
             pos = self._restore_step(latest[1], optimizer, scheduler)
         self._truncate_log(k, pos.step)
+        offset = self._step_offset(k)  # the run's global step = offset + the step within this period
+        self.tracker.resume_at(offset + pos.step + 1)
         problem = horizon_problem(optimizer, total_steps)
         if problem:
             self.say(f"warning: period {k} ({period.name}): {problem}")
@@ -176,6 +188,7 @@ class Trainer:
                 ckpts.save(pos.step, lambda d: self._write_step(d, snapshot),
                            {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
                             "config_hash": cfg.config_hash(), **slurm_info(), **self._world_info()})
+                self.tracker.flush()  # what the trackers hold up to a checkpoint is never replayed
             self.world.barrier()
 
         flat_params = [p for g in params for p in g["params"]]
@@ -202,10 +215,14 @@ class Trainer:
                 tok_s = window_tokens / max(1e-9, time.time() - window_start)
                 # each step's wall time, so a run's cost is the sum over the log (resumes keep each step once)
                 seconds, last_step = time.time() - last_step, time.time()
-                self._log({"event": "train", "period": k, "step": pos.step, "loss": loss, "grad_norm": grad_norm,
-                           "seconds": seconds,
-                           "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded,
-                           **self.method.step_stats(), **optimizer_stats(optimizer)})
+                record = {"event": "train", "period": k, "step": pos.step, "global_step": offset + pos.step,
+                          "loss": loss, "grad_norm": grad_norm, "seconds": seconds,
+                          "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded,
+                          **self.method.step_stats(), **optimizer_stats(optimizer)}
+                self._log(record)
+                if self.tracker.active:
+                    self.tracker.log_step(offset + pos.step, record,
+                                          {"tokens_per_s": tok_s, "memory_bytes": self._peak_memory()})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
                 if cfg.train.step_sleep:
@@ -353,7 +370,10 @@ class Trainer:
             "finished_at": time.time(), **slurm_info(), **self._world_info(),
         })
         commit_dir(tmp, final)
-        self._log({"event": "eval", "period": period.index, "scores": summary})
+        step = self._step_offset(period.index) + train_info.get("total_steps", 0)  # where its training ended
+        self._log({"event": "eval", "period": period.index, "scores": summary, "global_step": step,
+                   "period_name": period.name})
+        self.tracker.log_period(step, period.index, period.name, summary)
         self.say(f"committed {final}")
 
     def _committed_prefix(self) -> int:
@@ -457,8 +477,16 @@ class Trainer:
         }
         if self.world.is_main:
             atomic_write_json(self.paths.results, results)
+            self.tracker.log_final(self._step_offset(len(names)), metrics,
+                                   [self.paths.results, self.paths.config, self.paths.root / "run.json"])
         self.world.barrier()
         return results
+
+    def _step_offset(self, k: int) -> int:
+        """Optimizer steps of the periods before period k (each committed one records its count)."""
+        names = ["base"] + self.work.stage_names
+        return sum((read_manifest(self.paths.period_dir(j, names[j])) or {}).get("train", {}).get("total_steps", 0)
+                   for j in range(1, min(k, len(names))))
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
@@ -492,6 +520,15 @@ def model_label(cfg: RunConfig) -> str:
     if cfg.mode == "synthetic":
         return "synthetic"
     return cfg.model.name or "embedded:SmolLM2-135M-Instruct"
+
+
+def _provenance(paths: RunPaths) -> dict[str, str]:
+    """run.json's provenance (code version, host, job) as tracker tags."""
+    try:
+        meta = json.loads((paths.root / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: str(v) for k, v in meta.items() if not isinstance(v, dict)}
 
 
 def _code_version(paths: RunPaths) -> str:
