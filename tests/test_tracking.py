@@ -337,3 +337,16 @@ def test_a_run_stopped_on_one_process_and_finished_on_two_ranks_keeps_one_tracke
     client = MlflowClient(tracking_uri=backends["mlflow"]["tracking_uri"])
     assert [r.info.run_id for r in client.search_runs([backends["mlflow"]["experiment_id"]])] == [
         backends["mlflow"]["run_id"]]
+
+
+def test_the_same_run_id_under_two_run_roots_with_one_track_dir_keeps_two_tensorboard_runs(tmp_path: Path) -> None:
+    from training.tracking import BACKENDS
+
+    dirs = []
+    for root in ("uninterrupted", "killed"):
+        ctx = TrackContext("temporalwiki-lora-s0-0123abcd", tmp_path / root / "temporalwiki-lora-s0-0123abcd",
+                           tmp_path / "shared", "clkit", "", [], "offline", "", purge_from=None)
+        backend = BACKENDS["tensorboard"](ctx)
+        dirs.append(backend.log_dir)
+        backend.close(True)
+    assert dirs[0] != dirs[1] and dirs[0].parent == dirs[1].parent == tmp_path / "shared" / "tensorboard"

@@ -123,8 +123,9 @@ class TensorBoardBackend(Backend):
 
         # One directory per run under <track dir>/tensorboard: a track.dir shared by the runs of a launch
         # shows methods x seeds side by side. purge_step drops what a killed process logged after its
-        # last checkpoint, which this process logs again.
-        self.log_dir = ctx.track_dir / "tensorboard" / ctx.run_id
+        # last checkpoint, which this process logs again. Named by the tracker id, as the other backends'
+        # runs are: the same run id under two run roots with one track.dir must not merge into one curve.
+        self.log_dir = ctx.track_dir / "tensorboard" / ctx.id
         self.writer = SummaryWriter(str(self.log_dir), purge_step=ctx.purge_from, flush_secs=30)
 
     def record(self) -> dict[str, Any]:
