@@ -276,7 +276,8 @@ def test_multiple_choice_scores_the_delimiter_but_normalises_by_the_choice_alone
     # apart. Same log-likelihoods as the choice with the delimiter baked in (what streams stored before),
     # lengths one shorter; and a delimiter is used verbatim, even after a prompt ending in whitespace.
     model, tok = tiny
-    assert continuation_text("Answer:\n", "Paris", " ") == " Paris" and continuation_text("Answer:", "Paris", "") == "Paris"
+    assert continuation_text("Answer:\n", "Paris", " ") == " Paris"
+    assert continuation_text("Answer:", "Paris", "") == "Paris"
     prompt = "The capital of France is"
     apart = EvalItem("a", prompt, " Paris", ("Paris", "Veltrassa"), 0, delimiter=" ")
     baked = EvalItem("b", prompt, " Paris", (" Paris", " Veltrassa"), 0)

@@ -287,7 +287,8 @@ def test_packaged_mmlu_loads_offline_with_the_right_counts() -> None:
     assert len(anatomy.train) + len(anatomy.eval) + anatomy.meta["counts"]["train"]["duplicates_dropped"] \
         + anatomy.meta["counts"]["eval"]["duplicates_dropped"] == 135
     item = algebra.eval[0]
-    assert item.choices == ("A", "B", "C", "D") and item.delimiter == " " and item.target == " " + item.choices[item.gold]
+    assert item.choices == ("A", "B", "C", "D") and item.delimiter == " "
+    assert item.target == " " + item.choices[item.gold]
     assert item.prompt.startswith("The following are multiple choice questions (with answers) about abstract algebra.")
     assert "seeded disjoint split" in algebra.meta["read"]["test"]["note"]
 
