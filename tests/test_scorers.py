@@ -271,6 +271,23 @@ def test_continuation_boundary_follows_lm_eval():
     assert encode_request(tok, "", "Paris")[0] == [ev.prefix_token_id(tok)]
 
 
+def test_multiple_choice_scores_the_delimiter_but_normalises_by_the_choice_alone(tiny):
+    # lm-eval scores target_delimiter + choice and divides by len(choice): a stream item keeps the two
+    # apart. Same log-likelihoods as the choice with the delimiter baked in (what streams stored before),
+    # lengths one shorter; and a delimiter is used verbatim, even after a prompt ending in whitespace.
+    model, tok = tiny
+    assert continuation_text("Answer:\n", "Paris", " ") == " Paris"
+    assert continuation_text("Answer:", "Paris", "") == "Paris"
+    prompt = "The capital of France is"
+    apart = EvalItem("a", prompt, " Paris", ("Paris", "Veltrassa"), 0, delimiter=" ")
+    baked = EvalItem("b", prompt, " Paris", (" Paris", " Veltrassa"), 0)
+    assert MultipleChoice().check_item(apart) == [] and MultipleChoice().check_item(baked) == []
+    row_apart, row_baked = MultipleChoice().score(model, tok, [apart, baked], CPU, batch_size=2, max_new_tokens=0)
+    assert row_apart["loglikelihoods"] == row_baked["loglikelihoods"]
+    assert row_apart["choice_chars"] == [5, 9] and row_apart["choice_bytes"] == [5, 9]
+    assert row_apart["prediction"] == row_baked["prediction"]
+
+
 def _bpe_tokenizer():
     """A small byte-level BPE (GPT-2 style: the space belongs to the word after it), trained here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -108,7 +108,7 @@ def test_every_file_source_loads_the_local_fixtures() -> None:
     mc = tasks["mc"]  # csv, choice templates, gold letters, seeded split of one file
     assert len(mc.train) + len(mc.eval) == 6 and len(mc.eval) == 2
     for item in mc.eval:
-        assert len(item.choices) == 4 and item.target == item.choices[item.gold] and item.target.startswith(" ")
+        assert len(item.choices) == 4 and item.delimiter == " " and item.target == " " + item.choices[item.gold]
 
     stance = tasks["stance"]  # TRACE layout: the answer appended as is (format overrides only the target)
     assert stance.eval[0].target == " favor" and stance.eval[0].prompt.endswith("Stance:")
@@ -189,6 +189,7 @@ LM_EVAL_TASKS = {
         training_split: train
         test_split: test
         output_type: multiple_choice
+        description: "Sums.\\n\\n"
         doc_to_text: "{{{{question}}}}"
         doc_to_target: "{{{{label}}}}"
         doc_to_choice: "{{{{choices}}}}"
@@ -235,10 +236,20 @@ def test_lm_eval_source_renders_a_task_through_its_doc_to_functions(tmp_path: Pa
     qa, mc = stream.tasks
     assert [(t.prompt, t.completion) for t in qa.train][:1] == [("Q: capital of Veltra 0?\nA:", " Kor0")]
     assert len(qa.train) == 4 and [(e.prompt, e.target) for e in qa.eval] == [("Q: capital of Osska?\nA:", " Mirrek")]
-    assert len(mc.train) == 3
+    # lm-eval's zero-shot context: the description, then doc_to_text; the choices apart from the delimiter
+    assert len(mc.train) == 3 and (mc.train[0].prompt, mc.train[0].completion) == ("Sums.\n\n0 + 1 =", " 1")
     (item,) = mc.eval
-    assert (item.prompt, item.choices, item.gold, item.target) == ("2 + 2 =", (" 3", " 4"), 1, " 4")
+    assert (item.prompt, item.choices, item.delimiter, item.gold, item.target) == (
+        "Sums.\n\n2 + 2 =", ("3", "4"), " ", 1, " 4")
     assert qa.meta["read"]["train"]["output_type"] == "generate_until"
+    assert mc.meta["read"]["test"]["target_delimiter"] == " " and mc.meta["read"]["test"]["description"] is True
+
+    few = tasks / "clkit_stream_mc.yaml"
+    few.write_text(few.read_text() + "num_fewshot: 2\n")
+    with pytest.raises(DataError, match=r"lm-eval task 'clkit_stream_mc' asks for num_fewshot=2: streams score "
+                                        r"zero-shot prompts only"):
+        load_stream(str(path))
+    few.write_text(few.read_text().replace("num_fewshot: 2\n", ""))
 
     bad = write_stream(tmp_path, (tmp_path / "stream.yaml").read_text().replace("eval_split: test", "eval_split: validation"))
     with pytest.raises(DataError, match=r"lm-eval task 'clkit_stream_mc' has no validation split; it has: train, test"):
@@ -276,9 +287,31 @@ def test_packaged_mmlu_loads_offline_with_the_right_counts() -> None:
     assert len(anatomy.train) + len(anatomy.eval) + anatomy.meta["counts"]["train"]["duplicates_dropped"] \
         + anatomy.meta["counts"]["eval"]["duplicates_dropped"] == 135
     item = algebra.eval[0]
-    assert item.choices == (" A", " B", " C", " D") and item.target == item.choices[item.gold]
+    assert item.choices == ("A", "B", "C", "D") and item.delimiter == " "
+    assert item.target == " " + item.choices[item.gold]
     assert item.prompt.startswith("The following are multiple choice questions (with answers) about abstract algebra.")
     assert "seeded disjoint split" in algebra.meta["read"]["test"]["note"]
+
+
+def test_packaged_mmlu_strips_the_question_as_lm_evals_template(tmp_path: Path) -> None:
+    # lm-eval's mmlu doc_to_text is "{{question.strip()}}\nA. ...": 963 of the 14,042 questions have outer
+    # whitespace (business_ethics: 8 of 100), which the prompt must not carry
+    assert sum(r["question"] != r["question"].strip() for _, r in mmlu_file().records) == 963
+    path = write_stream(tmp_path, """
+        name: mmlu-ethics
+        tasks:
+          - {name: ethics, source: {type: mmlu_packaged, subject: business_ethics}, scorer: multiple_choice,
+             eval_split: test}
+    """)
+    (task,) = load_stream(str(path)).tasks
+    padded = [r for _, r in mmlu_file().records
+              if r["topic"] == "business ethics" and r["question"] != r["question"].strip()]
+    assert len(padded) == 8
+    prompts = {e.prompt for e in task.eval}
+    for rec in padded:
+        question = (f"\n\n{rec['question'].strip()}\nA. {rec['answer_a']}\nB. {rec['answer_b']}\n"
+                    f"C. {rec['answer_c']}\nD. {rec['answer_d']}\nAnswer:")
+        assert sum(p.endswith(question) for p in prompts) == 1, rec["question"]
 
 
 def test_packaged_humaneval_loads_offline_with_164_problems(tmp_path: Path) -> None:
@@ -328,7 +361,7 @@ def test_generated_items_are_correct_and_learnable() -> None:
             # a constant function cannot pass: the asserts expect at least two different values
             with pytest.raises(AssertionError):
                 scope["check"](lambda *a, value=eval(expected): value)  # noqa: S307
-    assert {len(e.choices) for e in mc.eval} == {4} and all(e.target == e.choices[e.gold] for e in mc.eval)
+    assert {len(e.choices) for e in mc.eval} == {4} and all(e.target == e.delimiter + e.choices[e.gold] for e in mc.eval)
     golds = [e.gold for e in mc.eval]
     assert len(set(golds)) >= 3  # the gold position varies, so "always A" is not learnable
     for register in ("Weather for ", "To make ", " of the voyage.", " Rovers beat ", "Notice to the residents"):
@@ -718,7 +751,7 @@ def test_hub_presets_load_local_copies_shaped_like_the_hub(name: str, tmp_path: 
         assert task.train and task.eval, task.name
         for item in task.eval:
             if task.scorer == "multiple_choice":
-                assert item.target == item.choices[item.gold]
+                assert item.target == item.delimiter + item.choices[item.gold]
             if task.scorer == "code_pass_at_1":
                 assert f"def {item.entry_point}" in item.prompt and "def check(candidate)" in item.tests
                 scope: dict[str, Any] = {}  # our own fixture code: checks the MBPP format, not user code

@@ -220,7 +220,7 @@ class StreamWorkload(Workload):
         for t in self.stream.tasks:
             texts.extend(x.prompt + x.completion for x in t.train)
             for x in t.eval:
-                texts.extend([x.prompt + x.target, *(x.prompt + c for c in x.choices), x.tests])
+                texts.extend([x.prompt + x.target, *(x.prompt + (x.delimiter or "") + c for c in x.choices), x.tests])
         return texts
 
     def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,

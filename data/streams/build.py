@@ -31,7 +31,7 @@ from typing import Any
 from data.errors import DataError
 from data.streams.config import FormatConfig, ResolvedTask, StreamSpec
 from data.streams.schema import EvalItem, Stream, TaskData, TrainItem
-from data.streams.sources.base import Doc, ReadContext, RecordProblems
+from data.streams.sources.base import Doc, ReadContext, RecordProblems, SourceRead
 from data.streams.templates import LETTERS, TemplateError, lookup, render
 
 _WS = re.compile(r"\s+")
@@ -77,8 +77,15 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def render_doc(doc: Doc, rt: ResolvedTask, split: str) -> tuple[TrainItem, EvalItem]:
-    """The training and eval item of one document; TemplateError says which format key failed."""
+def render_doc(doc: Doc, rt: ResolvedTask, split: str,
+               source_delimiter: str | None = None) -> tuple[TrainItem, EvalItem]:
+    """The training and eval item of one document; TemplateError says which format key failed.
+
+    A multiple-choice item keeps its choices and the delimiter put before each (format.choice_prefix)
+    apart, as lm-eval keeps doc_to_choice and target_delimiter: the delimiter is scored, the choice's
+    own length normalises. A source that defines its own delimiter (an lm-eval task's target_delimiter,
+    `source_delimiter`) gives the choices verbatim, as lm-eval scores them; others' are stripped.
+    """
     fmt: FormatConfig = rt.fmt
     kind = rt.kind
 
@@ -90,6 +97,7 @@ def render_doc(doc: Doc, rt: ResolvedTask, split: str) -> tuple[TrainItem, EvalI
 
     prompt = field("prompt")
     choices: tuple[str, ...] = ()
+    delimiter: str | None = None
     gold = -1
     tests = entry_point = ""
     if kind == "multiple_choice":
@@ -98,7 +106,7 @@ def render_doc(doc: Doc, rt: ResolvedTask, split: str) -> tuple[TrainItem, EvalI
                 raw = lookup(doc.fields, tuple(fmt.choices.split(".")))
                 if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
                     raise TemplateError(f"field {fmt.choices!r} must be a list of strings")
-                raw_choices = [c.strip() for c in raw]
+                raw_choices = [c if source_delimiter is not None else c.strip() for c in raw]
             else:
                 raw_choices = [render(t, doc.fields).strip() for t in fmt.choice_templates]
             gold = _gold_index(lookup(doc.fields, tuple(fmt.gold.split("."))), raw_choices)
@@ -106,8 +114,9 @@ def render_doc(doc: Doc, rt: ResolvedTask, split: str) -> tuple[TrainItem, EvalI
             raise TemplateError(f"format.choices/gold: {exc}") from None
         if len(raw_choices) < 2 or not all(raw_choices) or len(set(raw_choices)) != len(raw_choices):
             raise TemplateError(f"format.choices: needs at least 2 distinct non-empty choices (got {raw_choices!r})")
-        choices = tuple(fmt.choice_prefix + c for c in raw_choices)
-        target = choices[gold]
+        delimiter = fmt.choice_prefix if source_delimiter is None else source_delimiter
+        choices = tuple(raw_choices)
+        target = delimiter + choices[gold]
     else:
         target = field("target")
         if not target.strip():
@@ -129,15 +138,15 @@ def render_doc(doc: Doc, rt: ResolvedTask, split: str) -> tuple[TrainItem, EvalI
     item_id = f"{rt.cfg.name}/{split}/{doc.id}"
     return (TrainItem(prompt=prompt, completion=completion),
             EvalItem(id=item_id, prompt=prompt, target=eval_target, choices=choices, gold=gold, tests=tests,
-                     entry_point=entry_point))
+                     entry_point=entry_point, delimiter=delimiter))
 
 
-def _render_all(docs: list[Doc], rt: ResolvedTask, split: str, what: str) -> list[tuple[TrainItem, EvalItem]]:
+def _render_all(read: SourceRead, rt: ResolvedTask, split: str, what: str) -> list[tuple[TrainItem, EvalItem]]:
     problems = RecordProblems(what)
     out = []
-    for doc in docs:
+    for doc in read.docs:
         try:
-            out.append(render_doc(doc, rt, split))
+            out.append(render_doc(doc, rt, split, read.choice_delimiter))
         except TemplateError as exc:
             problems.add(f"{doc.where}: task {rt.cfg.name!r}: {exc}")
     problems.raise_if_any()
@@ -188,7 +197,7 @@ def _cap(items: list[Any], limit: int, ids: list[str], key_seed: str) -> list[An
 
 
 def _eval_identity(e: EvalItem) -> tuple[Any, ...]:
-    return (e.prompt, e.target, e.choices, e.gold, e.tests, e.entry_point)
+    return (e.prompt, e.target, e.choices, e.gold, e.tests, e.entry_point, e.delimiter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def build_task(rt: ResolvedTask, spec: StreamSpec, seed: int) -> TaskData:
         source_split = cfg.split.source_split or rt.source.default_split(opts)
         read = rt.source.read(opts, source_split, ctx)
         meta["read"][source_split] = read.meta
-        pairs = _render_all(read.docs, rt, source_split, f"task {cfg.name!r}")
+        pairs = _render_all(read, rt, source_split, f"task {cfg.name!r}")
         try:
             train_pairs, eval_pairs = seeded_split(pairs, rt.kind, cfg.split.eval_fraction,
                                                    f"{seed}:{cfg.split.seed}:{cfg.name}:split")
@@ -222,11 +231,11 @@ def build_task(rt: ResolvedTask, spec: StreamSpec, seed: int) -> TaskData:
         if cfg.train_split:
             read = rt.source.read(opts, cfg.train_split, ctx)
             meta["read"][cfg.train_split] = read.meta
-            train_pairs = _render_all(read.docs, rt, cfg.train_split, f"task {cfg.name!r}")
+            train_pairs = _render_all(read, rt, cfg.train_split, f"task {cfg.name!r}")
             num_read["train"] = len(read.docs)
         read = rt.source.read(opts, cfg.eval_split, ctx)
         meta["read"][cfg.eval_split] = read.meta
-        eval_pairs = _render_all(read.docs, rt, cfg.eval_split, f"task {cfg.name!r}")
+        eval_pairs = _render_all(read, rt, cfg.eval_split, f"task {cfg.name!r}")
         num_read["eval"] = len(read.docs)
         meta["split"] = {"method": "source", "train_split": cfg.train_split, "eval_split": cfg.eval_split}
         if not cfg.train_split:

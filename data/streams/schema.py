@@ -37,7 +37,11 @@ class EvalItem:
       for code, `tests` is a test program that runs against prompt + completion, `entry_point` names
       the function under test and `target` holds the reference solution's body);
     - multiple_choice: each of `choices` is scored as a continuation of `prompt`; `gold` is the index
-      of the correct one and `target` its text;
+      of the correct one and `target` its continuation (delimiter + text). `delimiter` is lm-eval's
+      target_delimiter: the continuation is exactly delimiter + choice, and acc_norm / acc_bytes divide
+      by the choice's own length, without it. None (items built by hand, streams written before the
+      field existed, whose choices carry it) puts lm-eval's " " in front only where the prompt does not
+      end in, and the choice does not start with, whitespace;
     - loglikelihood_rolling (perplexity): `target` is the held-out text, `prompt` an optional context
       that is conditioned on but not scored.
     """
@@ -49,6 +53,16 @@ class EvalItem:
     gold: int = -1
     tests: str = ""
     entry_point: str = ""
+    delimiter: str | None = None
+
+
+def eval_item_json(item: EvalItem) -> dict[str, Any]:
+    """An eval item as JSON; a None delimiter is left out, so streams without one keep their bytes and
+    fingerprints (and files written before the field existed read back unchanged)."""
+    out = asdict(item)
+    if out["delimiter"] is None:
+        del out["delimiter"]
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,8 @@ class Stream:
         return [t.name for t in self.tasks]
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "order": self.order, "tasks": [asdict(t) for t in self.tasks]}
+        return {"name": self.name, "order": self.order,
+                "tasks": [{**asdict(t), "eval": [eval_item_json(x) for x in t.eval]} for t in self.tasks]}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Stream:
@@ -95,5 +110,5 @@ class Stream:
     def fingerprint(self) -> str:
         """sha256 of the content (not the meta): equal streams train and evaluate on the same items."""
         body = [{"name": t.name, "scorer": t.scorer, "loss_on": t.loss_on, "train": [asdict(x) for x in t.train],
-                 "eval": [asdict(x) for x in t.eval]} for t in self.tasks]
+                 "eval": [eval_item_json(x) for x in t.eval]} for t in self.tasks]
         return hashlib.sha256(json.dumps({"name": self.name, "tasks": body}, sort_keys=True).encode()).hexdigest()

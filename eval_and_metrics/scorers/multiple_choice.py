@@ -8,14 +8,19 @@ choice's tokens (lm-eval-harness's multiple_choice output type). Then, over the 
     acc_bytes = [argmax_j ll_j / len(choice_j.encode()) == gold]   len in UTF-8 bytes (lm-eval: acc_bytes)
 
 each averaged over items; ties go to the first choice (numpy's argmax, as lm-eval). The length is
-the choice's own text, without the " " delimiter. A generated letter is never parsed: a model that
-would answer "B" in free text is scored on how likely it finds each answer, so the metric cannot be
-fooled by, or lose points to, the output format.
+the choice's own text, without the delimiter in front of it: lm-eval's convention (process_results
+divides by len(choice) and len(choice.encode("utf-8")) of doc_to_choice's texts, while it scores
+target_delimiter + choice). A generated letter is never parsed: a model that would answer "B" in
+free text is scored on how likely it finds each answer, so the metric cannot be fooled by, or lose
+points to, the output format.
 
-Boundary: the continuation is " " + choice (lm-eval's target_delimiter) unless the prompt already
-ends in whitespace or the choice starts with it (lm-eval would then score a double space), and it
-is encoded as lm-eval does (evaluate.encode_pair): whole minus context, trailing context whitespace
-moved to the continuation. An empty prompt conditions on the BOS (else EOS) token.
+Boundary: an item with a `delimiter` (every item a stream builds: format.choice_prefix, or the lm-eval
+task's target_delimiter) scores exactly delimiter + choice, as lm-eval's construct_requests does.
+An item without one (built by hand, or read from a stream written before the field existed, whose
+choices carry the delimiter) scores " " + choice unless the prompt already ends in whitespace or the
+choice starts with it. Either is encoded as lm-eval does (evaluate.encode_pair): whole minus context,
+trailing context whitespace moved to the continuation. An empty prompt conditions on the BOS (else
+EOS) token.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from eval_and_metrics.scorers.base import Row, Scorer, mean_of
 from eval_and_metrics.shard import ONE, Shard
 
 
-def continuation_text(prompt: str, choice: str) -> str:
-    """The text scored after the prompt: the choice with lm-eval's " " delimiter where one is needed."""
+def continuation_text(prompt: str, choice: str, delimiter: str | None = None) -> str:
+    """The text scored after the prompt: delimiter + choice, or with no delimiter given, the choice with
+    lm-eval's " " in front where one is needed."""
+    if delimiter is not None:
+        return delimiter + choice
     if prompt[-1:].isspace() or choice[:1].isspace():
         return choice
     return " " + choice
@@ -76,8 +84,9 @@ class MultipleChoice(Scorer):
             problems.append(f"has {len(item.choices)} choice(s): multiple choice needs at least 2")
         if not 0 <= item.gold < len(item.choices):
             problems.append(f"gold {item.gold} is not an index into its {len(item.choices)} choices")
-        elif item.target and item.target != item.choices[item.gold]:
-            problems.append(f"target {item.target!r} is not choices[gold] = {item.choices[item.gold]!r}")
+        elif item.target and item.target != (item.delimiter or "") + item.choices[item.gold]:
+            problems.append(f"target {item.target!r} is not delimiter + choices[gold] = "
+                            f"{(item.delimiter or '') + item.choices[item.gold]!r}")
         if any(not c for c in item.choices):
             problems.append("has an empty choice (nothing to score, no length to normalise by)")
         if len(set(item.choices)) != len(item.choices):
@@ -92,7 +101,8 @@ class MultipleChoice(Scorer):
         requests: list[tuple[int, int, list[int], list[int]]] = []
         for i, item in enumerate(items):
             for j, choice in enumerate(item.choices):
-                context, cont = encode_request(tokenizer, item.prompt, continuation_text(item.prompt, choice))
+                context, cont = encode_request(tokenizer, item.prompt,
+                                               continuation_text(item.prompt, choice, item.delimiter))
                 if not cont or len(cont) >= max_len:
                     raise ValueError(f"item {item.id!r} choice {j}: {len(cont)} tokens, need 1 to {max_len - 1}")
                 # Too long: the context keeps its end (lm-eval truncates from the left as well).
@@ -123,10 +133,13 @@ class MultipleChoice(Scorer):
             num_tokens[i][j] = len(cont)
         rows = []
         for i, item in enumerate(items):
+            # the choice's own text, never the delimiter scored before it (lm-eval's len(choice))
             chars = [len(c) for c in item.choices]
             nbytes = [len(c.encode("utf-8")) for c in item.choices]
             result = choice_metrics(lls[i], chars, nbytes, item.gold)
-            rows.append({"id": item.id, "prediction": item.choices[result["pred_index"]], "gold": item.gold,
+            # the prediction is the scored continuation, comparable with `target`
+            prediction = (item.delimiter or "") + item.choices[result["pred_index"]]
+            rows.append({"id": item.id, "prediction": prediction, "gold": item.gold,
                          "loglikelihoods": lls[i], "num_tokens": num_tokens[i], "choice_chars": chars,
                          "choice_bytes": nbytes, **result})
         return rows

@@ -44,6 +44,9 @@ class SourceRead:
 
     docs: list[Doc]
     meta: dict[str, Any] = field(default_factory=dict)
+    # the delimiter the source's own task puts before each choice (an lm-eval task's target_delimiter):
+    # it replaces format.choice_prefix, and the choices are kept verbatim, as that task scores them
+    choice_delimiter: str | None = None
 
 
 @dataclass(frozen=True)

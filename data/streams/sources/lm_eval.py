@@ -14,6 +14,15 @@ scorer's kind (data/streams/kinds.py): ``prompt``/``target`` (generate, numeric:
 ``test`` (``training_docs()``, ``validation_docs()``, ``test_docs()``); a split the task does not
 define is an error when read.
 
+The prompt is lm-eval's own zero-shot context (``Task.fewshot_context(doc, num_fewshot=0)``): the
+task's ``description`` (mmlu_*'s "The following are multiple choice questions ...") then
+``doc_to_text``. A multiple-choice item scores ``target_delimiter + choice`` with the choices verbatim,
+and acc_norm divides by the choice alone, as lm-eval does. A loglikelihood_rolling task's text is
+``doc_to_target`` alone, the text lm-eval scores. Few-shot prompts are refused (one line): a task
+whose ``num_fewshot`` is above 0 would read here zero-shot and not as lm-eval scores it, and its
+few-shot examples come from the split we would train on; copy the task with ``num_fewshot: 0``.
+Chat-style ``gen_prefix`` is refused likewise.
+
 lm-eval is an optional extra (``uv sync --extra lm-eval``), imported only when a task is read, so a
 stream file naming this source still validates without it. Building a task may download its data set
 (offline: a warm HF cache with HF_DATASETS_OFFLINE=1, or task YAMLs in ``include_path`` over local files).
@@ -98,6 +107,9 @@ class LmEvalSource(Source):
             raise DataError(f"task {ctx.task!r}: {where_task} has no {split} split; it has: "
                             f"{', '.join(defined) or 'none'}")
         output_type = task.config.output_type
+        unsupported = _unsupported(task)
+        if unsupported:
+            raise DataError(f"task {ctx.task!r}: {where_task} {unsupported}")
         where_split = f"{where_task}[{split}]"
         problems = RecordProblems(where_split)
         docs = []
@@ -113,17 +125,44 @@ class LmEvalSource(Source):
                 continue
             docs.append(Doc(id=f"doc{i}", where=where, fields=fields))
         problems.raise_if_any()
+        delimiter = task.config.target_delimiter
         return SourceRead(docs, {"task": opts.task, "split": split, "output_type": output_type,
-                                 "num_docs": len(docs), "lm_eval_version": getattr(lm_eval, "__version__", "")})
+                                 "num_docs": len(docs), "lm_eval_version": getattr(lm_eval, "__version__", ""),
+                                 "target_delimiter": delimiter, "num_fewshot": 0,
+                                 "description": bool(getattr(task.config, "description", ""))},
+                          choice_delimiter=delimiter if ctx.kind == "multiple_choice" else None)
 
 
-def _render(task: Any, doc: Any, kind: str, output_type: str) -> dict[str, Any]:
-    """One lm-eval document as the standard fields of `kind`; ValueError names what does not fit."""
+def _unsupported(task: Any) -> str:
+    """Why a task cannot be read zero-shot exactly as lm-eval reads it, or ""."""
+    shots = getattr(task.config, "num_fewshot", None) or 0
+    if shots > 0:
+        return (f"asks for num_fewshot={shots}: streams score zero-shot prompts only (its examples would come "
+                "from a split we may train on); use a copy of the task with num_fewshot: 0")
+    if getattr(task.config, "gen_prefix", None):
+        return "has a gen_prefix (a chat-style answer prefix): not supported; use a copy without it"
+    return ""
+
+
+def _prompt(task: Any, doc: Any) -> str:
+    """lm-eval's zero-shot context of a document: the task's description, then doc_to_text."""
     text = task.doc_to_text(doc)
     if not isinstance(text, str):
         raise ValueError(f"doc_to_text gave {type(text).__name__} {text!r}, not a prompt (a task scored "
                          "by partial evaluation, such as winogrande, does not fit)")
+    context = task.fewshot_context(doc, num_fewshot=0)
+    if not isinstance(context, str):
+        raise ValueError(f"fewshot_context gave {type(context).__name__}, not a prompt")
+    return context
+
+
+def _render(task: Any, doc: Any, kind: str, output_type: str) -> dict[str, Any]:
+    """One lm-eval document as the standard fields of `kind`; ValueError names what does not fit."""
     target = task.doc_to_target(doc)
+    if kind == "perplexity" and output_type == "loglikelihood_rolling":
+        # lm-eval scores doc_to_target alone, with no context (construct_requests: (doc_to_target,))
+        return {"text": str(target)}
+    text = _prompt(task, doc)
     if kind == "multiple_choice":
         if output_type != "multiple_choice":
             raise ValueError(f"the multiple_choice scorer needs a multiple_choice lm-eval task, not {output_type}")
