@@ -119,3 +119,18 @@ def test_a_casm_raw_file_with_contradictory_changed_flags_runs_with_a_warning_na
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "2 record(s) have a 'changed' flag" in warnings[0], warnings
     assert "record 1 (Thornex Mining Co" in warnings[0] and "; 2 (Brael Municipal District" in warnings[0]
+
+
+def test_train_threads_hold_for_the_run_only(tmp_path: Path) -> None:
+    # the synthetic preset trains on 1 thread; an in-process caller keeps its own count afterwards (the
+    # export round-trip test scored with the leaked count and its float sums moved by 1e-6)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main([*SMALL, "--method", "lora", "--set", "train.epochs=1", "--set", "train.progress=false",
+                         "--set", "train.threads=1", "--run-root", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

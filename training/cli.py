@@ -67,6 +67,16 @@ def parse_configs(argv: list[str]) -> list[RunConfig]:
 
 
 def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = World()) -> dict[str, Any]:
+    # train.threads holds for this run only: a caller of main() in-process (a notebook, a test, the next
+    # method of `--method a,b`) gets its own thread count back, which float sums depend on
+    threads = torch.get_num_threads()
+    try:
+        return _run_one(cfg, workload, stop, world)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with stop.immediately():  # loading writes nothing to the run; a stop ends it at once
