@@ -225,7 +225,9 @@ def test_a_kill_of_one_rank_ends_the_other_in_one_line_and_75_and_resumes_on_two
     the backward) and rank 0 ends with the documented line and exit 75, no traceback, never a hang; the last
     committed state stays valid, and a two-rank rerun ends with the uninterrupted one-process numbers."""
     root = tmp_path / "runs"
-    args = [*SHORT, *EXACT, *SLOW_STEPS, "--method", "lora", "--run-root", str(root)]
+    # no step sleep, no step checkpoints: the ranks spend their time in the training steps, so the kill
+    # mostly finds rank 0 inside DDP's all-reduce in the backward (gloo's own error, not the loop's)
+    args = [*SHORT, *EXACT, "--method", "lora", "--run-root", str(root)]
     ranks = start_ranks_as_srun(*args)
     first_period = sum(1 for r in one_rank_lora["records"] if r["period"] == 1)
     wait_for_steps(root, ranks[0], first_period + 3)  # into period 2: one committed period behind it
