@@ -95,3 +95,34 @@ def test_several_ranks_without_a_rendezvous_address_is_one_line_and_exit_2(tmp_p
         "error: 2 ranks but MASTER_ADDR, MASTER_PORT unset: start the run with torchrun, or with run_job.sh under "
         "Slurm, which sets them"]
     assert not tmp_path.joinpath("runs").exists() and not any(tmp_path.iterdir())
+
+
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+              "[127.0.0.1]:32959: Connection reset by peer. This is typically caused by a remote worker hanging")
+
+
+@pytest.mark.parametrize("raised, line", [
+    (RuntimeError(GLOO_RESET), "rank 0 lost contact with another rank of the run ([/__w/pytorch/pytorch/"
+     "third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:32959: Connection reset by peer. This "
+     "is typically caused by a remote worker hanging)"),
+    (None, None),  # a RuntimeError of a bug stays a traceback
+])
+def test_gloo_failing_inside_the_engine_is_the_lost_peer_line_and_75(
+        raised: RuntimeError | None, line: str | None, tmp_path, monkeypatch, capsys) -> None:
+    """Under gloo a peer killed while DDP all-reduces in the backward (or FSDP gathers) shows as a plain
+    RuntimeError from gloo's transport, not as DistBackendError: the same line and exit 75 as the loop's own
+    collectives. (The two-rank SIGKILL test meets it for real, when the kill lands in a backward.)"""
+    from training import cli
+
+    def run_one(*args, **kwargs):
+        raise raised if raised is not None else RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(cli, "run_one", run_one)
+    argv = ["--mode", "synthetic", "--set", "train.progress=false", "--run-root", str(tmp_path)]
+    if raised is None:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            cli.main(argv)
+        return
+    assert cli.main(argv) == 75
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {line}; the last checkpoint is intact, run the same command again to resume"]

@@ -19,7 +19,7 @@ from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeState
                        staging_dir)
 from data import DataError
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
-from training.distributed import PeerLost, World, close_world, init_world, peer_lost, world_from_env
+from training.distributed import World, close_world, engine_peer_lost, init_world, world_from_env
 from training.methods import METHODS
 from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
                              resolve_precision)
@@ -218,18 +218,21 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         return EXIT_RESUME
     except StorageError as exc:
         return _fail(EXIT_STORAGE, storage_message(exc, current))
-    except (PeerLost, torch.distributed.DistBackendError) as exc:
-        # another rank died (killed, out of memory, node lost): this one stops without writing anything;
-        # the last committed period and step checkpoint stay valid, so a rerun resumes from them. A
-        # DistBackendError is the same loss seen by an engine's own collective (NCCL, see distributed.py)
-        lost = exc if isinstance(exc, PeerLost) else peer_lost(exc)
-        return _fail(EXIT_RESUME, f"{lost}; the last checkpoint is intact, run the same command again to resume")
     except (UnsafeStateError, UnsafePathError) as exc:
         return _fail(EXIT_UNTRUSTED, str(exc))
     except KeyboardInterrupt:
         print(f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
               f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})", file=sys.stderr)
         return EXIT_ABORTED
+    except RuntimeError as exc:  # last: LockHeldError is a RuntimeError too, and a bug is re-raised from here
+        # another rank died (killed, out of memory, node lost): this one stops without writing anything;
+        # the last committed period and step checkpoint stay valid, so a rerun resumes from them. Seen by the
+        # loop's own collectives (PeerLost) or by the engine's, inside DDP's backward or FSDP's gathers
+        # (DistBackendError under NCCL, gloo's transport error on CPU)
+        lost = engine_peer_lost(exc)
+        if lost is None:
+            raise
+        return _fail(EXIT_RESUME, f"{lost}; the last checkpoint is intact, run the same command again to resume")
     finally:
         close_world()
     if world.is_main:

@@ -160,6 +160,18 @@ def peer_lost(exc: BaseException) -> PeerLost:
     return PeerLost(f"rank {rank} lost contact with another rank of the run ({' '.join(str(exc).split())[:200]})")
 
 
+def engine_peer_lost(exc: BaseException) -> PeerLost | None:
+    """`exc` as the lost-peer line when it is a backend failure of a collective the engine ran itself
+    (DDP's all-reduce in the backward, FSDP's gathers, a DTensor's norm), else None: a bug stays a traceback.
+    NCCL raises DistBackendError; gloo a plain RuntimeError from its transport, whose message names gloo's
+    source ("[.../gloo/transport/tcp/pair.cc:545] Read error ...: Connection reset by peer")."""
+    if isinstance(exc, PeerLost):
+        return exc
+    if isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport/" in str(exc)):
+        return peer_lost(exc)
+    return None
+
+
 def world_from_env(env: dict[str, str] | None = None) -> World:
     """The launcher's view: torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else Slurm's task ids under srun.
 
