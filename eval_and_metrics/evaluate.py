@@ -24,7 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
 from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
-from eval_and_metrics.padding import pad
+from eval_and_metrics.padding import pad, token_batches
 from eval_and_metrics.shard import ONE, Shard
 
 
@@ -62,28 +62,6 @@ class Budget:
 
 
 UNBOUNDED = Budget()
-
-
-def token_batches(order: list[int], batch_size: int, lengths: list[int] | None = None,
-                  max_tokens: int = 0) -> list[list[int]]:
-    """Consecutive runs of `order` of at most `batch_size` items, and (with `lengths` and `max_tokens`)
-    at most `max_tokens` padded tokens: items x the longest of them. An item longer than the budget on
-    its own is a batch of one; with no token budget the batches are exactly the fixed-size ones."""
-    if not lengths or max_tokens <= 0:
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        wider = max(longest, lengths[i])
-        if current and (len(current) >= batch_size or wider * (len(current) + 1) > max_tokens):
-            batches.append(current)
-            current, wider = [], lengths[i]
-        current.append(i)
-        longest = wider
-    if current:
-        batches.append(current)
-    return batches
 
 
 def owned_batches(order: list[int], batch_size: int, shard: Shard, should_stop: Callable[[], bool],

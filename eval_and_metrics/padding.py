@@ -1,5 +1,5 @@
-"""Padding token sequences into one batch, shared by evaluation (left padding for generation) and
-training (right padding; training/batching.py re-exports it). It lives here, below training, so the
+"""Padding token sequences into one batch, and batches bounded in padded tokens, shared by evaluation
+(left padding for generation) and training (right padding; training/batching.py re-exports pad). It lives here, below training, so the
 scorers, and the report that re-aggregates with them, never import training (the layers flow
 data -> eval_and_metrics -> training)."""
 
@@ -19,3 +19,25 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.T
         ids[row, cols] = torch.tensor(s, dtype=torch.long)
         mask[row, cols] = 1
     return ids, mask
+
+
+def token_batches(order: list[int], batch_size: int, lengths: list[int] | None = None,
+                  max_tokens: int = 0) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `batch_size` items, and (with `lengths` and `max_tokens`)
+    at most `max_tokens` padded tokens: items x the longest of them. An item longer than the budget on
+    its own is a batch of one; with no token budget the batches are exactly the fixed-size ones."""
+    if not lengths or max_tokens <= 0:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if current and (len(current) >= batch_size or wider * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        longest = wider
+    if current:
+        batches.append(current)
+    return batches

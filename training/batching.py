@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eval_and_metrics.padding import pad  # one pad() for training, eval and casm (casm imports it from here)
+from eval_and_metrics.padding import pad, token_batches  # one pad() and one token budget for training, eval and casm
 
 # How many batches' worth of sequences are sorted together: large enough to bucket lengths well, small
 # enough that the order stays shuffled across the period.
@@ -73,17 +73,7 @@ def epoch_batches(lengths: list[int], max_tokens: int, max_batch_size: int, seed
     batches: list[list[int]] = []
     for start in range(0, len(order), span):
         chunk = sorted(order[start:start + span].tolist(), key=lambda i: (lengths[i], i))
-        current: list[int] = []
-        longest = 0
-        for i in chunk:
-            longest_if_added = max(longest, lengths[i])
-            if current and (longest_if_added * (len(current) + 1) > max_tokens or len(current) >= max_batch_size):
-                batches.append(current)
-                current, longest_if_added = [], lengths[i]
-            current.append(i)
-            longest = longest_if_added
-        if current:
-            batches.append(current)
+        batches.extend(token_batches(chunk, max_batch_size, lengths, max_tokens))
     perm = rng.permutation(len(batches))
     return [batches[i] for i in perm]
 
