@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text, commit_dir,
-                       load_state, read_manifest, save_state, save_tensors, staging_dir, verify_manifest,
+                       read_manifest, save_state, save_tensors, staging_dir, verify_manifest,
                        write_manifest)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
