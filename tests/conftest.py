@@ -9,7 +9,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as main.py does, before a
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -102,3 +104,24 @@ def tiny_stream_runs(root: Path, methods: str) -> dict[str, Path]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {yaml.safe_load((run / "config.yaml").read_text())["method"]["name"]: run
             for run in sorted((root / "runs").iterdir()) if run.is_dir()}
+
+
+def signal_after_steps(monkeypatch: pytest.MonkeyPatch, steps: int) -> Callable[[], None]:
+    """Make the training step send this process SIGUSR2 right after its `steps`-th call, so an in-process
+    cli.main stops at that step boundary with exit 75; returns the function that puts the real step back."""
+    import signal
+
+    from training import trainer
+
+    real_step = trainer.Trainer.train_step
+    count = {"n": 0}
+
+    def step_then_signal(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real_step(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == steps:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+    return lambda: monkeypatch.setattr(trainer.Trainer, "train_step", real_step)

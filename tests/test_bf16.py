@@ -9,8 +9,6 @@ train the backbone, and a real model is loaded straight onto its device.
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,7 @@ import torch
 from torch import nn
 
 from data import DataConfig
-from tests.conftest import comparable, only_run_dir, read_results, train_records
+from tests.conftest import comparable, only_run_dir, read_results, train_records, signal_after_steps
 from training import cli, models, trainer
 from training.batching import collate
 from training.config import ModelConfig, RunConfig
@@ -310,19 +308,9 @@ def test_bf16_signal_mid_period_then_resume_equals_uninterrupted(name, tmp_path:
     ref_dir = only_run_dir(ref_root)
     ref_steps = train_records(ref_dir)
     num_before = sum(1 for r in ref_steps if r["period"] < 2)
-    real_step = trainer.Trainer.train_step
-    count = {"n": 0}
-
-    def step_then_signal(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        count["n"] += 1
-        if count["n"] == num_before + 1:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+    restore_step = signal_after_steps(monkeypatch, num_before + 1)
     assert cli.main([*TINY_BF16, "--method", name, "--run-root", str(root)]) == 75
-    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    restore_step()
     run_dir = only_run_dir(root)
     assert cli.main([*TINY_BF16, "--method", name, "--run-root", str(root)]) == 0
     assert comparable(read_results(run_dir)) == comparable(read_results(ref_dir))

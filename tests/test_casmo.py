@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import statistics
 import typing
 from pathlib import Path
@@ -14,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import comparable, only_run_dir, read_results, train_records
-from training import cli, trainer
+from tests.conftest import comparable, only_run_dir, read_results, train_records, signal_after_steps
+from training import cli
 from training.config import RunConfig, TrainConfig
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
 from training.optimizers.casmo import CASMO, calibrate, group_confidence
@@ -282,22 +280,12 @@ def test_kill_mid_calibration_then_resume_equals_uninterrupted(tmp_path: Path, m
     ref_rows = train_records(only_run_dir(ref_root))
     assert {"casmo_confidence", "casmo_agar", "casmo_calibrating"} <= set(ref_rows[0])
 
-    real_step = trainer.Trainer.train_step
-    count = {"n": 0}
-
-    def step_then_signal(self, *a, **kw):
-        out = real_step(self, *a, **kw)
-        count["n"] += 1
-        if count["n"] == 7:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+    restore_step = signal_after_steps(monkeypatch, 7)
     assert cli.main([*args, "--run-root", str(root)]) == 75
     run_dir = only_run_dir(root)
     stopped = train_records(run_dir)
     assert stopped[-1]["period"] == 1 and stopped[-1]["casmo_calibrating"] == 1.0  # killed mid-calibration
-    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    restore_step()
     assert cli.main([*args, "--run-root", str(root)]) == 0
     assert comparable(read_results(run_dir)) == comparable(read_results(only_run_dir(ref_root)))
     strip = ("lr", "loss", "grad_norm", "casmo_confidence", "casmo_agar", "casmo_calibrating", "period", "step")

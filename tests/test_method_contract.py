@@ -7,16 +7,14 @@ stopped mid-period by a signal resumes to the same results as an uninterrupted o
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from data import DataConfig, load_benchmark
-from tests.conftest import comparable, only_run_dir, read_results, train_records
-from training import cli, trainer
+from tests.conftest import comparable, only_run_dir, read_results, train_records, signal_after_steps
+from training import cli
 from training.config import ModelConfig
 from training.methods import METHODS, MethodContext
 from training.models import build_synthetic
@@ -162,21 +160,11 @@ def test_signal_in_period_three_then_resume_equals_uninterrupted(name, tmp_path:
     num_before = sum(1 for r in ref_steps if r["period"] < 3)
     assert sum(1 for r in ref_steps if r["period"] == 3) >= 2, "period 3 needs steps on both sides of the stop"
 
-    real_step = trainer.Trainer.train_step
-    count = {"n": 0}
-
-    def step_then_signal(self, *args, **kwargs):
-        out = real_step(self, *args, **kwargs)
-        count["n"] += 1
-        if count["n"] == num_before + 1:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return out
-
-    monkeypatch.setattr(trainer.Trainer, "train_step", step_then_signal)
+    restore_step = signal_after_steps(monkeypatch, num_before + 1)
     assert cli.main([*TINY, "--method", name, "--run-root", str(root)]) == 75
     run_dir = only_run_dir(root)
     assert (run_dir / "periods" / "2-2020").exists() and not (run_dir / "periods" / "3-2022").exists()
-    monkeypatch.setattr(trainer.Trainer, "train_step", real_step)
+    restore_step()
     assert cli.main([*TINY, "--method", name, "--run-root", str(root)]) == 0
     assert comparable(read_results(run_dir)) == comparable(read_results(ref_dir))
     assert train_records(run_dir) == ref_steps
