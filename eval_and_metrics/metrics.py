@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from data.schema import PROBE_FAMILIES, PROBE_KINDS, Probe
+from eval_and_metrics.scoring import normalize_answer
 
 Rows = Sequence[Mapping[str, float]]
 
@@ -292,6 +293,84 @@ def routing_accuracy(
 
 
 # ----------------------------------------------------------------------------------------------
+# what a wrong temporal answer is (DyKnow, Mousavi et al. 2024)
+
+
+def value_history(probes: Sequence[Probe], period_names: Sequence[str]) -> dict[tuple[str, str], dict[int, str]]:
+    """(subject, relation) -> {period index: value} as the probes state it (each probe's own period, and
+    its previous_value for the period before it)."""
+    index = {name: i + 1 for i, name in enumerate(period_names)}
+    history: dict[tuple[str, str], dict[int, str]] = {}
+    for p in probes:
+        values = history.setdefault((p.subject, p.relation), {})
+        values[index[p.period]] = p.value
+        if p.previous_value is not None and index[p.period] > 1:
+            values.setdefault(index[p.period] - 1, p.previous_value)
+    return history
+
+
+def answer_kind(prediction: str, probe: Probe, history: Mapping[int, str], asked: int, newest: int) -> str:
+    """DyKnow's three outcomes of one answer to a question about period `asked`, given by the model after
+    period `newest`: "correct" (the value at `asked`), "outdated" (a value the fact held in an earlier
+    period, and not also its value at `asked`), "irrelevant" (anything else). Answers with a value of a
+    later period (asked < t <= newest) are "later": the overwriting that temporal recall counts as wrong.
+    Matching is SQuAD-normalised exact match, as em."""
+    said = normalize_answer(prediction)
+    gold = normalize_answer(probe.value)
+    if said == gold:
+        return "correct"
+    # A value that held both before and after `asked` (A, B, A) is "later": what the model was taught
+    # last explains it better than what it was taught first.
+    if said and any(normalize_answer(v) == said for t, v in history.items() if asked < t <= newest):
+        return "later"
+    if said and any(normalize_answer(v) == said for t, v in history.items() if t < asked):
+        return "outdated"
+    return "irrelevant"
+
+
+def answer_kind_rates(rows_pred: Sequence[Mapping[str, str]], probes: Sequence[Probe],
+                      period_names: Sequence[str], family: str) -> dict[str, Any]:
+    """Outdated answers after each period k, on the probes of period k whose value changed in k (the facts
+    just taught over an older value): per k the rates of correct / outdated / irrelevant answers, their
+    macro mean over periods, the pooled rates and counts. Also, on temporal recall's probes (earlier
+    periods' values that no longer hold at k), the rate of answers that give a later value instead."""
+    index = {name: i + 1 for i, name in enumerate(period_names)}
+    history = value_history(probes, period_names)
+    out: dict[str, Any] = {}
+    periods = range(1, len(period_names) + 1)
+    pickers = subset_pickers(period_names, family)
+    views = {
+        # the newest facts: does the model still answer with the value it held before?
+        "outdated": lambda p, k: (p.family == family and index[p.period] == k and p.kind == "changed"),
+        # facts of earlier periods that have since changed: does it answer the past with the present?
+        "overwritten": pickers["temporal_recall"],
+    }
+    for view, pick in views.items():
+        per_k: dict[str, list[float]] = {kind: [] for kind in ("correct", "outdated", "later", "irrelevant")}
+        counts, pooled = [], {kind: 0 for kind in per_k}
+        for k in periods:
+            picked = [p for p in probes if pick(p, k)]
+            kinds = [answer_kind(rows_pred[k][p.id], p, history[(p.subject, p.relation)], index[p.period], k)
+                     for p in picked]
+            counts.append(len(kinds))
+            for kind in per_k:
+                n = sum(1 for x in kinds if x == kind)
+                pooled[kind] += n
+                per_k[kind].append(n / len(kinds) if kinds else math.nan)
+        total = sum(counts)
+        key = f"{view}_{family}"
+        # the headline of each view: stale answers to new facts, present answers to past questions
+        headline = "outdated" if view == "outdated" else "later"
+        out[key] = per_k[headline]
+        out[f"{key}_mean"] = _mean(per_k[headline])
+        out[f"{key}_pooled"] = pooled[headline] / total if total else math.nan
+        out[f"{key}_n"] = total
+        out[f"{key}_counts"] = counts
+        out[f"{key}_answers"] = {kind: per_k[kind] for kind in per_k}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # everything at once, JSON-safe
 
 
@@ -321,10 +400,13 @@ def derive_metrics(
     rows_f1: Rows,
     probes: Sequence[Probe],
     period_names: Sequence[str],
+    rows_pred: Sequence[Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """All continual-learning metrics of one run, JSON-safe (NaN -> None). Keys: docs/metrics.md.
 
     Every temporal key names its family (``acc_storage``, ``plasticity_extraction_pooled``, ...).
+    With the predictions (rows_pred, probe id -> answer per row) the outdated and overwritten answer
+    rates are added (answer_kind_rates).
     """
     for rows in (rows_em, rows_f1):
         _check_inputs(rows, probes, period_names)
@@ -354,5 +436,10 @@ def derive_metrics(
             if name == "temporal_recall":
                 out[f"{key}_final"] = per_k_em[-1]
                 out[f"{key}_final_f1"] = per_k_f1[-1]
+        if rows_pred is not None:
+            missing = [(k, p.id) for k, row in enumerate(rows_pred) for p in probes if p.id not in row]
+            if missing:
+                raise ValueError(f"prediction row {missing[0][0]} has no answer for probe {missing[0][1]!r}")
+            out.update(answer_kind_rates(rows_pred, probes, period_names, family))
     out["num_probes"] = _count_probes(probes)
     return _json_safe(out)

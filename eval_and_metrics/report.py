@@ -89,21 +89,28 @@ SUBSET_METRICS = ("plasticity", "stability", "temporal_recall")
 SUMMARY_KEYS = ["acc_storage", "bwt_storage", "fwt_storage", "forgetting_storage",
                 "plasticity_storage_pooled", "plasticity_extraction_pooled",
                 "stability_storage_pooled", "stability_extraction_pooled",
-                "temporal_recall_storage_final", "temporal_recall_extraction_final", "acc_extraction"]
+                "temporal_recall_storage_final", "temporal_recall_extraction_final",
+                "outdated_storage_pooled", "outdated_extraction_pooled", "acc_extraction"]
 SUMMARY_LABELS = {"acc_storage": "final ACC storage", "bwt_storage": "BWT storage", "fwt_storage": "FWT storage",
                   "forgetting_storage": "forgetting storage",
                   "plasticity_storage_pooled": "plasticity storage", "plasticity_extraction_pooled": "plasticity extraction",
                   "stability_storage_pooled": "stability storage", "stability_extraction_pooled": "stability extraction",
                   "temporal_recall_storage_final": "temporal recall storage",
                   "temporal_recall_extraction_final": "temporal recall extraction",
+                  "outdated_storage_pooled": "outdated answers storage",
+                  "outdated_extraction_pooled": "outdated answers extraction",
                   "acc_extraction": "final ACC extraction"}
+# DyKnow's wrong answers (metrics.answer_kind_rates): stale answers to new facts, present answers to the past
+ANSWER_VIEWS = ("outdated", "overwritten")
 LOWER_IS_BETTER = {f"forgetting_{fam}{s}" for fam in FAMILIES for s in ("", "_f1")}
+LOWER_IS_BETTER |= {f"{view}_{fam}_{stat}" for view in ANSWER_VIEWS for fam in FAMILIES for stat in ("pooled", "mean")}
 _ALL_SCALARS = [f"{m}_{fam}{s}" for fam in FAMILIES for m in ("acc", "bwt", "fwt", "forgetting") for s in ("", "_f1")]
 _ALL_SCALARS += [f"{name}_{fam}_{stat}" for fam in FAMILIES for name in SUBSET_METRICS
                  for stat in ("pooled", "pooled_f1", "n", "mean", "mean_f1")]
 _ALL_SCALARS += [f"temporal_recall_{fam}_{stat}" for fam in FAMILIES for stat in ("final", "final_f1")]
+_ALL_SCALARS += [f"{view}_{fam}_{stat}" for fam in FAMILIES for view in ANSWER_VIEWS for stat in ("pooled", "mean", "n")]
 SCALAR_KEYS = SUMMARY_KEYS + [k for k in _ALL_SCALARS if k not in SUMMARY_KEYS]
-PER_PERIOD_KEYS = [f"{name}_{fam}" for fam in FAMILIES for name in SUBSET_METRICS]
+PER_PERIOD_KEYS = [f"{name}_{fam}" for fam in FAMILIES for name in (*SUBSET_METRICS, *ANSWER_VIEWS)]
 LANDSCAPE_KEYS = ["center_loss", "max_loss", "min_loss", "std_loss", "loss_range", "max_curvature",
                   "fisher_top_eigenvalue", "delta_w_norm", "forgetting_estimate"]
 # Task streams: the scalars of each summary of stream_metrics, in table order, as (key, label, higher is
@@ -144,6 +151,7 @@ class PeriodRow:
     em: dict[str, float] = field(default_factory=dict, repr=False)  # per probe id, from eval/predictions.jsonl
     f1: dict[str, float] = field(default_factory=dict, repr=False)
     logprob: dict[str, float] = field(default_factory=dict, repr=False)
+    prediction: dict[str, str] = field(default_factory=dict, repr=False)
     # streams: {task: {metric: value, "n": items}}, re-aggregated from eval/predictions.jsonl by the scorers
     task_scores: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     landscape: dict[str, Any] | None = None
@@ -454,7 +462,8 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
                   "trainable_sha256": manifest.get("trainable_sha256")}
         if stream is None:
             row = PeriodRow(**common, em={r["id"]: r["em"] for r in preds}, f1={r["id"]: r["f1"] for r in preds},
-                            logprob={r["id"]: r["logprob"] for r in preds})
+                            logprob={r["id"]: r["logprob"] for r in preds},
+                            prediction={r["id"]: r["prediction"] for r in preds})
         else:
             where = f"periods/{directory.name}/eval/predictions.jsonl"
             row = PeriodRow(**common, task_scores=stream.summarise(preds, where))
@@ -471,7 +480,8 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
 
 def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
     probes = bench.all_probes()
-    metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names)
+    metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names,
+                             [r.prediction for r in run.rows])
     for family in FAMILIES:
         logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names,
                                select=lambda p, family=family: p.family == family)

@@ -11,6 +11,8 @@ import pytest
 from data.schema import Probe
 from eval_and_metrics.metrics import (
     _matrix_metrics,
+    answer_kind,
+    answer_kind_rates,
     average_accuracy,
     backward_transfer,
     derive_metrics,
@@ -396,3 +398,80 @@ def test_routing_accuracy() -> None:
     assert routing_accuracy({}, []) is None
     with pytest.raises(ValueError, match="'B2'"):
         routing_accuracy({k: v for k, v in routed.items() if k != "B2"}, probes)
+
+
+# --------------------------------------------------------------------------------------------
+# DyKnow's answer kinds (Mousavi et al. 2024): correct, outdated (an earlier value), irrelevant; and
+# "later" (a value taught after the period asked about). Two facts over three periods:
+#   X: 2020 red, 2021 blue (changed), 2022 green (changed)
+#   Y: 2020 one, 2021 one (unchanged), 2022 two (changed)
+def _fact_probe(pid: str, period: str, kind: str, value: str, previous: str | None, until: str | None) -> Probe:
+    return Probe(id=pid, subject=pid[0], relation="rel", value=value, period=period, valid_from=period,
+                 valid_until=until, previous_value=previous, kind=kind,  # type: ignore[arg-type]
+                 family="storage", prompt=f"In {period}, {pid[0]} was", template_id="t0")
+
+
+def _fact_probes() -> list[Probe]:
+    return [_fact_probe("X1", "2020", "new", "red", None, "2021"),
+            _fact_probe("X2", "2021", "changed", "blue", "red", "2022"),
+            _fact_probe("X3", "2022", "changed", "green", "blue", None),
+            _fact_probe("Y1", "2020", "new", "one", None, "2022"),
+            _fact_probe("Y2", "2021", "unchanged", "one", "one", "2022"),
+            _fact_probe("Y3", "2022", "changed", "two", "one", None)]
+
+
+#            X1        X2     X3      Y1     Y2     Y3
+_PREDS = {0: ["", "", "", "", "", ""],
+          1: ["Red.", "red", "", "one", "", ""],
+          2: ["blue", "red", "", "one", "one", ""],
+          3: ["green", "red", "Blue", "two", "one", "seven"]}
+
+
+def test_answer_kinds_hand_computed() -> None:
+    probes = _fact_probes()
+    rows_pred = [dict(zip([p.id for p in probes], _PREDS[k])) for k in range(4)]
+    out = answer_kind_rates(rows_pred, probes, PERIODS, "storage")
+    nan = math.nan
+    # after 2021, asked about 2021's changed fact X: "red" is 2020's value. After 2022: X3 "Blue" is
+    # 2021's value (outdated), Y3 "seven" was never true (irrelevant).
+    assert out["outdated_storage"] == pytest.approx([nan, 1.0, 0.5], nan_ok=True)
+    assert out["outdated_storage_counts"] == [0, 1, 2]
+    assert out["outdated_storage_mean"] == pytest.approx(0.75)
+    assert out["outdated_storage_pooled"] == pytest.approx(2 / 3)
+    assert out["outdated_storage_n"] == 3
+    assert out["outdated_storage_answers"]["irrelevant"] == pytest.approx([nan, 0.0, 0.5], nan_ok=True)
+    assert out["outdated_storage_answers"]["correct"] == pytest.approx([nan, 0.0, 0.0], nan_ok=True)
+    # temporal recall's probes: after 2021, X1 (red until 2021) answered "blue" (later); after 2022, of X1,
+    # X2, Y1, Y2: X1 "green" and Y1 "two" are later values, X2 "red" is outdated, Y2 "one" correct.
+    assert out["overwritten_storage"] == pytest.approx([nan, 1.0, 0.5], nan_ok=True)
+    assert out["overwritten_storage_counts"] == [0, 1, 4]
+    assert out["overwritten_storage_pooled"] == pytest.approx(3 / 5)
+    assert out["overwritten_storage_answers"]["outdated"] == pytest.approx([nan, 0.0, 0.25], nan_ok=True)
+    assert out["overwritten_storage_answers"]["correct"] == pytest.approx([nan, 0.0, 0.25], nan_ok=True)
+
+
+def test_answer_kind_rules() -> None:
+    probe = _fact_probe("Z2", "2021", "changed", "down", "up", "2022")
+    history = {1: "up", 2: "down", 3: "up"}
+    assert answer_kind("The Down.", probe, history, asked=2, newest=3) == "correct"
+    # a value both before and after the period asked: the later teaching explains it
+    assert answer_kind("up", probe, history, asked=2, newest=3) == "later"
+    assert answer_kind("up", probe, history, asked=2, newest=2) == "outdated"
+    # an empty answer never matches, not even a value that normalises to nothing
+    assert answer_kind("", probe, {1: "the", 2: "down"}, asked=2, newest=2) == "irrelevant"
+    assert answer_kind("sideways", probe, history, asked=2, newest=3) == "irrelevant"
+    # a value the fact only takes in a period the model has not been taught yet is no knowledge of it
+    assert answer_kind("left", probe, {1: "up", 2: "down", 3: "left"}, asked=2, newest=2) == "irrelevant"
+    assert answer_kind("left", probe, {1: "up", 2: "down", 3: "left"}, asked=1, newest=2) == "irrelevant"
+
+
+def test_derive_metrics_with_predictions_adds_the_answer_kinds() -> None:
+    probes = hand_probes()
+    rows_pred = [{p.id: "" for p in probes} for _ in range(4)]
+    out = derive_metrics(hand_rows_em(), hand_rows_f1(), probes, PERIODS, rows_pred)
+    added = {f"{view}_{fam}{s}" for view in ("outdated", "overwritten") for fam in ("storage", "extraction")
+             for s in ("", "_mean", "_pooled", "_n", "_counts", "_answers")}
+    assert set(out) == EXPECTED_KEYS | added
+    json.dumps(out, allow_nan=False)
+    with pytest.raises(ValueError, match="no answer for probe"):
+        derive_metrics(hand_rows_em(), hand_rows_f1(), probes, PERIODS, rows_pred[:3] + [{}])

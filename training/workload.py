@@ -125,9 +125,10 @@ class TemporalWorkload(Workload):
                        ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
                        ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
                        ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
-                       ("acc_extraction", "ACC-X")]
+                       ("outdated_storage_pooled", "Outd-S"), ("acc_extraction", "ACC-X")]
     summary_legend = ("-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
-                      "never trained on); Plast and Stab pooled over all their probes (docs/metrics.md)")
+                      "never trained on); Plast and Stab pooled over all their probes; Outd = answers to a period's "
+                      "changed facts that give an earlier value (DyKnow's outdated, docs/metrics.md)")
 
     def __init__(self, bench: Benchmark) -> None:
         self.bench = bench
@@ -177,7 +178,8 @@ class TemporalWorkload(Workload):
         rows_em = [{r["id"]: r["em"] for r in rows} for rows in rows_per_row]
         rows_f1 = [{r["id"]: r["f1"] for r in rows} for rows in rows_per_row]
         rows_lp = [{r["id"]: r["logprob"] for r in rows} for rows in rows_per_row]
-        metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names)
+        rows_pred = [{r["id"]: r["prediction"] for r in rows} for rows in rows_per_row]
+        metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names, rows_pred)
         for family in PROBE_FAMILIES:
             logprob = score_matrix(rows_lp, self.probes, self.bench.period_names,
                                    select=lambda p, family=family: p.family == family)
