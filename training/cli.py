@@ -18,6 +18,7 @@ import torch
 from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
                        staging_dir)
 from data import DataError
+from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention, summary_columns as retention_columns
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
 from training.distributed import World, close_world, engine_peer_lost, init_world, world_from_env
 from training.methods import METHODS
@@ -66,17 +67,19 @@ def parse_configs(argv: list[str]) -> list[RunConfig]:
     return build_run_configs(tree, METHODS)
 
 
-def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = World()) -> dict[str, Any]:
+def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = World(),
+            retention: RetentionTrack | None = None) -> dict[str, Any]:
     # train.threads holds for this run only: a caller of main() in-process (a notebook, a test, the next
     # method of `--method a,b`) gets its own thread count back, which float sums depend on
     threads = torch.get_num_threads()
     try:
-        return _run_one(cfg, workload, stop, world)
+        return _run_one(cfg, workload, stop, world, retention)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World) -> dict[str, Any]:
+def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World,
+             retention: RetentionTrack | None) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with stop.immediately():  # loading writes nothing to the run; a stop ends it at once
@@ -100,7 +103,7 @@ def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World) -
             loaded.tokenizer.save_pretrained(staging)
             commit_dir(staging, paths.root / "tokenizer")
         trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, workload, stop,
-                          log=lambda m: print(m, file=sys.stderr), world=world)
+                          log=lambda m: print(m, file=sys.stderr), world=world, retention=retention)
         results = trainer.run()
     finally:
         if lock is not None:
@@ -182,6 +185,8 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             workload = load_workload(configs[0].data)
             for line in workload.warnings:
                 print("warning: " + " ".join(line.splitlines()), file=sys.stderr)
+            # the eval section is the same for every method of one command: one retention track for all
+            retention = _load_retention(configs[0].eval.retention)
             for cfg in configs:
                 check_model_source(cfg.model, cfg.mode)
             # Every method's options are checked against the model's structure before the first run
@@ -204,7 +209,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             world = init_world(configs[0].model.device, configs[0].train.collective_timeout_s)
         for cfg in configs:
             current = cfg
-            all_results.append(run_one(cfg, workload, stop, world))
+            all_results.append(run_one(cfg, workload, stop, world, retention))
     except ConfigError as exc:
         return _fail(EXIT_BAD_INPUT, *exc.problems)
     except DataError as exc:
@@ -236,7 +241,7 @@ def _main(argv: list[str], stop: StopFlag) -> int:
     finally:
         close_world()
     if world.is_main:
-        print(format_summary(all_results, workload.summary_columns))
+        print(format_summary(all_results, workload.summary_columns + retention_columns(retention)))
         if workload.summary_legend:
             print(workload.summary_legend)
         print(f"\n{len(all_results)} run(s) done in {time.time() - started:.0f}s; metric formulas: docs/metrics.md")
@@ -244,6 +249,13 @@ def _main(argv: list[str], stop: StopFlag) -> int:
 
 
 _SPEAKS = [True]
+def _load_retention(spec: str) -> RetentionTrack | None:
+    if not spec:
+        return None
+    try:
+        return load_retention(spec)
+    except RetentionError as exc:
+        raise ConfigError(exc.problems) from None
 
 
 def _quiet() -> None:

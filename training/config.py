@@ -114,6 +114,9 @@ class EvalConfig:
     max_length: Annotated[int, Range(2, 1 << 20)] = 4096
     # padded tokens per eval batch (items x the longest), besides batch_size; 0 = batch_size alone
     max_tokens_per_batch: Annotated[int, Range(0, 1 << 30)] = 32768
+    # held-out tasks scored at the base row and after every period (a stream file or preset whose eval items
+    # only are used): the retention track, docs/metrics.md; "" = none
+    retention: Annotated[str, Text()] = ""
 
 
 # The eval bounds' defaults, left out of the saved config (and the run id) at these values.
@@ -203,6 +206,8 @@ class RunConfig:
         for key, default in EVAL_BOUNDS.items():
             if out["eval"][key] == default:
                 out["eval"].pop(key)  # as above: the bounds came later, at values no earlier test run reached
+        if not self.eval.retention:
+            out["eval"].pop("retention")  # as above: runs without a retention track keep their run id
         return out
 
     def identity_dict(self) -> dict:

