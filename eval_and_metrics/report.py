@@ -70,6 +70,8 @@ from data.io import BENCHMARK_FILE, read_benchmark
 from data.schema import Benchmark
 from data.streams.schema import STREAM_FILE, Stream
 from eval_and_metrics.metrics import derive_metrics, score_matrix
+from eval_and_metrics.retention import RETENTION_FILE
+from eval_and_metrics.retention import recompute as recompute_retention
 from eval_and_metrics.stream_metrics import derive_from_summaries, row_summary
 
 REPORT_SCHEMA_VERSION = 1
@@ -152,6 +154,7 @@ class PeriodRow:
     f1: dict[str, float] = field(default_factory=dict, repr=False)
     logprob: dict[str, float] = field(default_factory=dict, repr=False)
     prediction: dict[str, str] = field(default_factory=dict, repr=False)
+    retention: list[dict[str, Any]] | None = field(default=None, repr=False)  # eval/retention.jsonl, if any
     # streams: {task: {metric: value, "n": items}}, re-aggregated from eval/predictions.jsonl by the scorers
     task_scores: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     landscape: dict[str, Any] | None = None
@@ -472,6 +475,8 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
             if diffs:
                 run.warnings.append(f"periods/{directory.name}/eval/scores.json disagrees with its re-aggregated "
                                     "predictions (used the latter): " + "; ".join(d.lstrip(".") for d in diffs[:4]))
+        if (directory / "eval" / RETENTION_FILE).is_file():  # in the manifest: verified above
+            row.retention = _read_jsonl(directory / "eval" / RETENTION_FILE)
         row.landscape = _read_subresult(directory, LANDSCAPE_DIR, LANDSCAPE_FILE, run, "loss landscape")
         row.lm_eval = _read_subresult(directory, LM_EVAL_DIR, LM_EVAL_FILE, run, "lm-eval")
         return row, manifest
@@ -493,6 +498,18 @@ def _recompute_stream_metrics(run: Run, stream: StreamData) -> dict[str, Any]:
     tasks = stream.stream.tasks
     return derive_from_summaries([t.name for t in tasks], [t.scorer for t in tasks], stream.scorers,
                                  [len(t.eval) for t in tasks], [r.task_scores for r in run.rows])
+
+
+def _recompute_retention(run: Run) -> None:
+    """The retention track's metrics from the committed rows, with the scorers results.json names."""
+    if run.metrics is None or not all(r.retention is not None for r in run.rows):
+        return
+    try:
+        saved = (_read_json(run.path / "results.json").get("metrics") or {}).get("retention")
+        if saved:
+            run.metrics["retention"] = recompute_retention(saved, [r.retention or [] for r in run.rows])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        run.warnings.append(f"retention track not recomputed ({type(exc).__name__}: {exc})")
 
 
 def _differences(ours: Any, theirs: Any, path: str) -> list[str]:
@@ -697,6 +714,7 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             run.reason += "; " + "; ".join(hints)
     if run.status == "complete":
         run.metrics = _recompute_stream_metrics(run, stream) if stream else _recompute_metrics(run, bench)
+        _recompute_retention(run)
         _cross_check_results(run)
 
 
@@ -782,6 +800,8 @@ class Group:
     landscape: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
     kind: str = "temporal"
     stream: dict[str, Any] = field(default_factory=dict)
+    # the retention track: {"task/metric": {higher_is_better, base, drop: [per row], rel_drop_final, item_ci}}
+    retention: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def complete(self) -> list[Run]:
@@ -805,6 +825,7 @@ class Group:
                 "matrix_storage_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
                 "forgetting_curve": self.forgetting_curve,
                 "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape,
+                "retention": self.retention,
                 "kind": self.kind, "stream": self.stream or None}
 
 
@@ -974,6 +995,8 @@ def _aggregate_group(group: Group) -> None:
             deltas.append(mean_ci(ds))
         group.lm_eval[key] = {"higher_is_better": direction, "value": values, "delta": deltas}
 
+    _aggregate_retention(group, runs)
+
     # Loss landscape: per period checkpoint, over the runs that have one.
     if any(row.landscape for r in runs for row in r.rows):
         for key in LANDSCAPE_KEYS:
@@ -983,6 +1006,24 @@ def _aggregate_group(group: Group) -> None:
                 vals = [v for v in vals if v is not None]
                 per_k.append(mean_ci(vals) if vals else None)
             group.landscape[key] = per_k
+
+
+def _aggregate_retention(group: Group, runs: list[Run]) -> None:
+    """Each retention task's primary metric: its base value and its drop after every period (means over the
+    group's runs with t intervals), and for one run the item-bootstrap interval of its final drop."""
+    tracks = [(r.metrics or {}).get("retention") for r in runs]
+    if not tracks or not all(tracks):
+        return
+    for task, metric in tracks[0]["primary_metric"].items():
+        entries = [t["tasks"][task]["metrics"][metric] for t in tracks]
+        rows = len(entries[0]["per_row"])
+        group.retention[f"{task}/{metric}"] = {
+            "higher_is_better": entries[0]["higher_is_better"],
+            "base": mean_ci(e["per_row"][0] for e in entries),
+            "drop": [mean_ci(e["drop"][k] for e in entries) for k in range(rows)],
+            "rel_drop_final": mean_ci(e["rel_drop"][-1] for e in entries),
+            "item_ci": entries[0]["drop_ci"][-1] if len(entries) == 1 else None,
+        }
 
 
 def build_groups(runs: Sequence[Run]) -> list[Group]:
@@ -1136,6 +1177,20 @@ def _lm_eval_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _retention_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
+    names = max((g.period_names for g in groups), key=len)
+    head = (["method", "task/metric", "better", "base"] + [f"drop after {p}" for p in names]
+            + ["relative drop (final)", "final drop, 95% item interval (one run)"])
+    rows = []
+    for g in groups:
+        for key, entry in g.retention.items():
+            ci = entry["item_ci"]
+            rows.append([g.label, key, "higher" if entry["higher_is_better"] else "LOWER", fmt(entry["base"], g.n)]
+                        + [fmt(d, g.n) for d in entry["drop"][1:]] + [fmt(entry["rel_drop_final"], g.n)]
+                        + [f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "-"])
+    return head, rows
+
+
 def _landscape_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     head = ["method", "period", "center loss", "loss range", "std", "max curvature", "λmax (Fisher)",
             "‖Δw‖", "forgetting estimate"]
@@ -1261,6 +1316,12 @@ def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], 
                       ("Δ = score after the period − the same run's base score; for a metric marked LOWER "
                        "(e.g. perplexity, CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is "
                        "an improvement."), "", _md_table(h, rows), ""]
+        if any(g.retention for g in gs):
+            h, rows = _retention_rows(gs)
+            lines += ["### Retention: held-out tasks, drop vs the base model", "",
+                      ("drop = base − value for a higher-is-better metric, value − base for a LOWER one, so a "
+                       "positive drop is ability lost in both; relative drop = drop / |base| (docs/metrics.md, "
+                       "section 11)."), "", _md_table(h, rows), ""]
         if any(g.landscape for g in gs):
             h, rows = _landscape_rows(gs)
             lines += ["### Loss landscape per period checkpoint", "", _md_table(h, rows), ""]
@@ -1379,6 +1440,12 @@ def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots:
             parts += ["<h3>General ability (lm-eval): change vs the base model</h3>",
                       ("<p class='note'>Δ = score after the period − the same run's base score. For metrics "
                        "marked LOWER a negative Δ is an improvement.</p>"), _html_table(h, rows, 3)]
+        if any(g.retention for g in gs):
+            h, rows = _retention_rows(gs)
+            parts += ["<h3>Retention: held-out tasks, drop vs the base model</h3>",
+                      ("<p class='note'>A positive drop is ability lost (base − value, or value − base for LOWER "
+                       "metrics); relative drop = drop / |base| (docs/metrics.md, section 11).</p>"),
+                      _html_table(h, rows, 3)]
         if any(g.landscape for g in gs):
             h, rows = _landscape_rows(gs)
             parts += ["<h3>Loss landscape per period checkpoint</h3>", _html_table(h, rows, 2)]

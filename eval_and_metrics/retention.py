@@ -92,7 +92,8 @@ class RetentionTrack:
 
     def metrics(self, rows_per_row: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
         return retention_metrics(self.task_names, self.scorers, rows_per_row) | {
-            "spec": self.spec, "fingerprint": self.fingerprint}
+            "spec": self.spec, "fingerprint": self.fingerprint,
+            "scorers": {t.name: t.scorer for t in self.stream.tasks}}
 
 
 def load_retention(spec: str) -> RetentionTrack:
@@ -190,3 +191,15 @@ def summary_columns(track: RetentionTrack | None) -> list[tuple[str, str]]:
     if track is None:
         return []
     return [(f"retention.final_rel_drop.{name}", f"R:{name}"[:7]) for name in track.task_names]
+
+
+def recompute(saved: Mapping[str, Any], rows_per_row: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """results.json's "retention" again, from the committed retention rows and the scorer names it saved (what
+    the report does, so a number it shows comes from the committed files)."""
+    scorer_names: dict[str, str] = dict(saved["scorers"])
+    unknown = [f"{task}: {name}" for task, name in scorer_names.items() if name not in SCORERS]
+    if unknown:
+        raise ValueError(f"retention scorers not registered: {', '.join(unknown)}")
+    scorers = {task: SCORERS[name]() for task, name in scorer_names.items()}
+    return retention_metrics(list(scorer_names), scorers, rows_per_row) | {
+        key: saved[key] for key in ("spec", "fingerprint", "scorers") if key in saved}

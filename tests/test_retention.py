@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import pytest
 
 from artifacts import verify_manifest
+from eval_and_metrics import report
 from eval_and_metrics.retention import RETENTION_FILE, load_retention, task_retention
 from eval_and_metrics.scorers.base import Scorer, mean_of
 from training import cli
@@ -117,6 +118,15 @@ def test_a_stopped_run_resumes_to_the_same_retention_and_a_stream_has_the_track(
     assert cli.main([*TINY, "--run-root", str(root)]) == 0
     assert comparable(read_results(only_run_dir(root))) == comparable(read_results(only_run_dir(ref_root)))
     assert _retention(only_run_dir(root)) == _retention(only_run_dir(ref_root))
+    # the report recomputes the track from the committed rows, gets results.json's numbers, and shows them
+    run = report.read_run(only_run_dir(root))
+    assert not run.warnings and run.metrics["retention"] == _retention(only_run_dir(root))
+    assert report.main([str(root), "--out", str(tmp_path / "report")]) == 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "### Retention" in summary
+    line = next(x for x in summary.splitlines() if "| choices/acc |" in x)
+    final = _retention(only_run_dir(root))["tasks"]["choices"]["metrics"]["acc"]["drop"][-1]
+    assert f"| {final:.3f} (n=1) |" in line
 
     stream = tmp_path / "tiny-stream.yaml"
     stream.write_text(TINY_STREAM)
