@@ -94,8 +94,21 @@ def child_pids() -> list[int]:
     return out
 
 
-def forward(signum: int, frame: FrameType | None) -> None:
-    for pid in child_pids():
+class StoppedBeforeStart(Exception):
+    """A forwarded signal came while no rank was running: the launch is abandoned, nothing has run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def forward(signum: int, frame: FrameType | None, pids: list[int] | None = None) -> None:
+    """The signal handler: the signal to every rank, or, before any rank runs, the end of the launch
+    (raised into torch's agent, whose cleanup SIGTERMs a rank it may have started meanwhile)."""
+    pids = child_pids() if pids is None else pids
+    if not pids:
+        raise StoppedBeforeStart(signum)
+    for pid in pids:
         try:
             os.kill(pid, signum)  # the rank only, not its group: its own helpers keep torch's defaults
         except ProcessLookupError:
@@ -129,15 +142,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_local = None
     try:
         run(args)
-    except ChildFailedError as exc:
-        codes = {int(rank): exit_code(failure.exitcode) for rank, failure in exc.failures.items()}
-        print(summary(codes, num_local), file=sys.stderr, flush=True)
-        return common_code(codes)
-    except SignalException as exc:  # SIGHUP / SIGQUIT: torch's agent SIGTERMed the ranks and gave up
-        print(f"{NAME}: got {exc.sigval.name}; the ranks were sent SIGTERM; exit {128 + exc.sigval}",
+        return 0
+    except (StoppedBeforeStart, ChildFailedError, SignalException) as exc:
+        outcome: BaseException = exc
+    finally:
+        for sig in FORWARDED:  # the ranks are gone: a late signal must not cut the summary short
+            signal.signal(sig, signal.SIG_IGN)
+    if isinstance(outcome, StoppedBeforeStart):
+        print(f"{NAME}: got {outcome} before the ranks started; nothing ran; exit {128 + outcome.signum}",
               file=sys.stderr, flush=True)
-        return 128 + int(exc.sigval)
-    return 0
+        return 128 + outcome.signum
+    if isinstance(outcome, SignalException):  # SIGHUP / SIGQUIT: torch's agent SIGTERMed the ranks and gave up
+        print(f"{NAME}: got {outcome.sigval.name}; the ranks were sent SIGTERM; exit {128 + outcome.sigval}",
+              file=sys.stderr, flush=True)
+        return 128 + int(outcome.sigval)
+    assert isinstance(outcome, ChildFailedError)
+    codes = {int(rank): exit_code(failure.exitcode) for rank, failure in outcome.failures.items()}
+    print(summary(codes, num_local), file=sys.stderr, flush=True)
+    return common_code(codes)
 
 
 if __name__ == "__main__":

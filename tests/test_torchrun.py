@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.torchrun import common_code, summary
+from scripts.torchrun import StoppedBeforeStart, common_code, forward, summary
 from tests.conftest import REPO, SMALL, only_run_dir
 
 EXITS = str(REPO / "tests" / "fixtures" / "exit_ranks.py")
@@ -58,6 +58,12 @@ def test_the_launcher_exits_with_the_ranks_code_in_one_line() -> None:
         "torchrun.py: rank 0 exited 75; rank 1 was killed by SIGUSR2 (140); exit 75: stopped, run the same "
         "command again to resume")
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+def test_a_signal_before_any_rank_runs_ends_the_launch() -> None:
+    with pytest.raises(StoppedBeforeStart, match="SIGUSR2") as info:
+        forward(signal.SIGUSR2, None, pids=[])
+    assert info.value.signum == signal.SIGUSR2
 
 
 @pytest.mark.slow
