@@ -53,10 +53,10 @@ def number_problem(text: str) -> str | None:
     if parse_number(text) is not None:
         return None
     t = text.strip()
-    if re.fullmatch(r"[-+]?[0-9]+(\.[0-9]+)?[eE][-+]?[0-9]{1,2}", t):
-        return f"{t!r} is scientific notation, which the scorer does not read (1e3 is 1 and 3); write {Decimal(t):f}"
-    if re.fullmatch(r"[-+]?[0-9]+(\.[0-9]+)?[eE][-+]?[0-9]+", t):
-        return f"{t!r} is scientific notation, which the scorer does not read (1e3 is 1 and 3); write the number in digits"
+    scientific = re.fullmatch(r"[-+]?[0-9]+(\.[0-9]+)?[eE][-+]?([0-9]+)", t)
+    if scientific:
+        digits = f"{Decimal(t):f}" if len(scientific.group(2)) <= 2 else "the number in digits"
+        return f"{t!r} is scientific notation, which the scorer does not read (1e3 is 1 and 3); write {digits}"
     if re.fullmatch(r"[-+]?[0-9][0-9_]*[0-9](\.[0-9]+)?", t):
         return f"{t!r} has '_' digit separators; write {t.replace('_', '')}"
     if re.fullmatch(r"[-+]?\$?[0-9][0-9,]*(\.[0-9]+)?", t):
