@@ -44,8 +44,9 @@ def test_the_common_code_is_run_job_sh_s_rule() -> None:
     assert common_code({0: 75, 1: 2}) == 2
     assert common_code({0: 1, 1: 2}) == 1  # several failures: the lowest rank's, as run_job.sh
     assert common_code({}) == 0
-    assert summary({0: 75, 1: 137}, 2) == ("torchrun.py: rank 0 exited 75; rank 1 was killed by SIGKILL (137); exit 137: "
-                                           "a rank that failed decides, whatever the others did after losing it")
+    assert summary({0: 75, 1: 137}, 2) == ("torchrun.py: rank 0 exited 75; rank 1 was killed by SIGKILL (137); "
+                                           "exit 137: a rank that failed decides, whatever the others did after "
+                                           "losing it")
     assert summary({1: 2}, 2) == "torchrun.py: rank 1 exited 2; the others 0; exit 2"
 
 
@@ -80,7 +81,7 @@ def test_plain_torchrun_exits_1_where_the_launcher_keeps_the_code(codes: list[st
     assert "Traceback" not in ours.stderr
 
 
-TRAIN = [str(REPO / "main.py"), *SMALL, "--set", "train.epochs=2", "--set", "train.grad_accum=2", "--method", "lora"]
+TRAIN = [str(REPO / "main.py"), *SMALL, "--set", "train.epochs=2", "--set", "train.grad_accum=2"]
 
 
 def _train_steps(run_dir: Path) -> list[tuple[int, int]]:
@@ -95,7 +96,7 @@ def test_a_sigterm_to_the_launcher_stops_both_ranks_with_75_and_the_rerun_comple
     30 s); the same command then finishes the run."""
     from tests.test_distributed import wait_for_steps
 
-    args = [*TRAIN, "--set", "train.step_sleep=0.1", "--set", "checkpoint.every_steps=1",
+    args = [*TRAIN, "--method", "lora", "--set", "train.step_sleep=0.1", "--set", "checkpoint.every_steps=1",
             "--run-root", str(tmp_path / "runs")]
     launcher = subprocess.Popen(launch(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -116,12 +117,16 @@ def test_a_sigterm_to_the_launcher_stops_both_ranks_with_75_and_the_rerun_comple
 
 
 @pytest.mark.slow
-def test_a_killed_rank_under_the_launcher_is_its_code_and_the_survivor_s_one_line(tmp_path: Path) -> None:
-    """SIGKILL to rank 1 mid-period: rank 0's collective inside DDP's backward fails, rank 0 prints the
-    documented line and exits 75; the launcher exits 137 (rank 1's death decides: not a resumable stop)."""
+@pytest.mark.parametrize("engine", [["--method", "lora"], ["--method", "full_ft", "--set", "train.strategy=fsdp"]],
+                         ids=["ddp", "fsdp"])
+def test_a_killed_rank_under_the_launcher_is_its_code_and_the_survivor_s_one_line(tmp_path: Path,
+                                                                                  engine: list[str]) -> None:
+    """SIGKILL to rank 1 mid-period: rank 0's next collective (DDP's all-reduce in the backward, FSDP's
+    gathers, or the loop's own) fails, rank 0 prints the documented line and exits 75; the launcher exits
+    137 (rank 1's death decides: not a resumable stop)."""
     from tests.test_distributed import rank_pids, wait_for_steps
 
-    launcher = subprocess.Popen(launch(*TRAIN, "--run-root", str(tmp_path / "runs")), cwd=REPO,
+    launcher = subprocess.Popen(launch(*TRAIN, *engine, "--run-root", str(tmp_path / "runs")), cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_steps(tmp_path / "runs", launcher, 8)
