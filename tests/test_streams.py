@@ -628,7 +628,7 @@ def test_numeric_targets_must_be_numbers(tmp_path: Path) -> None:
             format: {{prompt: "{{question}}", target: " {{answer}}"}}
     """)
     with pytest.raises(DataError, match=r"\[train\] row 0: task 't': format\.target must render a number for the "
-                                        r"numeric scorer .*\{answer\|final_number\}"):
+                                        r"numeric scorer: .*\{answer\|final_number\}"):
         load_stream(str(path))
 
 

@@ -23,12 +23,12 @@ numbers were computed on.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from dataclasses import asdict, replace
 from typing import Any
 
 from data.errors import DataError
+from data.numbers import number_problem
 from data.streams.config import FormatConfig, ResolvedTask, StreamSpec
 from data.streams.schema import EvalItem, Stream, TaskData, TrainItem
 from data.streams.sources.base import Doc, ReadContext, RecordProblems, SourceRead
@@ -68,13 +68,6 @@ def _gold_index(value: Any, raw_choices: list[str]) -> int:
             return LETTERS.index(text.upper())
         raise TemplateError(f"gold {value!r} is neither a choice's text nor a letter A-{LETTERS[len(raw_choices) - 1]}")
     raise TemplateError(f"gold must be an index, a letter or a choice text (got {type(value).__name__})")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text.replace(",", "")))
-    except ValueError:
-        return False
 
 
 def render_doc(doc: Doc, rt: ResolvedTask, split: str,
@@ -122,9 +115,12 @@ def render_doc(doc: Doc, rt: ResolvedTask, split: str,
         if not target.strip():
             raise TemplateError("format.target renders an empty target")
         if kind == "numeric":
-            if not _is_number(target.strip()):
-                raise TemplateError(f"format.target must render a number for the numeric scorer (got {target!r}); "
-                                    "for a worked solution use {answer|final_number}")
+            # the grammar the numeric scorer reads the gold by (data/numbers.py), so the target is scored
+            # as exactly the number accepted here
+            problem = number_problem(target)
+            if problem is not None:
+                hint = "; for a worked solution use {answer|final_number}" if len(target.split()) > 1 else ""
+                raise TemplateError(f"format.target must render a number for the numeric scorer: {problem}{hint}")
         if kind == "code":
             tests, entry_point = field("tests"), field("entry_point").strip()
             if not tests.strip():

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from data.numbers import final_number
+
 _REF_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
-_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _DEF_RE = re.compile(r"^\s*def\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 _TOP_DEF_RE = re.compile(r"^def\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -46,14 +47,13 @@ Part = str | Ref
 
 
 def _final_number(value: Any) -> str:
-    """GSM8K's convention: the answer is what follows the last '####'; otherwise the last number."""
+    """GSM8K's answer, read as the numeric scorer reads a generation (data/numbers.py): the number on
+    the first '#### n' line, else the last number; as a plain decimal ("#### $1,000" -> "1000")."""
     text = _as_text(value, "final_number")
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    found = _NUMBER_RE.findall(tail)
+    found = final_number(text)
     if not found:
         raise TemplateError(f"final_number: no number in {text[-60:]!r}")
-    # "1,000" is one number; the comma is a thousands separator, not part of the value.
-    return (found[0] if "####" in text else found[-1]).replace(",", "")
+    return found
 
 
 def _lines(value: Any) -> str:
@@ -118,7 +118,7 @@ def _after_def(value: Any) -> str:
 
 # Each filter is a small named function of the field's value, as lm-eval names its filters.
 FILTERS: dict[str, Callable[[Any], str]] = {
-    "final_number": _final_number,  # text after the last '####' (else the last number), commas dropped
+    "final_number": _final_number,  # the number on the first '#### n' line (else the last number), plain
     "lines": _lines,  # a list joined with newlines (MBPP's test_list -> a test program)
     "join": _join,  # a list joined with ', '
     "indented": _indented,  # a list (or lines) indented 4 spaces: MBPP's asserts inside def check(candidate)

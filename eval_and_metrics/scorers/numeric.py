@@ -3,27 +3,23 @@
 The prediction is the number after GSM8K's "#### " marker if the generation has one (lm-eval's
 strict-match), else the last number in the generation (lm-eval's flexible-extract); the
 generation is read up to "Question:", lm-eval's stop sequence for gsm8k, so a model that goes on
-to invent the next few-shot question is not scored on that question's numbers. Commas between
-digit groups are dropped, "$" is dropped, a trailing "." is not part of a number. Prediction and
-gold are compared as exact decimals: "72", "72.0" and "$72." are all 72.
+to invent the next few-shot question is not scored on that question's numbers. What a number is
+(commas between digit groups, "$", a trailing "." that ends a sentence, ...) is data/numbers.py's
+grammar, the one the stream loader accepted the gold target by, so the gold is scored as exactly
+the number the loader accepted. Prediction and gold are compared as exact decimals: "72", "72.0"
+and "$72." are all 72.
 """
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal, InvalidOperation
 from typing import ClassVar
 
+from data.numbers import FINAL_RE, final_number
 from data.streams.schema import EvalItem
 from eval_and_metrics.scorers.base import GenerationScorer, Row, prompt_problems
 
 STOP_SEQUENCE = "Question:"
-# A number: optional minus and "$", digits with commas only as thousands separators ("1,000" but
-# not the list "1,2,3"), an optional decimal part. "72." keeps only "72": the "." ends a sentence.
-_NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
-_NUMBER_RE = re.compile(_NUMBER)
-# GSM8K's answer line. Same line only: "####" followed by a newline and a number is not an answer.
-_FINAL_RE = re.compile(r"####[ \t]*(" + _NUMBER + ")")
 
 
 def answer_region(generation: str) -> str:
@@ -31,19 +27,9 @@ def answer_region(generation: str) -> str:
     return generation.split(STOP_SEQUENCE, 1)[0]
 
 
-def normalize_number(text: str) -> str:
-    """"$1,234.50" -> "1234.50": commas and "$" removed."""
-    return text.replace(",", "").replace("$", "")
-
-
 def extract_number(generation: str) -> str:
     """The final number of a generation as a plain decimal string, "" when it has none."""
-    region = answer_region(generation)
-    final = _FINAL_RE.search(region)
-    if final is not None:
-        return normalize_number(final.group(1))
-    numbers = _NUMBER_RE.findall(region)
-    return normalize_number(numbers[-1]) if numbers else ""
+    return final_number(answer_region(generation))
 
 
 def to_decimal(number: str) -> Decimal | None:
@@ -63,7 +49,7 @@ def number_closed(generation: str) -> bool:
     """True once the prediction cannot change: the stop sequence is there, or a "#### n" line ended."""
     if STOP_SEQUENCE in generation:
         return True
-    final = _FINAL_RE.search(generation)
+    final = FINAL_RE.search(generation)
     return final is not None and "\n" in generation[final.end():]
 
 
