@@ -543,7 +543,7 @@ def test_unknown_mmlu_subject_lists_the_valid_ones(tmp_path: Path) -> None:
     """)
     (problem,) = validate_stream_file(path)
     assert re.search(r"stream\.yaml:4: tasks\[0\]\.source\.subject 'abstract_algebera' is not an MMLU subject; "
-                     r"valid: abstract_algebra, anatomy, astronomy, .*world_religions$", problem)
+                     r"valid: all, abstract_algebra, anatomy, astronomy, .*world_religions$", problem)
     path.write_text(path.read_text().replace("split: {eval_fraction: 0.2}",
                                              "train_split: train\n    eval_split: test"))
     problems = validate_stream_file(path)
