@@ -820,3 +820,18 @@ def test_user_files_as_users_write_them_bom_fifo_device_size(tmp_path: Path) -> 
     bad.write_bytes(b"\xef\xbb\xbfok\xff")
     with pytest.raises(DataError, match=r"latin1.jsonl: not UTF-8 text \(byte 5\)"):
         read_user_text(bad)
+
+
+def test_mmlu_all_subjects_and_the_questions_whose_answers_repeat() -> None:
+    from data.streams.sources.base import ReadContext
+    from data.streams.sources.packaged import MmluOptions, MmluPackagedSource, mmlu_subjects
+
+    source, ctx = MmluPackagedSource(), ReadContext(Path("."), 0, "t", "multiple_choice")
+    every = source.read(MmluOptions(subject="all"), "test", ctx)
+    distinct = source.read(MmluOptions(subject="all", distinct_answers=True), "test", ctx)
+    assert len(every.docs) == sum(mmlu_subjects().values()) == 14042  # MMLU's test set, stray CSV headers dropped
+    assert {d.fields["subject"] for d in every.docs} == set(mmlu_subjects())
+    # nine questions repeat an answer text (two equal choices always tie in the cloze format)
+    assert distinct.meta["num_repeated_answer_records_dropped"] == 9 and len(distinct.docs) == len(every.docs) - 9
+    assert all(len({d.fields[f"answer_{x}"].strip() for x in "abcd"}) == 4 for d in distinct.docs)
+    assert source.check(MmluOptions(subject="all"), "multiple_choice") == []
