@@ -1310,21 +1310,20 @@ def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], 
             head, multi_model = _summary_header(gs)
             lines += [f"## {bench}", "", f"Periods: {', '.join(gs[0].period_names)}; model: {models}", ""]
             lines += [_md_table(head, [_summary_cells(g, multi_model) for g in gs]), ""]
-        if any(g.lm_eval for g in gs):
-            h, rows = _lm_eval_rows(gs)
-            lines += ["### General ability (lm-eval), change vs the base model", "",
-                      ("Δ = score after the period − the same run's base score; for a metric marked LOWER "
-                       "(e.g. perplexity, CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is "
-                       "an improvement."), "", _md_table(h, rows), ""]
-        if any(g.retention for g in gs):
-            h, rows = _retention_rows(gs)
-            lines += ["### Retention: held-out tasks, drop vs the base model", "",
-                      ("drop = base − value for a higher-is-better metric, value − base for a LOWER one, so a "
-                       "positive drop is ability lost in both; relative drop = drop / |base| (docs/metrics.md, "
-                       "section 11)."), "", _md_table(h, rows), ""]
-        if any(g.landscape for g in gs):
-            h, rows = _landscape_rows(gs)
-            lines += ["### Loss landscape per period checkpoint", "", _md_table(h, rows), ""]
+        # the optional sections: (present?, title, note, the table's rows)
+        sections = [
+            (any(g.lm_eval for g in gs), "General ability (lm-eval), change vs the base model",
+             ("Δ = score after the period − the same run's base score; for a metric marked LOWER (e.g. perplexity, "
+              "CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is an improvement."), _lm_eval_rows),
+            (any(g.retention for g in gs), "Retention: held-out tasks, drop vs the base model",
+             ("drop = base − value for a higher-is-better metric, value − base for a LOWER one, so a positive drop is "
+              "ability lost in both; relative drop = drop / |base| (docs/metrics.md, section 11)."), _retention_rows),
+            (any(g.landscape for g in gs), "Loss landscape per period checkpoint", "", _landscape_rows),
+        ]
+        for present, title, note, table in sections:
+            if present:
+                h, rows = table(gs)
+                lines += [f"### {title}", ""] + ([note, ""] if note else []) + [_md_table(h, rows), ""]
     attention = _attention_runs(runs)
     lines += ["## Runs not in the aggregates", ""]
     if attention:
