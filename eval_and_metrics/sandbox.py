@@ -240,8 +240,14 @@ def program(source, entry_point, requests, replies):
         exec(compile(source, %(file)r, "exec"), namespace)
         function = namespace[entry_point]
     except BaseException as exc:
+        # the traceback goes to stderr before the checker hears of the error, so the checker's own line
+        # ("the program failed before its tests ran: ...") is always the last one: the reason is the same
+        # every run (both processes share stderr, and a traceback printed on the way out raced it)
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
         send(replies, {"error": last_line(exc)})
-        raise
+        os._exit(1)
     send(replies, {"ready": True})
     while True:
         try:

@@ -483,3 +483,14 @@ def test_every_humaneval_reference_solution_passes_in_the_checked_mode():
                       entry_point=p["entry_point"]) for p in problems]
     assert all(checked(item) for item in items)
     assert check_reference_solutions(items) == []
+
+
+def test_a_program_that_does_not_compile_fails_with_the_same_reason_every_time():
+    """In checked mode the program's process and the checker share stderr; the reason (its last line) was
+    the traceback or the checker's line, whichever came last."""
+    tests = "def check(candidate):\n    assert candidate(1) == 1\n"
+    reasons = {run_program("def f(x):\n    return x +\n", timeout_s=10, tests=tests, entry_point="f").reason
+               for _ in range(4)}
+    assert len(reasons) == 1, reasons
+    (reason,) = reasons
+    assert "the program failed before its tests ran: SyntaxError" in reason
