@@ -52,6 +52,10 @@ ITEMS: dict[str, list[EvalItem]] = {
         EvalItem("c1", CODE_PROMPT + "    return a + b\n", "    pass\n", tests=CODE_TESTS, entry_point="add"),
         EvalItem("c2", CODE_PROMPT + "    return a - b\n", "    pass\n", tests=CODE_TESTS, entry_point="add"),
     ],
+    "code_pass_at_1_lm_eval": [
+        EvalItem("c0", CODE_PROMPT, "    return a + b\n", tests=CODE_TESTS, entry_point="add"),
+        EvalItem("c1", CODE_PROMPT + "    return a + b\n", "    pass\n", tests=CODE_TESTS, entry_point="add"),
+    ],
     "perplexity": [EvalItem(f"p{i}", "" if i % 2 else "Context: cats.", "the cat sat on the mat. " * (i + 1))
                    for i in range(5)],
     "rouge_l": [EvalItem(f"r{i}", "Reply:" + " please" * i, "hello there my friend") for i in range(5)],
@@ -427,3 +431,28 @@ def test_humaneval_reference_solutions_pass_in_the_sandbox():
     for p in problems:
         cut = extract_code(p["canonical_solution"] + "\n\ndef main():\n    pass\n")
         assert cut.rstrip("\n") == p["canonical_solution"].rstrip("\n")
+
+
+def test_lm_eval_humaneval_cut_is_lm_eval_s_until_rule() -> None:
+    from eval_and_metrics.scorers.code_pass_at_1_lm_eval import UNTIL, CodePassAt1LmEval, cut_at_stop
+
+    def lm_eval_cut(text: str) -> str:  # lm_eval/models/huggingface.py generate_until: s.split(term)[0] per term
+        for term in UNTIL:
+            text = text.split(term)[0]
+        return text
+
+    generations = ["    return a + b\n", "    return a + b\n\ndef other():\n    pass\n",
+                   "    return a + b\nprint(add(1, 2))\n", "    x = 1\n# note\nclass A:\n    pass",
+                   "    if a:\n        return a + b\n    return b\nif __name__ == '__main__':\n    pass",
+                   "    return a + b\n```\nThis function adds two numbers.", ""]
+    for g in generations:
+        assert cut_at_stop(g)[0] == lm_eval_cut(g), g
+    # an indented "if" inside the function is not a stop (only "\nif" at the start of a line)
+    assert cut_at_stop("    if a:\n        return 1\n")[1] is False
+    # a fence after the function is kept (lm-eval keeps it, and the program then fails), where
+    # code_pass_at_1 would cut at the fence's top-level line
+    item = ITEMS["code_pass_at_1"][0]
+    fenced = "    return a + b\n```\nThis adds them."
+    assert CodePassAt1LmEval().score_generation(item, fenced)["pass_at_1"] == 0.0
+    assert CodePassAt1().score_generation(item, fenced)["pass_at_1"] == 1.0
+    assert CodePassAt1LmEval().score_generation(item, "    return a + b\n\ndef more():\n")["pass_at_1"] == 1.0

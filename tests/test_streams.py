@@ -724,7 +724,7 @@ def test_every_preset_validates_offline_and_says_where_it_comes_from(name: str) 
 def test_the_presets_are_the_ones_the_field_uses() -> None:
     assert set(list_presets()) == {"multidomain-synthetic", "mmlu-packaged", "humaneval-packaged", "casmo-b7",
                                    "mmlu-hub", "dialogue-speakers", "ct0", "olora-standard4", "styles-synthetic",
-                                   "retention-mmlu", "retention-synthetic", "mmlu-packaged-cloze"}
+                                   "retention-mmlu", "retention-synthetic", "mmlu-packaged-cloze", "humaneval-lm-eval"}
     olora = read_stream_spec("olora-standard4")
     assert [olora.order_names(k) for k in range(3)] == [["dbpedia", "amazon", "yahoo", "agnews"],
                                                          ["dbpedia", "amazon", "agnews", "yahoo"],

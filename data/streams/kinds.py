@@ -27,6 +27,7 @@ SCORER_KINDS: dict[str, str] = {
     "rouge_l": "generate",
     "numeric": "numeric",
     "code_pass_at_1": "code",
+    "code_pass_at_1_lm_eval": "code",
     "multiple_choice": "multiple_choice",
     "perplexity": "perplexity",
 }

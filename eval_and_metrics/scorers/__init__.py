@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from eval_and_metrics.scorers.base import OUTPUT_TYPES, Row, Scorer
 from eval_and_metrics.scorers.code_pass_at_1 import CodePassAt1, check_reference_solutions
+from eval_and_metrics.scorers.code_pass_at_1_lm_eval import CodePassAt1LmEval
 from eval_and_metrics.scorers.exact_match import ExactMatch
 from eval_and_metrics.scorers.multiple_choice import MultipleChoice
 from eval_and_metrics.scorers.numeric import Numeric
@@ -22,6 +23,7 @@ SCORERS: dict[str, type[Scorer]] = {
     "numeric": Numeric,
     "multiple_choice": MultipleChoice,
     "code_pass_at_1": CodePassAt1,
+    "code_pass_at_1_lm_eval": CodePassAt1LmEval,
     "perplexity": Perplexity,
     "rouge_l": RougeL,
 }
