@@ -261,9 +261,8 @@ def packed_inputs(contexts: list[list[int]], groups: list[list[list[int]]], pad_
     """(input_ids, 4D attention mask, position_ids) of left-padded packed rows (see packed_row).
 
     In row r every continuation's tokens sit at positions len(context) onwards, as they would after the
-    context alone, and see the context and their own earlier tokens, never another continuation's.
-    A padding position sees only itself (a query seeing nothing gives NaN under SDPA) and no real
-    position sees it."""
+    context alone, and see the context and their own earlier tokens, never another continuation's
+    nor padding."""
     seqs = [packed_row(c, g) for c, g in zip(contexts, groups)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -284,9 +283,9 @@ def packed_inputs(contexts: list[list[int]], groups: list[list[list[int]]], pad_
             col += fed
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
-    allowed |= torch.eye(width, dtype=torch.bool) & (query < 0)
-    mask = allowed.unsqueeze(1)
+    # the context, or an earlier token of one's own segment (padding sees padding: a query that may see
+    # nothing gives NaN under SDPA; padding's outputs are never read)
+    mask = (causal & ((key == 0) | (key == query))).unsqueeze(1)
     if mask_kind == "additive":
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     return ids, mask, positions

@@ -133,11 +133,11 @@ def test_packed_inputs_lay_out_one_context_and_its_choices() -> None:
                                          [1, 1, 1, 1, 0, 0],
                                          [1, 1, 1, 0, 1, 0],   # 11 never sees 8
                                          [1, 1, 1, 0, 1, 1]]
-    # left padding: a padding position sees only itself, nothing sees it; additive form for eager
+    # left padding: no real position sees padding (padding sees padding, never read); additive form for eager
     ids, mask, positions = ev.packed_inputs([[5], [5, 6, 7]], [[[8]], [[9]]], 0, "additive", torch.float32)
     assert ids.tolist() == [[0, 0, 5], [5, 6, 7]]
     blocked = torch.finfo(torch.float32).min
-    assert mask[0, 0].tolist() == [[0, blocked, blocked], [blocked, 0, blocked], [blocked, blocked, 0]]
+    assert mask[0, 0].tolist() == [[0, blocked, blocked], [0, 0, blocked], [blocked, blocked, 0]]
 
 
 def test_pack_requests_shares_contexts_and_respects_the_window() -> None:
