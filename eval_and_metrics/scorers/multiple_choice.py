@@ -21,6 +21,11 @@ choices carry the delimiter) scores " " + choice unless the prompt already ends 
 choice starts with it. Either is encoded as lm-eval does (evaluate.encode_pair): whole minus context,
 trailing context whitespace moved to the continuation. An empty prompt conditions on the BOS (else
 EOS) token.
+
+Speed: the choices of an item share its context, so by default the context runs once with every choice
+packed behind it (pack_requests, evaluate.shared_context_logprobs; docs/scorers.md). The per-request
+path (shared_context=False) is the reference tests/test_shared_context.py holds it to, and what a model
+the packing cannot be exact for is scored with (evaluate.packed_mask_kind).
 """
 
 from __future__ import annotations
