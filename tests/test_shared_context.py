@@ -288,3 +288,19 @@ def test_position_mixing_methods_declare_it(tok: Any) -> None:
                     "smf")
     assert ev.packed_mask_kind(model) is None
     assert getattr(PeriodRouter(32, 8, 2, 0), "mixes_positions", False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the real model against lm-eval (slow: loads SmolLM2 twice and lm-eval)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_smollm2_mmlu_matches_the_per_request_scorer_and_lm_eval(fmt: str) -> None:
+    pytest.importorskip("lm_eval")
+    from scripts.bench_mc import run_mc_bench
+
+    out = run_mc_bench(6, fmt, batch_size=4)
+    for path in ("old", "lm_eval"):
+        assert out[path]["same_choice_as_ref"] == out["questions"], (path, out[path])
+        assert out[path]["max_abs_ll_diff"] <= TOL, (path, out[path])
