@@ -238,14 +238,31 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
 PACKED_MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
 
 
+# Packages whose forward hooks never mix positions (FSDP's all-gathers, accelerate's device moves, ...).
+POSITIONWISE_HOOK_PACKAGES = frozenset({"torch", "transformers", "peft", "accelerate"})
+
+
+def _hook_package(hook: Any) -> str:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    return (getattr(fn, "__module__", None) or "").split(".")[0]
+
+
 def packed_mask_kind(model: nn.Module) -> str | None:
     """How a packed row's mask is handed to `model` ("bool", "additive"), None when it cannot be.
 
-    Packing is exact only if positions mix through attention alone. A module that mixes positions some
-    other way (a router pooling over the whole row, say) declares `mixes_positions = True`, and the model
-    is then scored one request at a time."""
-    if any(getattr(m, "mixes_positions", False) for m in model.modules()):
-        return None
+    Packing is exact only if positions mix through attention alone. A module says what its own extra
+    code does with `mixes_positions`: True (casm's router pools over the row, smf's prefix_mean query
+    averages the prefix) refuses packing, False (a per-token memory lookup) allows it. A module with a
+    forward hook from outside torch/transformers/peft/accelerate and no such word is taken to mix
+    positions: an unknown hook costs speed (one request at a time), never a wrong number."""
+    for module in model.modules():
+        declared = getattr(module, "mixes_positions", None)
+        if declared:
+            return None
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if declared is None and any(_hook_package(h) not in POSITIONWISE_HOOK_PACKAGES for h in hooks):
+            return None
     config = getattr(model, "config", None)
     return PACKED_MASK_KINDS.get(str(getattr(config, "_attn_implementation", None)))
 

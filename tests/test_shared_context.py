@@ -114,6 +114,7 @@ def assert_same_rows(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> No
 def count_forwards(model: torch.nn.Module) -> list[int]:
     calls = [0]
     model.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    model.mixes_positions = False  # this hook only counts (an undeclared hook would turn packing off)
     return calls
 
 
@@ -198,14 +199,19 @@ def test_lora_and_memory_hooks_keep_positions_apart(tok: Any, items: list[EvalIt
     # peft's LoRA layers and smf's memory (an MLP forward hook, token query) work per position, so
     # packing changes nothing through them either.
     from peft import LoraConfig, get_peft_model
-    from training.methods.smf import MemoryOptions, attach_memories
+    from training.methods.smf import MemoryOptions, attach_memories, install_mask_hook
 
     model = sharp_llama(len(tok), seed=1)
     memories = attach_memories(model, MemoryOptions(layers=[1], num_keys=8, key_dim=8, top_k=4), 1, 0, "smf")
+    install_mask_hook(model, memories)
     with torch.no_grad():
         for mem in memories.values():
             for v in mem.values:
                 v.normal_(0.0, 1.0)  # values start at zero: give the memory something to add
+    assert ev.packed_mask_kind(model) is None  # hooks that have not said what they do: one request at a time
+    # what smf would declare for its token query (training/methods is outside this change; see the report)
+    model.mixes_positions = False
+    model.model.layers[1].mlp.mixes_positions = False
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     assert ev.packed_mask_kind(model) == "bool"
     old = MultipleChoice(shared_context=False).score(model, tok, items, CPU, batch_size=5, max_new_tokens=0)
@@ -277,17 +283,26 @@ def test_models_that_mix_positions_outside_attention_are_scored_per_request(tok:
     assert ev.packed_mask_kind(flash) is None
 
 
-@pytest.mark.xfail(strict=True, reason="casm's PeriodRouter and smf's prefix_mean query pool over the row; "
-                   "they must declare mixes_positions = True (training/methods, outside this change)")
-def test_position_mixing_methods_declare_it(tok: Any) -> None:
-    from training.methods.casm import PeriodRouter
-    from training.methods.smf import MemoryOptions, attach_memories
+def test_position_mixing_methods_are_scored_per_request(tok: Any, items: list[EvalItem]) -> None:
+    # casm's router pools over the row and smf's prefix_mean query averages the prefix: packing would let
+    # one choice's tokens into another's pooling. Their hooks have not declared anything, so they fall back.
+    from training.methods.smf import MemoryOptions, attach_memories, install_mask_hook
 
     model = sharp_llama(len(tok))
-    attach_memories(model, MemoryOptions(layers=[1], num_keys=8, key_dim=8, top_k=4, query="prefix_mean"), 1, 0,
-                    "smf")
+    memories = attach_memories(model, MemoryOptions(layers=[1], num_keys=8, key_dim=8, top_k=4,
+                                                    query="prefix_mean"), 1, 0, "smf")
+    install_mask_hook(model, memories)
+    with torch.no_grad():
+        for v in memories[1].values:
+            v.normal_(0.0, 1.0)
     assert ev.packed_mask_kind(model) is None
-    assert getattr(PeriodRouter(32, 8, 2, 0), "mixes_positions", False)
+    old = MultipleChoice(shared_context=False).score(model, tok, items[:12], CPU, batch_size=4, max_new_tokens=0)
+    assert MultipleChoice().score(model, tok, items[:12], CPU, batch_size=4, max_new_tokens=0) == old
+    # ... and had it been packed, the prefix mean would have seen the other choices
+    model.mixes_positions = False
+    model.model.layers[1].mlp.mixes_positions = False
+    packed = MultipleChoice().score(model, tok, items[:12], CPU, batch_size=4, max_new_tokens=0)
+    assert any(abs(a - b) > TOL for p, o in zip(packed, old) for a, b in zip(p["loglikelihoods"], o["loglikelihoods"]))
 
 
 # ----------------------------------------------------------------------------------------------
