@@ -231,6 +231,131 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
     return list(torch.split(token_logp, [len(x) for x in continuations]))
 
 
+# Attention implementations that take a custom 4D mask, and the form each wants it in: SDPA a boolean
+# mask (True = may attend), eager an additive float mask (it adds the mask to the scores, so a boolean
+# one would add 0 and 1). Flash attention and flex attention take no dense 4D mask; a model running
+# them is scored one request at a time.
+PACKED_MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+
+
+# Packages whose forward hooks never mix positions (FSDP's all-gathers, accelerate's device moves, ...).
+POSITIONWISE_HOOK_PACKAGES = frozenset({"torch", "transformers", "peft", "accelerate"})
+
+
+def _hook_package(hook: Any) -> str:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    return (getattr(fn, "__module__", None) or "").split(".")[0]
+
+
+def packed_mask_kind(model: nn.Module) -> str | None:
+    """How a packed row's mask is handed to `model` ("bool", "additive"), None when it cannot be.
+
+    Packing is exact only if positions mix through attention alone. A module says what its own extra
+    code does with `mixes_positions`: True (casm's router pools over the row, smf's prefix_mean query
+    averages the prefix) refuses packing, False (a per-token memory lookup) allows it. A module with a
+    forward hook from outside torch/transformers/peft/accelerate and no such word is taken to mix
+    positions: an unknown hook costs speed (one request at a time), never a wrong number."""
+    for module in model.modules():
+        declared = getattr(module, "mixes_positions", None)
+        if declared:
+            return None
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if declared is None and any(_hook_package(h) not in POSITIONWISE_HOOK_PACKAGES for h in hooks):
+            return None
+    config = getattr(model, "config", None)
+    return PACKED_MASK_KINDS.get(str(getattr(config, "_attn_implementation", None)))
+
+
+def packed_row(context: list[int], continuations: list[list[int]]) -> list[int]:
+    """The tokens one forward of a shared context sees: the context, then every continuation but its last
+    token (the last one is only predicted, never fed; a one-token continuation feeds nothing)."""
+    return context + [t for cont in continuations for t in cont[:-1]]
+
+
+def packed_inputs(contexts: list[list[int]], groups: list[list[list[int]]], pad_id: int, mask_kind: str,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, 4D attention mask, position_ids) of left-padded packed rows (see packed_row).
+
+    In row r every continuation's tokens sit at positions len(context) onwards, as they would after the
+    context alone, and see the context and their own earlier tokens, never another continuation's
+    nor padding."""
+    seqs = [packed_row(c, g) for c, g in zip(contexts, groups)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(seqs), width), dtype=torch.long)
+    # segment of each column: -1 padding, 0 the context, j + 1 continuation j
+    segment = torch.full((len(seqs), width), -1, dtype=torch.long)
+    for r, (context, group, seq) in enumerate(zip(contexts, groups, seqs)):
+        start = width - len(seq)
+        ids[r, start:] = torch.tensor(seq, dtype=torch.long)
+        num = len(context)
+        positions[r, start:start + num] = torch.arange(num)
+        segment[r, start:start + num] = 0
+        col = start + num
+        for j, cont in enumerate(group):
+            fed = len(cont) - 1
+            positions[r, col:col + fed] = torch.arange(num, num + fed)
+            segment[r, col:col + fed] = j + 1
+            col += fed
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    # the context, or an earlier token of one's own segment (padding sees padding: a query that may see
+    # nothing gives NaN under SDPA; padding's outputs are never read)
+    mask = (causal & ((key == 0) | (key == query))).unsqueeze(1)
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return ids, mask, positions
+
+
+@torch.no_grad()
+def shared_context_logprobs(model: nn.Module, contexts: list[list[int]], groups: list[list[list[int]]],
+                            pad_id: int, device: torch.device, mask_kind: str) -> list[list[torch.Tensor]]:
+    """log p(token | context, earlier tokens of the same continuation) for every token of every
+    continuation in groups[r] after contexts[r], each context run once (one forward for the batch).
+
+    The same numbers as continuation_logprobs on every (context, continuation) pair, up to float
+    summation order: the rows hold the context once and the continuations side by side behind it,
+    kept apart by the attention mask and by position ids that restart after the context for each
+    (packed_inputs). mask_kind comes from packed_mask_kind. The output layer runs in fp32 at the
+    scored positions only (scoring_head)."""
+    assert all(contexts) and all(groups) and all(all(g) for g in groups), "contexts and continuations must be non-empty"
+    dtype = model.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    ids, mask, positions = packed_inputs(contexts, groups, pad_id, mask_kind, dtype)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    rows_l: list[int] = []
+    cols_l: list[int] = []
+    targets_l: list[int] = []
+    # Columns counted from the end (the rows are left-padded): a row's scored positions are its last
+    # context token and every fed continuation token, so only the last `keep` hidden states are needed.
+    keep = 1
+    for r, (context, group) in enumerate(zip(contexts, groups)):
+        fed = sum(len(c) - 1 for c in group)
+        keep = max(keep, fed + 1)
+        last_context = -1 - fed  # the column of the context's last token
+        col = last_context + 1
+        for cont in group:
+            # token 0 from the context's last position, token k from the continuation's own token k - 1
+            cols_l.extend([last_context] + list(range(col, col + len(cont) - 1)))
+            rows_l.extend([r] * len(cont))
+            targets_l.extend(cont)
+            col += len(cont) - 1
+    rows = torch.tensor(rows_l, dtype=torch.long, device=device)
+    cols = torch.tensor(cols_l, dtype=torch.long, device=device)
+    targets = torch.tensor(targets_l, dtype=torch.long, device=device)
+    with scoring_head(model, rows, cols, targets) as found:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    (token_logp,) = found
+    flat = torch.split(token_logp, [len(c) for g in groups for c in g])
+    out: list[list[torch.Tensor]] = []
+    start = 0
+    for group in groups:
+        out.append(list(flat[start:start + len(group)]))
+        start += len(group)
+    return out
+
+
 @torch.no_grad()
 def _gold_logprobs(model: nn.Module, prompts: list[list[int]], golds: list[list[int]], pad_id: int,
                    device: torch.device) -> list[float]:

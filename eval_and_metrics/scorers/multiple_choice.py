@@ -21,6 +21,11 @@ choices carry the delimiter) scores " " + choice unless the prompt already ends 
 choice starts with it. Either is encoded as lm-eval does (evaluate.encode_pair): whole minus context,
 trailing context whitespace moved to the continuation. An empty prompt conditions on the BOS (else
 EOS) token.
+
+Speed: the choices of an item share its context, so by default the context runs once with every choice
+packed behind it (pack_requests, evaluate.shared_context_logprobs; docs/scorers.md). The per-request
+path (shared_context=False) is the reference tests/test_shared_context.py holds it to, and what a model
+the packing cannot be exact for is scored with (evaluate.packed_mask_kind).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import nn
 
 from data.streams.schema import EvalItem
 from eval_and_metrics.evaluate import (UNBOUNDED, Budget, continuation_logprobs, encode, encode_pair, owned_batches,
-                                      prefix_token_id)
+                                      packed_mask_kind, packed_row, prefix_token_id, shared_context_logprobs)
 from eval_and_metrics.scorers.base import Row, Scorer, mean_of
 from eval_and_metrics.shard import ONE, Shard
 
@@ -73,6 +78,97 @@ def choice_metrics(loglikelihoods: Sequence[float], choice_chars: Sequence[int],
             "acc": float(pred == gold), "acc_norm": float(pred_norm == gold), "acc_bytes": float(pred_bytes == gold)}
 
 
+# (item index, choice index, context ids, continuation ids) of one loglikelihood request
+Request = tuple[int, int, list[int], list[int]]
+
+
+def per_request_loglikelihoods(model: nn.Module, tokenizer: Any, requests: list[Request], num_items: int,
+                               device: torch.device, batch_size: int, should_stop: Callable[[], bool],
+                               progress: Callable[[int], None], shard: Shard, budget: Budget) -> list[float]:
+    """The log-likelihood of every request, one padded row per request (batch_size counts requests)."""
+    order = sorted(range(len(requests)), key=lambda r: (len(requests[r][2]) + len(requests[r][3]), r))
+    request_ll: list[float | None] = [None] * len(requests)
+    remaining = [0] * num_items
+    for i, _, _, _ in requests:
+        remaining[i] += 1
+    lengths = [len(context) + len(cont) for _, _, context, cont in requests]
+    for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
+        logps = continuation_logprobs(model, [requests[r][2] for r in batch],
+                                      [requests[r][3] for r in batch], tokenizer.pad_token_id, device)
+        finished = 0
+        for r, lp in zip(batch, logps):
+            request_ll[r] = lp.double().sum().item()
+            remaining[requests[r][0]] -= 1
+            finished += remaining[requests[r][0]] == 0
+        if finished:
+            progress(finished)
+    return shard.merge(request_ll)
+
+
+def pack_requests(requests: list[Request], max_len: int) -> list[tuple[list[int], list[list[int]]]]:
+    """(context, continuations) rows that together hold every distinct (context, continuation) pair once.
+
+    Requests with the same context ids (the choices of one item, and items whose prompts encode the
+    same) share rows, in the order of their first request; a row takes continuations while
+    len(packed_row) stays within max_len, so no forward is longer than the longest single request
+    may be (every request alone fits: the scorer truncates its context)."""
+    by_context: dict[tuple[int, ...], dict[tuple[int, ...], None]] = {}
+    for _, _, context, cont in requests:
+        by_context.setdefault(tuple(context), {})[tuple(cont)] = None  # a dict keeps first-seen order
+    rows: list[tuple[list[int], list[list[int]]]] = []
+    for context, conts in by_context.items():
+        group: list[list[int]] = []
+        length = len(context)
+        for cont in conts:
+            if group and length + len(cont) - 1 > max_len:
+                rows.append((list(context), group))
+                group, length = [], len(context)
+            group.append(list(cont))
+            length += len(cont) - 1
+        rows.append((list(context), group))
+    return rows
+
+
+def shared_context_loglikelihoods(model: nn.Module, tokenizer: Any, requests: list[Request], num_items: int,
+                                  device: torch.device, batch_size: int, should_stop: Callable[[], bool],
+                                  progress: Callable[[int], None], shard: Shard, budget: Budget, max_len: int,
+                                  mask_kind: str) -> list[float]:
+    """The log-likelihood of every request, each distinct context run once (pack_requests,
+    evaluate.shared_context_logprobs); batch_size counts packed rows, the token budget their real
+    length. Rows are sorted by length, so documents with contexts of about the same length share a
+    batch and padding stays small."""
+    rows = pack_requests(requests, max_len)
+    lengths = [len(packed_row(context, group)) for context, group in rows]
+    order = sorted(range(len(rows)), key=lambda r: (lengths[r], r))
+    # which requests each (context, continuation) answers, and how many rows each item waits for
+    answers: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+    for r, (_, _, context, cont) in enumerate(requests):
+        answers.setdefault((tuple(context), tuple(cont)), []).append(r)
+    waiting: list[set[int]] = [set() for _ in range(num_items)]
+    row_items: list[set[int]] = []
+    for row, (context, group) in enumerate(rows):
+        items = {requests[r][0] for cont in group for r in answers[(tuple(context), tuple(cont))]}
+        row_items.append(items)
+        for i in items:
+            waiting[i].add(row)
+    row_ll: list[list[float] | None] = [None] * len(rows)
+    for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
+        logps = shared_context_logprobs(model, [rows[r][0] for r in batch], [rows[r][1] for r in batch],
+                                        tokenizer.pad_token_id, device, mask_kind)
+        finished = 0
+        for row, lps in zip(batch, logps):
+            row_ll[row] = [lp.double().sum().item() for lp in lps]
+            for i in row_items[row]:
+                waiting[i].discard(row)
+                finished += not waiting[i]
+        if finished:
+            progress(finished)
+    merged = shard.merge(row_ll)
+    pair_ll = {(tuple(context), tuple(cont)): ll
+               for (context, group), lls in zip(rows, merged) for cont, ll in zip(group, lls)}
+    return [pair_ll[(tuple(context), tuple(cont))] for _, _, context, cont in requests]
+
+
 class MultipleChoice(Scorer):
     name: ClassVar[str] = "multiple_choice"
     output_type: ClassVar[str] = "multiple_choice"
@@ -93,12 +189,16 @@ class MultipleChoice(Scorer):
             problems.append("has duplicate choices (their scores tie; the first one always wins)")
         return problems
 
+    def __init__(self, shared_context: bool = True) -> None:
+        # False: one request per (item, choice), the reference the shared-context path is tested against
+        self.shared_context = shared_context
+
     def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
               max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
               progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
               budget: Budget = UNBOUNDED) -> list[Row]:
         max_len = budget.window(model)
-        requests: list[tuple[int, int, list[int], list[int]]] = []
+        requests: list[Request] = []
         for i, item in enumerate(items):
             for j, choice in enumerate(item.choices):
                 context, cont = encode_request(tokenizer, item.prompt,
@@ -107,28 +207,22 @@ class MultipleChoice(Scorer):
                     raise ValueError(f"item {item.id!r} choice {j}: {len(cont)} tokens, need 1 to {max_len - 1}")
                 # Too long: the context keeps its end (lm-eval truncates from the left as well).
                 requests.append((i, j, context[-(max_len - len(cont)):], cont))
-        order = sorted(range(len(requests)), key=lambda r: (len(requests[r][2]) + len(requests[r][3]), r))
-        request_ll: list[float | None] = [None] * len(requests)
-        remaining = [len(item.choices) for item in items]
+        mask_kind = packed_mask_kind(model) if self.shared_context else None
         was_training = model.training
         model.eval()
         try:
-            lengths = [len(context) + len(cont) for _, _, context, cont in requests]
-            for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
-                logps = continuation_logprobs(model, [requests[r][2] for r in batch],
-                                              [requests[r][3] for r in batch], tokenizer.pad_token_id, device)
-                finished = 0
-                for r, lp in zip(batch, logps):
-                    request_ll[r] = lp.double().sum().item()
-                    remaining[requests[r][0]] -= 1
-                    finished += remaining[requests[r][0]] == 0
-                if finished:
-                    progress(finished)
+            if mask_kind is None:
+                request_ll = per_request_loglikelihoods(model, tokenizer, requests, len(items), device, batch_size,
+                                                        should_stop, progress, shard, budget)
+            else:
+                request_ll = shared_context_loglikelihoods(model, tokenizer, requests, len(items), device,
+                                                           batch_size, should_stop, progress, shard, budget,
+                                                           max_len, mask_kind)
         finally:
             model.train(was_training)
         lls: list[list[float]] = [[math.nan] * len(item.choices) for item in items]
         num_tokens: list[list[int]] = [[0] * len(item.choices) for item in items]
-        for (i, j, _, cont), ll in zip(requests, shard.merge(request_ll)):
+        for (i, j, _, cont), ll in zip(requests, request_ll):
             lls[i][j] = ll
             num_tokens[i][j] = len(cont)
         rows = []
