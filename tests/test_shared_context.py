@@ -208,10 +208,16 @@ def test_lora_and_memory_hooks_keep_positions_apart(tok: Any, items: list[EvalIt
         for mem in memories.values():
             for v in mem.values:
                 v.normal_(0.0, 1.0)  # values start at zero: give the memory something to add
-    assert ev.packed_mask_kind(model) is None  # hooks that have not said what they do: one request at a time
-    # what smf would declare for its token query (training/methods is outside this change; see the report)
-    model.mixes_positions = False
-    model.model.layers[1].mlp.mixes_positions = False
+    # smf declares its hooks per position for the token query (training/methods/smf.py)...
+    assert model.mixes_positions is False and model.model.layers[1].mlp.mixes_positions is False
+    assert ev.packed_mask_kind(model) == "bool"
+    # ...and a hook that has not said what it does means one request at a time
+    model.model.layers[0].register_forward_hook(lambda module, args, output: None)
+    assert ev.packed_mask_kind(model) is None
+    del model.model.layers[0]._forward_hooks[next(iter(model.model.layers[0]._forward_hooks))]
+    prefix = sharp_llama(len(tok), seed=1)
+    attach_memories(prefix, MemoryOptions(layers=[1], num_keys=8, key_dim=8, top_k=4, query="prefix_mean"), 1, 0, "smf")
+    assert ev.packed_mask_kind(prefix) is None  # the prefix mean mixes positions
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     assert ev.packed_mask_kind(model) == "bool"
     old = MultipleChoice(shared_context=False).score(model, tok, items, CPU, batch_size=5, max_new_tokens=0)

@@ -227,6 +227,9 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 def _attach_hook(mlp: nn.Module, memory: ProductKeyMemory) -> None:
     mlp.add_module(MEMORY_ATTR, memory)
+    # a token's lookup reads its own hidden state, unless the query is the prefix mean: shared-context
+    # scoring (eval_and_metrics/evaluate.py packed_mask_kind) may pack rows only in the first case
+    mlp.mixes_positions = memory.query_input == "prefix_mean"
 
     def add_memory(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return output + module.memory(args[0])
@@ -290,6 +293,7 @@ def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -
             mem.past_len = past
 
     model.register_forward_pre_hook(grab, with_kwargs=True)
+    model.mixes_positions = False  # it only hands the memories the mask; packed_mask_kind may pack
 
 
 def value_group(params: list[nn.Parameter], opts: MemoryOptions, default_lr: float) -> dict[str, Any]:

@@ -237,6 +237,8 @@ class ContradictionAwareSparseMemory(Method):
         # The route must be known before the first memory reads it: the router layer is at most that one.
         self.router_layer = min(self.cfg.router_layer, min(self.memories))
         decoder_layers(model)[self.router_layer].register_forward_pre_hook(self._route_hook, with_kwargs=True)
+        # the router pools over the whole row: a packed row would let one choice steer another's route
+        decoder_layers(model)[self.router_layer].mixes_positions = True
         return model
 
     def _route_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
