@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from artifacts.atomic import TMP_PREFIX, StrPath, UnsafePathError, atomic_write_json, inside, sha256_file
+from artifacts.atomic import (TMP_PREFIX, StrPath, UnreadableFileError, UnsafePathError, atomic_write_json, inside,
+                              read_regular_text, sha256_file)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -67,9 +68,9 @@ def write_manifest(directory: StrPath, fields: dict[str, Any]) -> dict[str, Any]
 
 def read_manifest(directory: StrPath) -> dict[str, Any] | None:
     """The parsed manifest, or None when it is absent, unreadable or not a JSON object."""
-    try:
-        obj = json.loads((Path(directory) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # never blocks on a FIFO, never follows a link planted as the manifest, bounded
+        obj = json.loads(read_regular_text(Path(directory) / MANIFEST_NAME, follow_symlinks=False))
+    except (OSError, ValueError):  # UnreadableFileError and JSON errors are ValueErrors
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -88,12 +89,12 @@ def verify_manifest(directory: StrPath) -> tuple[bool, str]:
     directory = Path(directory)
     try:
         path = inside(directory, MANIFEST_NAME)
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path, follow_symlinks=False)
     except UnsafePathError as exc:
         return False, f"unsafe path: {exc}"
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False, f"missing {MANIFEST_NAME}"
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnreadableFileError) as exc:
         return False, f"unreadable {MANIFEST_NAME}: {exc}"
     try:
         manifest = json.loads(text)
