@@ -46,8 +46,9 @@ def _list_files(directory: Path) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(directory: StrPath, fields: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every file under ``directory``, merge ``fields``, write manifest.json last; return it."""
+def write_manifest(directory: StrPath, fields: dict[str, Any], written_at: str | None = None) -> dict[str, Any]:
+    """Checksum every file under ``directory``, merge ``fields``, write manifest.json last; return it.
+    ``written_at`` defaults to now; a writer whose output must be byte-identical on a rerun passes its own."""
     directory = Path(directory)
     clash = _RESERVED & fields.keys()
     if clash:
@@ -59,7 +60,7 @@ def write_manifest(directory: StrPath, fields: dict[str, Any]) -> dict[str, Any]
     manifest = {
         **fields,
         "schema_version": SCHEMA_VERSION,
-        "written_at": utc_now_iso(),
+        "written_at": written_at or utc_now_iso(),
         "files": files,
     }
     atomic_write_json(directory / MANIFEST_NAME, manifest)
