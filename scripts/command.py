@@ -21,7 +21,8 @@ instead of printing its own errors.
 | --- | --- |
 | BadInput (and argparse errors through Parser), ConfigError, DataError | 2 |
 | LockHeldError | 3 |
-| UnsafeStateError, UnsafePathError (a pickle, a symbolic link, an unreadable state file) | 65 |
+| UnsafeStateError, UnsafePathError, UnreadableFileError (a pickle, a symbolic link, a run's file that is not
+  what main.py writes: not JSON, a FIFO, over its size bound) | 65 |
 | StorageError, an OSError whose errno says the storage refused a write, a write the file system refused | 74 |
 | a stop signal (SIGTERM, SIGUSR1/2, the first Ctrl-C): StopRequested | 75 |
 | a second Ctrl-C: KeyboardInterrupt | 130 |
@@ -213,7 +214,7 @@ def _bug(name: str, exc: BaseException) -> int:
 
 def exit_code(name: str, exc: BaseException, flag: StopFlag | None = None) -> int:
     """Print the one-line message(s) for `exc` and return its exit code."""
-    from artifacts import LockHeldError, StorageError, UnsafePathError, UnsafeStateError
+    from artifacts import LockHeldError, StorageError, UnreadableFileError, UnsafePathError, UnsafeStateError
     from data.errors import DataError
 
     if isinstance(exc, StopRequested):
@@ -229,6 +230,10 @@ def exit_code(name: str, exc: BaseException, flag: StopFlag | None = None) -> in
         return EXIT_LOCKED
     if isinstance(exc, (UnsafeStateError, UnsafePathError)):
         _say(str(exc))
+        return EXIT_UNTRUSTED
+    if isinstance(exc, UnreadableFileError):  # a run's file that is not what main.py writes there
+        _say(f"{exc}; main.py did not write it so (a damaged or altered run directory), so nothing is read from "
+             f"it (exit {EXIT_UNTRUSTED})")
         return EXIT_UNTRUSTED
     if isinstance(exc, StorageError) or (isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS):
         where = getattr(exc, "filename", None) or getattr(exc, "path", "?")
