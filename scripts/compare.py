@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/compare.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO))
 
-from scripts.command import BadInput, Parser, command, prepare, uninterruptible  # noqa: E402
+from scripts.command import BadInput, Parser, prepare, uninterruptible  # noqa: E402
+from scripts.command import command as under_contract  # noqa: E402  (compare has its own command())
 
 if __name__ == "__main__":
     prepare()  # quiet libraries, stop flag: before the imports below
@@ -106,7 +108,8 @@ def variant_root(run_root: Path, label: str, sets: list[str]) -> Path:
 
 
 def run_dirs(run_root: Path, method: str, seed: int) -> list[Path]:
-    return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if (d / "results.json").exists())
+    # lexists: a results.json that is a FIFO or a link loop is a finished run whose file is bad (read, refused)
+    return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if os.path.lexists(d / "results.json"))
 
 
 def command(mode: str, method: str, seed: int, run_root: Path, sets: list[str], config: str | None,
@@ -267,7 +270,7 @@ def run_child(cmd: list[str]) -> int:
         raise
 
 
-@command("compare")
+@under_contract("compare")
 def main(argv: list[str]) -> int:
     ap = Parser(prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="synthetic", choices=["synthetic", "real"])
@@ -311,12 +314,13 @@ def main(argv: list[str]) -> int:
     found = 0
     table: dict[str, Any] = {"mode": args.mode, "stream": args.stream, "seeds": seeds, "sets": args.set,
                              "commands": commands, "timings_s": timings, "methods": {}}
+    unmatched = []
     for label, method, sets in variants:
         rows = {}
         for seed in seeds:
             dirs = run_dirs(variant_root(run_root, label, sets), method, seed)
             if len(dirs) != 1:
-                print(f"{label} seed {seed}: expected one finished run, found {len(dirs)}", file=sys.stderr)
+                unmatched.append(f"{label} seed {seed} ({len(dirs)} found)")
                 continue
             rows[seed] = read_row(dirs[0])
             found += 1
@@ -326,8 +330,11 @@ def main(argv: list[str]) -> int:
                                                  for k, _ in columns}}
 
     if not found:
-        raise BadInput(f"no finished run under {run_root} for any of the methods and seeds asked for; nothing "
-                       "to tabulate")
+        raise BadInput(f"no finished run under {run_root} for any of the methods and seeds asked for "
+                       f"({', '.join(unmatched)}); nothing to tabulate")
+    if unmatched:  # one line, not one per cell: the table is still written, with these cells empty
+        print(f"warning: expected one finished run each, left out of the table: {', '.join(unmatched)}",
+              file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")

@@ -589,9 +589,10 @@ def export_run(run_dir: Path, period: str | None, out: Path, merge: bool = False
         with uninterruptible():  # a stop now takes effect after the rename: the export is then complete
             commit_dir(tmp, out)
     except Exception as exc:
+        # asked before the staging goes: removing it frees the space whose lack made the write fail
+        refused = None if isinstance(exc, (BadInput, StorageError)) else storage_refused(exc, tmp.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
-        refused = None if isinstance(exc, (BadInput, StorageError)) else storage_refused(exc, tmp.parent)
         if refused is not None:  # the library wrote through its own error type (safetensors, torch's zip)
             raise StorageError(refused, out) from exc
         raise

@@ -150,8 +150,9 @@ def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device:
         with uninterruptible():  # a stop meanwhile takes effect before the next period
             commit_dir(tmp, final)
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # asked before the staging goes: removing it frees the space whose lack made the write fail
         refused = None if isinstance(exc, (BadInput, StorageError)) else storage_refused(exc, tmp.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
         if refused is not None:
             raise StorageError(refused, final) from exc
         raise

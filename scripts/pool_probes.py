@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (isinstance(results, dict) and isinstance(results.get("metrics"), dict) and "method" in results):
         raise UnreadableFileError(f"{run_dir / 'results.json'}: not a results object (method, metrics)")
     config: Any = {}
-    if (run_dir / "config.yaml").exists():
+    if os.path.lexists(run_dir / "config.yaml"):  # a link loop or a FIFO is read, and refused
         try:
             config = yaml.safe_load(read_regular_text(run_dir / "config.yaml"))
         except yaml.YAMLError:
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    missing = [str(d) for d in args.run_dirs if not (d / "results.json").exists()]
+    missing = [str(d) for d in args.run_dirs if not os.path.lexists(d / "results.json")]  # a bad one is read, refused
     if missing:
         raise BadInput(f"run_dirs: no results.json in {', '.join(missing)} (a finished main.py run directory)")
     text = table(args.run_dirs)
