@@ -6,17 +6,16 @@ unwritable, 75 stopped by a signal (run the same command again to resume), 130 a
 Ctrl-C; anything else is a bug.
 """
 
-import signal
 import sys
 
 # A quiet console (OMP_WAIT_POLICY=PASSIVE before torch loads; bitsandbytes' kernels warning, the hub's
 # progress bars, transformers/peft deprecations): scripts/command.py quiet_libraries, shared by every entry
 # point. It must run before torch and transformers are imported. Tests keep the noise visible.
-from scripts.command import exit_quietly, quiet_libraries  # noqa: E402  (light: no torch)
+from scripts.command import exit_quietly, quiet_libraries, use_command_notice  # noqa: E402  (light: no torch)
 
 quiet_libraries()
 
-from training.signals import EXIT_RESUME, STOP_SIGNALS, StopFlag, StopRequested  # noqa: E402
+from training.signals import EXIT_RESUME, StopFlag, StopRequested  # noqa: E402
 
 # Before the heavy imports: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy
 # node) must end the process cleanly (exit 75, no traceback), not kill it with a default handler.
@@ -32,14 +31,16 @@ if __name__ == "__main__":
     if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
         import importlib
 
+        use_command_notice()  # a job's first Ctrl-C does not "save a step checkpoint"
+        # Importing torch takes seconds; a stop meanwhile only sets the flag and ends the job right after the
+        # import (nothing written): raised inside torch's import, it can abort the interpreter (SIGABRT, seen).
         try:
-            with STOP.immediately():  # importing torch takes seconds; a stop meanwhile writes nothing
-                job = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
-        except StopRequested as exc:
-            print(f"stopped: {STOP.signal_name or exc}; nothing was written (exit {EXIT_RESUME})", file=sys.stderr)
-            sys.exit(EXIT_RESUME)
+            job = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
         except KeyboardInterrupt:
-            sys.exit(130)
+            exit_quietly(130)
+        if STOP:
+            print(f"stopped: {STOP.signal_name}; nothing was written (exit {EXIT_RESUME})", file=sys.stderr)
+            exit_quietly(EXIT_RESUME)  # a second Ctrl-C now must not turn 75 into a kill by SIGINT
         exit_quietly(job.main(sys.argv[2:]))  # the job's main reuses STOP (scripts/command.py)
     try:
         with STOP.immediately():
@@ -47,9 +48,9 @@ if __name__ == "__main__":
     except StopRequested as exc:
         print(f"stopped: {exc}; nothing was written, run the same command again (exit {EXIT_RESUME})",
               file=sys.stderr)
-        sys.exit(EXIT_RESUME)
+        exit_quietly(EXIT_RESUME)
     except KeyboardInterrupt:
-        sys.exit(130)
+        exit_quietly(130)
     try:
         code = main(stop=STOP)
     except KeyboardInterrupt:  # a second Ctrl-C in the instant after main's own handling ended
@@ -57,7 +58,5 @@ if __name__ == "__main__":
     # Interpreter teardown (seconds with torch loaded) puts the default handler back wherever a Python
     # handler was installed, and a stop signal then kills a process whose work is done (-15, -2). It
     # leaves SIG_IGN alone, and unlike a blocked mask (per thread: torch's threads would still take the
-    # signal) ignoring holds for the whole process.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    sys.exit(code)
+    # signal) ignoring holds for the whole process: exit_quietly ignores them, then exits.
+    exit_quietly(code)

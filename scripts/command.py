@@ -36,8 +36,10 @@ then takes effect at the next `check_stop()`. A stop after the command's work is
 exit status is the command's own.
 
 This module imports nothing heavy (no torch): a script calls `prepare()` before its own imports, so a stop
-during the seconds of importing torch already ends in 75, and the library noise main.py silences stays
-silent. Layer: scripts/ (jobs); training/ never imports it.
+during the seconds of importing torch ends in 75 right after the imports (the flag is only set meanwhile: a
+StopRequested raised inside torch's own import can abort the interpreter with SIGABRT, seen in the signal
+test; a command therefore imports its heavy libraries at module level, before its body runs), and the library
+noise main.py silences stays silent. Layer: scripts/ (jobs); training/ never imports it.
 """
 
 from __future__ import annotations
@@ -101,6 +103,18 @@ def quiet_libraries() -> None:
                             category=UserWarning)
 
 
+# StopFlag's first-Ctrl-C notice speaks of saving a step checkpoint, which is training's; a command says this
+_NOTICE = b"\nstopping; press Ctrl-C again to abort\n"
+
+
+def use_command_notice() -> bytes:
+    """Make the first Ctrl-C's notice the command's own; returns the one it replaces (to put back)."""
+    import training.signals as signals
+
+    previous, signals._FIRST_CTRL_C = signals._FIRST_CTRL_C, _NOTICE
+    return previous
+
+
 def installed_flag() -> StopFlag | None:
     """The StopFlag whose handler is installed for SIGTERM now (main.py's, or prepare()'s), if any."""
     handler = signal.getsignal(signal.SIGTERM)
@@ -112,6 +126,7 @@ def prepare() -> StopFlag:
     """Call first thing in a script's `__main__` path, before importing torch: quiet the libraries and
     install the stop flag, so that a stop while the imports run is already a clean exit 75."""
     quiet_libraries()
+    use_command_notice()
     return installed_flag() or StopFlag().install()
 
 
@@ -255,23 +270,26 @@ def run(name: str, body: Callable[[list[str]], int], argv: Sequence[str] | None 
     if flag is None:
         flag = StopFlag().install()
     _ACTIVE.append(flag)
+    notice = use_command_notice()
     done: list[int] = []
     try:
         with flag.immediately():
             code = body(argv)
             done.append(0 if code is None else int(code))
         return done[0]
-    except StopRequested as exc:
-        if done:  # the work was finished when the stop came: it counts
-            return done[0]
-        return exit_code(name, exc, flag)
     except SystemExit as exc:  # --help, or a body that exits itself
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_BAD_INPUT)
     except BaseException as exc:  # noqa: BLE001: every failure ends in its line and code, a bug included
-        if isinstance(exc, KeyboardInterrupt) and done:
-            return done[0]
-        return exit_code(name, exc, flag)
+        if done and isinstance(exc, (StopRequested, KeyboardInterrupt)):
+            return done[0]  # the work was finished when the stop came: it counts
+        try:
+            return exit_code(name, exc, flag)
+        except KeyboardInterrupt:  # a second Ctrl-C while the first stop's line is printed
+            return EXIT_ABORTED
     finally:
+        import training.signals as signals
+
+        signals._FIRST_CTRL_C = notice
         _ACTIVE.pop()
         if owned:
             flag.uninstall()

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/compare.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO))
 
-from scripts.command import BadInput, Parser, prepare, uninterruptible  # noqa: E402
+from scripts.command import BadInput, Parser, exit_quietly, prepare, uninterruptible  # noqa: E402
 from scripts.command import command as under_contract  # noqa: E402  (compare has its own command())
 
 if __name__ == "__main__":
@@ -361,4 +361,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

@@ -62,12 +62,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/export.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.command import BadInput, Parser, command, prepare, storage_refused, uninterruptible  # noqa: E402
+from scripts.command import (BadInput, Parser, command, exit_quietly, prepare, storage_refused,  # noqa: E402
+                             uninterruptible)
 
 if __name__ == "__main__":
     prepare()  # quiet libraries, stop flag: before torch is imported
 
 import torch  # noqa: E402
+import transformers  # noqa: E402, F401  (imported here, before the command runs: a stop raised inside a
+import peft  # noqa: E402, F401           library's import can abort the interpreter; see scripts/command.py)
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -668,4 +671,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

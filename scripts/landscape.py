@@ -52,8 +52,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/landscape.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.command import (BadInput, Parser, check_stop, command, prepare, storage_refused,  # noqa: E402
-                             uninterruptible)
+from scripts.command import (BadInput, Parser, check_stop, command, exit_quietly, prepare,  # noqa: E402
+                             storage_refused, uninterruptible)
 
 if __name__ == "__main__":
     prepare()  # quiet libraries, stop flag: before torch is imported
@@ -622,4 +622,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

@@ -49,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/launch.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.command import BadInput, Parser, command, prepare  # noqa: E402
+from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # noqa: E402
 
 if __name__ == "__main__":
     prepare()  # quiet libraries, stop flag: before the imports below
@@ -441,4 +441,4 @@ if __name__ == "__main__":
     # in the job through PYTHONPATH) rather than to a __main__ that only exists in this process.
     from scripts.launch import main as _main
 
-    sys.exit(_main())
+    exit_quietly(_main())  # a stop signal during teardown must not kill a finished process

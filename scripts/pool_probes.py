@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/pool_probes.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.command import BadInput, Parser, command, prepare  # noqa: E402
+from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # noqa: E402
 
 if __name__ == "__main__":
     prepare()
@@ -139,4 +139,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process
