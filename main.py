@@ -8,18 +8,18 @@ Ctrl-C; anything else is a bug.
 
 import sys
 
+from training.signals import EXIT_RESUME, StopFlag, StopRequested
+
+# First thing: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy node) must end the
+# process cleanly (exit 75, no traceback), not kill it with a default handler.
+STOP = StopFlag().install()
+
 # A quiet console (OMP_WAIT_POLICY=PASSIVE before torch loads; bitsandbytes' kernels warning, the hub's
 # progress bars, transformers/peft deprecations): scripts/command.py quiet_libraries, shared by every entry
 # point. It must run before torch and transformers are imported. Tests keep the noise visible.
 from scripts.command import exit_quietly, quiet_libraries, use_command_notice  # noqa: E402  (light: no torch)
 
 quiet_libraries()
-
-from training.signals import EXIT_RESUME, StopFlag, StopRequested  # noqa: E402
-
-# Before the heavy imports: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy
-# node) must end the process cleanly (exit 75, no traceback), not kill it with a default handler.
-STOP = StopFlag().install()
 
 # Jobs over run directories; they sit above the training loop, so main.py (not training/) dispatches them.
 # Each module's main(argv) follows scripts/command.py's contract (exit codes, stops, one line per problem).
@@ -37,6 +37,7 @@ if __name__ == "__main__":
         try:
             job = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
         except KeyboardInterrupt:
+            print("\naborted by a second Ctrl-C; nothing was written (exit 130)", file=sys.stderr)
             exit_quietly(130)
         if STOP:
             print(f"stopped: {STOP.signal_name}; nothing was written (exit {EXIT_RESUME})", file=sys.stderr)
