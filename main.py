@@ -6,55 +6,52 @@ unwritable, 75 stopped by a signal (run the same command again to resume), 130 a
 Ctrl-C; anything else is a bug.
 """
 
-import logging
-import os
-import signal
 import sys
-import warnings
 
-# OpenMP threads that spin while waiting make torch 5-10x slower whenever anything else shares the
-# cores (measured in docs/benchmarks.md); passive waiting costs almost nothing on an idle machine.
-# It must be set before torch loads its OpenMP runtime; a value the user exported wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from training.signals import EXIT_RESUME, StopFlag, StopRequested
 
-# A quiet console: the progress bars, the committed periods and the table. peft imports bitsandbytes
-# whenever it is installed, and on a CPU without its optional kernels package bitsandbytes logs a
-# warning on import although nothing asked for 4-bit; transformers warns about its own deprecations
-# from inside its code. Neither is actionable for a user of this CLI. Tests keep them visible.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-# transformers' "Loading weights" / "Writing model shards" bars and datasets' per-file bars: the run's own
-# bars (training, evaluation) carry the ETA that matters. A value the user exported wins.
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|accelerate)(\.|$)")
-# peft warns whenever an adapter sits on a tied embedding (the synthetic preset adapts embed_tokens) that
-# merging may be complicated: our export merges such adapters itself, untying the head (docs/export.md).
-warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True. and a tied layer is part of the adapter",
-                        category=UserWarning)
-
-from training.signals import EXIT_RESUME, STOP_SIGNALS, StopFlag, StopRequested  # noqa: E402
-
-# Before the heavy imports: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy
-# node) must end the process cleanly (exit 75, no traceback), not kill it with a default handler.
+# First thing: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy node) must end the
+# process cleanly (exit 75, no traceback), not kill it with a default handler.
 STOP = StopFlag().install()
 
-# Jobs that read finished runs; they sit above the training loop, so main.py (not training/) dispatches them.
-SUBCOMMANDS = {"status": "scripts.status", "export": "scripts.export"}
+# A quiet console (OMP_WAIT_POLICY=PASSIVE before torch loads; bitsandbytes' kernels warning, the hub's
+# progress bars, transformers/peft deprecations): scripts/command.py quiet_libraries, shared by every entry
+# point. It must run before torch and transformers are imported. Tests keep the noise visible.
+from scripts.command import exit_quietly, quiet_libraries, use_command_notice  # noqa: E402  (light: no torch)
+
+quiet_libraries()
+
+# Jobs over run directories; they sit above the training loop, so main.py (not training/) dispatches them.
+# Each module's main(argv) follows scripts/command.py's contract (exit codes, stops, one line per problem).
+SUBCOMMANDS = {"status": "scripts.status", "export": "scripts.export", "compare": "scripts.compare",
+               "pool_probes": "scripts.pool_probes", "launch": "scripts.launch", "landscape": "scripts.landscape",
+               "lm_eval": "scripts.lm_eval_job"}
 
 if __name__ == "__main__":
     if sys.argv[1:2] and sys.argv[1] in SUBCOMMANDS:
         import importlib
 
-        sys.exit(importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:]))
+        use_command_notice()  # a job's first Ctrl-C does not "save a step checkpoint"
+        # Importing torch takes seconds; a stop meanwhile only sets the flag and ends the job right after the
+        # import (nothing written): raised inside torch's import, it can abort the interpreter (SIGABRT, seen).
+        try:
+            job = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
+        except KeyboardInterrupt:
+            print("\naborted by a second Ctrl-C; nothing was written (exit 130)", file=sys.stderr)
+            exit_quietly(130)
+        if STOP:
+            print(f"stopped: {STOP.signal_name}; nothing was written (exit {EXIT_RESUME})", file=sys.stderr)
+            exit_quietly(EXIT_RESUME)  # a second Ctrl-C now must not turn 75 into a kill by SIGINT
+        exit_quietly(job.main(sys.argv[2:]))  # the job's main reuses STOP (scripts/command.py)
     try:
         with STOP.immediately():
             from training.cli import main
     except StopRequested as exc:
         print(f"stopped: {exc}; nothing was written, run the same command again (exit {EXIT_RESUME})",
               file=sys.stderr)
-        sys.exit(EXIT_RESUME)
+        exit_quietly(EXIT_RESUME)
     except KeyboardInterrupt:
-        sys.exit(130)
+        exit_quietly(130)
     try:
         code = main(stop=STOP)
     except KeyboardInterrupt:  # a second Ctrl-C in the instant after main's own handling ended
@@ -62,7 +59,5 @@ if __name__ == "__main__":
     # Interpreter teardown (seconds with torch loaded) puts the default handler back wherever a Python
     # handler was installed, and a stop signal then kills a process whose work is done (-15, -2). It
     # leaves SIG_IGN alone, and unlike a blocked mask (per thread: torch's threads would still take the
-    # signal) ignoring holds for the whole process.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    sys.exit(code)
+    # signal) ignoring holds for the whole process: exit_quietly ignores them, then exits.
+    exit_quietly(code)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,59 @@ def inside(directory: StrPath, rel: str) -> Path:
         if path.is_symlink():
             raise UnsafePathError(f"{path} is a symbolic link; refusing to follow it out of {directory}")
     return path
+
+
+class UnreadableFileError(ValueError):
+    """A file of a run directory that cannot be read as the small regular file it should be: a FIFO (a read
+    would block forever), a device, a directory, a symbolic link where none is followed, over the size
+    bound, or an I/O error. The message is one line naming the path."""
+
+
+# The largest JSON/YAML file of a run directory read whole (results.json, config.yaml, a manifest): a bound,
+# so a planted multi-GB file costs an error line, not all of memory.
+MAX_SMALL_FILE_BYTES = 256 << 20
+
+
+def read_regular_bytes(path: StrPath, max_bytes: int = MAX_SMALL_FILE_BYTES, follow_symlinks: bool = True) -> bytes:
+    """The bytes of a regular file, bounded, never blocking: FileNotFoundError when absent, else
+    UnreadableFileError for anything that is not a regular file of at most `max_bytes` (or cannot be read)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)  # O_NONBLOCK: opening a FIFO must not wait for a writer
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        why = "a symbolic link, not followed" if exc.errno == errno.ELOOP and not follow_symlinks else exc.strerror
+        raise UnreadableFileError(f"{path}: cannot read ({why})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                    else "a device or socket")
+            raise UnreadableFileError(f"{path}: is {kind}, not a regular file")
+        if info.st_size > max_bytes:
+            raise UnreadableFileError(f"{path}: {info.st_size} bytes, over the {max_bytes} bytes this file may have")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while chunk := os.read(fd, _CHUNK_BYTES):
+            total += len(chunk)
+            if total > max_bytes:  # grew while being read
+                raise UnreadableFileError(f"{path}: over the {max_bytes} bytes this file may have")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise UnreadableFileError(f"{path}: cannot read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def read_regular_text(path: StrPath, max_bytes: int = MAX_SMALL_FILE_BYTES, follow_symlinks: bool = True) -> str:
+    """read_regular_bytes decoded as UTF-8; UnreadableFileError (one line, with the byte offset) otherwise."""
+    raw = read_regular_bytes(path, max_bytes, follow_symlinks)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def read_text_inside(directory: StrPath, rel: str, encoding: str = "utf-8") -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from artifacts.atomic import StrPath, UnsafePathError, storage_guard
+from artifacts.atomic import StrPath, UnsafePathError, read_regular_bytes, storage_guard
 from artifacts.manifest import utc_now_iso
 
 LOCK_NAME = ".lock"
@@ -63,16 +63,17 @@ def _parse_holder(raw: bytes) -> dict[str, Any] | None:
 
 def read_holder(run_dir: StrPath) -> dict[str, Any] | None:
     """The holder info last written to the lock file (it may describe a dead process), or None."""
-    try:
-        return _parse_holder((Path(run_dir) / LOCK_NAME).read_bytes())
-    except OSError:
+    try:  # a lock file planted as a FIFO, a link or a huge file is no holder (and must not block a reader)
+        return _parse_holder(read_regular_bytes(Path(run_dir) / LOCK_NAME, 1 << 20, follow_symlinks=False))
+    except (OSError, ValueError):
         return None
 
 
 def live_holder(run_dir: StrPath) -> dict[str, Any] | None:
     """Holder info if a live process holds the lock now, else None. Never creates the lock file."""
     try:
-        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: opening a FIFO planted as the lock file must not wait for a writer
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:

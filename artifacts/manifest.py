@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from artifacts.atomic import TMP_PREFIX, StrPath, UnsafePathError, atomic_write_json, inside, sha256_file
+from artifacts.atomic import (TMP_PREFIX, StrPath, UnreadableFileError, UnsafePathError, atomic_write_json, inside,
+                              read_regular_text, sha256_file)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -45,8 +46,9 @@ def _list_files(directory: Path) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(directory: StrPath, fields: dict[str, Any]) -> dict[str, Any]:
-    """Checksum every file under ``directory``, merge ``fields``, write manifest.json last; return it."""
+def write_manifest(directory: StrPath, fields: dict[str, Any], written_at: str | None = None) -> dict[str, Any]:
+    """Checksum every file under ``directory``, merge ``fields``, write manifest.json last; return it.
+    ``written_at`` defaults to now; a writer whose output must be byte-identical on a rerun passes its own."""
     directory = Path(directory)
     clash = _RESERVED & fields.keys()
     if clash:
@@ -58,7 +60,7 @@ def write_manifest(directory: StrPath, fields: dict[str, Any]) -> dict[str, Any]
     manifest = {
         **fields,
         "schema_version": SCHEMA_VERSION,
-        "written_at": utc_now_iso(),
+        "written_at": written_at or utc_now_iso(),
         "files": files,
     }
     atomic_write_json(directory / MANIFEST_NAME, manifest)
@@ -67,9 +69,9 @@ def write_manifest(directory: StrPath, fields: dict[str, Any]) -> dict[str, Any]
 
 def read_manifest(directory: StrPath) -> dict[str, Any] | None:
     """The parsed manifest, or None when it is absent, unreadable or not a JSON object."""
-    try:
-        obj = json.loads((Path(directory) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # never blocks on a FIFO, never follows a link planted as the manifest, bounded
+        obj = json.loads(read_regular_text(Path(directory) / MANIFEST_NAME, follow_symlinks=False))
+    except (OSError, ValueError):  # UnreadableFileError and JSON errors are ValueErrors
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -88,12 +90,12 @@ def verify_manifest(directory: StrPath) -> tuple[bool, str]:
     directory = Path(directory)
     try:
         path = inside(directory, MANIFEST_NAME)
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_text(path, follow_symlinks=False)
     except UnsafePathError as exc:
         return False, f"unsafe path: {exc}"
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False, f"missing {MANIFEST_NAME}"
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnreadableFileError) as exc:
         return False, f"unreadable {MANIFEST_NAME}: {exc}"
     try:
         manifest = json.loads(text)

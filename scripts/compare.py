@@ -21,19 +21,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import stats
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # `python scripts/compare.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO))
 
+from scripts.command import BadInput, Parser, exit_quietly, prepare, uninterruptible  # noqa: E402
+from scripts.command import command as under_contract  # noqa: E402  (compare has its own command())
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries, stop flag: before the imports below
+
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from artifacts import UnreadableFileError, read_regular_text  # noqa: E402
 from data.io import read_benchmark  # noqa: E402
 
 # (key in results.json metrics or a derived name, column title)
@@ -97,7 +108,8 @@ def variant_root(run_root: Path, label: str, sets: list[str]) -> Path:
 
 
 def run_dirs(run_root: Path, method: str, seed: int) -> list[Path]:
-    return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if (d / "results.json").exists())
+    # lexists: a results.json that is a FIFO or a link loop is a finished run whose file is bad (read, refused)
+    return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if os.path.lexists(d / "results.json"))
 
 
 def command(mode: str, method: str, seed: int, run_root: Path, sets: list[str], config: str | None,
@@ -138,16 +150,43 @@ def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | No
 
     def logprobs(k: int, name: str) -> dict[str, float]:
         path = run_dir / "periods" / f"{k}-{name}" / "eval" / "predictions.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {r["id"]: r["logprob"] for r in rows if r["id"] in ids}
+        try:
+            rows = [json.loads(line) for line in read_regular_text(path, 1 << 30).splitlines() if line.strip()]
+            found = {r["id"]: float(r["logprob"]) for r in rows if r["id"] in ids}
+        except FileNotFoundError:
+            raise UnreadableFileError(f"{path}: missing") from None
+        except (ValueError, TypeError, KeyError) as exc:  # UnreadableFileError is a ValueError
+            raise UnreadableFileError(f"{path}: not the predictions main.py writes "
+                                      f"({' '.join(str(exc).split())[:120]})") from None
+        if set(found) != ids:
+            raise UnreadableFileError(f"{path}: {len(ids - set(found))} of the run's probes have no prediction")
+        return found
 
     base, final = logprobs(0, "base"), logprobs(last, names[-1])
     return float(np.mean([final[i] - base[i] for i in ids]))
 
 
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """results.json as main.py writes it (an object with metrics and a non-empty list of periods), else
+    UnreadableFileError: one line, exit 65, nothing written."""
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(read_regular_text(path))
+    except UnreadableFileError:
+        raise
+    except ValueError as exc:
+        raise UnreadableFileError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
+    if not (isinstance(results, dict) and isinstance(results.get("metrics"), dict)
+            and isinstance(results.get("periods"), list) and results["periods"]):
+        raise UnreadableFileError(f"{path}: not a results object (metrics, periods) as main.py writes it")
+    return results
+
+
 def cost_of(results: dict[str, Any]) -> dict[str, Any]:
-    cost = results.get("cost") or {}
-    last = (results.get("method_extras") or {}).get(results["periods"][-1]) or {}
+    cost = results.get("cost") if isinstance(results.get("cost"), dict) else {}
+    extras = results.get("method_extras") if isinstance(results.get("method_extras"), dict) else {}
+    last = extras.get(str(results["periods"][-1])) or {}
+    last = last if isinstance(last, dict) else {}
     return {"cost.train_seconds": cost.get("train_seconds"),
             "cost.peak_memory_mib": cost["peak_memory_bytes"] / 2**20 if "peak_memory_bytes" in cost else None,
             "cost.checkpoint_kib": cost["checkpoint_bytes"] / 1024 if "checkpoint_bytes" in cost else None,
@@ -155,7 +194,7 @@ def cost_of(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def stream_row_of(run_dir: Path) -> dict[str, Any]:
-    results = json.loads((run_dir / "results.json").read_text())
+    results = read_results(run_dir)
     out = {key: _dotted(results["metrics"], key) for key, _ in STREAM_COLUMNS}
     out.update(cost_of(results))
     out["is_bound"] = bool(results.get("is_bound"))
@@ -164,13 +203,15 @@ def stream_row_of(run_dir: Path) -> dict[str, Any]:
 
 
 def row_of(run_dir: Path) -> dict[str, Any]:
-    results = json.loads((run_dir / "results.json").read_text())
+    results = read_results(run_dir)
     metrics = results["metrics"]
     out = {key: metrics.get(key) for key, _ in COLUMNS if key in metrics}
     out.update(cost_of(results))
     out["is_bound"] = bool(results.get("is_bound"))
     last = results["periods"][-1]
-    out["routing_accuracy"] = (results.get("method_extras", {}).get(last) or {}).get("routing_accuracy")
+    extras = results.get("method_extras") if isinstance(results.get("method_extras"), dict) else {}
+    out["routing_accuracy"] = (extras.get(last) or {}).get("routing_accuracy") \
+        if isinstance(extras.get(last), dict) else None
     out["formerly_true_dlogprob"] = formerly_true_dlogprob(run_dir, results)
     out["plasticity_storage"] = metrics.get("plasticity_storage")
     out["temporal_recall_storage"] = metrics.get("temporal_recall_storage")
@@ -178,8 +219,9 @@ def row_of(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def aggregate(values: list[float | None]) -> dict[str, Any]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+def aggregate(values: list[Any]) -> dict[str, Any]:
+    vals = [float(v) for v in values
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     if not vals:
         return {"n": 0, "mean": None, "std": None, "ci95": None}
     n = len(vals)
@@ -198,12 +240,43 @@ def fmt(agg: dict[str, Any], digits: int = 3) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: comma-separated integers, e.g. 0,1,2."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed")
+    return seeds
+
+
+def run_child(cmd: list[str]) -> int:
+    """One main.py run. A stop of this command is passed on to it (main.py then saves a step checkpoint and
+    exits 75) and waited for, so the table's run is resumable, not killed mid-step."""
+    if cmd[:2] == ["uv", "run"] and shutil.which("uv") is None:  # the recorded command stays the uv one
+        cmd = [sys.executable, *cmd[3:]]
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        return proc.wait()
+    except BaseException:
+        with uninterruptible():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=600)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        raise
+
+
+@under_contract("compare")
+def main(argv: list[str]) -> int:
+    ap = Parser(prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", default="synthetic", choices=["synthetic", "real"])
     ap.add_argument("--methods", default="full_ft,lora,smf,casm", help="comma-separated; name[a.b=v,...] adds "
                     "overrides for that entry only")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=[0, 1, 2], type=parse_seeds, help="comma-separated integers (default 0,1,2)")
     ap.add_argument("--stream", help="a task stream YAML passed to main.py (default: the temporal benchmark)")
     ap.add_argument("--run-root", required=True)
     ap.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
@@ -212,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run", action="store_true", help="only tabulate existing run directories")
     args = ap.parse_args(argv)
     variants = parse_variants(args.methods)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    if not variants or any(not method for _, method, _ in variants):
+        raise BadInput(f"--methods {args.methods!r}: give method names, e.g. lora,ewc or lora[train.lr=1e-3]")
+    seeds = args.seeds
     run_root = Path(args.run_root)
+    if args.no_run and not run_root.is_dir():
+        raise BadInput(f"--run-root {run_root} does not exist or is not a directory; --no-run only tabulates "
+                       "existing runs")
     columns = (STREAM_COLUMNS if args.stream else COLUMNS) + COST_COLUMNS
     read_row = stream_row_of if args.stream else row_of
     commands: list[str] = []
@@ -227,27 +305,36 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
             start = time.time()
-            proc = subprocess.run(cmd, cwd=REPO)
+            returncode = run_child(cmd)
             timings[f"{label}/s{seed}"] = round(time.time() - start, 1)
-            if proc.returncode != 0:
-                print(f"{label} seed {seed}: main.py exited {proc.returncode}", file=sys.stderr)
-                return proc.returncode
+            if returncode != 0:
+                print(f"error: {label} seed {seed}: main.py exited {returncode}", file=sys.stderr)
+                return returncode
 
+    found = 0
     table: dict[str, Any] = {"mode": args.mode, "stream": args.stream, "seeds": seeds, "sets": args.set,
                              "commands": commands, "timings_s": timings, "methods": {}}
+    unmatched = []
     for label, method, sets in variants:
         rows = {}
         for seed in seeds:
             dirs = run_dirs(variant_root(run_root, label, sets), method, seed)
             if len(dirs) != 1:
-                print(f"{label} seed {seed}: expected one finished run, found {len(dirs)}", file=sys.stderr)
+                unmatched.append(f"{label} seed {seed} ({len(dirs)} found)")
                 continue
             rows[seed] = read_row(dirs[0])
+            found += 1
         bound = any(r.get("is_bound") for r in rows.values())
         table["methods"][label] = {"per_seed": rows, "is_bound": bound,
                                    "aggregate": {k: aggregate([r.get(k) for r in rows.values()])
                                                  for k, _ in columns}}
 
+    if not found:
+        raise BadInput(f"no finished run under {run_root} for any of the methods and seeds asked for "
+                       f"({', '.join(unmatched)}); nothing to tabulate")
+    if unmatched:  # one line, not one per cell: the table is still written, with these cells empty
+        print(f"warning: expected one finished run each, left out of the table: {', '.join(unmatched)}",
+              file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
@@ -274,4 +361,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

@@ -35,15 +35,21 @@ killed export leaves no half-written directory under the name. Formats and examp
 The run may be temporal or a task stream: its periods are read back from data/ by
 training.workload.read_workload.
 
-Exit codes: 0 done; 2 bad input (not a run directory, unknown period, a period that is not committed or
-fails its checksums, --out not empty, --merge for memories, a model no format reproduces): one line on
-stderr, nothing written.
+Exit codes (scripts/command.py, docs/design.md): 0 done; 2 bad input (not a run directory, unknown period,
+a period that is not committed or fails its checksums, --out not empty, below a file or through a link
+loop, --merge for memories, a model no format reproduces); 65 a period whose state is not plain data (a
+planted pickle) or holds a symbolic link; 74 the storage under --out refused a write (full, read-only);
+75 stopped by SIGTERM/SIGUSR1/SIGUSR2 or a first Ctrl-C; 130 a second Ctrl-C. In every failure: one line on
+stderr, and nothing under --out (the staging directory is removed; one left by a SIGKILLed export is removed
+by the next export to the same --out). Two exports of one period are byte-identical.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -56,12 +62,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/export.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
+from scripts.command import (BadInput, Parser, command, exit_quietly, prepare, storage_refused,  # noqa: E402
+                             uninterruptible)
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries, stop flag: before torch is imported
+
 import torch  # noqa: E402
+import transformers  # noqa: E402, F401  (imported here, before the command runs: a stop raised inside a
+import peft  # noqa: E402, F401           library's import can abort the interpreter; see scripts/command.py)
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from artifacts import (atomic_write_json, atomic_write_text, commit_dir, read_manifest, staging_dir,  # noqa: E402
-                       verify_manifest, write_manifest)
+from artifacts import (TMP_PREFIX, StorageError, UnreadableFileError, UnsafePathError,  # noqa: E402
+                       UnsafeStateError, atomic_write_json, atomic_write_text, commit_dir, read_manifest,
+                       read_regular_text, staging_dir, verify_manifest, write_manifest)
 from data import DataError  # noqa: E402
 from training.config import ConfigError, RunConfig  # noqa: E402
 from training.workload import Workload, read_workload  # noqa: E402
@@ -75,7 +90,7 @@ EMBEDDED_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SYNTHETIC_BASE_ID = "synthetic"
 
 
-class ExportError(ValueError):
+class ExportError(BadInput):
     """Bad input: printed as one `error:` line, exit 2, nothing written."""
 
 
@@ -101,12 +116,12 @@ def read_run(run_dir: Path) -> tuple[RunConfig, Workload, dict[str, Any]]:
         raise ExportError(f"{run_dir} is not a run directory: main.py writes config.yaml and data/ into "
                           "every run directory (give runs/<run-id>, not the run root)")
     try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        tree = yaml.safe_load(read_regular_text(run_dir / "config.yaml"))
         if not isinstance(tree, dict):
             raise ConfigError([f"{run_dir / 'config.yaml'} is not a mapping of config sections"])
         cfg = load_run_config(run_dir)
         bench = read_workload(run_dir / "data")
-    except (ConfigError, DataError, yaml.YAMLError, OSError) as exc:
+    except (ConfigError, DataError, BadInput, UnreadableFileError, yaml.YAMLError, OSError) as exc:
         raise ExportError(f"{run_dir}: cannot read the run ({str(exc).splitlines()[0]})") from None
     return cfg, bench, tree
 
@@ -135,7 +150,7 @@ def resolve_periods(run_dir: Path, bench: Workload, spec: str | None) -> list[tu
         return [done[-1]]
     if spec in names:
         return [(names.index(spec), spec)]
-    if spec.isdigit() and int(spec) < len(names):
+    if spec.isascii() and spec.isdigit() and int(spec) < len(names):  # "²".isdigit() is True, int("²") fails
         return [(int(spec), names[int(spec)])]
     raise ExportError(f"--period {spec!r} is not a period of this run; valid: all, {', '.join(names)} "
                       f"(or an index 0..{len(names) - 1})")
@@ -157,6 +172,18 @@ def check_committed(run_dir: Path, bench: Workload, cfg: RunConfig, periods: lis
 
 
 def check_out(out: Path, run_dir: Path) -> None:
+    for parent in reversed([out, *out.parents]):  # a parent that is a file, or a link loop on the way
+        try:
+            os.stat(parent)
+        except FileNotFoundError:
+            break
+        except OSError as exc:
+            raise ExportError(f"--out {out}: {parent} cannot be used ({exc.strerror}); give a directory path "
+                              "below existing directories") from None
+        if parent != out and not parent.is_dir():
+            raise ExportError(f"--out {out}: {parent} is a file, not a directory; give a path below a directory")
+    if out.is_symlink() and not out.exists():
+        raise ExportError(f"--out {out} is a dangling symbolic link; give a new path")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty directory; give a new path")
     resolved, run = out.resolve(), run_dir.resolve()
@@ -341,6 +368,11 @@ def write_peft_adapter(model: nn.Module, tokenizer: Any, directory: Path, base: 
     # model); a consumer needs the id to fetch the base.
     for adapter_cfg in model.peft_config.values():
         adapter_cfg.base_model_name_or_path = base.id
+        # peft writes a set (target_modules, modules_to_save) as list(set): in hash order, which changes
+        # from process to process; sorted, two exports of one period are byte-identical.
+        for key, value in vars(adapter_cfg).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(adapter_cfg, key, sorted(value))
     # False, not peft's "auto": auto asks the hub whether the vocabulary was resized, and our methods
     # never resize it; adapters on embeddings (lora_embedding_A/B) are saved either way.
     model.save_pretrained(str(directory), save_embedding_layers=False)
@@ -445,6 +477,8 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Workload, tree: dict[str
         # "auto", not an explicit device: load_period_model writes the device into the config before
         # comparing config hashes, and the run's own setting is what its numbers were produced with.
         pm = load_period_model(run_dir, k, "auto")
+    except (UnsafeStateError, UnsafePathError):
+        raise  # a planted pickle or link: exit 65, not bad input
     except ValueError as exc:
         raise ExportError(str(exc).splitlines()[0]) from None
     fmt = export_format(pm.model)
@@ -511,7 +545,8 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Workload, tree: dict[str
     if modules is not None:
         meta["extra_modules"] = modules["extra_modules"]
     atomic_write_text(directory / "README.md", model_card(meta))
-    manifest = write_manifest(directory, meta)
+    # written_at: when the period was committed, not now, so that two exports of it are byte-identical
+    manifest = write_manifest(directory, meta, written_at=period_manifest.get("written_at"))
     if plan.scores_items_of is not None:
         log(f"export: {cfg.method.name} scores each period's items with its own adapter: this export reproduces "
             f"the items of {', '.join(plan.scores_items_of)} only (docs/export.md)")
@@ -539,6 +574,7 @@ def export_run(run_dir: Path, period: str | None, out: Path, merge: bool = False
     except ConfigError as exc:
         raise ExportError(str(exc)) from None
     created = [p for p in reversed(out.parents) if not p.exists()]  # removed again if the export fails
+    remove_stale_staging(out)
     tmp = staging_dir(out)
     try:
         if period == "all":
@@ -548,33 +584,74 @@ def export_run(run_dir: Path, period: str | None, out: Path, merge: bool = False
                                  "run_id": run_dir.name, "method": cfg.method.name,
                                  "merged": any(m["merged"] for m in done),
                                  "periods": [f"{k}-{name}" for k, name in periods],
-                                 "base_model": base_model_info(cfg, run_dir).id, "run_config": tree})
+                                 "base_model": base_model_info(cfg, run_dir).id, "run_config": tree},
+                           written_at=max(str(m["written_at"]) for m in done))
         else:
             [(k, name)] = periods
             export_period(run_dir, cfg, bench, tree, k, name, tmp, merge, log)
-        commit_dir(tmp, out)
-    except BaseException:
+        with uninterruptible():  # a stop now takes effect after the rename: the export is then complete
+            commit_dir(tmp, out)
+    except Exception as exc:
+        # asked before the staging goes: removing it frees the space whose lack made the write fail
+        refused = None if isinstance(exc, (BadInput, StorageError)) else storage_refused(exc, tmp.parent)
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in reversed(created):
-            try:
-                p.rmdir()
-            except OSError:
-                pass
+        _remove_created(created)
+        if refused is not None:  # the library wrote through its own error type (safetensors, torch's zip)
+            raise StorageError(refused, out) from exc
+        raise
+    except BaseException:  # a stop or Ctrl-C: the staging goes, nothing under --out changed
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
     return out
+
+
+def _remove_created(created: list[Path]) -> None:
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging directories a SIGKILLed export to `out` left next to it: `.tmp-<name>-<pid>-*` and
+    commit_dir's `.tmp-old-<name>-<pid>-*`, where no process with that pid is alive on this host (a live
+    one may be exporting right now). Returns what was removed."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(TMP_PREFIX)}(old-)?{re.escape(out.name)}-(\d+)-[^-]+$")
+    removed = []
+    for entry in out.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m is None or _alive(int(m.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
-        raise ExportError(message)
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="main.py export", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="main.py export", description=__doc__.split("\n\n")[0],
                 epilog="formats and examples: docs/export.md")
     p.add_argument("run_dir", type=Path, help="a run directory, runs/<run-id>")
     p.add_argument("--period", help="a period name (2022), an index (0 = base), or all (every trained "
@@ -585,16 +662,13 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = make_parser().parse_args(argv)
-        out = export_run(args.run_dir, args.period, args.out, args.merge)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@command("export")
+def main(argv: list[str]) -> int:
+    args = make_parser().parse_args(argv)
+    out = export_run(args.run_dir, args.period, args.out, args.merge)
     print(out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

@@ -48,19 +48,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import yaml
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python scripts/landscape.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
 
-from artifacts import atomic_write_json, commit_dir, read_manifest, staging_dir, verify_manifest, write_manifest
-from eval_and_metrics.report import LANDSCAPE_DIR, LANDSCAPE_FILE
-from training.config import RunConfig, build_run_configs
-from training.methods import METHODS
-from training.methods.base import Method
-from training.restore import build_model_and_method, load_saved_state
-from training.seeding import derive_seed
-from training.trainer import state_sha256
-from training.workload import StreamWorkload, Workload, read_workload
+from scripts.command import (BadInput, Parser, check_stop, command, exit_quietly, prepare,  # noqa: E402
+                             storage_refused, uninterruptible)
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries, stop flag: before torch is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from artifacts import (StorageError, UnreadableFileError, atomic_write_json, commit_dir, read_manifest,  # noqa: E402
+                       read_regular_text, staging_dir, verify_manifest, write_manifest)
+from eval_and_metrics.report import LANDSCAPE_DIR, LANDSCAPE_FILE  # noqa: E402
+from training.config import ConfigError, RunConfig, build_run_configs  # noqa: E402
+from training.methods import METHODS  # noqa: E402
+from training.methods.base import Method  # noqa: E402
+from training.restore import build_model_and_method, load_saved_state  # noqa: E402
+from training.seeding import derive_seed  # noqa: E402
+from training.trainer import state_sha256  # noqa: E402
+from training.workload import StreamWorkload, Workload, read_workload  # noqa: E402
 
 LANDSCAPE_SCHEMA_VERSION = 1
 # Above this many bytes of stored per-example gradients, the Fisher matvec recomputes them instead.
@@ -89,19 +100,36 @@ def resolve_period(bench: Workload, period: str | int) -> tuple[int, str]:
     names = ["base"] + bench.period_names
     if str(period) in names:  # a name wins: temporal periods are years ("2018"), which also look like indices
         return names.index(str(period)), str(period)
-    if isinstance(period, int) or str(period).isdigit():
+    if isinstance(period, int) or (str(period).isascii() and str(period).isdigit()):
         k = int(period)
         if not 0 <= k < len(names):
-            raise ValueError(f"period {period} out of range; valid: 0..{len(names) - 1} or {', '.join(names)}")
+            raise BadInput(f"period {period} out of range; valid: 0..{len(names) - 1} or {', '.join(names)}")
         return k, names[k]
     if period not in names:
-        raise ValueError(f"period {period!r} unknown; valid: {', '.join(names)} or 0..{len(names) - 1}")
+        raise BadInput(f"period {period!r} unknown; valid: {', '.join(names)} or 0..{len(names) - 1}")
     return names.index(str(period)), str(period)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    tree = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    return build_run_configs(tree, METHODS)[0]
+    """The run's config as training resolved it; BadInput (one line) for a config.yaml that is not one: a
+    FIFO, not UTF-8, not YAML, not a mapping, a section that is not a mapping (`method: lora`)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        tree = yaml.safe_load(read_regular_text(path))
+    except FileNotFoundError:
+        raise BadInput(f"{run_dir} is not a run directory: it has no config.yaml") from None
+    except (UnreadableFileError, yaml.YAMLError) as exc:
+        raise BadInput(f"{path}: cannot read it as the run's config ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(tree, dict):
+        raise BadInput(f"{path} is not a mapping of config sections (a YAML {type(tree).__name__})")
+    bad = [key for key in ("method", "model", "train", "data", "eval", "checkpoint")
+           if key in tree and tree[key] is not None and not isinstance(tree[key], dict)]
+    if bad:
+        raise BadInput(f"{path}: {', '.join(bad)} must be a mapping (a section), as main.py writes it")
+    try:
+        return build_run_configs(tree, METHODS)[0]
+    except ConfigError as exc:
+        raise BadInput([f"{path}: {p}" for p in exc.problems]) from None
 
 
 def load_period_model(run_dir: str | Path, period: str | int, device: str = "auto") -> PeriodModel:
@@ -120,15 +148,15 @@ def load_period_model(run_dir: str | Path, period: str | int, device: str = "aut
     directory = run_dir / "periods" / f"{k}-{name}"
     ok, reason = verify_manifest(directory)
     if not ok:
-        raise ValueError(f"{directory} is not a committed period: {reason}")
+        raise BadInput(f"{directory} is not a committed period: {reason}")
     manifest = read_manifest(directory) or {}
     if manifest.get("config_hash") not in (None, expected_hash):
-        raise ValueError(f"{directory} was committed under another config than {run_dir}/config.yaml")
+        raise BadInput(f"{directory} was committed under another config than {run_dir}/config.yaml")
     loaded, method, model = build_model_and_method(cfg, bench)
     load_saved_state(method, model, directory)
     expected = manifest.get("trainable_sha256")
     if expected and state_sha256(method.trainable_state_dict(model)) != expected:
-        raise ValueError(f"{directory}: the rebuilt trainable state does not hash to the manifest's "
+        raise BadInput(f"{directory}: the rebuilt trainable state does not hash to the manifest's "
                          "trainable_sha256 (model construction differs from training)")
     model.eval()
     return PeriodModel(cfg=cfg, bench=bench, model=model, tokenizer=loaded.tokenizer, method=method,
@@ -159,7 +187,7 @@ DATA_KINDS = {"eval": "eval", "probes": "eval", "train": "train", "passages": "t
 def _stage(bench: Workload, data_period: str):
     if data_period not in bench.stage_names:
         what = "task" if isinstance(bench, StreamWorkload) else "period"
-        raise ValueError(f"--data-period {data_period!r} is not a {what} of this run; valid: "
+        raise BadInput(f"--data-period {data_period!r} is not a {what} of this run; valid: "
                          f"{', '.join(bench.stage_names)}")
     return bench.stages[bench.stage_names.index(data_period)]
 
@@ -177,7 +205,7 @@ def build_examples(pm: PeriodModel, data: str, data_period: str, max_examples: i
     """The loss's examples: one period's (a stream: one task's) eval items, the gold answer given the
     prompt (data eval/probes), or its training items under the training loss's mask (train/passages)."""
     if data not in DATA_KINDS:
-        raise ValueError(f"data must be one of {', '.join(DATA_KINDS)} (got {data!r})")
+        raise BadInput(f"data must be one of {', '.join(DATA_KINDS)} (got {data!r})")
     stage = _stage(pm.bench, data_period)
     tok = pm.tokenizer
     seqs: list[tuple[list[int], list[int]]] = []
@@ -196,7 +224,7 @@ def build_examples(pm: PeriodModel, data: str, data_period: str, max_examples: i
                 for ids, m in zip(encoded.token_ids, masked)]
     seqs = [(ids, m) for ids, m in seqs if sum(m)]
     if not seqs:
-        raise ValueError(f"{data_period} has no {data} items to compute a loss on")
+        raise BadInput(f"{data_period} has no {data} items to compute a loss on")
     order = np.random.default_rng(seed).permutation(len(seqs))[:max_examples]
     seqs = [seqs[i] for i in sorted(order.tolist())]
     width = max(len(s) for s, _ in seqs)
@@ -371,15 +399,15 @@ class Settings:
         problems = []
         if self.grid < 3:
             problems.append(f"--grid must be >= 3 (got {self.grid})")
-        if self.span <= 0:
-            problems.append(f"--span must be > 0 (got {self.span})")
+        if not (math.isfinite(self.span) and self.span > 0):  # NaN passes `<= 0` and would commit a NaN grid
+            problems.append(f"--span must be a finite number > 0 (got {self.span})")
         for name in ("max_examples", "fisher_examples", "power_iters"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.data not in DATA_KINDS:
             problems.append(f"--data must be one of {', '.join(DATA_KINDS)} (got {self.data!r})")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise BadInput(problems)
 
 
 def _own_data_period(pm: PeriodModel) -> str:
@@ -412,7 +440,7 @@ def _previous_lambda(run_dir: Path, k: int, s: Settings, cache: JobCache, device
     pm = load_period_model(run_dir, k - 1, device)
     stored_dir = pm.directory / LANDSCAPE_DIR
     if verify_manifest(stored_dir)[0]:
-        prev = json.loads((stored_dir / LANDSCAPE_FILE).read_text())
+        prev = json.loads(read_regular_text(stored_dir / LANDSCAPE_FILE))
         ps = prev.get("settings", {})
         same = all(ps.get(key) == getattr(s, key) for key in ("data", "fisher_examples", "power_iters", "seed"))
         lam = (prev.get("metrics") or {}).get("fisher_top_eigenvalue")
@@ -433,7 +461,7 @@ def run_landscape(run_dir: str | Path, period: str | int, s: Settings, device: s
     ex = build_examples(pm, s.data, data_period, s.max_examples, s.seed)
     named = trainable_params(pm.model)
     if not named:
-        raise ValueError(f"{pm.directory}: the method has no trainable parameters to perturb")
+        raise BadInput(f"{pm.directory}: the method has no trainable parameters to perturb")
     params = [p for _, p in named]
     gen = torch.Generator().manual_seed(derive_seed(s.seed, "landscape"))
     d1 = filter_normalized_direction(params, gen, s.include_1d)
@@ -498,8 +526,16 @@ def _commit(pm: PeriodModel, result: dict[str, Any], coords: np.ndarray, grid: n
         write_manifest(tmp, {"kind": "landscape", "run_id": result["run_id"], "period_index": pm.index,
                              "period_name": pm.name, "trainable_sha256": manifest.get("trainable_sha256"),
                              "settings": result["settings"]})
-        commit_dir(tmp, final)
-    except BaseException:
+        with uninterruptible():  # a stop meanwhile takes effect before the next period
+            commit_dir(tmp, final)
+    except Exception as exc:
+        # asked before the staging goes: removing it frees the space whose lack made the write fail
+        refused = None if isinstance(exc, (BadInput, StorageError)) else storage_refused(exc, tmp.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if refused is not None:  # matplotlib and torch write through their own error types
+            raise StorageError(refused, final) from exc
+        raise
+    except BaseException:  # a stop or Ctrl-C: the staging goes, the committed period is unchanged
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -534,8 +570,9 @@ def plot_surface(coords: np.ndarray, grid: np.ndarray, path: Path, title: str) -
     fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.landscape", description=__doc__.split("\n\n")[0],
+@command("landscape")
+def main(argv: list[str]) -> int:
+    p = Parser(prog="python -m scripts.landscape", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="one run directory")
     p.add_argument("--period", default="all", help="all (every committed period), an index (0 = base) or a name")
@@ -561,28 +598,28 @@ def main(argv: list[str] | None = None) -> int:
                  max_examples=args.max_examples, fisher_examples=args.fisher_examples, power_iters=args.power_iters,
                  seed=args.seed, include_1d=args.include_1d)
     run_dir = Path(args.run_dir)
-    try:
-        s.validate()
-        bench = read_workload(run_dir / "data")
-        if s.data_period:
-            _stage(bench, s.data_period)
-        names = ["base"] + bench.period_names
-        if args.period == "all":
-            targets = [k for k, n in enumerate(names) if verify_manifest(run_dir / "periods" / f"{k}-{n}")[0]]
-            # only the committed prefix: a later period may still be training
-            targets = [k for i, k in enumerate(targets) if k == i]
-        else:
-            targets = [resolve_period(bench, args.period)[0]]
-        if not targets:
-            raise ValueError(f"{run_dir} has no committed period yet")
-    except (ValueError, OSError) as exc:  # DataError is a ValueError
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    s.validate()
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir} is not a directory (give a run directory, e.g. runs/<run-id>)")
+    load_run_config(run_dir)  # a config.yaml that is not one: one line here, not a traceback later
+    bench = read_workload(run_dir / "data")
+    if s.data_period:
+        _stage(bench, s.data_period)
+    names = ["base"] + bench.period_names
+    if args.period == "all":
+        targets = [k for k, n in enumerate(names) if verify_manifest(run_dir / "periods" / f"{k}-{n}")[0]]
+        # only the committed prefix: a later period may still be training
+        targets = [k for i, k in enumerate(targets) if k == i]
+    else:
+        targets = [resolve_period(bench, args.period)[0]]
+    if not targets:
+        raise BadInput(f"{run_dir} has no committed period yet")
     cache = JobCache()
     for k in targets:
+        check_stop()  # a stop during the last period's commit: that period is done, the next is not begun
         run_landscape(run_dir, k, s, args.device, cache=cache)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

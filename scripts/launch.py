@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,11 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/launch.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # noqa: E402
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries, stop flag: before the imports below
 
 import submitit  # noqa: E402
 from submitit.helpers import Checkpointable, DelayedSubmission  # noqa: E402
@@ -209,6 +215,10 @@ def parse_seeds(text: str) -> list[int]:
             seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(part)])
         except ValueError:
             raise argparse.ArgumentTypeError(f"--seeds: '{part}' is not an integer or a range like 0-3") from None
+        if sep and int(lo) > int(hi):
+            raise argparse.ArgumentTypeError(f"--seeds: '{part}' is an empty range; write low-high, e.g. 1-3")
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds names no seed; e.g. 0,1,2 or 0-2")
     return seeds
 
 
@@ -231,7 +241,7 @@ def resolve_run_ids(tasks: list[TaskSpec]) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="launch.py", description=__doc__.split("\n\n")[0],
                                 epilog="arguments after -- are passed to every main.py")
     p.add_argument("--methods", required=True, help="comma separated method names (each one array task per seed)")
     p.add_argument("--seeds", default="0", type=parse_seeds, help="comma separated and/or ranges: 0,1,2 or 0-2")
@@ -387,8 +397,9 @@ def _launch_local(tasks: list[TaskSpec], run_ids: list[str], res: SlurmResources
     return 1 if failures else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@command("launch")
+def main(argv: list[str]) -> int:
+    argv = list(argv)
     extra_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
@@ -416,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Slurm cannot open --output in a directory that does not exist; submitit creates its folder,
     # main.py its run root, but a missing logs/ would silently lose a run_job.sh log later.
+    if args.executor == "slurm" and shutil.which("sbatch") is None:
+        raise BadInput("--executor slurm: Slurm's sbatch is not on PATH (not a Slurm login node?); use --executor "
+                       "local to run here, or --dry-run to see the job scripts")
     (REPO_ROOT / "logs").mkdir(exist_ok=True)
     if args.executor == "slurm":
         return _launch_slurm(tasks, run_ids, res, folder, args)
@@ -427,4 +441,4 @@ if __name__ == "__main__":
     # in the job through PYTHONPATH) rather than to a __main__ that only exists in this process.
     from scripts.launch import main as _main
 
-    sys.exit(_main())
+    exit_quietly(_main())  # a stop signal during teardown must not kill a finished process

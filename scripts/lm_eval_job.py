@@ -31,9 +31,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifacts import atomic_write_json, commit_dir, read_manifest, staging_dir, verify_manifest, write_manifest
-from eval_and_metrics.report import LM_EVAL_DIR, LM_EVAL_FILE
-from training.workload import read_workload
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python scripts/lm_eval_job.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.command import (BadInput, Parser, check_stop, command, exit_quietly, prepare,  # noqa: E402
+                             storage_refused, uninterruptible)
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries, stop flag: before the imports below
+
+from artifacts import (StorageError, atomic_write_json, commit_dir, read_manifest, staging_dir,  # noqa: E402
+                       verify_manifest, write_manifest)
+from eval_and_metrics.report import LM_EVAL_DIR, LM_EVAL_FILE  # noqa: E402
+from training.workload import read_workload  # noqa: E402
 
 LM_EVAL_SCHEMA_VERSION = 1
 # Used only when lm-eval does not declare a direction for a metric.
@@ -136,8 +147,16 @@ def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device:
         parent = read_manifest(pm.directory) or {}
         write_manifest(tmp, {"kind": "lm_eval", "run_id": run_dir.name, "period_index": k, "period_name": name,
                              "settings": wanted, "trainable_sha256": parent.get("trainable_sha256")})
-        commit_dir(tmp, final)
-    except BaseException:
+        with uninterruptible():  # a stop meanwhile takes effect before the next period
+            commit_dir(tmp, final)
+    except Exception as exc:
+        # asked before the staging goes: removing it frees the space whose lack made the write fail
+        refused = None if isinstance(exc, (BadInput, StorageError)) else storage_refused(exc, tmp.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if refused is not None:
+            raise StorageError(refused, final) from exc
+        raise
+    except BaseException:  # a stop or Ctrl-C: the staging goes, the committed period is unchanged
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     brief = ", ".join(f"{t}/{m}={e['value']:.4g}" for t, ms in scores.items() for m, e in ms.items()
@@ -156,8 +175,9 @@ def committed_prefix(run_dir: Path) -> list[int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts.lm_eval_job", description=__doc__.split("\n\n")[0],
+@command("lm_eval")
+def main(argv: list[str]) -> int:
+    p = Parser(prog="python -m scripts.lm_eval_job", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task/group names, e.g. piqa,boolq")
@@ -176,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     run_dir = Path(args.run_dir)
     if not tasks:
-        print("error: --tasks names no task", file=sys.stderr)
-        return 2
+        raise BadInput("--tasks names no task")
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir} is not a directory (give a run directory, e.g. runs/<run-id>)")
     try:
         _require_lm_eval()
     except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise BadInput(str(exc)) from None
     if args.threads:
         import torch
 
@@ -191,25 +211,26 @@ def main(argv: list[str] | None = None) -> int:
     s = LmEvalSettings(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                        include_path=[str(Path(x).resolve()) for x in args.include_path],
                        include_defaults=not args.no_default_tasks, bootstrap_iters=args.bootstrap_iters, seed=args.seed)
-    try:
-        targets = committed_prefix(run_dir) if args.period == "all" else [args.period]
-        if not targets:
-            raise ValueError(f"{run_dir} has no committed period yet")
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from scripts.landscape import load_run_config, resolve_period
+
+    load_run_config(run_dir)  # a config.yaml that is not one: one line here, not a traceback later
+    if args.period == "all":
+        targets: list[int | str] = list(committed_prefix(run_dir))
+    else:
+        targets = [resolve_period(read_workload(run_dir / "data"), args.period)[0]]
+    if not targets:
+        raise BadInput(f"{run_dir} has no committed period yet")
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=s.include_path or None, include_defaults=s.include_defaults)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        print(f"error: unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks` or pass --include-path",
-              file=sys.stderr)
-        return 2
+        raise BadInput(f"unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks` or pass --include-path")
     for k in targets:
+        check_stop()
         evaluate_period(run_dir, k, s, args.device, args.force, task_manager=tm)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

@@ -19,11 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python scripts/pool_probes.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # noqa: E402
+
+if __name__ == "__main__":
+    prepare()
+
+import yaml  # noqa: E402
+
+from artifacts import UnreadableFileError, read_regular_text  # noqa: E402
 
 METRICS = [
     ("plasticity_storage", "Plast-S"),
@@ -51,7 +63,29 @@ def counts_of(metrics: dict[str, Any], name: str) -> tuple[int, int] | None:
     rate, n = metrics.get(f"{name}_pooled"), metrics.get(f"{name}_n")
     if rate is None or not n:
         return None
+    if not (isinstance(rate, (int, float)) and isinstance(n, int) and 0 <= rate <= 1 and n > 0):
+        raise UnreadableFileError(f"results.json: {name}_pooled={rate!r}, {name}_n={n!r} are not a rate and a count")
     return round(float(rate) * int(n)), int(n)
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results.json, config.yaml) of a run as main.py writes them; UnreadableFileError (exit 65) otherwise."""
+    try:
+        results = json.loads(read_regular_text(run_dir / "results.json"))
+    except ValueError as exc:
+        raise exc if isinstance(exc, UnreadableFileError) else \
+            UnreadableFileError(f"{run_dir / 'results.json'}: not valid JSON ({str(exc)[:80]})") from None
+    if not (isinstance(results, dict) and isinstance(results.get("metrics"), dict) and "method" in results):
+        raise UnreadableFileError(f"{run_dir / 'results.json'}: not a results object (method, metrics)")
+    config: Any = {}
+    if os.path.lexists(run_dir / "config.yaml"):  # a link loop or a FIFO is read, and refused
+        try:
+            config = yaml.safe_load(read_regular_text(run_dir / "config.yaml"))
+        except yaml.YAMLError:
+            config = None
+        if not isinstance(config, dict):
+            raise UnreadableFileError(f"{run_dir / 'config.yaml'}: not a mapping of config sections")
+    return results, config
 
 
 def cell(counts: tuple[int, int] | None) -> str:
@@ -65,10 +99,10 @@ def cell(counts: tuple[int, int] | None) -> str:
 def table(run_dirs: list[Path]) -> str:
     rows, pooled = [], {}
     for run_dir in run_dirs:
-        results = json.loads((run_dir / "results.json").read_text())
-        metrics, method = results["metrics"], results["method"]
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        data_seed = (config.get("data") or {}).get("seed", "?")
+        results, config = read_run(run_dir)
+        metrics, method = results["metrics"], str(results["method"])
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        data_seed = data.get("seed", "?")
         per = {name: counts_of(metrics, name) for name, _ in METRICS}
         rows.append((f"{method}, data seed {data_seed}, seed {results.get('seed')}", per))
         total = pooled.setdefault(method, {name: (0, 0) for name, _ in METRICS})
@@ -86,17 +120,16 @@ def table(run_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+@command("pool_probes")
+def main(argv: list[str]) -> int:
+    parser = Parser(prog="pool_probes.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    missing = [str(d) for d in args.run_dirs if not (d / "results.json").is_file()]
+    missing = [str(d) for d in args.run_dirs if not os.path.lexists(d / "results.json")]  # a bad one is read, refused
     if missing:
-        print(f"error: run_dirs: no results.json in {', '.join(missing)} (a finished main.py run directory)",
-              file=sys.stderr)
-        return 2
+        raise BadInput(f"run_dirs: no results.json in {', '.join(missing)} (a finished main.py run directory)")
     text = table(args.run_dirs)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process

@@ -31,6 +31,7 @@ import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python scripts/status.py` puts scripts/, not the repo, on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from artifacts import live_holder, read_holder, read_manifest, verify_manifest  # noqa: E402
+from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # noqa: E402
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries, stop flag: before the imports below
+
+from artifacts import (UnreadableFileError, UnsafePathError, live_holder, read_holder, read_manifest,  # noqa: E402
+                       read_regular_bytes, read_regular_text, verify_manifest)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _PERIOD_DIR = re.compile(r"^(\d+)-(.+)$")
@@ -82,9 +89,12 @@ class RunStatus:
     last_event: str | None = None
     # experiment trackers (tracking.json, written by main.py with track.backends): backend -> where its record is
     tracking: dict[str, dict[str, Any]] | None = None
+    unreadable: bool = False  # the run directory itself could not be read (its reason is in invalid)
 
     @property
     def state(self) -> str:
+        if self.unreadable:
+            return "unreadable"
         if self.running:
             return "running"
         if self.results and self.base_done and self.periods_total is not None \
@@ -96,6 +106,7 @@ class RunStatus:
 
     def to_json(self) -> dict[str, Any]:
         out = {**asdict(self), "state": self.state}
+        out.pop("unreadable")
         if self.kind != "stream":
             for key in _STREAM_FIELDS:
                 out.pop(key)
@@ -105,13 +116,84 @@ class RunStatus:
 
 
 _STREAM_FIELDS = ("kind", "stream", "tasks", "current", "last_event")
+# A run directory is untrusted input (another user's scratch, a killed writer, a full disk): every file is
+# read bounded and without blocking (a FIFO), and a file that cannot be read or parsed is one problem in the
+# run's row, never an exception that hides the other runs.
+MAX_LOG_BYTES = 4 << 30  # train_log.jsonl is scanned line by line for resume records up to this size
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+def _read_json(path: Path, problems: list[str] | None = None) -> Any:
+    """The parsed file; None when absent, or unreadable/invalid (then one problem is added, if asked)."""
+    if not path.exists() and not path.is_symlink():
         return None
+    try:
+        return json.loads(read_regular_text(path))
+    except FileNotFoundError:
+        return None
+    except UnreadableFileError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+    except ValueError as exc:
+        reason = f"not valid JSON ({str(exc).splitlines()[0][:80]})"
+    if problems is not None:
+        problems.append(f"{_rel(path)}: {reason}")
+    return None
+
+
+def _rel(path: Path) -> str:
+    """A file of a run directory by its name inside it: data/stream.json, results.json."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name in ("data",) else path.name
+
+
+def _read_config(run_dir: Path, problems: list[str] | None = None) -> dict[str, Any]:
+    """config.yaml as a mapping; {} (and a problem) when it is anything else."""
+    path = run_dir / "config.yaml"
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        tree = yaml.safe_load(read_regular_text(path))
+    except FileNotFoundError:
+        return {}
+    except UnreadableFileError as exc:
+        tree, reason = None, str(exc).removeprefix(f"{path}: ")
+    except yaml.YAMLError as exc:
+        tree, reason = None, f"not valid YAML ({' '.join(str(exc).split())[:80]})"
+    else:
+        reason = f"not a mapping of config sections (a YAML {type(tree).__name__})"
+    if isinstance(tree, dict):
+        return tree
+    if problems is not None:
+        problems.append(f"config.yaml: {reason}")
+    return {}
+
+
+def _section(tree: dict[str, Any], key: str) -> dict[str, Any]:
+    value = tree.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _log_lines(path: Path, problems: list[str] | None = None) -> Iterator[str]:
+    """train_log.jsonl line by line (bounded memory; a FIFO or a huge file is one problem, no lines)."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if problems is not None:
+            problems.append(f"{path.name}: cannot read ({exc.strerror})")
+        return
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_LOG_BYTES:
+            if problems is not None:
+                problems.append(f"{path.name}: " + ("not a regular file" if not stat.S_ISREG(info.st_mode)
+                                                    else f"{info.st_size} bytes, over {MAX_LOG_BYTES}"))
+            return
+        os.set_blocking(fd, True)
+        while raw := fh.readline(1 << 20):  # a line longer than 1 MiB comes in pieces, none valid JSON
+            yield raw.decode("utf-8", "replace")
 
 
 def _stream_of(run_dir: Path, cfg: dict[str, Any]) -> tuple[str, list[str] | None] | None:
@@ -121,40 +203,44 @@ def _stream_of(run_dir: Path, cfg: dict[str, Any]) -> tuple[str, list[str] | Non
     if isinstance(stream, dict) and isinstance(stream.get("tasks"), list):
         names = [str(t.get("name")) for t in stream["tasks"] if isinstance(t, dict)]
         return str(stream.get("name", "?")), names
-    path = (cfg.get("data") or {}).get("stream")
+    path = _section(cfg, "data").get("stream")
     return (Path(str(path)).stem, None) if path else None
 
 
-def _period_names(run_dir: Path) -> list[str] | None:
-    results = _read_json(run_dir / "results.json")
+def _period_names(run_dir: Path, results: Any = None, cfg: dict[str, Any] | None = None,
+                  problems: list[str] | None = None) -> list[str] | None:
     if isinstance(results, dict) and isinstance(results.get("periods"), list):
         return [str(p) for p in results["periods"]]
-    stream = _read_json(run_dir / "data" / "stream.json")
+    stream = _read_json(run_dir / "data" / "stream.json", problems)
     if isinstance(stream, dict) and isinstance(stream.get("tasks"), list):
         return [str(t.get("name")) for t in stream["tasks"] if isinstance(t, dict)]
-    bench = _read_json(run_dir / "data" / "benchmark.json")
+    bench = _read_json(run_dir / "data" / "benchmark.json", problems)
     if isinstance(bench, dict) and isinstance(bench.get("periods"), list):
         return [str(p.get("name")) for p in bench["periods"] if isinstance(p, dict)]
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    if (cfg.get("data") or {}).get("stream"):
+    cfg = _read_config(run_dir) if cfg is None else cfg
+    if _section(cfg, "data").get("stream"):
         return None  # its data.periods are the temporal defaults, not the stream's tasks
-    periods = (cfg.get("data") or {}).get("periods")
+    periods = _section(cfg, "data").get("periods")
     return [str(p) for p in periods] if isinstance(periods, list) else None
 
 
 def last_event(run_dir: Path, stage_names: list[str] | None) -> str | None:
     """The newest train_log.jsonl record in words (reads the last 4 KiB): "train task 2 (code) step 7",
     "eval task 0 (base)", "resume task 3 (style) from step 12"."""
+    import os
+    import stat
+
     try:
-        with open(run_dir / "train_log.jsonl", "rb") as fh:
-            fh.seek(0, 2)
-            fh.seek(max(0, fh.tell() - 4096))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
+        fd = os.open(run_dir / "train_log.jsonl", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        os.set_blocking(fd, True)
+        fh.seek(0, 2)
+        fh.seek(max(0, fh.tell() - 4096))
+        lines = fh.read(4096).decode("utf-8", "replace").splitlines()
     for line in reversed(lines):
         try:
             rec = json.loads(line)
@@ -180,7 +266,7 @@ def _numbered_dirs(parent: Path, pattern: re.Pattern[str]) -> list[tuple[int, Pa
     out = []
     for child in parent.iterdir():
         m = pattern.match(child.name)
-        if m and child.is_dir():
+        if m and child.is_dir() and not child.is_symlink():  # a link leads out of the run: not its period
             out.append((int(m.group(1)), child))
     return sorted(out)
 
@@ -191,22 +277,23 @@ def _check(directory: Path, verify: bool) -> tuple[bool, str]:
     return (read_manifest(directory) is not None, "no readable manifest.json")
 
 
-def _restart_counts(run_dir: Path, manifests: list[dict[str, Any]]) -> tuple[int, list[str]]:
+def _restart_counts(run_dir: Path, manifests: list[dict[str, Any]],
+                    problems: list[str] | None = None) -> tuple[int, list[str]]:
     """Largest restart_count and every Slurm job id the run has recorded, oldest first."""
     counts, jobs = [0], []
     records: list[dict[str, Any]] = list(manifests)
-    run_json = _read_json(run_dir / "run.json")
+    run_json = _read_json(run_dir / "run.json", problems)
     if isinstance(run_json, dict):
         records.append(run_json)
-    log = run_dir / "train_log.jsonl"
-    if log.exists():
-        for line in log.read_text(errors="replace").splitlines():
-            if '"resume"' not in line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a torn last line; the trainer drops it on resume too
+    for line in _log_lines(run_dir / "train_log.jsonl", problems):
+        if '"resume"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line; the trainer drops it on resume too
+        if isinstance(rec, dict):  # a line that is JSON but not an object is no record
+            records.append(rec)
     for rec in records:
         rc = rec.get("restart_count")
         if isinstance(rc, int):
@@ -220,8 +307,8 @@ def _restart_counts(run_dir: Path, manifests: list[dict[str, Any]]) -> tuple[int
 def last_error_in(log_file: Path) -> str | None:
     """The last line of the newest attempt in a job log that reads as an error, or None."""
     try:
-        text = log_file.read_text(errors="replace")
-    except OSError:
+        text = read_regular_bytes(log_file, MAX_LOG_BYTES).decode("utf-8", "replace")
+    except (OSError, ValueError):
         return None
     found, wrapper = None, None
     for line in text.splitlines():
@@ -259,18 +346,23 @@ def find_job_logs(log_dirs: list[Path], job_ids: list[str]) -> list[Path]:
 def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool = True) -> RunStatus:
     run_dir = Path(run_dir)
     st = RunStatus(run_id=run_dir.name, path=str(run_dir))
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
-    st.method = (cfg.get("method") or {}).get("name")
-    st.seed = cfg.get("seed")
-    names = _period_names(run_dir)
+    cfg = _read_config(run_dir, st.invalid)
+    method = cfg.get("method")
+    if "method" in cfg and not isinstance(method, dict):
+        st.invalid.append(f"config.yaml: method is a {type(method).__name__}, not a section")
+    name = _section(cfg, "method").get("name")
+    st.method = name if isinstance(name, str) else None
+    seed = cfg.get("seed")
+    st.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    results = _read_json(run_dir / "results.json", st.invalid)
+    if results is not None and not (isinstance(results, dict) and isinstance(results.get("periods"), list)):
+        st.invalid.append("results.json: not a results object with a list of periods")
+    names = _period_names(run_dir, results, cfg, st.invalid)
     stream = _stream_of(run_dir, cfg)
     if stream is not None:
         st.kind, st.stream, st.tasks = "stream", stream[0], names
     st.periods_total = len(names) if names is not None else None
-    st.results = (run_dir / "results.json").is_file()
+    st.results = isinstance(results, dict) and isinstance(results.get("periods"), list)
 
     manifests: list[dict[str, Any]] = []
     done_prefix, gap = 0, False
@@ -301,7 +393,7 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
     if newest is not None:
         st.last_checkpoint = f"{newest[2].parent.name} step {newest[1]}"
 
-    st.restarts, st.job_ids = _restart_counts(run_dir, manifests)
+    st.restarts, st.job_ids = _restart_counts(run_dir, manifests, st.invalid)
     holder = live_holder(run_dir)
     st.running = holder is not None
     if holder is None:
@@ -337,7 +429,17 @@ def scan(run_root: Path, log_dirs: list[Path] | None = None, verify: bool = True
     run_root = Path(run_root)
     if not run_root.is_dir():
         return []
-    return [run_status(p, log_dirs, verify) for p in sorted(run_root.iterdir()) if is_run_dir(p)]
+    return [_status_or_unreadable(p, log_dirs, verify) for p in sorted(run_root.iterdir()) if is_run_dir(p)]
+
+
+def _status_or_unreadable(run_dir: Path, log_dirs: list[Path] | None, verify: bool) -> RunStatus:
+    """run_status, or, for a run directory that cannot be read at all (permissions, a link, an I/O error), a
+    row that says so: one bad run never hides the others."""
+    try:
+        return run_status(run_dir, log_dirs, verify)
+    except (OSError, UnreadableFileError, UnsafePathError) as exc:
+        return RunStatus(run_id=run_dir.name, path=str(run_dir), unreadable=True,
+                         invalid=[" ".join(f"unreadable: {exc}".splitlines())])
 
 
 def format_table(statuses: list[RunStatus], missing: list[str] = ()) -> str:
@@ -405,7 +507,7 @@ def describe_stream(st: RunStatus) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="status", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="status", description=__doc__.split("\n\n")[0])
     p.add_argument("run_root", nargs="?", default="runs", help="directory holding run directories (default runs/)")
     p.add_argument("--logs", action="append", type=Path, default=None, metavar="DIR",
                    help="where Slurm logs are (searched recursively; repeatable); default: ./logs if it exists")
@@ -419,12 +521,12 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("status")
+def main(argv: list[str]) -> int:
     args = make_parser().parse_args(argv)
     run_root = Path(args.run_root)
     if not run_root.is_dir():
-        print(f"error: run root {run_root} does not exist", file=sys.stderr)
-        return 2
+        raise BadInput(f"run root {run_root} does not exist or is not a directory")
     log_dirs = args.logs if args.logs is not None else ([Path("logs")] if Path("logs").is_dir() else [])
     statuses = scan(run_root, log_dirs, verify=not args.no_verify)
     present = {st.run_id for st in statuses}
@@ -446,4 +548,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process
