@@ -8,7 +8,7 @@ Ctrl-C; anything else is a bug.
 
 import sys
 
-from training.signals import EXIT_RESUME, StopFlag, StopRequested
+from training.signals import EXIT_RESUME, StopFlag
 
 # First thing: a SIGUSR2/SIGTERM/SIGINT that arrives while torch loads (seconds on a busy node) must end the
 # process cleanly (exit 75, no traceback), not kill it with a default handler.
@@ -43,15 +43,16 @@ if __name__ == "__main__":
             print(f"stopped: {STOP.signal_name}; nothing was written (exit {EXIT_RESUME})", file=sys.stderr)
             exit_quietly(EXIT_RESUME)  # a second Ctrl-C now must not turn 75 into a kill by SIGINT
         exit_quietly(job.main(sys.argv[2:]))  # the job's main reuses STOP (scripts/command.py)
+    # The same for training: a stop during the imports is acted on right after them, never raised inside
+    # torch's import.
     try:
-        with STOP.immediately():
-            from training.cli import main
-    except StopRequested as exc:
-        print(f"stopped: {exc}; nothing was written, run the same command again (exit {EXIT_RESUME})",
-              file=sys.stderr)
-        exit_quietly(EXIT_RESUME)
+        from training.cli import main
     except KeyboardInterrupt:
         exit_quietly(130)
+    if STOP:
+        print(f"stopped: {STOP.signal_name} while starting; nothing was written, run the same command again "
+              f"(exit {EXIT_RESUME})", file=sys.stderr)
+        exit_quietly(EXIT_RESUME)
     try:
         code = main(stop=STOP)
     except KeyboardInterrupt:  # a second Ctrl-C in the instant after main's own handling ended
