@@ -33,7 +33,7 @@ from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_
                        write_manifest)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
-from training.batching import PeriodData, collate, epoch_batches
+from training.batching import PeriodData, collate, collate_packed, epoch_batches, model_inputs
 from training.config import RunConfig
 from training.distributed import World
 from training.methods.base import Method
@@ -280,7 +280,7 @@ class Trainer:
             i = r * world.size + world.rank
             real = i < len(micro)
             batch = micro[i] if real else micro[0]  # a zero-weight stand-in: every rank joins every backward
-            inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
             seed = seeds[i if real else 0]
             # the stand-in's forward must not count as a second read of its micro-batch
             counted = [] if real else [c.clone() for c in self.method.step_counters(self.model)]
@@ -310,8 +310,13 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------
     def _batch(self, data: PeriodData, idx: list[int]) -> dict[str, Any]:
+        """Micro-batch `idx` of the plan; with train.pack the same items end to end in one row (no padding at
+        all: the plan's token budget bounds the items' sum, and positions restart per item, so the row may
+        be longer than max_seq_len)."""
         masked = [data.num_masked[i] for i in idx] if data.num_masked else None
-        batch: dict[str, Any] = collate([data.token_ids[i] for i in idx], self.tokenizer.pad_token_id, masked)
+        ids = [data.token_ids[i] for i in idx]
+        batch: dict[str, Any] = (collate_packed(ids, self.tokenizer.pad_token_id, masked)
+                                 if self.cfg.train.pack else collate(ids, self.tokenizer.pad_token_id, masked))
         batch["texts"] = [data.texts[i] for i in idx]
         return batch
 
