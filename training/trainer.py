@@ -310,9 +310,12 @@ class Trainer:
 
     # -- pieces ----------------------------------------------------------------------------
     def _batch(self, data: PeriodData, idx: list[int]) -> dict[str, Any]:
-        """Micro-batch `idx` of the plan; with train.pack the same items end to end in one row (no padding at
-        all: the plan's token budget bounds the items' sum, and positions restart per item, so the row may
-        be longer than max_seq_len)."""
+        """Micro-batch `idx` of the plan; with train.pack the same items end to end in one row: no padding at
+        all (the plan's budget bounds the items' sum; positions restart per item, so the row may be longer
+        than max_seq_len). Rows of max_seq_len were tried: first-fit decreasing left more padding at their
+        ends (10% on the bench's smoke passages) than length bucketing does (2-4%). The price: SDPA computes
+        the whole square of the row's block-diagonal mask, so attention costs budget/item-length times its
+        unpacked FLOPs (docs/benchmarks.md); flash-attention's variable-length path does not."""
         masked = [data.num_masked[i] for i in idx] if data.num_masked else None
         ids = [data.token_ids[i] for i in idx]
         batch: dict[str, Any] = (collate_packed(ids, self.tokenizer.pad_token_id, masked)
