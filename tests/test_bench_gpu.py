@@ -213,3 +213,17 @@ def test_the_script_runs_the_given_python_else_uv_else_python3(tmp_path, python,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == expected
+
+
+@pytest.mark.slow  # three model builds and a transformers.Trainer: ~45 s under load on 2 cores
+def test_compare_prints_ours_unpacked_packed_and_the_hf_trainer_with_ratios_and_the_floor():
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--compare", "--config", "configs/synthetic.yaml",
+                           "--steps", "2", "--warmup", "1", "--threads", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = {r["row"]: r for r in payload["compare"]}
+    assert list(rows) == ["ours, unpacked", "ours, packed", "HF Trainer (stock)"]
+    assert rows["ours, packed"]["tokens"] == rows["ours, unpacked"]["tokens"] > 0  # the same items
+    assert rows["ours, packed"]["padding_share"] == 0 and rows["HF Trainer (stock)"]["vs_hf_trainer"] == 1
+    assert payload["floor"]["floor_tokens_per_s"] > 0 and all(0 < r["of_matmul_floor"] for r in rows.values())
