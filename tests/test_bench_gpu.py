@@ -218,7 +218,7 @@ def test_the_script_runs_the_given_python_else_uv_else_python3(tmp_path, python,
 @pytest.mark.slow  # three model builds and a transformers.Trainer: ~45 s under load on 2 cores
 def test_compare_prints_ours_unpacked_packed_and_the_hf_trainer_with_ratios_and_the_floor():
     done = subprocess.run([sys.executable, "scripts/bench.py", "--compare", "--config", "configs/synthetic.yaml",
-                           "--steps", "2", "--warmup", "1", "--threads", "1"], cwd=REPO, capture_output=True,
+                           "--steps", "2", "--warmup", "1", "--threads", "1", "--rounds", "1"], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads(done.stdout.strip().splitlines()[-1])
