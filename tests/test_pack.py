@@ -26,7 +26,7 @@ from training import cli
 from training.batching import collate, collate_packed, model_inputs, pack_rows, tokenize
 from training.config import ModelConfig
 from training.methods import METHODS, MethodContext
-from training.models import build_synthetic
+from training.models import build_synthetic, enable_checkpointing
 
 LOSS_RTOL = 1e-6  # of the loss (about 8 float32 ulps; see the module docstring)
 GRAD_TOL = 5e-6  # of each parameter's largest unpacked gradient entry
@@ -108,6 +108,17 @@ def test_a_packed_micro_batch_has_the_loss_and_gradients_of_the_unpacked_one(nam
     packed_loss, packed_grads = _step(model, method, packed)
     assert abs(packed_loss - loss) <= LOSS_RTOL * abs(loss)
     assert _worst(packed_grads, grads) <= GRAD_TOL
+
+
+def test_packing_composes_with_gradient_checkpointing(bench):
+    """Checkpointing recomputes each layer's forward in the backward: the recomputation must see the same
+    position ids (and so the same block-diagonal mask) as the first pass."""
+    model, tok, method = _method("lora", bench)
+    ids, num_masked = _items(tok, bench, masked=True)
+    loss, grads = _step(model, method, collate(ids, tok.pad_token_id, num_masked))
+    enable_checkpointing(model)
+    packed_loss, packed_grads = _step(model, method, collate_packed(ids, tok.pad_token_id, num_masked))
+    assert abs(packed_loss - loss) <= LOSS_RTOL * abs(loss) and _worst(packed_grads, grads) <= GRAD_TOL
 
 
 def test_the_tolerance_is_above_the_reordering_noise_and_a_broken_separation_is_caught(bench):
