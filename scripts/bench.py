@@ -664,8 +664,9 @@ def bench_hf_trainer(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=cfg.train.max_batch_size,
                                  max_steps=steps + warmup, learning_rate=cfg.train.lr,
                                  max_grad_norm=cfg.train.max_grad_norm, lr_scheduler_type="constant",
-                                 save_strategy="no", report_to=[], logging_strategy="no", use_cpu=not torch.cuda.is_available(),
-                                 disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False)
+                                 save_strategy="no", report_to=[], logging_strategy="no",
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=cfg.seed,
+                                 dataloader_num_workers=0, remove_unused_columns=False)
         dataset = [{"input_ids": list(t)} for t in data.token_ids]
         with contextlib.redirect_stdout(io.StringIO()):  # its end-of-training summary line, not our table
             Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,

@@ -68,7 +68,8 @@ def test_the_passages_rows_train_the_same_items_padded_and_packed(smoke):
     payload, *_ = smoke
     by_items = {r["items"]: r for r in payload["rows"] if r["status"] == "ok" and r["items"] != "concatenated"}
     unpacked, packed = by_items["unpacked"], by_items["packed"]
-    assert 0 < packed["tokens_per_step_per_rank"] == unpacked["tokens_per_step_per_rank"] <= payload["config"]["max_tokens"]
+    budget = payload["config"]["max_tokens"]
+    assert 0 < packed["tokens_per_step_per_rank"] == unpacked["tokens_per_step_per_rank"] <= budget
     assert packed["padding_share"] < unpacked["padding_share"]
     for r in (unpacked, packed):
         assert r["train_tokens_per_s_per_rank"] == pytest.approx(r["tokens_per_step_per_rank"] / r["step_time_s"],
@@ -218,8 +219,8 @@ def test_the_script_runs_the_given_python_else_uv_else_python3(tmp_path, python,
 @pytest.mark.slow  # three model builds and a transformers.Trainer: ~45 s under load on 2 cores
 def test_compare_prints_ours_unpacked_packed_and_the_hf_trainer_with_ratios_and_the_floor():
     done = subprocess.run([sys.executable, "scripts/bench.py", "--compare", "--config", "configs/synthetic.yaml",
-                           "--steps", "2", "--warmup", "1", "--threads", "1", "--rounds", "1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                           "--steps", "2", "--warmup", "1", "--threads", "1", "--rounds", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads(done.stdout.strip().splitlines()[-1])
     rows = {r["row"]: r for r in payload["compare"]}

@@ -280,7 +280,8 @@ class Trainer:
             i = r * world.size + world.rank
             real = i < len(micro)
             batch = micro[i] if real else micro[0]  # a zero-weight stand-in: every rank joins every backward
-            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
+            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                      for k, v in model_inputs(batch).items()}
             seed = seeds[i if real else 0]
             # the stand-in's forward must not count as a second read of its micro-batch
             counted = [] if real else [c.clone() for c in self.method.step_counters(self.model)]
