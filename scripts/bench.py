@@ -565,6 +565,7 @@ def write_table(out: Path, card: Card, cfg: SuiteConfig, rows: list[dict[str, An
 #
 #   ours, unpacked   the trainer's micro-batch: length-bucketed items, right padding (training/batching.collate)
 #   ours, packed     train.pack: the same items end to end in one row, positions restarting per item
+#                    (the two on one model, interleaved step by step: bench_ours)
 #   HF Trainer       a stock transformers.Trainer on the same items (and the same peft model): its own
 #                    random sampler, per_device_train_batch_size = train.max_batch_size, the stock causal-LM
 #                    collator (DataCollatorForLanguageModeling(mlm=False): dynamic padding to the longest of
@@ -603,39 +604,43 @@ def _prepared(cfg: Any) -> tuple[Any, nn.Module, Method, Any]:
     return loaded, model, method, loaded.tokenizer
 
 
-def bench_ours(cfg: Any, pack: bool, steps: int, warmup: int) -> dict[str, Any]:
-    """The trainer's train_step (training/trainer.py) for one micro-batch per step, as the main job runs it."""
+def bench_ours(cfg: Any, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """The trainer's train_step (training/trainer.py) for one micro-batch per step, as the main job runs it,
+    unpacked and packed on the same model, interleaved: each micro-batch of the plan is trained once in each
+    layout, the first layout alternating from step to step, so a load that comes and goes on a shared
+    machine hits both alike (whole rows one after the other moved by 2x between rounds). The pairs train
+    the same items twice; that changes nothing a throughput measures."""
     loaded, model, method, tokenizer = _prepared(cfg)
     data, plan = _main_job_items(cfg, tokenizer)
     masked = data.num_masked or None
+    params = [p for g in method.trainable_parameters(model) for p in g["params"]]
     opt = torch.optim.AdamW(method.trainable_parameters(model), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
-    params = [p for g in method.trainable_parameters(model) for p in g["params"]]
     model.train()
-    real = slots = 0
-    start = 0.0
+    totals = {layout: {"tokens": 0, "slots": 0, "seconds": 0.0} for layout in ("unpacked", "packed")}
     for i in range(steps + warmup):
         idx = plan[i % len(plan)]
         ids = [data.token_ids[j] for j in idx]
         num_masked = [masked[j] for j in idx] if masked else None
-        batch = collate_packed(ids, tokenizer.pad_token_id, num_masked) if pack else \
-            collate(ids, tokenizer.pad_token_id, num_masked)
-        if i == warmup:
+        for layout in (("unpacked", "packed") if i % 2 == 0 else ("packed", "unpacked")):
+            batch = collate_packed(ids, tokenizer.pad_token_id, num_masked) if layout == "packed" else \
+                collate(ids, tokenizer.pad_token_id, num_masked)
             start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = model(**model_inputs(batch))
-        loss = out.loss + (method.extra_loss(model, {**batch, "texts": []}, out) or 0)
-        loss.backward()
-        method.after_backward(model)
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        opt.step()
-        method.after_optimizer_step(model)
-        if i >= warmup:
-            real += int(batch["attention_mask"].sum())
-            slots += batch["attention_mask"].numel()
-    seconds = time.perf_counter() - start
-    return {"tokens": real, "seconds": seconds, "padding_share": round(1 - real / slots, 4),
-            "flops_per_token": train_flops_per_token(model, max(len(t) for t in data.token_ids)), "model": model}
+            opt.zero_grad(set_to_none=True)
+            out = model(**model_inputs(batch))
+            loss = out.loss + (method.extra_loss(model, {**batch, "texts": []}, out) or 0)
+            loss.backward()
+            method.after_backward(model)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            opt.step()
+            method.after_optimizer_step(model)
+            if i >= warmup:
+                total = totals[layout]
+                total["seconds"] += time.perf_counter() - start
+                total["tokens"] += int(batch["attention_mask"].sum())
+                total["slots"] += batch["attention_mask"].numel()
+    return {layout: {"tokens": t["tokens"], "seconds": t["seconds"], "model": model,
+                     "padding_share": round(1 - t["tokens"] / t["slots"], 4)} for layout, t in totals.items()}
 
 
 def bench_hf_trainer(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
@@ -712,25 +717,25 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def compare_rows(cfg: Any, steps: int, warmup: int, rounds: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The three rows, `rounds` times in turn (A B C A B C: a load that comes and goes on a shared machine
-    hits every row alike), each row's best round kept; the floor is measured in every round, best kept."""
-    runs = (("ours, unpacked", lambda: bench_ours(cfg, False, steps, warmup)),
-            ("ours, packed", lambda: bench_ours(cfg, True, steps, warmup)),
-            ("HF Trainer (stock)", lambda: bench_hf_trainer(cfg, steps, warmup)))
+    """The three rows, `rounds` times (ours unpacked and packed interleaved step by step, then the HF
+    Trainer), each row's best round kept; the floor is measured in every round, best kept."""
+    labels = ("ours, unpacked", "ours, packed", "HF Trainer (stock)")
     best: dict[str, dict[str, Any]] = {}
     floor: dict[str, Any] = {}
     for _ in range(rounds):
-        for label, run in runs:
-            result = run()
-            model = result.pop("model", None)
-            if model is not None and label == "ours, unpacked":
-                per_step = result["tokens"] / steps
-                seconds = matmul_floor(model, round(per_step))
-                if not floor or seconds < floor["matmul_seconds_per_step"]:
-                    floor = {"tokens_per_step": round(per_step), "matmul_seconds_per_step": round(seconds, 4),
-                             "floor_tokens_per_s": round(per_step / seconds, 1)}
-            del model
-            gc.collect()
+        ours = bench_ours(cfg, steps, warmup)
+        results = {labels[0]: ours["unpacked"], labels[1]: ours["packed"],
+                   labels[2]: bench_hf_trainer(cfg, steps, warmup)}
+        model = ours["unpacked"]["model"]
+        per_step = ours["unpacked"]["tokens"] / steps
+        seconds = matmul_floor(model, round(per_step))
+        if not floor or seconds < floor["matmul_seconds_per_step"]:
+            floor = {"tokens_per_step": round(per_step), "matmul_seconds_per_step": round(seconds, 4),
+                     "floor_tokens_per_s": round(per_step / seconds, 1)}
+        del model, ours
+        gc.collect()
+        for label in labels:
+            result = results[label]
             row = {"row": label, "tokens": result["tokens"], "seconds": round(result["seconds"], 3),
                    "train_tokens_per_s": round(result["tokens"] / result["seconds"], 1),
                    "padding_share": result["padding_share"],
@@ -740,7 +745,8 @@ def compare_rows(cfg: Any, steps: int, warmup: int, rounds: int = 1) -> tuple[li
                 best[label] = row
             else:
                 best[label]["rounds_tokens_per_s"] = row["rounds_tokens_per_s"]
-    rows = [best[label] for label, _ in runs]
+        del results
+    rows = [best[label] for label in labels]
     hf = rows[-1]["train_tokens_per_s"]
     for r in rows:
         r["vs_hf_trainer"] = round(r["train_tokens_per_s"] / hf, 3)
