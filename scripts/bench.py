@@ -9,6 +9,9 @@ Speed is measured here, never in a timed test. Examples (numbers in docs/benchma
     # the GPU table (full_ft and lora in bf16, checkpointing on/off, QLoRA, 2 GPUs), one markdown + JSON file:
     bash scripts/bench_gpu.sh            # = python scripts/bench.py --suite
     bash scripts/bench_gpu.sh --smoke    # the same rows on CPU with a tiny model, in seconds
+    # the main job's training side by side (issue 24): our step unpacked and packed, a stock HF Trainer,
+    # and the matmul floor of this machine (fp32 CPU by default, configs/real.yaml's data, model and LoRA):
+    uv run python scripts/bench.py --compare --steps 6 --threads 2 --rounds 2
 
 Every optimizer step is one micro-batch of max_tokens // seq_len sequences of exactly seq_len real
 tokens (the benchmark's passages tokenised and packed end to end, repeated as often as the steps need),
@@ -24,7 +27,9 @@ imports the scorers (rouge-score and the other evaluation packages); --eval-prob
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import math
 import re
@@ -48,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data import DataConfig, load_benchmark  # noqa: E402
-from training.batching import collate  # noqa: E402
+from training.batching import collate, collate_packed, epoch_batches, model_inputs  # noqa: E402
 from training.config import ConfigError, ModelConfig  # noqa: E402
 from training.distributed import World, close_world, init_world  # noqa: E402
 from training.methods import METHODS, Method, MethodContext  # noqa: E402
@@ -281,7 +286,11 @@ def random_4bit_source(model_cfg: ModelConfig, bench: Any, seed: int) -> str:
 def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes: int, seed: int = 0,
                  model_cfg: ModelConfig | None = None, world: World = World(), precision: str = "auto",
                  checkpointing: bool = False, seq_len: int = 128, num_facts: int = 48,
-                 warmup: int = 2) -> dict | None:
+                 warmup: int = 2, items: str = "") -> dict | None:
+    """One method's training rate. items "": every step is rows of exactly seq_len tokens (the passages
+    end to end, no separation: raw speed); "unpacked" / "packed": the passages as training items in
+    length-bucketed micro-batches under the token budget, right-padded (collate) or end to end in one row
+    with positions restarting per item (collate_packed, as train.pack does), single process only."""
     model_cfg = model_cfg or ModelConfig()
     bench = load_benchmark("temporalwiki", DataConfig(num_facts=num_facts, passages_per_fact=3))
     tmp_source = None
@@ -311,6 +320,11 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
     passages = tokenizer(texts, add_special_tokens=False)["input_ids"]
     sequences = packed_sequences(passages, tokenizer.eos_token_id, seq_len, per_step * (steps + warmup) * world.size)
     seq_texts = tokenizer.batch_decode(sequences)  # for methods whose extra loss reads the text
+    if items:
+        item_ids = [(list(ids) + [tokenizer.eos_token_id])[:seq_len] for ids in passages]
+        # the passages repeated until the steps have their budget each (a throughput test needs compute)
+        item_ids *= max(1, math.ceil(max_tokens * (steps + warmup) / max(1, sum(map(len, item_ids)))))
+        plan = epoch_batches([len(t) for t in item_ids], max_tokens, max_tokens, seed, 1, 0)
     opt = torch.optim.AdamW(method.trainable_parameters(model), lr=1e-4)
     wrapped = wrap_for_world(model, method, world, device)
     model.train()
@@ -319,17 +333,24 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
     for i in range(steps + warmup):
         first = (i * world.size + world.rank) * per_step  # each rank its own micro-batch
         idx = list(range(first, first + per_step))
-        batch = collate([sequences[j] for j in idx], tokenizer.pad_token_id)
+        if items:
+            idx = plan[i % len(plan)]
+            chosen = [item_ids[j] for j in idx]
+            full = (collate_packed(chosen, tokenizer.pad_token_id) if items == "packed"
+                    else collate(chosen, tokenizer.pad_token_id))
+        else:
+            full = collate([sequences[j] for j in idx], tokenizer.pad_token_id)
         # counted on the host: reading a CUDA tensor would synchronise inside the timed steps
-        real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
-        batch = {k: v.to(device) for k, v in batch.items()}
+        real, slots = int(full["attention_mask"].sum()), full["attention_mask"].numel()
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(full).items()}
         if i == warmup:  # the first steps pay for allocation and lazy init
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with autocast_for(precision, device):
             out = wrapped(**batch)
-            loss = out.loss + (method.extra_loss(model, {**batch, "texts": [seq_texts[j] for j in idx]}, out) or 0)
+            texts = [] if items else [seq_texts[j] for j in idx]
+            loss = out.loss + (method.extra_loss(model, {**full, **batch, "texts": texts}, out) or 0)
         loss.backward()
         method.after_backward(model)
         opt.step()
@@ -352,7 +373,7 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
         "strategy": "ddp" if world.active else "single", "threads": torch.get_num_threads(),
         "params_m": round(count_params(model) / 1e6, 3),
         "trainable_params_m": round(count_params(model, trainable_only=True) / 1e6, 3),
-        "steps": steps, "seq_len": seq_len, "max_tokens": max_tokens,
+        "steps": steps, "seq_len": seq_len, "max_tokens": max_tokens, "items": items or "concatenated",
         "tokens_per_step_per_rank": real_tokens // steps,
         "step_time_s": round(train_s / steps, 4),
         "train_tokens_per_s_per_rank": round(per_rank, 1),
@@ -386,6 +407,7 @@ class RowSpec:
     quantize: str = "none"
     checkpointing: bool = False
     ranks: int = 1
+    items: str = ""  # "": seq_len-token rows of concatenated passages; "unpacked" / "packed": passages as items
 
 
 SUITE = [
@@ -396,6 +418,9 @@ SUITE = [
     RowSpec("qlora (4-bit)", "lora", quantize="4bit"),
     RowSpec("full_ft, 2 GPUs (ddp)", "full_ft", ranks=2),
     RowSpec("lora, 2 GPUs (ddp)", "lora", ranks=2),
+    # train.pack against the trainer's default layout, on the same items in the same micro-batches
+    RowSpec("lora, passages unpacked", "lora", items="unpacked"),
+    RowSpec("lora, passages packed (train.pack)", "lora", items="packed"),
 ]
 
 
@@ -426,7 +451,7 @@ COLUMNS = [  # (key in the row, header in the markdown table)
     ("row", "row"), ("precision", "precision"), ("gradient_checkpointing", "grad ckpt"), ("ranks", "GPUs"),
     ("step_time_s", "step time (s)"), ("tokens_per_step_per_rank", "tokens/step per GPU"),
     ("train_tokens_per_s_total", "tokens/s"), ("train_tokens_per_s_per_rank", "tokens/s per GPU"),
-    ("mfu", "MFU"), ("peak_memory_gib", "peak memory (GiB)"), ("params_m", "params (M)"),
+    ("padding_share", "padding"), ("mfu", "MFU"), ("peak_memory_gib", "peak memory (GiB)"), ("params_m", "params (M)"),
     ("trainable_params_m", "trainable (M)"), ("status", "status"),
 ]
 
@@ -455,7 +480,8 @@ def run_in_process(cfg: SuiteConfig, spec: RowSpec, device: torch.device) -> dic
                             dtype="bfloat16" if cfg.precision == "bf16" else "float32", quantize=spec.quantize)
     return measured(device, lambda: bench_method(
         spec.method, "synthetic", cfg.steps, cfg.max_tokens, 0, model_cfg=model_cfg, precision=cfg.precision,
-        checkpointing=spec.checkpointing, seq_len=cfg.seq_len, num_facts=cfg.num_facts, warmup=cfg.warmup) or {})
+        checkpointing=spec.checkpointing, seq_len=cfg.seq_len, num_facts=cfg.num_facts, warmup=cfg.warmup,
+        items=spec.items) or {})
 
 
 def run_with_torchrun(cfg: SuiteConfig, spec: RowSpec) -> dict[str, Any]:
@@ -497,7 +523,7 @@ def cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if key == "precision" and row.get("quantize") == "4bit":
         return f"{value}, nf4 base"
-    if key == "mfu":
+    if key in ("mfu", "padding_share"):
         return f"{value:.1%}" if isinstance(value, float) else "-"
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -510,8 +536,9 @@ def markdown_table(card: Card, cfg: SuiteConfig, rows: list[dict[str, Any]]) -> 
         f"Card: {card.name} ({card.label}; {card.sm_count} SMs, {card.memory_gib:.1f} GiB; {peak})"
         if card.sm_count else f"Device: {card.name} ({peak})",
         f"Model: synthetic Llama, hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads; "
-        f"{cfg.max_tokens // cfg.seq_len} sequences x {cfg.seq_len} real tokens per step, "
-        f"{cfg.steps} timed steps after {cfg.warmup} warm-up; torch {torch.__version__}",
+        f"{cfg.max_tokens // cfg.seq_len} sequences x {cfg.seq_len} real tokens per step (the passages rows: "
+        f"passages as items, length-bucketed under the same {cfg.max_tokens}-token budget, padded or packed "
+        f"into one row), {cfg.steps} timed steps after {cfg.warmup} warm-up; torch {torch.__version__}",
         "",
         "| " + " | ".join(h for _, h in COLUMNS) + " |",
         "| " + " | ".join("---" for _ in COLUMNS) + " |",
@@ -528,6 +555,227 @@ def write_table(out: Path, card: Card, cfg: SuiteConfig, rows: list[dict[str, An
                "torch": torch.__version__, "cuda": torch.version.cuda, "rows": rows}
     (out / "bench_gpu.json").write_text(json.dumps(payload, indent=1) + "\n")
     return table
+
+
+# -- the main job's training, side by side (--compare) ------------------------------------------------
+# One process, one model load per row, the same data: the items of the main job's first period (the
+# config's benchmark, tokenised by its workload, so QA items keep their masked prompts), in the batches
+# its plan makes (train.max_tokens_per_batch, train.max_batch_size), the config's method and LoRA options,
+# AdamW at train.lr, clipping at train.max_grad_norm, fp32 on CPU. Rates count real tokens only.
+#
+#   ours, unpacked   the trainer's micro-batch: length-bucketed items, right padding (training/batching.collate)
+#   ours, packed     train.pack: the same items end to end in one row, positions restarting per item
+#                    (the two on one model, interleaved step by step: bench_ours)
+#   HF Trainer       a stock transformers.Trainer on the same items (and the same peft model): its own
+#                    random sampler, per_device_train_batch_size = train.max_batch_size, the stock causal-LM
+#                    collator (DataCollatorForLanguageModeling(mlm=False): dynamic padding to the longest of
+#                    the batch, loss on every real token), its default AdamW; nothing tuned. It is the baseline
+#                    the ratios divide by.
+#
+# The matmul floor: the step's linear-layer matmuls alone (forward, the activations' gradient through every
+# layer, the weights' gradient for the trained ones, at the shapes of a micro-batch of the plan's mean real
+# tokens), timed as plain torch.matmul in the model's dtype on this machine; floor tokens/s = tokens / that
+# time. A row's "of floor" is its tokens/s over the floor's: what the rest of the step (attention, norms,
+# softmax over the vocabulary, the optimizer, the framework) costs. Attention's own matmuls are left out.
+
+def _compare_config(path: str) -> Any:
+    from training.config import build_run_configs, load_tree
+
+    return build_run_configs(load_tree(path, None, {}, []), METHODS)[0]
+
+
+def _main_job_items(cfg: Any, tokenizer: Any) -> tuple[Any, list[list[int]]]:
+    """The first period's training data as the trainer tokenises it, and its first epoch's plan."""
+    from training.workload import load_workload  # imports the scorers, as the trainer does
+
+    work = load_workload(cfg.data)
+    stage = work.stages[0]
+    data = work.tokenize(tokenizer, stage, [p + c for p, c in stage.pairs], cfg.train.max_seq_len)
+    plan = epoch_batches([len(t) for t in data.token_ids], cfg.train.max_tokens_per_batch, cfg.train.max_batch_size,
+                         cfg.seed, 1, 0)
+    return data, plan
+
+
+def _prepared(cfg: Any) -> tuple[Any, nn.Module, Method, Any]:
+    from training.restore import build_model_and_method
+    from training.workload import load_workload
+
+    loaded, method, model = build_model_and_method(cfg, load_workload(cfg.data))
+    return loaded, model, method, loaded.tokenizer
+
+
+def bench_ours(cfg: Any, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """The trainer's train_step (training/trainer.py) for one micro-batch per step, as the main job runs it,
+    unpacked and packed on the same model, interleaved: each micro-batch of the plan is trained once in each
+    layout, the first layout alternating from step to step, so a load that comes and goes on a shared
+    machine hits both alike (whole rows one after the other moved by 2x between rounds). The pairs train
+    the same items twice; that changes nothing a throughput measures."""
+    loaded, model, method, tokenizer = _prepared(cfg)
+    data, plan = _main_job_items(cfg, tokenizer)
+    masked = data.num_masked or None
+    params = [p for g in method.trainable_parameters(model) for p in g["params"]]
+    opt = torch.optim.AdamW(method.trainable_parameters(model), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    model.train()
+    totals = {layout: {"tokens": 0, "slots": 0, "seconds": 0.0} for layout in ("unpacked", "packed")}
+    for i in range(steps + warmup):
+        idx = plan[i % len(plan)]
+        ids = [data.token_ids[j] for j in idx]
+        num_masked = [masked[j] for j in idx] if masked else None
+        for layout in (("unpacked", "packed") if i % 2 == 0 else ("packed", "unpacked")):
+            batch = collate_packed(ids, tokenizer.pad_token_id, num_masked) if layout == "packed" else \
+                collate(ids, tokenizer.pad_token_id, num_masked)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            out = model(**model_inputs(batch))
+            loss = out.loss + (method.extra_loss(model, {**batch, "texts": []}, out) or 0)
+            loss.backward()
+            method.after_backward(model)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            opt.step()
+            method.after_optimizer_step(model)
+            if i >= warmup:
+                total = totals[layout]
+                total["seconds"] += time.perf_counter() - start
+                total["tokens"] += int(batch["attention_mask"].sum())
+                total["slots"] += batch["attention_mask"].numel()
+    return {layout: {"tokens": t["tokens"], "seconds": t["seconds"], "model": model,
+                     "padding_share": round(1 - t["tokens"] / t["slots"], 4)} for layout, t in totals.items()}
+
+
+def bench_hf_trainer(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
+    """A stock transformers.Trainer on the same items and the same peft model; timed from the end of its
+    warm-up steps to the end of the last step (a callback), tokens counted in the collator."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    loaded, model, method, tokenizer = _prepared(cfg)
+    data, _ = _main_job_items(cfg, tokenizer)
+    stock = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    counted: list[tuple[int, int]] = []
+
+    def collator(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = stock(features)
+        counted.append((int(batch["attention_mask"].sum()), batch["attention_mask"].numel()))
+        return batch
+
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            marks.append(time.perf_counter())
+
+    out_dir = tempfile.mkdtemp(prefix="bench-hf-")
+    try:
+        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=cfg.train.max_batch_size,
+                                 max_steps=steps + warmup, learning_rate=cfg.train.lr,
+                                 max_grad_norm=cfg.train.max_grad_norm, lr_scheduler_type="constant",
+                                 save_strategy="no", report_to=[], logging_strategy="no",
+                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=cfg.seed,
+                                 dataloader_num_workers=0, remove_unused_columns=False)
+        dataset = [{"input_ids": list(t)} for t in data.token_ids]
+        with contextlib.redirect_stdout(io.StringIO()):  # its end-of-training summary line, not our table
+            Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                    callbacks=[Clock()]).train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    # batch i of the run is counted[i] (the loader fetches in order; one fetched ahead is never trained)
+    timed = counted[warmup:warmup + steps]
+    real, slots = sum(r for r, _ in timed), sum(s for _, s in timed)
+    return {"tokens": real, "seconds": marks[warmup + steps - 1] - marks[warmup - 1] if warmup else
+            marks[steps - 1], "padding_share": round(1 - real / slots, 4)}
+
+
+def matmul_floor(model: nn.Module, tokens: int, repeats: int = 3) -> float:
+    """Seconds of the linear layers' matmuls of one step at `tokens` rows: forward x @ W.T, the input's
+    gradient g @ W for every layer (the backward goes through frozen layers too), and the weight's
+    gradient g.T @ x for the trained ones; the best of `repeats` timings per shape."""
+    shapes: dict[tuple[int, int, bool], int] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and w is not None and id(w) not in seen:
+            seen.add(id(w))
+            key = (w.shape[0], w.shape[1], w.requires_grad)
+            shapes[key] = shapes.get(key, 0) + 1
+    dtype = next(model.parameters()).dtype
+    total = 0.0
+    for (out_f, in_f, trained), count in shapes.items():
+        x, w, g = (torch.randn(tokens, in_f, dtype=dtype), torch.randn(out_f, in_f, dtype=dtype),
+                   torch.randn(tokens, out_f, dtype=dtype))
+        products = [(x, w.T), (g, w)] + ([(g.T, x)] if trained else [])
+        for a, b in products:
+            torch.matmul(a, b)  # warm
+            best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
+            total += best * count
+    return total
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compare_rows(cfg: Any, steps: int, warmup: int, rounds: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The three rows, `rounds` times (ours unpacked and packed interleaved step by step, then the HF
+    Trainer), each row's best round kept; the floor is measured in every round, best kept."""
+    labels = ("ours, unpacked", "ours, packed", "HF Trainer (stock)")
+    best: dict[str, dict[str, Any]] = {}
+    floor: dict[str, Any] = {}
+    for _ in range(rounds):
+        ours = bench_ours(cfg, steps, warmup)
+        results = {labels[0]: ours["unpacked"], labels[1]: ours["packed"],
+                   labels[2]: bench_hf_trainer(cfg, steps, warmup)}
+        model = ours["unpacked"]["model"]
+        per_step = ours["unpacked"]["tokens"] / steps
+        seconds = matmul_floor(model, round(per_step))
+        if not floor or seconds < floor["matmul_seconds_per_step"]:
+            floor = {"tokens_per_step": round(per_step), "matmul_seconds_per_step": round(seconds, 4),
+                     "floor_tokens_per_s": round(per_step / seconds, 1)}
+        del model, ours
+        gc.collect()
+        for label in labels:
+            result = results[label]
+            row = {"row": label, "tokens": result["tokens"], "seconds": round(result["seconds"], 3),
+                   "train_tokens_per_s": round(result["tokens"] / result["seconds"], 1),
+                   "padding_share": result["padding_share"],
+                   "rounds_tokens_per_s": best.get(label, {}).get("rounds_tokens_per_s", [])}
+            row["rounds_tokens_per_s"] = row["rounds_tokens_per_s"] + [row["train_tokens_per_s"]]
+            if label not in best or row["train_tokens_per_s"] > best[label]["train_tokens_per_s"]:
+                best[label] = row
+            else:
+                best[label]["rounds_tokens_per_s"] = row["rounds_tokens_per_s"]
+        del results
+    rows = [best[label] for label in labels]
+    hf = rows[-1]["train_tokens_per_s"]
+    for r in rows:
+        r["vs_hf_trainer"] = round(r["train_tokens_per_s"] / hf, 3)
+        r["of_matmul_floor"] = round(r["train_tokens_per_s"] / floor["floor_tokens_per_s"], 3)
+    return rows, floor
+
+
+def main_compare(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _compare_config(args.config)
+    steps, warmup = args.steps or 6, 2 if args.warmup is None else args.warmup
+    with frozen_imports():
+        rows, floor = compare_rows(cfg, steps, warmup, args.rounds)
+    header = (f"main job's training ({args.config}: method {cfg.method.name}, mode {cfg.mode}, "
+              f"{cfg.train.max_batch_size} items / {cfg.train.max_tokens_per_batch} tokens per micro-batch), "
+              f"{steps} timed steps after {warmup}, best of {args.rounds} rounds, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}")
+    print(header)
+    print(f"matmul floor: {floor['floor_tokens_per_s']} tokens/s ({floor['matmul_seconds_per_step']} s of linear-layer "
+          f"matmuls per step of {floor['tokens_per_step']} tokens)")
+    print("| row | real tokens/s | padding | x HF Trainer | of matmul floor |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['row']} | {r['train_tokens_per_s']} | {r['padding_share']:.1%} | {r['vs_hf_trainer']:.2f} | "
+              f"{r['of_matmul_floor']:.0%} |")
+    print(json.dumps({"compare": rows, "floor": floor}))
+    # -- the multiple-choice section (scripts/bench_mc.py: our scorer vs lm-eval) is to be added here --
+    return 0
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -580,6 +828,10 @@ def main_methods(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="the GPU table: every row, one markdown and one JSON file")
+    p.add_argument("--compare", action="store_true",
+                   help="the main job's training: ours unpacked, packed, a stock HF Trainer, the matmul floor")
+    p.add_argument("--config", default=str(REPO / "configs" / "real.yaml"), help="--compare: the main job's config")
+    p.add_argument("--rounds", type=int, default=2, help="--compare: rounds of the three rows in turn; best kept")
     p.add_argument("--smoke", action="store_true", help="the table's rows with a tiny model in seconds (CPU)")
     p.add_argument("--out", default="runs/bench_gpu", help="--suite: where bench_gpu.md and bench_gpu.json go")
     p.add_argument("--mode", choices=["real", "synthetic"], default="synthetic")
@@ -600,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
     try:
+        if args.compare:
+            return main_compare(args)
         return main_suite(args) if args.suite or args.smoke else main_methods(args)
     except ConfigError as exc:
         print(f"bench: {exc}", file=sys.stderr)

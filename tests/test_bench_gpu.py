@@ -41,8 +41,9 @@ def test_smoke_writes_one_table_with_every_row(smoke):
     rows = payload["rows"]
     assert [r["row"] for r in rows] == [s.label for s in bench.SUITE]
     ran = [r for r in rows if r["status"] == "ok"]
-    assert {(r["method"], r["gradient_checkpointing"]) for r in ran} == {
-        ("full_ft", False), ("lora", False), ("full_ft", True), ("lora", True)}
+    assert {(r["method"], r["gradient_checkpointing"], r["items"]) for r in ran} == {
+        ("full_ft", False, "concatenated"), ("lora", False, "concatenated"), ("full_ft", True, "concatenated"),
+        ("lora", True, "concatenated"), ("lora", False, "unpacked"), ("lora", False, "packed")}
     for r in ran:
         assert r["step_time_s"] > 0 and r["train_tokens_per_s_total"] > 0 and r["peak_memory_gib"] > 0
         assert r["mfu"] is None  # CPU: no peak to divide by
@@ -56,9 +57,23 @@ def test_smoke_writes_one_table_with_every_row(smoke):
 def test_every_step_is_the_token_budget_of_real_tokens(smoke):
     payload, *_ = smoke
     budget = payload["config"]["max_tokens"]
-    for r in (r for r in payload["rows"] if r["status"] == "ok"):
+    for r in (r for r in payload["rows"] if r["status"] == "ok" and r["items"] == "concatenated"):
         assert r["tokens_per_step_per_rank"] == budget and r["padding_share"] == 0.0
         assert r["train_tokens_per_s_per_rank"] == pytest.approx(budget / r["step_time_s"], rel=0.01)
+
+
+def test_the_passages_rows_train_the_same_items_padded_and_packed(smoke):
+    """train.pack's row: the same micro-batches of items as the unpacked one, so the same real tokens a
+    step, with less padding; the rates count real tokens only."""
+    payload, *_ = smoke
+    by_items = {r["items"]: r for r in payload["rows"] if r["status"] == "ok" and r["items"] != "concatenated"}
+    unpacked, packed = by_items["unpacked"], by_items["packed"]
+    budget = payload["config"]["max_tokens"]
+    assert 0 < packed["tokens_per_step_per_rank"] == unpacked["tokens_per_step_per_rank"] <= budget
+    assert packed["padding_share"] < unpacked["padding_share"]
+    for r in (unpacked, packed):
+        assert r["train_tokens_per_s_per_rank"] == pytest.approx(r["tokens_per_step_per_rank"] / r["step_time_s"],
+                                                                 rel=0.05)
 
 
 def test_the_bench_imports_no_scorer_package(smoke):
@@ -199,3 +214,17 @@ def test_the_script_runs_the_given_python_else_uv_else_python3(tmp_path, python,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == expected
+
+
+@pytest.mark.slow  # three model builds and a transformers.Trainer: ~45 s under load on 2 cores
+def test_compare_prints_ours_unpacked_packed_and_the_hf_trainer_with_ratios_and_the_floor():
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--compare", "--config", "configs/synthetic.yaml",
+                           "--steps", "2", "--warmup", "1", "--threads", "1", "--rounds", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = {r["row"]: r for r in payload["compare"]}
+    assert list(rows) == ["ours, unpacked", "ours, packed", "HF Trainer (stock)"]
+    assert rows["ours, packed"]["tokens"] == rows["ours, unpacked"]["tokens"] > 0  # the same items
+    assert rows["ours, packed"]["padding_share"] == 0 and rows["HF Trainer (stock)"]["vs_hf_trainer"] == 1
+    assert payload["floor"]["floor_tokens_per_s"] > 0 and all(0 < r["of_matmul_floor"] for r in rows.values())

@@ -202,6 +202,10 @@ def _main(argv: list[str], stop: StopFlag) -> int:
                          f"memory reads in the forward, which checkpointing runs twice; valid: false"
                          for cfg in configs
                          if cfg.train.gradient_checkpointing and METHODS[cfg.method.name].counts_in_forward]
+            problems += [f"train.pack cannot be used with method {cfg.method.name!r}: it reads the training batch "
+                         f"per row or per sequence, which packing changes; valid: false (methods that pack: "
+                         f"{', '.join(n for n, m in METHODS.items() if m.packs)})"
+                         for cfg in configs if cfg.train.pack and not METHODS[cfg.method.name].packs]
             problems += [p for cfg in configs for p in quantize_problems(cfg)]
             if problems:
                 raise ConfigError(problems)

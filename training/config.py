@@ -93,6 +93,11 @@ class TrainConfig:
     # how long a collective waits for a peer before the rank gives up (one line, exit 75): longer than rank 0
     # needs to write a step checkpoint while the others wait; with several ranks only (docs/distributed.md)
     collective_timeout_s: Annotated[float, Range(10, 7 * 86400)] = 1800.0
+    # lay each micro-batch's items end to end in one row, each item attending only to itself (position ids
+    # restart per item): the same items, loss and gradients as unpacked up to the order of float sums, and
+    # no padding. Only for methods that declare it (Method.packs). Part of the run's identity (float
+    # reordering changes the last bits)
+    pack: bool = False
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
     casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
@@ -199,6 +204,8 @@ class RunConfig:
             # as above: runs from before the option keep their identity; auto is none wherever such runs
             # ran (a float32 model), and what it resolved to is recorded in run.json
             out["train"].pop("mixed_precision")
+        if not self.train.pack:
+            out["train"].pop("pack")  # as above: the saved config and run id of an unpacked run stay what they were
         if not self.train.deterministic:
             out["train"].pop("deterministic")  # as above: the saved config of a run stays what it was
         if self.train.collective_timeout_s == TrainConfig.collective_timeout_s:

@@ -30,6 +30,11 @@ class Adapted(Method):
     """A method that trains what `cfg.on` says; subclasses add their own hooks and call super()."""
 
     config_cls = AdaptedOptions
+    # ewc's penalty reads the weights only (its Fisher comes from its own per-item forwards at the
+    # period's end); replay and joint only choose the items; agem projects the step's summed gradient
+    # (equal packed or not) against one of its own unpacked forward; lwf's teacher runs on the same
+    # packed inputs as the student (model_inputs), so its KL covers the same positions
+    packs = True
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)

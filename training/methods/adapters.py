@@ -152,6 +152,7 @@ class PerPeriodAdapters(Method):
     which one trains) and add their own hooks."""
 
     config_cls = LoraOptions
+    packs = True  # olora's penalty reads the adapters' weights only; per_task trains one adapter with the LM loss
 
     def __init__(self, cfg: LoraOptions, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)

@@ -87,6 +87,11 @@ class Method:
     # counts in the training forward (step_counters): a forward recomputed by gradient checkpointing would
     # count twice, so train.gradient_checkpointing is refused for it
     counts_in_forward: ClassVar[bool] = False
+    # trains on packed micro-batches (train.pack) with the loss and gradients of the unpacked ones: the
+    # method reads nothing per row or per sequence of the training batch (no per-sequence statistics, no
+    # batch["texts"] lined up with rows), and any forward of its own on the batch goes through
+    # training.batching.model_inputs. Opt-in: tests/test_pack.py checks every method that claims it
+    packs: ClassVar[bool] = False
     # some trainable parameters may get no gradient in a step (DDP must then look for them)
     leaves_parameters_unused: ClassVar[bool] = False
 

@@ -15,6 +15,7 @@ from training.methods.base import Method
 
 class FullFineTune(Method):
     name = "full_ft"
+    packs = True  # the LM loss alone: nothing read per row of the batch
 
     @classmethod
     def trains_backbone(cls, cfg: Any) -> bool:

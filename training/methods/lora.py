@@ -43,6 +43,7 @@ def check_targets(method: str, cfg: LoraOptions, model: nn.Module) -> list[str]:
 class LoRA(Method):
     name = "lora"
     config_cls = LoraOptions
+    packs = True  # the LM loss alone (with dropout > 0 the masks are drawn over another layout, same law)
 
     @classmethod
     def check(cls, cfg: LoraOptions, model: nn.Module) -> list[str]:

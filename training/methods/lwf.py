@@ -40,6 +40,7 @@ from torch import nn
 
 from data.fields import Range
 from data.schema import Period
+from training.batching import model_inputs
 from training.methods.adapted import Adapted, AdaptedOptions
 from training.methods.base import eval_mode
 
@@ -96,10 +97,10 @@ class LearningWithoutForgetting(Adapted):
         for n, t in self.teacher.items():
             if t.device != params[n].device or t.dtype != params[n].dtype:
                 self.teacher[n] = t.to(params[n].device, params[n].dtype)
+        # the student's own inputs (packed ones included: the same position ids, items kept apart), no labels
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
         with torch.no_grad(), eval_mode(model):
-            out = torch.func.functional_call(
-                model, self.teacher, args=(),
-                kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, strict=False)
+            out = torch.func.functional_call(model, self.teacher, args=(), kwargs=inputs, strict=False)
         return out.logits
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:

@@ -477,6 +477,10 @@ def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], nam
 class SparseMemoryFinetune(Method):
     name = "smf"
     counts_in_forward = True
+    # train.pack is refused: TF-IDF counts the sequences (rows) that read a slot, so a packed row would be
+    # one document for all its items; prefix_mean queries would average across items; and the memories
+    # skip padding through the 2D attention mask, which a packed forward does not pass
+    packs = False
     config_cls = SmfOptions
 
     def __init__(self, cfg: SmfOptions, ctx: Any) -> None:

@@ -196,6 +196,9 @@ def _cat_padded(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[
 class ContradictionAwareSparseMemory(Method):
     name = "casm"
     counts_in_forward = True
+    # train.pack is refused: smf's per-row slot counts (see smf.py), and batch["texts"] lines its items up
+    # with the rows of the batch
+    packs = False
     leaves_parameters_unused = True  # the router trains from the second period on
     config_cls = CasmOptions
     # its registry parses dated fact statements out of the passages, and its router routes by period
