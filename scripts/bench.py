@@ -774,8 +774,29 @@ def main_compare(args: argparse.Namespace) -> int:
         print(f"| {r['row']} | {r['train_tokens_per_s']} | {r['padding_share']:.1%} | {r['vs_hf_trainer']:.2f} | "
               f"{r['of_matmul_floor']:.0%} |")
     print(json.dumps({"compare": rows, "floor": floor}))
-    # -- the multiple-choice section (scripts/bench_mc.py: our scorer vs lm-eval) is to be added here --
+    if args.mc_questions:
+        print_mc_section(args.mc_questions, args.mc_formats.split(","), args.mc_batch_size)
     return 0
+
+
+def print_mc_section(questions: int, formats: list[str], batch_size: int) -> None:
+    """Multiple-choice scoring in the same run: ours (shared context), ours per request and lm-eval's hf backend
+    on the same MMLU questions and model (scripts/bench_mc.py), scoring time only."""
+    from scripts.bench_mc import run_mc_bench  # lazily: it needs the scorers and lm-eval
+
+    print(f"multiple choice: {questions} MMLU questions per format, SmolLM2-135M-Instruct fp32, batch {batch_size}, "
+          f"scoring time only (model load excluded for all)")
+    print("| format | ours (shared context) s | ours per request s | lm-eval hf s | lm-eval / ours | same answers "
+          "as lm-eval | max abs ll diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    results = []
+    for fmt in formats:
+        r = run_mc_bench(questions, fmt, batch_size, paths=("lm_eval", "new", "old"))
+        results.append(r)
+        print(f"| {fmt} | {r['new']['seconds']:.1f} | {r['old']['seconds']:.1f} | {r['lm_eval']['seconds']:.1f} | "
+              f"{r['lm_eval']['seconds'] / r['new']['seconds']:.2f}x | {r['new']['same_choice_as_ref']}/{questions} | "
+              f"{max(r['new']['max_abs_ll_diff'], r['old']['max_abs_ll_diff']):.1e} |")
+    print(json.dumps({"multiple_choice": results}))
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -832,6 +853,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the main job's training: ours unpacked, packed, a stock HF Trainer, the matmul floor")
     p.add_argument("--config", default=str(REPO / "configs" / "real.yaml"), help="--compare: the main job's config")
     p.add_argument("--rounds", type=int, default=2, help="--compare: rounds of the three rows in turn; best kept")
+    p.add_argument("--mc-questions", type=int, default=0,
+                   help="--compare: also score this many MMLU questions with ours and lm-eval (0 = skip)")
+    p.add_argument("--mc-formats", default="letter,cloze", help="--compare: letter, cloze or both")
+    p.add_argument("--mc-batch-size", type=int, default=8, help="--compare: lm-eval's batch size, ours the same")
     p.add_argument("--smoke", action="store_true", help="the table's rows with a tiny model in seconds (CPU)")
     p.add_argument("--out", default="runs/bench_gpu", help="--suite: where bench_gpu.md and bench_gpu.json go")
     p.add_argument("--mode", choices=["real", "synthetic"], default="synthetic")
