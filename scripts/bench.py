@@ -46,11 +46,16 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from scripts.command import Parser, command, exit_quietly, prepare  # noqa: E402
+
+if __name__ == "__main__":
+    prepare()  # quiet libraries and the stop flag, before torch loads (scripts/command.py)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from data import DataConfig, load_benchmark  # noqa: E402
 from training.batching import collate, collate_packed, epoch_batches, model_inputs  # noqa: E402
@@ -846,8 +851,9 @@ def main_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@command("bench")
+def main(argv: list[str]) -> int:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="the GPU table: every row, one markdown and one JSON file")
     p.add_argument("--compare", action="store_true",
                    help="the main job's training: ours unpacked, packed, a stock HF Trainer, the matmul floor")
@@ -876,14 +882,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["none", "4bit"], default="none", help="4bit: QLoRA's NF4 (CUDA)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     args = p.parse_args(argv)
-    try:
-        if args.compare:
-            return main_compare(args)
-        return main_suite(args) if args.suite or args.smoke else main_methods(args)
-    except ConfigError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 2
+    # the command contract maps ConfigError to one line and exit 2, a stop to 75, a bug to 70
+    if args.compare:
+        return main_compare(args)
+    return main_suite(args) if args.suite or args.smoke else main_methods(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quietly(main())  # a stop signal during teardown must not kill a finished process
