@@ -145,8 +145,12 @@ elif ((in_slurm)); then
     # not be host names), found once here by the same code launch.py's job script runs
     # (training/rendezvous.py); on a port derived from the job id (array tasks have their own ids), so two
     # runs sharing a node do not collide.
+    # It is standard library only and runs with the node's own python3, not through ENV_CMD: scontrol is
+    # on the node, not necessarily inside what ENV_CMD enters (a container); ENV_CMD's python without one.
     if [[ -z "${MASTER_ADDR:-}" ]]; then
-        MASTER_ADDR="$("${env_cmd[@]}" python -m training.rendezvous)" && [[ -n "$MASTER_ADDR" ]] \
+        rendezvous=(python3)
+        command -v python3 >/dev/null 2>&1 || rendezvous=("${env_cmd[@]}" python)
+        MASTER_ADDR="$("${rendezvous[@]}" "$REPO_DIR/training/rendezvous.py")" && [[ -n "$MASTER_ADDR" ]] \
             || die "cannot work out the rendezvous host from SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-}; set MASTER_ADDR"
     fi
     export MASTER_ADDR

@@ -302,7 +302,7 @@ def _resolve(host: str, port: str, world: World, deadline: float, timeout_s: flo
     (or with a stack trace per try) for the whole process-group timeout."""
     while True:
         try:
-            socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)  # the port is the backend's to check
             return
         except socket.gaierror as exc:
             error = exc.strerror or str(exc)

@@ -11,8 +11,9 @@ launch.py's tasks alike:
 3. the node name when scontrol cannot answer (no scontrol on PATH, the controller down), and this
    machine's host name outside Slurm.
 
-Standard library only: `python -m training.rendezvous` prints the host and runs in a batch script
-before any heavy import (torch) would pay off, once per job rather than once per rank.
+Standard library only, no import from this repository: `python3 training/rendezvous.py` (or
+`python -m training.rendezvous`) prints the host in a batch script with any python 3, once per job
+rather than once per rank, before any heavy import.
 """
 
 from __future__ import annotations
