@@ -115,17 +115,6 @@ mkdir -p "$REPO_DIR/logs"  # for the next sbatch from the clone: Slurm does not 
 in_slurm=0
 [[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
 
-first_host() {  # the first host of the allocation: where rank 0 runs and the others meet it
-    local list="${SLURM_JOB_NODELIST:-$(hostname -s)}" host
-    host="$(scontrol show hostnames "$list" 2>/dev/null | head -n1)"
-    if [[ -z "$host" ]]; then  # no scontrol (or no config): the first entry, e.g. gpu[07-08],cpu3 -> gpu07
-        list="${list%%,*}"
-        [[ "$list" =~ ^([^[]*)\[([^],-]+) ]] && list="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
-        host="$list"
-    fi
-    echo "$host"
-}
-
 num_ranks=1
 if ((in_slurm)); then
     num_nodes="${SLURM_JOB_NUM_NODES:-1}"
@@ -152,9 +141,19 @@ if ((in_slurm && num_ranks == 1)); then
     # 22.05 no longer passes --cpus-per-task from sbatch to srun; without it the step gets one CPU.
     launcher=(srun --ntasks=1 --nodes=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1)
 elif ((in_slurm)); then
-    # The ranks meet on the first node, on a port derived from the job id (array tasks have their own
-    # ids), so two runs sharing a node do not collide.
-    export MASTER_ADDR="${MASTER_ADDR:-$(first_host)}"
+    # The ranks meet on the first node, at the address Slurm reaches it at (its NodeAddr: node names need
+    # not be host names), found once here by the same code launch.py's job script runs
+    # (training/rendezvous.py); on a port derived from the job id (array tasks have their own ids), so two
+    # runs sharing a node do not collide.
+    # It is standard library only and runs with the node's own python3, not through ENV_CMD: scontrol is
+    # on the node, not necessarily inside what ENV_CMD enters (a container); ENV_CMD's python without one.
+    if [[ -z "${MASTER_ADDR:-}" ]]; then
+        rendezvous=(python3)
+        command -v python3 >/dev/null 2>&1 || rendezvous=("${env_cmd[@]}" python)
+        MASTER_ADDR="$("${rendezvous[@]}" "$REPO_DIR/training/rendezvous.py")" && [[ -n "$MASTER_ADDR" ]] \
+            || die "cannot work out the rendezvous host from SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-}; set MASTER_ADDR"
+    fi
+    export MASTER_ADDR
     export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
     # Not --kill-on-bad-exit: after a stop every rank exits 75, and the first one to exit would make
     # srun kill the others (measured on 22.05: srun then returns 143). srun returns the highest exit
@@ -245,8 +244,9 @@ case "$rc" in
             exit 75
         fi
         if ((got_term)); then
-            # Slurm is requeuing (scontrol requeue, preemption) or cancelling this job itself.
-            log "stopped on SIGTERM after saving a step checkpoint; Slurm decides whether the job comes back"
+            # Slurm is requeuing (scontrol requeue, preemption, a failed node) or cancelling this job itself.
+            # After a node failure the ranks did not save (they lost a peer); the newest checkpoint is older.
+            log "stopped on SIGTERM (requeue, preemption or a failed node); the newest step checkpoint is kept, Slurm decides whether the job comes back"
             exit 75
         fi
         # Array tasks are addressed as <array job id>_<task id>; a plain job by its id.

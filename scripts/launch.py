@@ -19,7 +19,7 @@ directory is the only state, so a requeue can never resume from something stale.
 Several ranks per run (`--gpus-per-run N`, `--nodes M`, or `--ranks-per-run N` on CPUs): each array task
 is N Slurm tasks, one per rank, started by submitit's srun; each runs TrainTask, which tells its main.py
 the rank (RANK/WORLD_SIZE/LOCAL_RANK from submitit's JobEnvironment) and where to meet (MASTER_ADDR =
-the first node of the job, MASTER_PORT from the job id). USR2 reaches every rank; main.py's ranks agree
+the first node's NodeAddr, exported once by the job script; MASTER_PORT from the job id). USR2 reaches every rank; main.py's ranks agree
 to stop at one step boundary, rank 0 saves, all exit 75. submitit's USR2 handler runs in every task, but
 only global rank 0 calls checkpoint() and requeues (submitit.core.job_environment.SignalHandler), so the
 job is requeued once; the other ranks' TrainTask returns when their main.py exits 75.
@@ -60,6 +60,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission  # noqa: E402
 from scripts import status as run_status  # noqa: E402
 from scripts.slurm_render import (SlurmResources, TaskSpec, expand_tasks, render_sbatch,  # noqa: E402
                                   report_parameters, train_array_parameters)
+from training.rendezvous import rendezvous_host  # noqa: E402
 
 EXIT_RESUME = 75  # main.py: stopped on a signal after saving a step checkpoint
 # main.py killed by a stop signal itself (returncode -N): it arrived while no handler was installed
@@ -154,10 +155,11 @@ def rank_env() -> dict[str, str]:
         return {}
     if num_tasks <= 1:
         return {}
-    hosts = env.hostnames
     # SLURM_JOB_ID is numeric and distinct per array task; submitit's job_id reads <array>_<task>.
+    # MASTER_ADDR: exported once by the job script (slurm_render.RENDEZVOUS_SETUP); else each rank asks
+    # Slurm itself, by the same rule (the first node's NodeAddr).
     return {"RANK": str(env.global_rank), "WORLD_SIZE": str(num_tasks), "LOCAL_RANK": str(env.local_rank),
-            "MASTER_ADDR": os.environ.get("MASTER_ADDR") or (hosts[0] if hosts else env.hostname),
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR") or rendezvous_host(),
             "MASTER_PORT": os.environ.get("MASTER_PORT") or str(master_port(os.environ.get("SLURM_JOB_ID",
                                                                                               env.job_id)))}
 
@@ -305,7 +307,7 @@ def build(args: argparse.Namespace, extra_args: list[str]) -> tuple[list[TaskSpe
                          tasks_per_node=tasks_per_node, partition=args.partition,
                          account=args.account, qos=args.qos, signal_delay_s=args.signal_delay_s,
                          array_parallelism=min(args.parallelism, len(tasks)), extra=tuple(extra),
-                         setup=tuple(args.setup), pythonpath=str(REPO_ROOT))
+                         setup=tuple(args.setup), pythonpath=str(REPO_ROOT), python=sys.executable)
     return tasks, res
 
 

@@ -46,6 +46,7 @@ class SlurmResources:
     extra: tuple[tuple[str, str], ...] = ()  # any further sbatch long options, e.g. (("constraint", "a100"),)
     setup: tuple[str, ...] = ()  # shell lines run before the task starts, e.g. "module load cuda/12.1"
     pythonpath: str = ""  # the repository: lets the job unpickle scripts.launch tasks by reference
+    python: str = "python3"  # the job's python (launch.py: its own); runs training.rendezvous in the job script
     requeue: bool = True
 
     def with_updates(self, **kwargs: Any) -> "SlurmResources":
@@ -69,6 +70,13 @@ def _common(res: SlurmResources) -> dict[str, Any]:
     return params
 
 
+def rendezvous_setup(python: str) -> str:
+    """The job script line that finds where the ranks of a run meet: once per job, before srun starts the
+    ranks (which inherit it), by the rule run_job.sh uses too (training/rendezvous.py: the first node's
+    NodeAddr). A MASTER_ADDR the user exported wins."""
+    return f'export MASTER_ADDR="${{MASTER_ADDR:-$({shlex.quote(python)} -m training.rendezvous)}}"'
+
+
 def train_array_parameters(res: SlurmResources) -> dict[str, Any]:
     """SlurmExecutor.update_parameters() keywords for the training array."""
     params = _common(res)
@@ -82,6 +90,9 @@ def train_array_parameters(res: SlurmResources) -> dict[str, Any]:
         # submitit's srun then starts one task per rank; every rank sees all GPUs of its node (no
         # --gpus-per-task, which would renumber them) and picks cuda:LOCAL_RANK.
         params["ntasks_per_node"] = res.tasks_per_node
+    if res.nodes * res.tasks_per_node > 1:
+        # after PYTHONPATH (the module lives in the repository) and the user's setup (module loads)
+        params["setup"] = [*params.get("setup", []), rendezvous_setup(res.python)]
     # Slurm 22.05's srun no longer inherits --cpus-per-task from sbatch; without this the task's step
     # (which is where python runs) would get a single CPU on clusters that bind tasks to cores.
     params["srun_args"] = [f"--cpus-per-task={res.cpus_per_task}"]

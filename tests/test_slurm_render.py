@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ PYTHON = "/repo/.venv/bin/python"
 FOLDER = "/repo/logs/submitit/%j"
 RES = SlurmResources(job_name="clkit", time_min=720, cpus_per_task=8, mem_gb=64, gpus_per_node=1,
                      partition="gpu", account=None, qos=None, signal_delay_s=300, array_parallelism=2,
-                     extra=(("constraint", "a100"),), setup=("module load cuda/12.1",), pythonpath="/repo")
+                     extra=(("constraint", "a100"),), setup=("module load cuda/12.1",), pythonpath="/repo",
+                     python=PYTHON)
 
 
 def check_golden(name: str, text: str) -> None:
@@ -111,8 +113,9 @@ RUN_JOB_WORLDS = {
 
 def run_job_dry_run(slurm_env: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    # ENV_CMD=env runs `python` from PATH (main.py's line and run_job.sh's `python -m training.rendezvous`)
     env.update(slurm_env, REPO_DIR=str(REPO), RUN_ROOT="/runs", MODE="synthetic", ENV_CMD="env",
-               RUN_JOB_DRY_RUN="1")
+               RUN_JOB_DRY_RUN="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     proc = subprocess.run(["bash", str(REPO / "run_job.sh"), "lora", "--set", "train.grad_accum=2"], env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -20,7 +20,8 @@ from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeState
 from data import DataError
 from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention, summary_columns as retention_columns
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
-from training.distributed import World, close_world, engine_peer_lost, init_world, world_from_env
+from training.distributed import (RendezvousFailed, World, close_world, engine_peer_lost, init_world,
+                                  world_from_env)
 from training.methods import METHODS
 from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
                              resolve_precision)
@@ -210,7 +211,8 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet
-            world = init_world(configs[0].model.device, configs[0].train.collective_timeout_s)
+            world = init_world(configs[0].model.device, configs[0].train.collective_timeout_s,
+                               configs[0].train.rendezvous_timeout_s)
         for cfg in configs:
             current = cfg
             all_results.append(run_one(cfg, workload, stop, world, retention))
@@ -233,6 +235,11 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         print(f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
               f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})", file=sys.stderr)
         return EXIT_ABORTED
+    except RendezvousFailed as exc:
+        # every rank says it, not rank 0 alone: each met it on its own, and rank 0 may be the one missing
+        print(f"error: {exc}; the run's files are untouched, run the same command again to resume "
+              f"(exit {EXIT_RESUME})", file=sys.stderr)
+        return EXIT_RESUME
     except RuntimeError as exc:  # last: LockHeldError is a RuntimeError too, and a bug is re-raised from here
         # another rank died (killed, out of memory, node lost): this one stops without writing anything;
         # the last committed period and step checkpoint stay valid, so a rerun resumes from them. Seen by the

@@ -98,6 +98,9 @@ class TrainConfig:
     # no padding. Only for methods that declare it (Method.packs). Part of the run's identity (float
     # reordering changes the last bits)
     pack: bool = False
+    # how long the ranks may take to meet at MASTER_ADDR:MASTER_PORT before each gives up (one line naming
+    # host:port, exit 75): a host that does not resolve or answer ends the job instead of a silent retry loop
+    rendezvous_timeout_s: Annotated[float, Range(1, 86400)] = 120.0
     # seconds slept after each optimizer step; only for preemption tests
     step_sleep: Annotated[float, Range(0, 3600)] = 0.0
     casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
@@ -210,6 +213,8 @@ class RunConfig:
             out["train"].pop("deterministic")  # as above: the saved config of a run stays what it was
         if self.train.collective_timeout_s == TrainConfig.collective_timeout_s:
             out["train"].pop("collective_timeout_s")
+        if self.train.rendezvous_timeout_s == TrainConfig.rendezvous_timeout_s:
+            out["train"].pop("rendezvous_timeout_s")  # as above
         for key, default in EVAL_BOUNDS.items():
             if out["eval"][key] == default:
                 out["eval"].pop(key)  # as above: the bounds came later, at values no earlier test run reached
@@ -398,7 +403,7 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
 # Settings that change how a run executes, not what it computes: they stay out of the config hash and
 # of the resume check, so a run continues after a change of world size, strategy or progress bars.
 RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing", "deterministic",
-                          "collective_timeout_s")}
+                          "collective_timeout_s", "rendezvous_timeout_s")}
 
 
 def drop_runtime_keys(tree: dict) -> dict:

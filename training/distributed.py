@@ -15,6 +15,10 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import socket
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import ConfigError
+from training.signals import EXIT_RESUME
 
 T = TypeVar("T")
 
@@ -31,10 +36,20 @@ T = TypeVar("T")
 # checkpoint while the others wait at the barrier, short enough that a lost rank ends the job. The run's
 # value is train.collective_timeout_s (the same default); this one is for scripts without a config.
 DEFAULT_TIMEOUT_S = 30 * 60
+# How long joining the run may take (resolving MASTER_ADDR, reaching rank 0, every rank arriving): the
+# ranks of one job start within seconds of each other, so minutes mean a host that does not resolve or
+# answer, and waiting out the collective timeout (30 minutes of silent retries) would only hide that. The
+# run's value is train.rendezvous_timeout_s.
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 
 
 class PeerLost(RuntimeError):
     """A collective failed because another rank died or stopped answering."""
+
+
+class RendezvousFailed(PeerLost):
+    """The ranks could not meet at MASTER_ADDR:MASTER_PORT. Every rank reports it itself (not rank 0 alone):
+    each meets it on its own, and rank 0 may be the one that never came."""
 
 
 @dataclass(frozen=True)
@@ -224,11 +239,14 @@ def nccl_error_handling() -> None:
     os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
-def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+               rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S) -> World:
     """Join the process group when the launcher started several ranks; a world of one joins nothing.
 
-    Under Slurm without torchrun, MASTER_ADDR and MASTER_PORT come from run_job.sh (the first node of
-    the allocation, a port derived from the job id), and the rank from SLURM_PROCID.
+    Under Slurm without torchrun, MASTER_ADDR and MASTER_PORT come from run_job.sh (the first node's
+    NodeAddr, training/rendezvous.py; a port derived from the job id), and the rank from SLURM_PROCID.
+    Joining takes at most `rendezvous_timeout_s`; after that every rank ends with RendezvousFailed (one
+    line naming host:port, exit 75), whatever the backend would have retried.
     """
     world = world_from_env()
     if not world.active or dist.is_initialized():
@@ -250,15 +268,59 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
         device = torch.device("cuda", device_index(world.local_rank, count))
         torch.cuda.set_device(device)  # models.resolve_device and the collectives use the current device
         nccl_error_handling()
+    host, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    where = f"{host}:{port}"
+    deadline = time.monotonic() + rendezvous_timeout_s
+    # The backend's own connect loop keeps retrying for the whole process-group timeout, and prints a C++
+    # stack trace per failed name lookup; the watchdog ends the rank at the deadline instead, from a thread
+    # because the join blocks in C++ (with the GIL released) and cannot be interrupted from Python.
+    watchdog = threading.Timer(rendezvous_timeout_s, _rendezvous_expired,
+                               args=(f"rank {world.rank} of {world.size}: no rendezvous at {where} within "
+                                     f"{rendezvous_timeout_s:g}s (train.rendezvous_timeout_s): nothing answered "
+                                     "there, or another rank never arrived",))
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        _resolve(host, port, world, deadline, rendezvous_timeout_s)
         # device_id binds the NCCL communicator to this rank's GPU at once (no guess from the rank number)
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=world.rank, world_size=world.size,
                                 timeout=datetime.timedelta(seconds=timeout_s), device_id=device)
-    except (RuntimeError, dist.DistError) as exc:  # port taken, rendezvous timed out, a rank never came
-        raise PeerLost(f"rank {world.rank} could not join the run's {world.size} ranks at "
-                       f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-                       f"({' '.join(str(exc).split())[:200]})") from None
+    except (RuntimeError, dist.DistError) as exc:  # port taken, connection reset
+        if isinstance(exc, RendezvousFailed):
+            raise
+        raise RendezvousFailed(f"rank {world.rank} of {world.size} could not join the run at {where} "
+                               f"({' '.join(str(exc).split())[:200]})") from None
+    finally:
+        watchdog.cancel()
     return world
+
+
+def _resolve(host: str, port: str, world: World, deadline: float, timeout_s: float) -> None:
+    """Wait until `host` resolves (a name service may lag behind a node's start), at most until the deadline.
+
+    Checked here rather than left to the backend, which retries a name that does not resolve in silence
+    (or with a stack trace per try) for the whole process-group timeout."""
+    while True:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)  # the port is the backend's to check
+            return
+        except socket.gaierror as exc:
+            error = exc.strerror or str(exc)
+        if time.monotonic() + 1.0 > deadline:
+            raise RendezvousFailed(f"rank {world.rank} of {world.size}: the rendezvous host {host}:{port} "
+                                   f"(MASTER_ADDR:MASTER_PORT) does not resolve ({error}) after {timeout_s:g}s "
+                                   "(train.rendezvous_timeout_s); under Slurm it is the first node's NodeAddr "
+                                   "(docs/slurm.md)")
+        time.sleep(1.0)
+
+
+def _rendezvous_expired(message: str) -> None:
+    """The watchdog: one line and exit 75, now; nothing of the run was written yet."""
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {message}; the run's files are untouched, run the same command again to resume "
+                     f"(exit {EXIT_RESUME})\n")
+    sys.stderr.flush()
+    os._exit(EXIT_RESUME)  # the main thread is stuck inside the backend; a normal exit would wait for it
 
 
 def close_world() -> None:

@@ -1,4 +1,5 @@
-"""The `slurm` session fixture: a real single-node Slurm cluster (scripts/local_slurm.sh) for the tests.
+"""The `slurm` session fixture: a real single-node Slurm cluster (scripts/local_slurm.sh) for the tests;
+`slurm_two_nodes`: a second cluster of two nodes, n1 and n2 (one slurmd each, NodeAddr 127.0.0.2/3).
 
 Locally the Slurm tests skip, with the reason, when slurmctld is not installed or we are not root;
 with CI=true a missing Slurm is a failure: CI must run them (.ci/run installs slurm-wlm and munge).
@@ -8,6 +9,7 @@ The cluster gets its own state dir and free ports, so it never collides with one
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -28,6 +30,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (the slurmds of a multi-node cluster: port, port + 1, ...)."""
+    for _ in range(100):
+        first = _free_port()
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", first))
+                for port in range(first + 1, first + count):
+                    b.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 @dataclass
@@ -89,6 +106,16 @@ class SlurmCluster:
                       lambda: all(j.get("JobState") in final for j in self.jobs(job_id) or [{}]), timeout_s)
         return self.jobs(job_id)[-1]
 
+    def kill_node(self, node: str) -> None:
+        """The node dies: its slurmd, its step daemons and the job processes on it, SIGKILLed at once."""
+        self.run("bash", str(LOCAL_SLURM), "kill-node", node)
+
+    def start_node(self, node: str) -> None:
+        """The node is back: its slurmd starts and registers; slurmctld returns it to service (ReturnToService=2)."""
+        self.run("bash", str(LOCAL_SLURM), "start-node", node)
+        self.wait_for(f"node {node} idle", lambda: "idle" in self.run("sinfo", "-h", "-N", "-n", node, "-o", "%T").stdout,
+                      timeout_s=60)
+
     def release_when_requeued(self, job_id: str, timeout_s: float = 120) -> dict[str, str]:
         """A requeued job waits ~2 minutes (BeginTime) before it may start again; start it now."""
         self.wait_for(f"job {job_id} to be requeued",
@@ -104,8 +131,8 @@ class SlurmCluster:
         return self.job(job_id)
 
 
-@pytest.fixture(scope="session")
-def slurm() -> Iterator[SlurmCluster]:
+def _cluster(prefix: str, **knobs: str) -> Iterator[SlurmCluster]:
+    """Start a cluster with scripts/local_slurm.sh in a fresh state dir on free ports; stop it afterwards."""
     problem = None
     if shutil.which("slurmctld") is None or shutil.which("munged") is None:
         problem = "Slurm is not installed (apt-get install -y slurm-wlm munge; see docs/slurm.md)"
@@ -117,10 +144,11 @@ def slurm() -> Iterator[SlurmCluster]:
         pytest.skip(problem)
     # Not under pytest's basetemp: munged insists that every directory above its socket is
     # world-executable, and pytest makes its temp dirs 0700. Also keeps the socket path short (< 108 bytes).
-    state = Path(tempfile.mkdtemp(prefix="clkit-slurm-"))
+    state = Path(tempfile.mkdtemp(prefix=prefix))
     state.chmod(0o755)
     env = {**os.environ, "LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_CTLD_PORT": str(_free_port()),
-           "LOCAL_SLURM_SLURMD_PORT": str(_free_port()), "SLURM_CONF": str(state / "slurm.conf")}
+           "SLURM_CONF": str(state / "slurm.conf"), **knobs}
+    env.setdefault("LOCAL_SLURM_SLURMD_PORT", str(_free_port()))
     started = subprocess.run(["bash", str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True,
                              timeout=180)
     if started.returncode != 0:
@@ -132,3 +160,19 @@ def slurm() -> Iterator[SlurmCluster]:
         subprocess.run(["bash", str(LOCAL_SLURM), "stop"], env=env, capture_output=True, timeout=120)
         if os.environ.get("CLKIT_KEEP_SLURM_STATE") != "1":  # set it to read the daemons' logs afterwards
             shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    yield from _cluster("clkit-slurm-")
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes() -> Iterator[SlurmCluster]:
+    """Two nodes on this machine: n1 at 127.0.0.2 and n2 at 127.0.0.3 (names that are not host names).
+
+    SlurmdTimeout 6 s: a killed node is declared DOWN (and its job requeued) within about 20 s instead of
+    5 minutes. Job ids from a random start: the ranks' port is 20000 + job id mod 20000, and clusters of
+    other test sessions on this machine count from 1."""
+    yield from _cluster("clkit-slurm2-", LOCAL_SLURM_NODES="2", LOCAL_SLURM_SLURMD_PORT=str(_free_ports(2)),
+                        LOCAL_SLURM_SLURMD_TIMEOUT="6", LOCAL_SLURM_FIRST_JOB_ID=str(random.randrange(1000, 19000)))

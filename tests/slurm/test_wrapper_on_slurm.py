@@ -31,6 +31,7 @@ def checkout(tmp_path: Path) -> Path:
     (d / "logs").mkdir(parents=True)
     (d / "main.py").symlink_to(STANDIN)
     (d / "run_job.sh").symlink_to(REPO / "run_job.sh")
+    (d / "training").symlink_to(REPO / "training")  # run_job.sh finds the ranks' rendezvous host with it
     return d
 
 
