@@ -5,7 +5,7 @@ Speed is measured here, never in a timed test. Examples (numbers in docs/benchma
 
     uv run python scripts/bench.py --mode synthetic --methods full_ft,lora --steps 30
     uv run python scripts/bench.py --mode real --methods lora --steps 8 --threads 2
-    uv run torchrun --nproc-per-node 2 scripts/bench.py --mode synthetic --methods lora --steps 20
+    uv run python scripts/torchrun.py --nproc-per-node 2 scripts/bench.py --mode synthetic --methods lora --steps 20
     # the GPU table (full_ft and lora in bf16, checkpointing on/off, QLoRA, 2 GPUs), one markdown + JSON file:
     bash scripts/bench_gpu.sh            # = python scripts/bench.py --suite
     bash scripts/bench_gpu.sh --smoke    # the same rows on CPU with a tiny model, in seconds

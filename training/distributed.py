@@ -1,6 +1,7 @@
 """The processes of one run: who they are, how they agree, and how they share work.
 
-One run may span several processes (ranks): `torchrun --nproc-per-node N main.py ...` locally, or one
+One run may span several processes (ranks): `scripts/torchrun.py --nproc-per-node N main.py ...` (torchrun
+that keeps the ranks' exit code) locally, or one
 Slurm task per GPU (`srun` in run_job.sh). The engine is torch.distributed (gloo on CPU, NCCL on GPUs);
 the strategies that use it (DDP, FSDP) live in training/strategies.py. This module only knows the
 world: its rank and size from the launcher's environment, the process group, and the few collective
@@ -253,8 +254,9 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
         return world
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise ConfigError([f"{world.size} ranks but {', '.join(missing)} unset: start the run with torchrun, or "
-                           "with run_job.sh under Slurm, which sets them"])
+        raise ConfigError([f"{world.size} ranks but {', '.join(missing)} unset: start the run with "
+                           "scripts/torchrun.py (torchrun that keeps the ranks' exit code), or with run_job.sh under "
+                           "Slurm, which sets them"])
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
