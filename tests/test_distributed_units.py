@@ -92,8 +92,8 @@ def test_several_ranks_without_a_rendezvous_address_is_one_line_and_exit_2(tmp_p
                     env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "", "MASTER_PORT": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: 2 ranks but MASTER_ADDR, MASTER_PORT unset: start the run with torchrun, or with run_job.sh under "
-        "Slurm, which sets them"]
+        "error: 2 ranks but MASTER_ADDR, MASTER_PORT unset: start the run with scripts/torchrun.py (torchrun that "
+        "keeps the ranks' exit code), or with run_job.sh under Slurm, which sets them"]
     assert not tmp_path.joinpath("runs").exists() and not any(tmp_path.iterdir())
 
 
