@@ -53,25 +53,34 @@ KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 SURVIVED = {"survived", "no tests", "suspicious"}
 
 
-def _config(target: Target) -> str:
+def _config(target: Target, top_level: list[str]) -> str:
     quoted = ", ".join(f'"{p}"' for p in target.sources)
     tests = ", ".join(f'"{t}"' for t in target.tests)
+    # mutmut runs the tests inside mutants/ with the checkout's own directory taken off sys.path, and copies
+    # there only the mutated paths and tests/: every other package the tests import (data/ for metrics.py)
+    # must be named in also_copy, or every mutant is "not checked" after a failed collection.
+    copied = ", ".join(f'"{p}"' for p in top_level)
     # forkserver: torch and its threads are not fork-safe after the test stats run in mutmut's own process
     return (f"\n[tool.mutmut]\nsource_paths = [{quoted}]\npytest_add_cli_args_test_selection = [{tests}]\n"
+            f"also_copy = [{copied}]\n"
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]\nprocess_isolation = "forkserver"\n'
             "use_git_change_detection = false\n")
 
 
-def scratch_copy(dest: Path) -> None:
-    """The tracked tree (and this checkout's uncommitted edits to it) copied to dest, the venv linked."""
+def scratch_copy(dest: Path) -> list[str]:
+    """The tracked tree (and this checkout's uncommitted edits to it) copied to dest, the venv linked;
+    returns the tree's top-level entries."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, check=True).stdout.decode().split("\0")
+    top_level = set()
     for name in filter(None, files):
         src = REPO / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+            top_level.add(name.split("/")[0])
     (dest / ".venv").symlink_to(REPO / ".venv")
+    return sorted(top_level)
 
 
 def statuses(work: Path) -> dict[str, tuple[str, str]]:
@@ -91,9 +100,9 @@ def statuses(work: Path) -> dict[str, tuple[str, str]]:
 def run_target(name: str, target: Target, jobs: int, keep: bool) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix=f"mutation-{name}-"))
     try:
-        scratch_copy(work)
+        top_level = scratch_copy(work)
         with (work / "pyproject.toml").open("a") as f:
-            f.write(_config(target))
+            f.write(_config(target, top_level))
         env = {**os.environ, "CI": "", "OMP_NUM_THREADS": "1"}
         started = time.time()
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work,
@@ -102,6 +111,10 @@ def run_target(name: str, target: Target, jobs: int, keep: bool) -> dict[str, ob
         found = statuses(work)
         if not found:
             raise RuntimeError(f"{name}: mutmut produced no mutants (exit {run.returncode}):\n"
+                               f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        unchecked = sum(1 for s, _ in found.values() if s == "not checked")
+        if unchecked:  # the stats run failed (a test that does not collect in mutants/) or mutmut stopped early
+            raise RuntimeError(f"{name}: {unchecked} of {len(found)} mutants never ran (exit {run.returncode}):\n"
                                f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
         survivors = sorted(n for n, (s, _) in found.items() if s in SURVIVED)
         diffs = {}
