@@ -54,6 +54,9 @@ def test_range_bad_values_sit_just_outside_each_end():
     assert got[:4] == pytest.approx([-1e-4, 100 + 1e-4, 1e300, -1e300], rel=1e-12, abs=0)  # step: 1e-6 of the width
     assert math.isnan(got[4]) and got[5:] == [math.inf, -math.inf]
     assert Range(0, 0.5).bad_values(is_int=False)[:2] == [-1e-6, 0.5 + 1e-6]  # at least 1e-6
+    assert Range(10, 110).bad_values(is_int=False)[:2] == pytest.approx([10 - 1e-4, 110 + 1e-4], rel=1e-12, abs=0)
+    # an int field with float bounds still gets int bad values (else the sweep tests a type error instead)
+    assert [type(v) for v in Range(0.0, 1e6).bad_values(is_int=True)] == [int] * 4
     assert all(Range(1, 10).problem(v) for v in Range(1, 10).bad_values(is_int=True))
 
 
