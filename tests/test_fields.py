@@ -32,6 +32,8 @@ from data.fields import (
 def test_numbers_print_as_a_user_typed_them():
     assert [_fmt(3.0), _fmt(3), _fmt(2.5), _fmt(1e-4), _fmt(1e20), _fmt(-7.0)] == ["3", "3", "2.5", "0.0001",
                                                                                  "1e+20", "-7"]
+    # whole numbers in full below 10^15 (where :g would say 1e+06), in exponent form from there on
+    assert [_fmt(1_000_000), _fmt(1e15 - 1), _fmt(1e15)] == ["1000000", "999999999999999", "1e+15"]
 
 
 def test_range_bounds_closed_and_open():
@@ -110,6 +112,9 @@ class Section:
     mode: Literal["x", "y"] = "x"
     inner: Inner = field(default_factory=Inner)
     note: str = ""  # no constraint: field_problems skips it
+    last: Annotated[int, Range(0, 1)] = 0  # a constrained field after unconstrained ones is still checked
+    ns: Annotated[list[int], Items(0, 3, Range(0, 9))] = field(default_factory=list)
+    doc: Annotated[int, "only a note"] = 0  # metadata that is no rule: no constraint
 
     def validate(self) -> list[str]:
         return ["size must not exceed 4 when mode is y"] if self.mode == "y" and self.size > 4 else []
@@ -119,6 +124,7 @@ def test_constraints_and_which_fields_need_one():
     got = constraints_of(Section)
     assert got["rate"] == Range(0, 1) and got["name"] == Name() and got["tags"] == Items(0, 2, Name())
     assert got["flag"] is None and got["mode"] is None and got["note"] is None and got["inner"] is None
+    assert got["doc"] is None and got["last"] == Range(0, 1)
     assert not needs_constraint(bool) and not needs_constraint(Literal["a"]) and not needs_constraint(Inner)
     assert not needs_constraint(Any)
     assert needs_constraint(int) and needs_constraint(str) and needs_constraint(list[int])
@@ -137,12 +143,16 @@ def test_field_problems_name_the_dotted_field_the_type_and_the_value():
     assert field_problems(Section(tags=["a", "b", "c"]), "s") == [
         f"s.tags must be {Items(0, 2, Name()).describe()} (got ['a', 'b', 'c'])"]
     assert field_problems(Section(name=5), "s") == [f"s.name must be a string {Name().describe()} (got 5)"]  # type: ignore[arg-type]
+    assert field_problems(Section(last=5), "s") == ["s.last must be in [0, 1] (got 5)"]
+    assert field_problems(Section(ns=[True]), "s") == [  # a bool is no integer, in a list too
+        f"s.ns must be {Items(0, 3, Range(0, 9)).describe()} (got [True])"]
 
 
 def test_a_long_value_is_shown_cut():
     assert _show("ab") == "'ab'"
     assert _show("x" * 78) == "'" + "x" * 78 + "'"  # 80 characters: shown whole
     assert _show("x" * 100) == "'" + "x" * 59 + "... (102 characters)"
+    assert _show("x" * 79) == "'" + "x" * 59 + "... (81 characters)"  # 81: cut
 
 
 def test_type_names_as_messages_say_them():
@@ -169,6 +179,7 @@ def test_coerce_each_kind_of_field():
     assert coerce({"k": 3}, Inner, "s.i", problems) == Inner(k=3)
     assert coerce({"k": 3}, Optional[Inner], "s.i", problems) == Inner(k=3)
     assert coerce(1j, complex, "s.c", problems) == 1j  # a type with no rule passes through
+    assert coerce(4, Optional[int], "s.o", problems) == 4 and coerce(4, type(None) | int, "s.o", problems) == 4
     assert problems == []
 
 
@@ -209,7 +220,7 @@ def test_build_dataclass_collects_every_problem_in_order():
     problems = []
     build_dataclass(Section, {"bogus": 1, "size": "x", "inner": {"k": 9}}, "s", problems)
     assert problems == [
-        "unknown key s.bogus; known keys: name, rate, size, tags, flag, mode, inner, note",
+        "unknown key s.bogus; known keys: name, rate, size, tags, flag, mode, inner, note, last, ns, doc",
         "s.size must be an integer (got 'x')",
         "s.inner.k must be in [1, 4] (got 9)",
         "s.name is required",
@@ -218,8 +229,8 @@ def test_build_dataclass_collects_every_problem_in_order():
     build_dataclass(Section, [1], "", problems)  # not a mapping, at the top: named "config"
     assert problems == ["config must be a mapping (got list)", "name is required"]
     problems = []
-    build_dataclass(Section, {"name": "a"}, "s", problems, skip=("name",))  # the caller builds a skipped key
-    assert problems == []
+    built = build_dataclass(Section, {"name": "b", "size": 3}, "s", problems, skip=("name",))  # the caller builds it
+    assert problems == [] and built.name == "a" and built.size == 3  # keys after a skipped one still read
     problems = []
     assert build_dataclass(Section, None, "s", problems, skip=("name",)) == Section() and problems == []
     problems = []
@@ -227,7 +238,7 @@ def test_build_dataclass_collects_every_problem_in_order():
     assert problems == ["size must be an integer (got True)"]
     problems = []
     build_dataclass(Section, {"zz": 1}, "", problems, skip=("name",))
-    assert problems == ["unknown key zz; known keys: name, rate, size, tags, flag, mode, inner, note"]
+    assert problems == ["unknown key zz; known keys: name, rate, size, tags, flag, mode, inner, note, last, ns, doc"]
 
 
 def test_range_checks_run_only_on_well_typed_values_and_validate_only_on_in_range_ones():
@@ -248,3 +259,25 @@ def test_range_checks_run_only_on_well_typed_values_and_validate_only_on_in_rang
     problems = ["an earlier section's problem"]
     build_dataclass(Section, {"name": "a", "mode": "y", "size": 6}, "s", problems)
     assert problems == ["an earlier section's problem", "size must not exceed 4 when mode is y"]  # own problems count
+
+
+@dataclass
+class Holder:
+    one: Inner = field(default_factory=Inner)
+    maybe: Optional[Inner] = None
+    many: list[Inner] = field(default_factory=list)
+    by: dict[str, Inner] = field(default_factory=dict)
+
+
+def test_the_check_given_reaches_every_nested_section():
+    def check(obj: Any, path: str) -> list[str]:
+        calls.append(path)
+        return [f"{path}: k is 3"] if getattr(obj, "k", None) == 3 else []
+
+    calls: list[str] = []
+    problems: list[str] = []
+    build_dataclass(Holder, {"one": {}, "maybe": {"k": 1}, "many": [{}, {}], "by": {"x": {}}}, "h", problems, check=check)
+    assert problems == [] and sorted(calls) == ["h", "h.by.x", "h.many[0]", "h.many[1]", "h.maybe", "h.one"]
+    calls = []
+    build_dataclass(Holder, {"maybe": {"k": 3}}, "h", problems, check=check)  # the section's own check fails
+    assert problems == ["h.maybe: k is 3"]
