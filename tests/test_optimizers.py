@@ -71,3 +71,15 @@ def test_the_factories_pass_every_setting_of_the_train_section():
         assert (d["lr"], d["betas"], d["weight_decay"]) == (3e-3, (0.8, 0.95), 0.05), name
     opt = OPTIMIZERS["casmo"]([{"params": [p]}], _Train())
     assert (opt.calibration_steps, opt.granularity, opt.c_min) == (7, "element", 0.2)
+
+
+def test_update_rows_holds_for_every_parameter_of_a_group_whatever_comes_before_it():
+    # a parameter without update_rows, and one with update_rows but no gradient, before the restricted one
+    plain, idle, p = (torch.nn.Parameter(torch.ones(4, 2)) for _ in range(3))
+    opt = AdamW([plain, idle, p], lr=0.1, weight_decay=0.5)
+    plain.grad, p.grad = torch.ones(4, 2), torch.ones(4, 2)
+    setattr(idle, UPDATE_ROWS, torch.tensor([0]))
+    setattr(p, UPDATE_ROWS, torch.tensor([2]))
+    opt.step()
+    assert torch.equal(p[[0, 1, 3]].detach(), torch.ones(3, 2)) and not torch.equal(p[2].detach(), torch.ones(2))
+    assert getattr(idle, UPDATE_ROWS) is None and not torch.equal(plain.detach(), torch.ones(4, 2))
