@@ -46,7 +46,8 @@ TARGETS: dict[str, Target] = {
     # test_hardening's other fast tests run main.py (seconds each, for every mutant they reach); its
     # symlink test is the one that exercises artifacts/ directly.
     "artifacts": Target(("artifacts/",), (
-        "tests/test_artifacts.py", "tests/test_hardening.py::test_symlinks_in_a_run_directory_are_never_followed")),
+        "tests/test_artifacts.py", "tests/test_state_files.py",
+        "tests/test_hardening.py::test_symlinks_in_a_run_directory_are_never_followed")),
     # training/optimizers/ in two runs: the registry's mixins and the row-restricted AdamW step, and
     # CASMO's rule. test_casmo's report and trace-script tests train or plot a whole run (~45 s each)
     # and every mutant they reach would rerun them; the unit tests beside them check the update to the
