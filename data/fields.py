@@ -249,6 +249,8 @@ def coerce(value: Any, tp: Any, dotted: str, problems: list[str], check: Check =
         if value is None and type(None) in arms:
             return None
         for arm in arms:
+            if arm is type(None):  # None itself is handled above; any other value is not null
+                continue
             trial: list[str] = []
             out = coerce(value, arm, dotted, trial, check)
             if not trial:

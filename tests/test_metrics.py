@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 from data.schema import Probe
 from eval_and_metrics.metrics import (
+    _json_safe,
     _matrix_metrics,
     answer_kind,
     answer_kind_rates,
@@ -475,3 +477,44 @@ def test_derive_metrics_with_predictions_adds_the_answer_kinds() -> None:
     json.dumps(out, allow_nan=False)
     with pytest.raises(ValueError, match="no answer for probe"):
         derive_metrics(hand_rows_em(), hand_rows_f1(), probes, PERIODS, rows_pred[:3] + [{}])
+
+
+# Edges the tests above leave open (each kills a mutant scripts/mutation.py found; docs/mutation.md)
+
+
+def test_each_bad_input_names_what_to_fix() -> None:
+    probes = [make_probe("a1", "2020", "new", "2020", None)]
+    with pytest.raises(ValueError, match="period_names is empty"):
+        score_matrix([{"a1": 0.0}], probes, [])
+    with pytest.raises(ValueError, match=r"period_names has duplicates: \['2020', '2020'\]"):
+        score_matrix([{"a1": 0.0}] * 3, probes, ["2020", "2020"])
+    with pytest.raises(ValueError, match=r"got 3 score rows for 3 periods: need T\+1 = 4 "):
+        score_matrix([{"a1": 0.0}] * 3, probes, PERIODS)
+    late = [make_probe("a1", "2020", "new", "2020", "2031")]
+    with pytest.raises(ValueError, match=r"'a1' has valid_until '2031', not in \['2020', '2021', '2022'\]"):
+        score_matrix([{"a1": 0.0}] * 4, late, PERIODS)
+
+
+def test_a_matrix_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(AssertionError, match=r"R must be \(T\+1, T\), got \(3, 3\)"):
+        average_accuracy(np.zeros((3, 3)))
+
+
+def test_undefined_metrics_come_without_a_numpy_warning() -> None:
+    # No extraction probe, no unchanged probe, T = 3: empty means, an all-NaN column under forgetting's max
+    # and an empty pooled subset. Each is NaN (None in the JSON) by a check, not by numpy's warning path.
+    probes = [make_probe(f"{c}1", name, "new", name, None) for c, name in zip("abc", PERIODS)]
+    rows = [{p.id: float(HAND_R[k, t]) for t, p in enumerate(probes)} for k in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = derive_metrics(rows, rows, probes, PERIODS)
+        assert forgetting(np.full((4, 3), np.nan)) != forgetting(np.full((4, 3), np.nan))  # NaN
+    assert out["forgetting_extraction"] is None and out["stability_storage_pooled"] is None
+    assert out["stability_storage_mean"] is None and out["acc_extraction"] is None
+
+
+def test_json_safe_keeps_bools_ints_and_floats_apart() -> None:
+    got = _json_safe({"b": np.bool_(True), "t": True, "i": np.int64(3), "f": np.float32(0.5),
+                      "n": [np.nan, np.inf], 1: (np.array([1.0, 2.0]), "s")})
+    assert got == {"b": True, "t": True, "i": 3, "f": 0.5, "n": [None, None], "1": [[1.0, 2.0], "s"]}
+    assert type(got["b"]) is bool and type(got["i"]) is int and type(got["f"]) is float
