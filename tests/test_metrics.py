@@ -15,6 +15,7 @@ from eval_and_metrics.metrics import (
     _matrix_metrics,
     answer_kind,
     answer_kind_rates,
+    value_history,
     average_accuracy,
     backward_transfer,
     derive_metrics,
@@ -450,6 +451,10 @@ def test_answer_kinds_hand_computed() -> None:
     assert out["overwritten_storage_pooled"] == pytest.approx(3 / 5)
     assert out["overwritten_storage_answers"]["outdated"] == pytest.approx([nan, 0.0, 0.25], nan_ok=True)
     assert out["overwritten_storage_answers"]["correct"] == pytest.approx([nan, 0.0, 0.25], nan_ok=True)
+    # a family with no probe in either view: undefined (NaN), never a division by zero
+    none = answer_kind_rates(rows_pred, probes, PERIODS, "extraction")
+    assert math.isnan(none["outdated_extraction_pooled"]) and none["outdated_extraction_n"] == 0
+    assert math.isnan(none["overwritten_extraction_pooled"])
 
 
 def test_answer_kind_rules() -> None:
@@ -475,8 +480,21 @@ def test_derive_metrics_with_predictions_adds_the_answer_kinds() -> None:
              for s in ("", "_mean", "_pooled", "_n", "_counts", "_answers")}
     assert set(out) == EXPECTED_KEYS | added
     json.dumps(out, allow_nan=False)
-    with pytest.raises(ValueError, match="no answer for probe"):
-        derive_metrics(hand_rows_em(), hand_rows_f1(), probes, PERIODS, rows_pred[:3] + [{}])
+    one_missing = rows_pred[:3] + [{p.id: "" for p in probes[1:]}]
+    with pytest.raises(ValueError, match=f"prediction row 3 has no answer for probe '{probes[0].id}'"):
+        derive_metrics(hand_rows_em(), hand_rows_f1(), probes, PERIODS, one_missing)
+
+
+def test_value_history_takes_each_probe_s_value_and_its_previous_one() -> None:
+    z3 = _fact_probe("Z3", "2022", "changed", "green", "blue", None)  # Z has no probe in 2020 or 2021
+    assert value_history([z3], PERIODS) == {("Z", "rel"): {3: "green", 2: "blue"}}
+    # a probe's own value wins over the previous_value a later probe states for that period
+    z2 = _fact_probe("Z2", "2021", "changed", "teal", "red", "2022")
+    assert value_history([z3, z2], PERIODS) == {("Z", "rel"): {3: "green", 2: "teal", 1: "red"}}
+    # the first period has none before it; a probe without a previous value adds nothing
+    w1 = _fact_probe("W1", "2020", "new", "one", "zero", None)
+    w2 = _fact_probe("W2", "2021", "unchanged", "one", None, None)
+    assert value_history([w1, w2], PERIODS) == {("W", "rel"): {1: "one", 2: "one"}}
 
 
 # Edges the tests above leave open (each kills a mutant scripts/mutation.py found; docs/mutation.md)
