@@ -280,17 +280,26 @@ def read_regular_bytes(path: StrPath, max_bytes: int = MAX_SMALL_FILE_BYTES, fol
             raise UnreadableFileError(f"{path}: is {kind}, not a regular file")
         if info.st_size > max_bytes:
             raise UnreadableFileError(f"{path}: {info.st_size} bytes, over the {max_bytes} bytes this file may have")
-        os.set_blocking(fd, True)
-        chunks, total = [], 0
-        while chunk := os.read(fd, _CHUNK_BYTES):
-            total += len(chunk)
-            if total > max_bytes:  # grew while being read
-                raise UnreadableFileError(f"{path}: over the {max_bytes} bytes this file may have")
-            chunks.append(chunk)
+        data = read_fd_bounded(fd, max_bytes)
+        if data is None:
+            raise UnreadableFileError(f"{path}: over the {max_bytes} bytes this file may have")
     except OSError as exc:
         raise UnreadableFileError(f"{path}: cannot read ({exc.strerror})") from None
     finally:
         os.close(fd)
+    return data
+
+
+def read_fd_bounded(fd: int, max_bytes: int) -> bytes | None:
+    """What is left to read of an open file (made blocking first), or None as soon as it passes max_bytes: a
+    file that grew while being read after its size was checked. The callers say what the bound was for."""
+    os.set_blocking(fd, True)
+    chunks, total = [], 0
+    while chunk := os.read(fd, _CHUNK_BYTES):
+        total += len(chunk)
+        if total > max_bytes:
+            return None
+        chunks.append(chunk)
     return b"".join(chunks)
 
 

@@ -12,6 +12,8 @@ import os
 import stat
 from collections.abc import Sequence
 
+from artifacts.atomic import read_fd_bounded
+
 
 class DataError(ValueError):
     """Bad benchmark input: a config field, a file, a record or a field of a record."""
@@ -52,21 +54,13 @@ def read_user_text(path: os.PathLike[str] | str, context: str = "", max_bytes: i
             raise DataError(f"{where}: is {kind}, not a regular file; give a file")
         if info.st_size > max_bytes:
             raise DataError(f"{where}: {info.st_size} bytes, over the {max_bytes} bytes a data file may have")
-        os.set_blocking(fd, True)
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > max_bytes:  # grew while being read
-                raise DataError(f"{where}: over the {max_bytes} bytes a data file may have")
-            chunks.append(chunk)
+        raw = read_fd_bounded(fd, max_bytes)
+        if raw is None:  # grew while being read
+            raise DataError(f"{where}: over the {max_bytes} bytes a data file may have")
     except OSError as exc:
         raise DataError(f"{where}: cannot read ({exc.strerror})") from None
     finally:
         os.close(fd)
-    raw = b"".join(chunks)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

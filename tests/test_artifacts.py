@@ -509,3 +509,20 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     assert [p.name for p in cleanup_stale_tmp(root)] == leftovers
     StepCheckpoints(root).save(3, _writer(b"three"), {})
     assert [s for s, _ in StepCheckpoints(root).list_steps()] == [2, 3]
+
+
+def test_the_bounded_read_stops_past_its_bound(tmp_path) -> None:
+    """read_fd_bounded (shared by the run readers and the user-file reader): a file that is larger than
+    the bound by the time it is read (it grew after its size was checked) gives None, never its bytes."""
+    import os
+
+    from artifacts.atomic import read_fd_bounded
+
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    for bound, expected in ((10, b"0123456789"), (9, None), (100, b"0123456789")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert read_fd_bounded(fd, bound) == expected
+        finally:
+            os.close(fd)
