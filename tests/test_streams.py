@@ -332,6 +332,23 @@ def test_packaged_humaneval_loads_offline_with_164_problems(tmp_path: Path) -> N
     assert not {t.prompt for t in halves.train} & {e.prompt for e in halves.eval}
 
 
+def test_packaged_humaneval_as_held_out_text_needs_no_format(tmp_path: Path) -> None:
+    """A perplexity task on HumanEval scores the whole program; the source's code-only keys (tests,
+    entry_point) are not pushed on it, where they were refused as if the task had written them."""
+    _, _, records = humaneval_file()
+    path = write_stream(tmp_path, """
+        name: code-text
+        tasks:
+          - {name: code, source: {type: humaneval_packaged}, scorer: perplexity, eval_split: test}
+    """)
+    (task,) = load_stream(str(path)).tasks
+    first = task.eval[0]
+    assert first.prompt == "" and first.target == records[0]["prompt"] + records[0]["canonical_solution"]
+    assert first.tests == "" and first.entry_point == ""
+    (real,) = [t for t in load_stream("real-domains").tasks if t.name == "code"]
+    assert (len(real.train), len(real.eval)) == (48, 82) and real.loss_on == "all"
+
+
 # ---------------------------------------------------------------------------------------------
 # The generated stream
 
@@ -724,7 +741,8 @@ def test_every_preset_validates_offline_and_says_where_it_comes_from(name: str) 
 def test_the_presets_are_the_ones_the_field_uses() -> None:
     assert set(list_presets()) == {"multidomain-synthetic", "mmlu-packaged", "humaneval-packaged", "casmo-b7",
                                    "mmlu-hub", "dialogue-speakers", "ct0", "olora-standard4", "styles-synthetic",
-                                   "retention-mmlu", "retention-synthetic", "mmlu-packaged-cloze", "humaneval-lm-eval"}
+                                   "retention-mmlu", "retention-synthetic", "mmlu-packaged-cloze", "humaneval-lm-eval",
+                                   "real-domains"}
     olora = read_stream_spec("olora-standard4")
     assert [olora.order_names(k) for k in range(3)] == [["dbpedia", "amazon", "yahoo", "agnews"],
                                                          ["dbpedia", "amazon", "agnews", "yahoo"],

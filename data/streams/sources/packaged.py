@@ -221,9 +221,12 @@ class HumanEvalPackagedSource(_PackagedSplit):
         return dict(HUMANEVAL_FIELDS)
 
     def default_format(self, opts: HumanEvalOptions, kind: str) -> dict[str, Any]:
+        if kind == "perplexity":  # the whole program (signature, docstring and body) as held-out text
+            return {"target": "{prompt}{canonical_solution}"}
         # The completion continues the prompt (signature + docstring); the tests call check(entry_point).
-        return {"prompt": "{prompt}", "target": "{canonical_solution}", "tests": "{test}",
-                "entry_point": "{entry_point}"}
+        # Only a code scorer runs tests: another scorer would refuse a tests key the task never wrote.
+        tests = {"tests": "{test}", "entry_point": "{entry_point}"} if kind == "code" else {}
+        return {"prompt": "{prompt}", "target": "{canonical_solution}", **tests}
 
     def read(self, opts: HumanEvalOptions, split: str, ctx: ReadContext) -> SourceRead:
         path, sha256, records = humaneval_file()
