@@ -63,12 +63,15 @@ def run_forgetting(run_dir: Path) -> dict[str, Any]:
     scorers = results.get("metrics", {}).get("scorers")
     if not isinstance(scorers, dict) or not scorers:
         raise BadInput(f"{run_dir}: results.json has no metrics.scorers: not a stream run")
-    names = list(scorers)
-    periods = {p.name.split("-", 1)[0]: p for p in (run_dir / "periods").iterdir() if p.is_dir()}
-    if len(periods) != len(names) + 1:
-        raise BadInput(f"{run_dir}: {len(periods)} committed rows for {len(names)} tasks; finish the run first")
-    per_row = [rows_by_task(names, _rows(periods[str(k)] / "eval" / "predictions.jsonl"))
-               for k in range(len(names) + 1)]
+    # the task order is the rows' order (periods/<k>-<task>); results.json's mappings are sorted by name
+    periods = {int(p.name.split("-", 1)[0]): p for p in (run_dir / "periods").iterdir()
+               if p.is_dir() and p.name.split("-", 1)[0].isdigit()}
+    if sorted(periods) != list(range(len(scorers) + 1)):
+        raise BadInput(f"{run_dir}: {len(periods)} committed rows for {len(scorers)} tasks; finish the run first")
+    names = [periods[k].name.split("-", 1)[1] for k in range(1, len(periods))]
+    if set(names) != set(scorers):
+        raise BadInput(f"{run_dir}: the rows name tasks {names}, results.json {sorted(scorers)}")
+    per_row = [rows_by_task(names, _rows(periods[k] / "eval" / "predictions.jsonl")) for k in range(len(periods))]
     out: dict[str, Any] = {"run": run_dir.name, "method": results.get("method"), "tasks": {}}
     for j, name in enumerate(names[:-1], start=1):  # the last task has nothing trained after it
         scorer = SCORERS[scorers[name]["name"]]()  # aggregate only: the constructor defaults suffice
