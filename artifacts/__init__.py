@@ -1,4 +1,4 @@
-"""Run-directory artifacts: atomic writes, manifests, the run lock and step checkpoints.
+"""Run-directory artifacts: the run directory's layout, atomic writes, manifests, the run lock and step checkpoints.
 
 See docs/design.md ("Run directory layout", "artifacts/ API") for the contract.
 """
@@ -29,6 +29,7 @@ from artifacts.atomic import (
 from artifacts.checkpoints import StepCheckpoints, step_dir_name
 from artifacts.lock import LOCK_NAME, LockHeldError, RunLock, live_holder, read_holder, slurm_job_id
 from artifacts.state import UnsafeStateError, load_state, load_tensors, save_state, save_tensors
+from artifacts.rundir import BadInput, RunDir, UnknownPeriod, read_jsonl, state_sha256
 from artifacts.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -39,6 +40,11 @@ from artifacts.manifest import (
 )
 
 __all__ = [
+    "BadInput",
+    "RunDir",
+    "UnknownPeriod",
+    "read_jsonl",
+    "state_sha256",
     "LOCK_NAME",
     "STORAGE_ERRNOS",
     "StorageError",

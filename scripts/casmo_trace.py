@@ -9,17 +9,21 @@ confidence after calibration and the AdamW learning rate that matches it (docs/o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python scripts/casmo_trace.py` puts scripts/, not the repo, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from artifacts import RunDir  # noqa: E402
+
 
 def load_trace(run_dir: Path) -> list[dict[str, Any]]:
     """The train records in (period, step) order, each with a running global_step."""
-    path = Path(run_dir) / "train_log.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = RunDir(run_dir).log_rows()
     rows = sorted((r for r in rows if r.get("event") == "train" and "casmo_confidence" in r),
                   key=lambda r: (r["period"], r["step"]))
     return [{**r, "global_step": i} for i, r in enumerate(rows, start=1)]
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="write the plot here (PNG)")
     args = parser.parse_args(argv)
-    if not (args.run_dir / "train_log.jsonl").is_file():
+    if not RunDir(args.run_dir).train_log.is_file():
         print(f"error: {args.run_dir}/train_log.jsonl not found", file=sys.stderr)
         return 2
     trace = load_trace(args.run_dir)

@@ -60,20 +60,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from artifacts.rundir import BadInput  # re-exported: every command raises it; the run directory refuses with it too
 from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_RESUME, EXIT_STORAGE, EXIT_UNTRUSTED,
                               STOP_SIGNALS, StopFlag, StopRequested)
 
 EXIT_BUG = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in the toolkit; the traceback is in a file
-
-
-class BadInput(ValueError):
-    """Bad input to a command (an argument, a path, a run directory that is not one): exit 2, one line per
-    problem. A ValueError, so callers that already catch ValueError keep working."""
-
-    def __init__(self, problems: str | Sequence[str]) -> None:
-        items = [problems] if isinstance(problems, str) else list(problems)
-        self.problems = [" ".join(str(p).splitlines()) for p in items]
-        super().__init__("; ".join(self.problems))
 
 
 class Parser(argparse.ArgumentParser):

@@ -44,7 +44,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from artifacts import UnreadableFileError, read_regular_text  # noqa: E402
+from artifacts import RunDir, UnreadableFileError, read_jsonl, read_regular_text  # noqa: E402
 from data.io import read_benchmark  # noqa: E402
 
 # (key in results.json metrics or a derived name, column title)
@@ -109,7 +109,7 @@ def variant_root(run_root: Path, label: str, sets: list[str]) -> Path:
 
 def run_dirs(run_root: Path, method: str, seed: int) -> list[Path]:
     # lexists: a results.json that is a FIFO or a link loop is a finished run whose file is bad (read, refused)
-    return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if os.path.lexists(d / "results.json"))
+    return sorted(d for d in run_root.glob(f"*-{method}-s{seed}-*") if os.path.lexists(RunDir(d).results))
 
 
 def command(mode: str, method: str, seed: int, run_root: Path, sets: list[str], config: str | None,
@@ -139,7 +139,8 @@ def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | No
     Exact match is all-or-nothing; this shows whether an old value is still preferred more than
     before training even where greedy decoding no longer produces it.
     """
-    bench = read_benchmark(run_dir / "data")
+    run = RunDir(run_dir)
+    bench = read_benchmark(run.data)
     names = bench.period_names
     index = {n: i + 1 for i, n in enumerate(names)}
     last = len(names)
@@ -149,9 +150,9 @@ def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | No
         return None
 
     def logprobs(k: int, name: str) -> dict[str, float]:
-        path = run_dir / "periods" / f"{k}-{name}" / "eval" / "predictions.jsonl"
+        path = run.predictions(k, name)
         try:
-            rows = [json.loads(line) for line in read_regular_text(path, 1 << 30).splitlines() if line.strip()]
+            rows = read_jsonl(path)
             found = {r["id"]: float(r["logprob"]) for r in rows if r["id"] in ids}
         except FileNotFoundError:
             raise UnreadableFileError(f"{path}: missing") from None
@@ -169,7 +170,7 @@ def formerly_true_dlogprob(run_dir: Path, results: dict[str, Any]) -> float | No
 def read_results(run_dir: Path) -> dict[str, Any]:
     """results.json as main.py writes it (an object with metrics and a non-empty list of periods), else
     UnreadableFileError: one line, exit 65, nothing written."""
-    path = run_dir / "results.json"
+    path = RunDir(run_dir).results
     try:
         results = json.loads(read_regular_text(path))
     except UnreadableFileError:

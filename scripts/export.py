@@ -6,7 +6,7 @@
 A period directory keeps the trainable state under the toolkit's own names (trainable.safetensors +
 method_state.pt), which is what resuming needs and what stays small. Serving, an outside evaluation
 harness or sharing need the formats everyone else reads, so this job rebuilds the period's model
-exactly as training built it (scripts.landscape.load_period_model, which also checks the
+exactly as training built it (training.period_model.load_period_model, which also checks the
 loaded state against the period's trainable_sha256) and writes one of three formats, chosen by the
 model's structure, never by the method's name:
 
@@ -74,9 +74,10 @@ import peft  # noqa: E402, F401           library's import can abort the interpr
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
-from artifacts import (TMP_PREFIX, StorageError, UnreadableFileError, UnsafePathError,  # noqa: E402
+from artifacts import (TMP_PREFIX, RunDir, StorageError, UnknownPeriod, UnreadableFileError, UnsafePathError,  # noqa: E402
                        UnsafeStateError, atomic_write_json, atomic_write_text, commit_dir, read_manifest,
                        read_regular_text, staging_dir, verify_manifest, write_manifest)
+from artifacts.rundir import period_dir_name  # noqa: E402
 from data import DataError  # noqa: E402
 from training.config import ConfigError, RunConfig  # noqa: E402
 from training.workload import Workload, read_workload  # noqa: E402
@@ -108,32 +109,23 @@ class BaseModelInfo:
 def read_run(run_dir: Path) -> tuple[RunConfig, Workload, dict[str, Any]]:
     """The run's RunConfig (as the eval jobs rebuild it), its workload (the temporal benchmark or the task
     stream, from data/) and its raw config tree."""
-    from scripts.landscape import load_run_config
+    from training.period_model import load_run_config
 
+    run = RunDir(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a directory (give a run directory, e.g. runs/<run-id>)")
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "data").is_dir():
+    if not run.config.is_file() or not run.data.is_dir():
         raise ExportError(f"{run_dir} is not a run directory: main.py writes config.yaml and data/ into "
                           "every run directory (give runs/<run-id>, not the run root)")
     try:
-        tree = yaml.safe_load(read_regular_text(run_dir / "config.yaml"))
+        tree = yaml.safe_load(read_regular_text(run.config))
         if not isinstance(tree, dict):
-            raise ConfigError([f"{run_dir / 'config.yaml'} is not a mapping of config sections"])
+            raise ConfigError([f"{run.config} is not a mapping of config sections"])
         cfg = load_run_config(run_dir)
-        bench = read_workload(run_dir / "data")
+        bench = read_workload(run.data)
     except (ConfigError, DataError, BadInput, UnreadableFileError, yaml.YAMLError, OSError) as exc:
         raise ExportError(f"{run_dir}: cannot read the run ({str(exc).splitlines()[0]})") from None
     return cfg, bench, tree
-
-
-def period_dir(run_dir: Path, k: int, name: str) -> Path:
-    return run_dir / "periods" / f"{k}-{name}"
-
-
-def committed_periods(run_dir: Path, bench: Workload) -> list[tuple[int, str]]:
-    """Every period (base included) whose manifest verifies, in order."""
-    names = ["base"] + bench.period_names
-    return [(k, n) for k, n in enumerate(names) if verify_manifest(period_dir(run_dir, k, n))[0]]
 
 
 def resolve_periods(run_dir: Path, bench: Workload, spec: str | None) -> list[tuple[int, str]]:
@@ -143,32 +135,32 @@ def resolve_periods(run_dir: Path, bench: Workload, spec: str | None) -> list[tu
     if spec == "all":
         return list(enumerate(names))[1:]
     if spec is None:  # the newest committed trained period: the run's end product so far
-        done = [p for p in committed_periods(run_dir, bench) if p[0] >= 1]
+        done = [p for p in RunDir(run_dir).verified_periods(names) if p[0] >= 1]
         if not done:
             raise ExportError(f"{run_dir} has no committed trained period yet (periods/<k>-<name>/ with a "
                               "manifest.json that verifies); nothing to export")
         return [done[-1]]
-    if spec in names:
-        return [(names.index(spec), spec)]
-    if spec.isascii() and spec.isdigit() and int(spec) < len(names):  # "²".isdigit() is True, int("²") fails
-        return [(int(spec), names[int(spec)])]
-    raise ExportError(f"--period {spec!r} is not a period of this run; valid: all, {', '.join(names)} "
-                      f"(or an index 0..{len(names) - 1})")
+    try:
+        return [RunDir.resolve_period(names, spec)]
+    except UnknownPeriod:  # the flag's own words: "all" is valid here too
+        raise ExportError(f"--period {spec!r} is not a period of this run; valid: all, {', '.join(names)} "
+                          f"(or an index 0..{len(names) - 1})") from None
 
 
 def check_committed(run_dir: Path, bench: Workload, cfg: RunConfig, periods: list[tuple[int, str]]) -> None:
     """Refuse an uncommitted, corrupted or foreign period before any model is built (manifest first)."""
+    run = RunDir(run_dir)
     for k, name in periods:
-        directory = period_dir(run_dir, k, name)
+        directory = run.period_dir(k, name)
         ok, reason = verify_manifest(directory)
         if not ok:
-            done = ", ".join(n for _, n in committed_periods(run_dir, bench)) or "none"
+            done = ", ".join(n for _, n in run.verified_periods(["base"] + bench.period_names)) or "none"
             raise ExportError(f"period {name} ({directory.relative_to(run_dir)}) is not committed or is "
                               f"corrupted: {reason}; committed periods: {done}")
         manifest = read_manifest(directory) or {}
         if manifest.get("config_hash") not in (None, cfg.config_hash()):
             raise ExportError(f"period {name} ({directory.relative_to(run_dir)}) was committed under another "
-                              f"config than {run_dir / 'config.yaml'}; refusing to export a mixed run")
+                              f"config than {run.config}; refusing to export a mixed run")
 
 
 def check_out(out: Path, run_dir: Path) -> None:
@@ -199,7 +191,7 @@ def base_model_info(cfg: RunConfig, run_dir: Path) -> BaseModelInfo:
             weights=f"a seeded random Llama (seed {cfg.seed}) with a word-level tokenizer built from the "
                     "run's benchmark; it exists on no hub",
             rebuild=("from pathlib import Path; from training.workload import read_workload; "
-                     "from scripts.landscape import load_run_config; "
+                     "from training.period_model import load_run_config; "
                      f"from training.models import build_synthetic; cfg = load_run_config(Path({str(run_dir)!r})); "
                      f"base, tokenizer = build_synthetic(cfg.model, read_workload(Path({str(run_dir)!r}) / 'data'), "
                      "cfg.seed)"))
@@ -398,7 +390,7 @@ def write_memory_model(model: nn.Module, tokenizer: Any, method: Any, cfg: RunCo
     # the loader reads them with the same training.restore.load_saved_state that training uses.
     for name in ("trainable.safetensors", "method_state.pt"):
         shutil.copyfile(source / name, clkit / name)
-    shutil.copyfile(run_dir / "config.yaml", clkit / "config.yaml")
+    shutil.copyfile(RunDir(run_dir).config, clkit / "config.yaml")
     modules = {
         "format": MEMORY_MODEL, "format_version": EXPORT_SCHEMA_VERSION, "method": method.name,
         "period_names": bench.period_names, "seed": cfg.seed,
@@ -469,10 +461,10 @@ def export_period(run_dir: Path, cfg: RunConfig, bench: Workload, tree: dict[str
                   directory: Path, merge: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """Build period k's model, write it in its format into `directory` (inside the staging dir), and
     write the directory's manifest last; returns the manifest."""
-    from scripts.landscape import load_period_model
+    from training.period_model import load_period_model
     from training.run import code_version
 
-    source = period_dir(run_dir, k, name)
+    source = RunDir(run_dir).period_dir(k, name)
     try:
         # "auto", not an explicit device: load_period_model writes the device into the config before
         # comparing config hashes, and the run's own setting is what its numbers were produced with.
@@ -578,12 +570,12 @@ def export_run(run_dir: Path, period: str | None, out: Path, merge: bool = False
     tmp = staging_dir(out)
     try:
         if period == "all":
-            done = [export_period(run_dir, cfg, bench, tree, k, name, tmp / f"{k}-{name}", merge, log)
+            done = [export_period(run_dir, cfg, bench, tree, k, name, tmp / period_dir_name(k, name), merge, log)
                     for k, name in periods]
             write_manifest(tmp, {"kind": "export_set", "export_schema_version": EXPORT_SCHEMA_VERSION,
                                  "run_id": run_dir.name, "method": cfg.method.name,
                                  "merged": any(m["merged"] for m in done),
-                                 "periods": [f"{k}-{name}" for k, name in periods],
+                                 "periods": [period_dir_name(k, name) for k, name in periods],
                                  "base_model": base_model_info(cfg, run_dir).id, "run_config": tree},
                            written_at=max(str(m["written_at"]) for m in done))
         else:

@@ -52,10 +52,10 @@ def load_memory_export(directory: str | Path, device: str | torch.device = "cpu"
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from scripts.landscape import load_run_config
+    from artifacts import state_sha256
     from training.methods import METHODS, MethodContext
+    from training.period_model import load_run_config
     from training.restore import load_saved_state
-    from training.trainer import state_sha256
 
     directory = Path(directory)
     if verify:

@@ -60,107 +60,17 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from artifacts import (StorageError, UnreadableFileError, atomic_write_json, commit_dir, read_manifest,  # noqa: E402
+from artifacts import (RunDir, StorageError, atomic_write_json, commit_dir, read_manifest,  # noqa: E402
                        read_regular_text, staging_dir, verify_manifest, write_manifest)
-from eval_and_metrics.report import LANDSCAPE_DIR, LANDSCAPE_FILE  # noqa: E402
-from training.config import ConfigError, RunConfig, build_run_configs  # noqa: E402
-from training.methods import METHODS  # noqa: E402
-from training.methods.base import Method  # noqa: E402
-from training.restore import build_model_and_method, load_saved_state  # noqa: E402
+from artifacts.rundir import LANDSCAPE_DIR, LANDSCAPE_FILE  # noqa: E402
+from training.period_model import PeriodModel, load_period_model, load_run_config  # noqa: E402
 from training.seeding import derive_seed  # noqa: E402
-from training.trainer import state_sha256  # noqa: E402
 from training.workload import StreamWorkload, Workload, read_workload  # noqa: E402
 
 LANDSCAPE_SCHEMA_VERSION = 1
 # Above this many bytes of stored per-example gradients, the Fisher matvec recomputes them instead.
 _MAX_GRAD_BYTES = 1 << 30
-
-
-# ------------------------------------------------------------------------------------------
-# rebuilding a period's model from its run directory
-
-
-@dataclass
-class PeriodModel:
-    cfg: RunConfig
-    bench: Workload  # the run's periods (temporal) or tasks (stream), read back from data/
-    model: torch.nn.Module
-    tokenizer: Any
-    method: Method
-    device: torch.device
-    index: int
-    name: str
-    directory: Path
-
-
-def resolve_period(bench: Workload, period: str | int) -> tuple[int, str]:
-    """Period given as index (0 = base) or name -> (index, name)."""
-    names = ["base"] + bench.period_names
-    if str(period) in names:  # a name wins: temporal periods are years ("2018"), which also look like indices
-        return names.index(str(period)), str(period)
-    if isinstance(period, int) or (str(period).isascii() and str(period).isdigit()):
-        k = int(period)
-        if not 0 <= k < len(names):
-            raise BadInput(f"period {period} out of range; valid: 0..{len(names) - 1} or {', '.join(names)}")
-        return k, names[k]
-    if period not in names:
-        raise BadInput(f"period {period!r} unknown; valid: {', '.join(names)} or 0..{len(names) - 1}")
-    return names.index(str(period)), str(period)
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The run's config as training resolved it; BadInput (one line) for a config.yaml that is not one: a
-    FIFO, not UTF-8, not YAML, not a mapping, a section that is not a mapping (`method: lora`)."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        tree = yaml.safe_load(read_regular_text(path))
-    except FileNotFoundError:
-        raise BadInput(f"{run_dir} is not a run directory: it has no config.yaml") from None
-    except (UnreadableFileError, yaml.YAMLError) as exc:
-        raise BadInput(f"{path}: cannot read it as the run's config ({' '.join(str(exc).split())[:200]})") from None
-    if not isinstance(tree, dict):
-        raise BadInput(f"{path} is not a mapping of config sections (a YAML {type(tree).__name__})")
-    bad = [key for key in ("method", "model", "train", "data", "eval", "checkpoint")
-           if key in tree and tree[key] is not None and not isinstance(tree[key], dict)]
-    if bad:
-        raise BadInput(f"{path}: {', '.join(bad)} must be a mapping (a section), as main.py writes it")
-    try:
-        return build_run_configs(tree, METHODS)[0]
-    except ConfigError as exc:
-        raise BadInput([f"{path}: {p}" for p in exc.problems]) from None
-
-
-def load_period_model(run_dir: str | Path, period: str | int, device: str = "auto") -> PeriodModel:
-    """Rebuild model + method exactly as training did (training/cli.py run_one) and load period k's state.
-
-    Refuses a period whose manifest does not verify, and checks that the loaded trainable state
-    hashes to the manifest's trainable_sha256, so an analysis never runs on a different model.
-    """
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    expected_hash = cfg.config_hash()  # of the run as trained, before the device override below
-    if device != "auto":
-        cfg.model.device = device  # type: ignore[assignment]
-    bench = read_workload(run_dir / "data")
-    k, name = resolve_period(bench, period)
-    directory = run_dir / "periods" / f"{k}-{name}"
-    ok, reason = verify_manifest(directory)
-    if not ok:
-        raise BadInput(f"{directory} is not a committed period: {reason}")
-    manifest = read_manifest(directory) or {}
-    if manifest.get("config_hash") not in (None, expected_hash):
-        raise BadInput(f"{directory} was committed under another config than {run_dir}/config.yaml")
-    loaded, method, model = build_model_and_method(cfg, bench)
-    load_saved_state(method, model, directory)
-    expected = manifest.get("trainable_sha256")
-    if expected and state_sha256(method.trainable_state_dict(model)) != expected:
-        raise BadInput(f"{directory}: the rebuilt trainable state does not hash to the manifest's "
-                         "trainable_sha256 (model construction differs from training)")
-    model.eval()
-    return PeriodModel(cfg=cfg, bench=bench, model=model, tokenizer=loaded.tokenizer, method=method,
-                       device=loaded.device, index=k, name=name, directory=directory)
 
 
 # ------------------------------------------------------------------------------------------
@@ -602,16 +512,15 @@ def main(argv: list[str]) -> int:
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir} is not a directory (give a run directory, e.g. runs/<run-id>)")
     load_run_config(run_dir)  # a config.yaml that is not one: one line here, not a traceback later
-    bench = read_workload(run_dir / "data")
+    run = RunDir(run_dir)
+    bench = read_workload(run.data)
     if s.data_period:
         _stage(bench, s.data_period)
     names = ["base"] + bench.period_names
     if args.period == "all":
-        targets = [k for k, n in enumerate(names) if verify_manifest(run_dir / "periods" / f"{k}-{n}")[0]]
-        # only the committed prefix: a later period may still be training
-        targets = [k for i, k in enumerate(targets) if k == i]
+        targets = run.committed_prefix(names)  # only the committed prefix: a later period may still be training
     else:
-        targets = [resolve_period(bench, args.period)[0]]
+        targets = [run.resolve_period(names, args.period)[0]]
     if not targets:
         raise BadInput(f"{run_dir} has no committed period yet")
     cache = JobCache()

@@ -4,7 +4,7 @@
         [--period all|K|NAME] [--include-path DIR] [--no-default-tasks] [--limit N] [--num-fewshot N]
         [--batch-size 8] [--device auto|cpu|cuda] [--force]
 
-Each period's model is rebuilt in memory exactly as training built it (landscape.load_period_model:
+Each period's model is rebuilt in memory exactly as training built it (training/period_model.py load_period_model:
 the base model plus the period's trainable state, i.e. full weights for full_ft, base + adapter for
 LoRA), wrapped in lm_eval's HFLM and passed to ``lm_eval.simple_evaluate``. Results go to
 ``periods/<k>-<name>/lm_eval/results.json`` with their own manifest (staged, committed by rename),
@@ -41,9 +41,9 @@ from scripts.command import (BadInput, Parser, check_stop, command, exit_quietly
 if __name__ == "__main__":
     prepare()  # quiet libraries, stop flag: before the imports below
 
-from artifacts import (StorageError, atomic_write_json, commit_dir, read_manifest, staging_dir,  # noqa: E402
+from artifacts import (RunDir, StorageError, atomic_write_json, commit_dir, read_manifest, staging_dir,  # noqa: E402
                        verify_manifest, write_manifest)
-from eval_and_metrics.report import LM_EVAL_DIR, LM_EVAL_FILE  # noqa: E402
+from artifacts.rundir import LM_EVAL_FILE  # noqa: E402
 from training.workload import read_workload  # noqa: E402
 
 LM_EVAL_SCHEMA_VERSION = 1
@@ -107,14 +107,15 @@ def _json_safe(obj: Any) -> Any:
 def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device: str = "auto",
                     force: bool = False, task_manager: Any = None, log: Any = print) -> dict[str, Any] | None:
     """Run the tasks on one committed period and commit periods/<k>-<name>/lm_eval/; None if up to date."""
-    from scripts.landscape import load_period_model, resolve_period
+    from training.period_model import load_period_model
 
     lm_eval = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    bench = read_workload(run_dir / "data")  # benchmark.json or a stream's stream.json
-    k, name = resolve_period(bench, period)
-    final = run_dir / "periods" / f"{k}-{name}" / LM_EVAL_DIR
+    run = RunDir(run_dir)
+    bench = read_workload(run.data)  # benchmark.json or a stream's stream.json
+    k, name = run.resolve_period(["base"] + bench.period_names, period)
+    final = run.lm_eval_dir(k, name)
     wanted = asdict(s)
     if not force and verify_manifest(final)[0] and (read_manifest(final) or {}).get("settings") == wanted:
         log(f"lm-eval {run_dir.name} {k}-{name}: up to date, skipped")
@@ -166,13 +167,9 @@ def evaluate_period(run_dir: Path, period: str | int, s: LmEvalSettings, device:
 
 
 def committed_prefix(run_dir: Path) -> list[int]:
-    bench = read_workload(run_dir / "data")  # benchmark.json or a stream's stream.json
-    out = []
-    for k, name in enumerate(["base"] + bench.period_names):
-        if not verify_manifest(run_dir / "periods" / f"{k}-{name}")[0]:
-            break  # a later period may still be training
-        out.append(k)
-    return out
+    run = RunDir(run_dir)
+    bench = read_workload(run.data)  # benchmark.json or a stream's stream.json
+    return run.committed_prefix(["base"] + bench.period_names)  # a later period may still be training
 
 
 @command("lm_eval")
@@ -211,13 +208,14 @@ def main(argv: list[str]) -> int:
     s = LmEvalSettings(tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                        include_path=[str(Path(x).resolve()) for x in args.include_path],
                        include_defaults=not args.no_default_tasks, bootstrap_iters=args.bootstrap_iters, seed=args.seed)
-    from scripts.landscape import load_run_config, resolve_period
+    from training.period_model import load_run_config
 
     load_run_config(run_dir)  # a config.yaml that is not one: one line here, not a traceback later
     if args.period == "all":
         targets: list[int | str] = list(committed_prefix(run_dir))
     else:
-        targets = [resolve_period(read_workload(run_dir / "data"), args.period)[0]]
+        names = ["base"] + read_workload(RunDir(run_dir).data).period_names
+        targets = [RunDir.resolve_period(names, args.period)[0]]
     if not targets:
         raise BadInput(f"{run_dir} has no committed period yet")
     from lm_eval.tasks import TaskManager

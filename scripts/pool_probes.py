@@ -35,7 +35,7 @@ if __name__ == "__main__":
 
 import yaml  # noqa: E402
 
-from artifacts import UnreadableFileError, read_regular_text  # noqa: E402
+from artifacts import RunDir, UnreadableFileError, read_regular_text  # noqa: E402
 
 METRICS = [
     ("plasticity_storage", "Plast-S"),
@@ -70,21 +70,22 @@ def counts_of(metrics: dict[str, Any], name: str) -> tuple[int, int] | None:
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(results.json, config.yaml) of a run as main.py writes them; UnreadableFileError (exit 65) otherwise."""
+    run = RunDir(run_dir)
     try:
-        results = json.loads(read_regular_text(run_dir / "results.json"))
+        results = json.loads(read_regular_text(run.results))
     except ValueError as exc:
         raise exc if isinstance(exc, UnreadableFileError) else \
-            UnreadableFileError(f"{run_dir / 'results.json'}: not valid JSON ({str(exc)[:80]})") from None
+            UnreadableFileError(f"{run.results}: not valid JSON ({str(exc)[:80]})") from None
     if not (isinstance(results, dict) and isinstance(results.get("metrics"), dict) and "method" in results):
-        raise UnreadableFileError(f"{run_dir / 'results.json'}: not a results object (method, metrics)")
+        raise UnreadableFileError(f"{run.results}: not a results object (method, metrics)")
     config: Any = {}
-    if os.path.lexists(run_dir / "config.yaml"):  # a link loop or a FIFO is read, and refused
+    if os.path.lexists(run.config):  # a link loop or a FIFO is read, and refused
         try:
-            config = yaml.safe_load(read_regular_text(run_dir / "config.yaml"))
+            config = yaml.safe_load(read_regular_text(run.config))
         except yaml.YAMLError:
             config = None
         if not isinstance(config, dict):
-            raise UnreadableFileError(f"{run_dir / 'config.yaml'}: not a mapping of config sections")
+            raise UnreadableFileError(f"{run.config}: not a mapping of config sections")
     return results, config
 
 
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    missing = [str(d) for d in args.run_dirs if not os.path.lexists(d / "results.json")]  # a bad one is read, refused
+    missing = [str(d) for d in args.run_dirs if not os.path.lexists(RunDir(d).results)]  # a bad one is read, refused
     if missing:
         raise BadInput(f"run_dirs: no results.json in {', '.join(missing)} (a finished main.py run directory)")
     text = table(args.run_dirs)

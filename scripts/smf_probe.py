@@ -3,7 +3,7 @@
     uv run python -m scripts.smf_probe RUN_DIR [--periods 1,2] [--out FILE.json]
 
 For each committed period k (and each memory method also at the base model) it rebuilds the period's
-model exactly as training did (load_period below) and reports:
+model exactly as training did (training/period_model.py) and reports:
 
 * **storage EM**: exact match on cloze prompts cut from period k's own training passages (a passage is
   `prompt + " " + value + "."`, docs/data.md), i.e. a wording the fact was trained under in that
@@ -49,33 +49,8 @@ import torch
 from data.schema import Passage, Probe
 from eval_and_metrics.evaluate import evaluate_probes
 from eval_and_metrics.scoring import exact_match
-from artifacts import verify_manifest, read_manifest
-from scripts.landscape import PeriodModel, load_run_config
-from training.restore import build_model_and_method, load_saved_state
-from training.run import committed_periods
-from training.trainer import state_sha256
-from training.workload import read_workload
-
-
-def load_period(run_dir: Path, k: int) -> PeriodModel:
-    """scripts/landscape.py load_period_model without its config-hash check: a run trained before an
-    option was added hashes differently now. The check that matters stays: the rebuilt trainable
-    state must hash to what the period's manifest recorded."""
-    cfg = load_run_config(run_dir)
-    bench = read_workload(run_dir / "data")
-    name = (["base"] + bench.period_names)[k]
-    directory = run_dir / "periods" / f"{k}-{name}"
-    ok, reason = verify_manifest(directory)
-    if not ok:
-        raise ValueError(f"{directory} is not a committed period: {reason}")
-    loaded, method, model = build_model_and_method(cfg, bench)
-    load_saved_state(method, model, directory)
-    expected = (read_manifest(directory) or {}).get("trainable_sha256")
-    if expected and state_sha256(method.trainable_state_dict(model)) != expected:
-        raise ValueError(f"{directory}: the rebuilt trainable state differs from the one trained")
-    model.eval()
-    return PeriodModel(cfg=cfg, bench=bench, model=model, tokenizer=loaded.tokenizer, method=method,
-                       device=loaded.device, index=k, name=name, directory=directory)
+from artifacts import RunDir
+from training.period_model import load_period_model
 
 
 def storage_prompt(passage: Passage) -> str:
@@ -177,12 +152,14 @@ def _avg(xs: list[float]) -> float | None:
 
 
 def measure(run_dir: Path, periods: list[str] | None) -> list[dict[str, Any]]:
-    names = committed_periods(run_dir)
+    names = RunDir(run_dir).committed_periods()
     rows = []
     for k, name in enumerate(names):
         if periods is not None and name not in periods and str(k) not in periods:
             continue
-        pm = load_period(run_dir, k)
+        # without the config-hash check: a run trained before an option was added hashes differently now;
+        # the check that matters stays (the rebuilt trainable state must hash to what the manifest recorded)
+        pm = load_period_model(run_dir, k, check_config_hash=False)
         memories = getattr(pm.method, "memories", None) or {}
         if k == 0 and not memories:
             continue

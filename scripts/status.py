@@ -46,11 +46,10 @@ from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # 
 if __name__ == "__main__":
     prepare()  # quiet libraries, stop flag: before the imports below
 
-from artifacts import (UnreadableFileError, UnsafePathError, live_holder, read_holder, read_manifest,  # noqa: E402
+from artifacts import (RunDir, UnreadableFileError, UnsafePathError, live_holder, read_holder, read_manifest,  # noqa: E402
                        read_regular_bytes, read_regular_text, verify_manifest)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_PERIOD_DIR = re.compile(r"^(\d+)-(.+)$")
 # Lines worth calling "the error", most telling first: main.py's one-line bad-input message and the
 # last line of a Python traceback ("ValueError: ..."); then the wrappers' own lines (run_job.sh, srun,
 # slurmstepd), which only say that something failed. srun's "Exited with exit code 75" is a clean stop
@@ -146,7 +145,7 @@ def _rel(path: Path) -> str:
 
 def _read_config(run_dir: Path, problems: list[str] | None = None) -> dict[str, Any]:
     """config.yaml as a mapping; {} (and a problem) when it is anything else."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.exists() and not path.is_symlink():
         return {}
     try:
@@ -199,7 +198,7 @@ def _log_lines(path: Path, problems: list[str] | None = None) -> Iterator[str]:
 def _stream_of(run_dir: Path, cfg: dict[str, Any]) -> tuple[str, list[str] | None] | None:
     """(name, task names) of a stream run, None for a temporal run. A stream run keeps data/stream.json;
     before that is written (a moment after the run starts) only its config names the stream file."""
-    stream = _read_json(run_dir / "data" / "stream.json")
+    stream = _read_json(RunDir(run_dir).data / "stream.json")
     if isinstance(stream, dict) and isinstance(stream.get("tasks"), list):
         names = [str(t.get("name")) for t in stream["tasks"] if isinstance(t, dict)]
         return str(stream.get("name", "?")), names
@@ -211,10 +210,10 @@ def _period_names(run_dir: Path, results: Any = None, cfg: dict[str, Any] | None
                   problems: list[str] | None = None) -> list[str] | None:
     if isinstance(results, dict) and isinstance(results.get("periods"), list):
         return [str(p) for p in results["periods"]]
-    stream = _read_json(run_dir / "data" / "stream.json", problems)
+    stream = _read_json(RunDir(run_dir).data / "stream.json", problems)
     if isinstance(stream, dict) and isinstance(stream.get("tasks"), list):
         return [str(t.get("name")) for t in stream["tasks"] if isinstance(t, dict)]
-    bench = _read_json(run_dir / "data" / "benchmark.json", problems)
+    bench = _read_json(RunDir(run_dir).data / "benchmark.json", problems)
     if isinstance(bench, dict) and isinstance(bench.get("periods"), list):
         return [str(p.get("name")) for p in bench["periods"] if isinstance(p, dict)]
     cfg = _read_config(run_dir) if cfg is None else cfg
@@ -227,37 +226,18 @@ def _period_names(run_dir: Path, results: Any = None, cfg: dict[str, Any] | None
 def last_event(run_dir: Path, stage_names: list[str] | None) -> str | None:
     """The newest train_log.jsonl record in words (reads the last 4 KiB): "train task 2 (code) step 7",
     "eval task 0 (base)", "resume task 3 (style) from step 12"."""
-    import os
-    import stat
-
-    try:
-        fd = os.open(run_dir / "train_log.jsonl", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
-    except OSError:
+    rec = RunDir(run_dir).last_record()
+    if rec is None:
         return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        os.set_blocking(fd, True)
-        fh.seek(0, 2)
-        fh.seek(max(0, fh.tell() - 4096))
-        lines = fh.read(4096).decode("utf-8", "replace").splitlines()
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn last line (a kill mid-append) or the cut first one
-        if not isinstance(rec, dict):
-            continue
-        k = rec.get("period")
-        names = ["base"] + (stage_names or [])
-        where = f"task {k}" + (f" ({names[k]})" if isinstance(k, int) and 0 <= k < len(names) else "")
-        text = f"{rec.get('event', '?')} {where}"
-        if "step" in rec:
-            text += f" step {rec['step']}"
-        elif "from_step" in rec:
-            text += f" from step {rec['from_step']}"
-        return text
-    return None
+    k = rec.get("period")
+    names = ["base"] + (stage_names or [])
+    where = f"task {k}" + (f" ({names[k]})" if isinstance(k, int) and 0 <= k < len(names) else "")
+    text = f"{rec.get('event', '?')} {where}"
+    if "step" in rec:
+        text += f" step {rec['step']}"
+    elif "from_step" in rec:
+        text += f" from step {rec['from_step']}"
+    return text
 
 
 def _numbered_dirs(parent: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
@@ -282,10 +262,11 @@ def _restart_counts(run_dir: Path, manifests: list[dict[str, Any]],
     """Largest restart_count and every Slurm job id the run has recorded, oldest first."""
     counts, jobs = [0], []
     records: list[dict[str, Any]] = list(manifests)
-    run_json = _read_json(run_dir / "run.json", problems)
+    run = RunDir(run_dir)
+    run_json = _read_json(run.run_meta, problems)
     if isinstance(run_json, dict):
         records.append(run_json)
-    for line in _log_lines(run_dir / "train_log.jsonl", problems):
+    for line in _log_lines(run.train_log, problems):
         if '"resume"' not in line:
             continue
         try:
@@ -354,7 +335,8 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
     st.method = name if isinstance(name, str) else None
     seed = cfg.get("seed")
     st.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
-    results = _read_json(run_dir / "results.json", st.invalid)
+    run = RunDir(run_dir)
+    results = _read_json(run.results, st.invalid)
     if results is not None and not (isinstance(results, dict) and isinstance(results.get("periods"), list)):
         st.invalid.append("results.json: not a results object with a list of periods")
     names = _period_names(run_dir, results, cfg, st.invalid)
@@ -366,7 +348,7 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
 
     manifests: list[dict[str, Any]] = []
     done_prefix, gap = 0, False
-    for k, pdir in _numbered_dirs(run_dir / "periods", _PERIOD_DIR):
+    for k, pdir in run.period_entries():
         ok, reason = _check(pdir, verify)
         if not ok:
             st.invalid.append(f"{pdir.name}: {reason}")
@@ -382,7 +364,7 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
     st.periods_done = done_prefix
 
     newest: tuple[int, int, Path] | None = None  # (period, step, dir)
-    for k, croot in _numbered_dirs(run_dir / "checkpoints", _PERIOD_DIR):
+    for k, croot in run.checkpoint_entries():
         for step, sdir in reversed(_numbered_dirs(croot, _STEP_DIR)):
             ok, _ = _check(sdir, verify)
             if ok:
@@ -408,7 +390,7 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
         logs = find_job_logs(log_dirs, st.job_ids)
         # Only the newest log: an error from an attempt that a later restart got past is history.
         st.last_error = last_error_in(logs[0]) if logs else None
-    record = _read_json(run_dir / "tracking.json")
+    record = _read_json(run.tracking)
     if isinstance(record, dict) and isinstance(record.get("backends"), dict):
         st.tracking = record["backends"]
     if st.kind == "stream" and st.state != "complete":
@@ -421,8 +403,9 @@ def run_status(run_dir: Path, log_dirs: list[Path] | None = None, verify: bool =
 
 
 def is_run_dir(path: Path) -> bool:
+    run = RunDir(path)
     return path.is_dir() and not path.name.startswith(".") and (
-        (path / "config.yaml").exists() or (path / "periods").is_dir() or (path / "run.json").exists())
+        run.config.exists() or run.periods.is_dir() or run.run_meta.exists())
 
 
 def scan(run_root: Path, log_dirs: list[Path] | None = None, verify: bool = True) -> list[RunStatus]:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from artifacts import TMP_PREFIX, read_manifest, sha256_file, verify_manifest
-from scripts.landscape import load_run_config
+from training.period_model import load_run_config
 from scripts.export import EMBEDDED_BASE_ID, HF_MODEL, MEMORY_MODEL, PEFT_ADAPTER
 from scripts.export_loader import load_memory_export
 from tests.conftest import SMALL, run_main, tiny_stream_runs

@@ -15,7 +15,7 @@ from eval_and_metrics import report
 from eval_and_metrics.scorers.multiple_choice import MultipleChoice
 from eval_and_metrics.scorers.perplexity import Perplexity
 from scripts import lm_eval_job
-from scripts.landscape import load_period_model
+from training.period_model import load_period_model
 from tests.fixtures.sweep import pristine_sweep, runs_by_method_seed  # noqa: F401
 
 TASKS_DIR = Path(__file__).parent / "fixtures" / "lm_eval_tasks"

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from artifacts import (LockHeldError, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
+from artifacts import (LockHeldError, RunDir, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
                        staging_dir)
 from data import DataError
 from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention, summary_columns as retention_columns
@@ -27,7 +27,7 @@ from training.models import (check_model_source, enable_checkpointing, model_ske
                              resolve_precision)
 from training.restore import build_model_and_method
 from training.seeding import use_deterministic
-from training.run import RunPaths, committed_periods, human_bytes, open_run, run_dir_of
+from training.run import human_bytes, open_run, run_dir_of
 from training.strategies import resolve_strategy, strategy_problems
 from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
                               EXIT_UNTRUSTED, StopFlag, StopRequested)
@@ -92,17 +92,17 @@ def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World,
     with world.main_first():
         if world.is_main:
             paths, lock = open_run(cfg, workload, world_info(cfg, world, loaded.device))  # short atomic writes
-    paths = RunPaths(run_dir_of(cfg))
+    paths = RunDir(run_dir_of(cfg))
     try:
         if world.any(bool(stop)):
             raise StopRequested(f"{stop.signal_name or 'a stop on another rank'} before training started")
         if world.is_main:
             print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}"
                   + (f" ranks={world.size}" if world.active else ""), file=sys.stderr)
-        if world.is_main and loaded.source == "synthetic" and not (paths.root / "tokenizer").exists():
-            staging = staging_dir(paths.root / "tokenizer")
+        if world.is_main and loaded.source == "synthetic" and not paths.tokenizer.exists():
+            staging = staging_dir(paths.tokenizer)
             loaded.tokenizer.save_pretrained(staging)
-            commit_dir(staging, paths.root / "tokenizer")
+            commit_dir(staging, paths.tokenizer)
         trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, workload, stop,
                           log=lambda m: print(m, file=sys.stderr), world=world, retention=retention)
         results = trainer.run()
@@ -294,7 +294,7 @@ def storage_message(exc: StorageError, cfg: RunConfig | None) -> str:
         free = ""
     last = "nothing is committed yet"
     if cfg is not None:
-        committed = committed_periods(run_dir_of(cfg))
+        committed = RunDir(run_dir_of(cfg)).committed_periods()
         if committed:
             last = f"the last committed period is {committed[-1]}"
     return (f"cannot write {exc.path}: {exc.strerror}{needed}{free}; {last} and stays intact. Free space (or "

@@ -1,48 +1,25 @@
-"""The run directory: creating it, locking it, and refusing to resume under a different config."""
+"""Opening a run directory for training: creating it, locking it, and refusing to resume under a different
+config. Its layout (every path in it) is artifacts/rundir.py's RunDir."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 
-from artifacts import (RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir, read_text_inside,
-                       staging_dir)
+from artifacts import (RunDir, RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir,
+                       read_text_inside, staging_dir)
+from artifacts.rundir import CONFIG_FILE
 from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ, drop_runtime_keys
 from training.workload import Workload
 
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy", "gguf")
-
-
-@dataclass
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def train_log(self) -> Path:
-        return self.root / "train_log.jsonl"
-
-    def period_dir(self, index: int, name: str) -> Path:
-        return self.root / "periods" / f"{index}-{name}"
-
-    def checkpoint_root(self, index: int, name: str) -> Path:
-        return self.root / "checkpoints" / f"{index}-{name}"
 
 
 def code_version() -> str:
@@ -88,18 +65,18 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def open_run(cfg: RunConfig, workload: Workload, extra: dict | None = None) -> tuple[RunPaths, RunLock]:
+def open_run(cfg: RunConfig, workload: Workload, extra: dict | None = None) -> tuple[RunDir, RunLock]:
     """Create or reopen the run directory under an exclusive lock.
 
     Refuses (ConfigError) when the directory holds a run whose resolved config differs, listing the
     differing fields: resuming under another config would silently mix two experiments.
     """
     root = run_dir_of(cfg)
-    paths = RunPaths(root)
+    paths = RunDir(root)
     current = cfg.to_dict()
     current["run_id"] = cfg.resolved_run_id()
     if paths.config.exists():
-        saved = yaml.safe_load(read_text_inside(root, "config.yaml")) or {}
+        saved = yaml.safe_load(read_text_inside(root, CONFIG_FILE)) or {}
         saved_identity = {k: v for k, v in saved.items() if k not in ("run_root",)}
         ours = {k: v for k, v in current.items() if k not in ("run_root",)}
         for tree in (saved_identity, ours):
@@ -111,15 +88,16 @@ def open_run(cfg: RunConfig, workload: Workload, extra: dict | None = None) -> t
     lock = RunLock(root)  # creates the directory
     lock.acquire()  # held until the caller's `with lock:` block ends
     cleanup_stale_tmp(root)
-    for sub in ("periods", "checkpoints"):
-        if (root / sub).is_dir():
-            cleanup_stale_tmp(root / sub)
+    for sub in (paths.periods, paths.checkpoints):
+        if sub.is_dir():
+            cleanup_stale_tmp(sub)
+    paths.repair_log_tail()  # before the first append: a torn tail must stay the last line (read_jsonl)
     if not paths.config.exists():
         atomic_write_text(paths.config, yaml.safe_dump(current, sort_keys=False))
-    if not (root / "data").is_dir():
-        staging = staging_dir(root / "data")
+    if not paths.data.is_dir():
+        staging = staging_dir(paths.data)
         workload.write_files(staging)
-        commit_dir(staging, root / "data")
+        commit_dir(staging, paths.data)
     meta = {
         "run_id": cfg.resolved_run_id(),
         "config_hash": cfg.config_hash(),
@@ -132,23 +110,8 @@ def open_run(cfg: RunConfig, workload: Workload, extra: dict | None = None) -> t
         **slurm_info(),
         **(extra or {}),
     }
-    atomic_write_json(root / "run.json", meta)
+    atomic_write_json(paths.run_meta, meta)
     return paths, lock
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn last line from a kill mid-append; everything after it is untrusted
-    return rows
 
 
 def human_bytes(num: float) -> str:
@@ -157,17 +120,3 @@ def human_bytes(num: float) -> str:
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
         num /= 1024
     return f"{num:.1f} TiB"
-
-
-def committed_periods(run_dir: Path) -> list[str]:
-    """Names (<k>-<name>) of the period dirs with a complete manifest, in order; not checksummed (cheap,
-    for messages: the trainer verifies every file before it trusts a period)."""
-    periods = run_dir / "periods"
-    if not periods.is_dir():
-        return []
-    found = []
-    for entry in periods.iterdir():
-        head = entry.name.split("-", 1)[0]
-        if head.isdigit() and (entry / "manifest.json").is_file():
-            found.append((int(head), entry.name))
-    return [name for _, name in sorted(found)]

@@ -35,9 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from artifacts import atomic_write_json
-
-TRACKING_JSON = "tracking.json"
+from artifacts import RunDir, atomic_write_json
+from artifacts.rundir import TRACKING_FILE as TRACKING_JSON  # the run directory's layout is spelled there
 # train_log.jsonl fields that say where a record is, not what was measured
 _POSITION_KEYS = {"event", "period", "step", "global_step"}
 # The series a run logs, each with the key every one of its records has: MLflow and W&B find from it the
@@ -425,7 +424,7 @@ class Tracker:
         logged: dict[str, int] | None = getattr(backend, "logged", None)
         if not logged or self.ctx is None:
             return
-        for row in _read_log(self.ctx.run_dir / "train_log.jsonl"):
+        for row in RunDir(self.ctx.run_dir).log_rows():
             step = row.get("global_step")
             if not isinstance(step, int):
                 continue
@@ -439,7 +438,7 @@ class Tracker:
     def _write_record(self) -> None:
         assert self.ctx is not None
         try:
-            atomic_write_json(self.ctx.run_dir / TRACKING_JSON, {
+            atomic_write_json(RunDir(self.ctx.run_dir).tracking, {
                 "tracker_id": self.ctx.id, "run_id": self.ctx.run_id, "project": self.ctx.project,
                 "group": self.ctx.group, "backends": {b.name: b.record() for b in self.backends or []},
                 "failed": [n for n in self.names if n not in {b.name for b in self.backends or []}]})
@@ -504,20 +503,6 @@ def train_values(record: dict[str, Any], extra: dict[str, float] | None = None) 
 
 def period_values(index: int, scores: dict[str, Any]) -> dict[str, float]:
     return {"period/index": float(index), **flatten(scores, "row")}
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a torn last line
-    return rows
 
 
 def open_tracker(track: Any, run_id: str, run_dir: Path, is_main: bool, say: Callable[[str], None],

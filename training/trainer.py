@@ -14,7 +14,6 @@ resumed run reproduces the uninterrupted one bit for bit on the same hardware.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import resource
@@ -28,9 +27,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from artifacts import (StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text, commit_dir,
-                       read_manifest, save_state, save_tensors, staging_dir, verify_manifest,
-                       write_manifest)
+from artifacts import (RunDir, StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text,
+                       commit_dir, read_jsonl, read_manifest, save_state, save_tensors, staging_dir, state_sha256,
+                       verify_manifest, write_manifest)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
 from eval_and_metrics.retention import RETENTION_FILE, RetentionTrack
@@ -40,7 +39,7 @@ from training.distributed import World
 from training.methods.base import Method
 from training.models import master_weights, resolve_precision, training_autocast
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
-from training.run import RunPaths, human_bytes, read_jsonl, slurm_info
+from training.run import human_bytes, slurm_info
 from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from training.signals import StopFlag, StopRequested
 from training.strategies import STRATEGIES, Strategy, micro_rng, resolve_strategy, total_norm
@@ -58,15 +57,6 @@ class Position:
     batch: int = 0  # index of the next micro-batch within the epoch
     step: int = 0  # optimizer steps done in this period
     tokens: int = 0  # non-padding tokens trained on in this period
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -99,7 +89,7 @@ def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: in
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, paths: RunPaths, model: torch.nn.Module, tokenizer: Any,
+    def __init__(self, cfg: RunConfig, paths: RunDir, model: torch.nn.Module, tokenizer: Any,
                  device: torch.device, method: Method, workload: Workload, stop: StopFlag,
                  log: Callable[[str], None] = print, world: World = World(),
                  retention: RetentionTrack | None = None) -> None:
@@ -474,7 +464,7 @@ class Trainer:
         """Drop records a resumed run is about to produce again, so the log never holds duplicates."""
         if not self.world.is_main:
             return
-        rows = read_jsonl(self.paths.train_log)
+        rows = self.paths.log_rows()
 
         def keep(r: dict[str, Any]) -> bool:
             p = r.get("period", 0)
@@ -537,7 +527,7 @@ class Trainer:
         manifests), the peak memory of rank 0's process over every commit (each records its process's peak
         so far, so a resumed run reports the most any of its processes used, and a rerun of a finished run
         changes nothing), and the size of one committed period's state."""
-        rows = read_jsonl(self.paths.train_log)
+        rows = self.paths.log_rows()
         last = self.paths.period_dir(len(names) - 1, names[-1])
         manifests = [read_manifest(self.paths.period_dir(k, n)) or {} for k, n in enumerate(names)]
         peak = max((m.get("train", {}).get("peak_memory_bytes", 0) for m in manifests), default=0) \
@@ -557,17 +547,17 @@ def model_label(cfg: RunConfig) -> str:
     return cfg.model.name or "embedded:SmolLM2-135M-Instruct"
 
 
-def _provenance(paths: RunPaths) -> dict[str, str]:
+def _provenance(paths: RunDir) -> dict[str, str]:
     """run.json's provenance (code version, host, job) as tracker tags."""
     try:
-        meta = json.loads((paths.root / "run.json").read_text())
+        meta = json.loads(paths.run_meta.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
     return {k: str(v) for k, v in meta.items() if not isinstance(v, dict)}
 
 
-def _code_version(paths: RunPaths) -> str:
+def _code_version(paths: RunDir) -> str:
     try:
-        return json.loads((paths.root / "run.json").read_text()).get("code_version", "unknown")
+        return json.loads(paths.run_meta.read_text()).get("code_version", "unknown")
     except (OSError, json.JSONDecodeError):
         return "unknown"

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from artifacts import atomic_write_text, commit_dir, staging_dir
+from artifacts import atomic_write_text
 from data import DataError, load_benchmark
 from data.config import DataConfig
 from data.io import read_benchmark, write_benchmark
@@ -248,13 +248,6 @@ class StreamWorkload(Workload):
     def write_files(self, directory):
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(directory / STREAM_FILE, json.dumps(self.stream.to_json(), sort_keys=True) + "\n")
-
-
-def write_workload_files(workload: Workload, final: Path) -> None:
-    """The run's data directory, written once, atomically."""
-    staging = staging_dir(final)
-    workload.write_files(staging)
-    commit_dir(staging, final)
 
 
 def read_workload(directory: Path) -> Workload:
