@@ -15,11 +15,11 @@ import hashlib
 import json
 import os
 import re
-from artifacts.atomic import atomic_write_bytes
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from artifacts.atomic import atomic_write_bytes
 from data.build import (
     FORMAT_NAME,
     FORMAT_VERSION,

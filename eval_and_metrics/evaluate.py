@@ -23,8 +23,8 @@ from torch.nn import functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
-from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
 from eval_and_metrics.padding import pad, token_batches
+from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
 from eval_and_metrics.shard import ONE, Shard
 
 

@@ -38,8 +38,18 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import (UNBOUNDED, Budget, continuation_logprobs, encode, encode_pair, owned_batches,
-                                      packed_mask_kind, packed_row, prefix_token_id, shared_context_logprobs)
+from eval_and_metrics.evaluate import (
+    UNBOUNDED,
+    Budget,
+    continuation_logprobs,
+    encode,
+    encode_pair,
+    owned_batches,
+    packed_mask_kind,
+    packed_row,
+    prefix_token_id,
+    shared_context_logprobs,
+)
 from eval_and_metrics.scorers.base import Row, Scorer, mean_of
 from eval_and_metrics.shard import ONE, Shard
 

@@ -20,15 +20,13 @@ other rows are put back. The attribute is consumed by the step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
-
-import dataclasses
 
 import torch
 
 from training.optimizers.casmo import CASMO
-
 
 SGD_RULE = "sgd"  # value of a param group's "rule" key: plain SGD for that group
 
