@@ -294,8 +294,9 @@ class WandbBackend(Backend):
             self.logged = {series: max(-1, int(self.run.step) - 1) for series in SERIES}
 
     def record(self) -> dict[str, Any]:
+        offline_runs = f"{self.dir}/wandb/offline-run-*-{self.ctx.id}"
         return {"dir": str(self.dir), "project": self.ctx.project, "id": self.ctx.id, "mode": self.ctx.wandb_mode,
-                "sync": f"wandb sync --id {self.ctx.id} -p {self.ctx.project} {self.dir}/wandb/offline-run-*-{self.ctx.id}"}
+                "sync": f"wandb sync --id {self.ctx.id} -p {self.ctx.project} {offline_runs}"}
 
     def log(self, series: str, step: int, values: dict[str, float], label: str = "") -> None:
         if step <= self.logged[series]:

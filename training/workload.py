@@ -121,11 +121,13 @@ class TemporalWorkload(Workload):
     kind = "temporal"
     # Storage (S: the cloze of a trained sentence) and extraction (X: a wording never trained on) side
     # by side, never averaged together; subset metrics are pooled over all their probes.
-    summary_columns = [("acc_storage", "ACC-S"), ("bwt_storage", "BWT-S"), ("forgetting_storage", "Fgt-S"),
-                       ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
-                       ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
-                       ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
-                       ("outdated_storage_pooled", "Outd-S"), ("acc_extraction", "ACC-X")]
+    summary_columns: ClassVar[list[tuple[str, str]]] = [
+        ("acc_storage", "ACC-S"), ("bwt_storage", "BWT-S"), ("forgetting_storage", "Fgt-S"),
+        ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
+        ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
+        ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
+        ("outdated_storage_pooled", "Outd-S"), ("acc_extraction", "ACC-X")
+    ]
     summary_legend = ("-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
                       "never trained on); Plast and Stab pooled over all their probes; Outd = answers to a period's "
                       "changed facts that give an earlier value (DyKnow's outdated, docs/metrics.md)")

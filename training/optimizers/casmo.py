@@ -84,7 +84,7 @@ class CASMO(torch.optim.Optimizer):
         if not (0 <= c_min <= 1 and 0 <= rel_floor <= 1 and robustness >= 0):
             raise ValueError(f"need 0 <= c_min, rel_floor <= 1 and robustness >= 0 "
                              f"(got {c_min}, {rel_floor}, {robustness})")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.calibration_steps = calibration_steps
         self.granularity = granularity
         self.c_min = c_min

@@ -391,8 +391,8 @@ class DialogueCsvSource(Source):
 
     def check(self, opts: DialogueOptions, kind: str) -> list[str]:
         if bool(opts.speaker.strip()) == bool(opts.speaker_rank):
-            return ["speaker: give exactly one of speaker (a name) and speaker_rank (1 = most utterances) "
-                    f"(got speaker {opts.speaker!r}, speaker_rank {opts.speaker_rank})"]
+            return [("speaker: give exactly one of speaker (a name) and speaker_rank (1 = most utterances) "
+                     f"(got speaker {opts.speaker!r}, speaker_rank {opts.speaker_rank})")]
         return []
 
     def read(self, opts: DialogueOptions, split: str, ctx: ReadContext) -> SourceRead:
