@@ -261,12 +261,12 @@ def coerce(value: Any, tp: Any, dotted: str, problems: list[str], check: Check =
             out = coerce(value, arm, dotted, trial, check)
             if not trial:
                 return out
-        section = next((a for a in arms if dataclasses.is_dataclass(a)), None)
+        section = next((a for a in arms if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
         if section is not None:  # `Section | None`: the section's own problems say more than "a mapping"
             return build_dataclass(section, value, dotted, problems, check=check)
         problems.append(bad)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, dotted, problems, check=check)
     if origin is Literal:
         if value not in typing.get_args(tp):

@@ -445,10 +445,11 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         os.close(token_w)
         fds.remove(token_w)
         marker = secrets.token_hex(8)
+        uid = SANDBOX_UID if drop else os.getuid()
         config = {"python": interpreter, "workdir": workdir, "timeout_s": float(timeout_s),
                   "memory_bytes": int(memory_mb) << 20, "max_processes": int(max_processes),
                   "file_size_bytes": int(file_size_mb) << 20, "max_open_files": int(max_open_files),
-                  "drop": drop, "uid": SANDBOX_UID if drop else os.getuid(),
+                  "drop": drop, "uid": uid,
                   "gid": SANDBOX_GID if drop else os.getgid(), "marker": marker, "token_fd": token_r,
                   "result_fd": result_w, "status_fd": status_w, "checked": checked}
         log_path = os.path.join(private, "output.log")
@@ -465,7 +466,7 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         except subprocess.TimeoutExpired:
             _kill_group(supervisor.pid)
             supervisor.wait()
-            _sweep(config["uid"], marker, reap=False)
+            _sweep(uid, marker, reap=False)
         status = _read_json(status_r)
         returned = _read_nonblocking(result_r, _TOKEN_BYTES + 1)
         tail = _tail(log_path)

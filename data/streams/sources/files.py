@@ -296,7 +296,7 @@ def _json_list_with_lines(path: Path, text: str) -> list[tuple[int, Any]]:
     i = skip(0)
     if i >= len(text) or text[i] != "[":
         raise DataError(f"{path}:{line(i)}: must be a JSON list of {{\"prompt\", \"answer\"}} objects (TRACE layout)")
-    out = []
+    out: list[tuple[int, Any]] = []
     i = skip(i + 1)
     if i < len(text) and text[i] == "]":
         return out
