@@ -265,10 +265,10 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         dotted = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines.extend(describe(tp, dotted + "."))
         elif f.name != "options":
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]  # no MISSING: every field has one
             rule = rules[f.name]
             valid = f"{type_name(tp)}, {rule.describe()}" if rule else type_name(tp)
             lines.append(f"  {dotted} = {default!r}  ({valid})")
