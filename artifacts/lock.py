@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, final
 
 from artifacts.atomic import StrPath, UnsafePathError, read_regular_bytes, storage_guard
 from artifacts.manifest import utc_now_iso
@@ -91,6 +91,7 @@ def live_holder(run_dir: StrPath) -> dict[str, Any] | None:
         os.close(fd)
 
 
+@final  # not meant to be subclassed, so __enter__ returns exactly a RunLock
 class RunLock:
     """Exclusive, non-blocking lock on a run directory; use as ``with RunLock(run_dir): ...``."""
 

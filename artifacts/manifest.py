@@ -13,8 +13,16 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from artifacts.atomic import (TMP_PREFIX, StrPath, UnreadableFileError, UnsafePathError, atomic_write_json, inside,
-                              read_regular_text, sha256_file)
+from artifacts.atomic import (
+    TMP_PREFIX,
+    StrPath,
+    UnreadableFileError,
+    UnsafePathError,
+    atomic_write_json,
+    inside,
+    read_regular_text,
+    sha256_file,
+)
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1

@@ -301,7 +301,7 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
         warnings.add("have a current_value that differs from ground_truth (ground_truth is used)",
                      rid)
     for label, got in row.labels.items():
-        want = periods[k - 1] if label == "metadata.prev_period" else periods[k]
+        want: str | None = periods[k - 1] if label == "metadata.prev_period" else periods[k]
         if k == 0 and label == "metadata.prev_period":
             want = None
         if got != want:
@@ -401,9 +401,9 @@ def read_casm_built(directory: str | os.PathLike[str], cfg: DataConfig) -> Bench
 
     # Our "unchanged" means "not in this period's training data" (docs/data.md); CASM's thin passages
     # restate every fact in every period, so stability on them measures re-learning (LESSONS.md).
-    for period in built:
-        trained = {(p.subject, p.relation) for p in period.passages}
-        for probe in period.probes:
+    for built_period in built:
+        trained = {(p.subject, p.relation) for p in built_period.passages}
+        for probe in built_period.probes:
             if probe.kind == "unchanged" and (probe.subject, probe.relation) in trained:
                 warnings.add("are kind unchanged but their fact is restated in the same period's "
                              "passages (stability on them measures re-learning, not retention)",

@@ -123,7 +123,7 @@ class Text:
         return out if self.empty_ok else ["", "   "] + out
 
 
-Rule = Union[Range, Name, Text]
+Rule = Range | Name | Text
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Items:
         return None
 
 
-Constraint = Union[Range, Name, Text, Items]
+Constraint = Range | Name | Text | Items
 # A bool or a Literal names its valid values in its type; these need no declared constraint.
 _SELF_DESCRIBING = (bool,)
 
@@ -170,9 +170,7 @@ def needs_constraint(tp: Any) -> bool:
     """Whether a field of this (Annotated-stripped) type must declare a constraint."""
     if typing.get_origin(tp) is typing.Literal or tp in _SELF_DESCRIBING:
         return False
-    if dataclasses.is_dataclass(tp) or tp is Any:
-        return False
-    return True
+    return not (dataclasses.is_dataclass(tp) or tp is Any)
 
 
 _TYPE_OK: dict[Any, Any] = {
@@ -180,6 +178,14 @@ _TYPE_OK: dict[Any, Any] = {
     float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     str: lambda v: isinstance(v, str),
 }
+
+
+def _type_ok(tp: Any, value: Any) -> bool:
+    """Whether `value` has base type `tp` (a bool is not a number here)."""
+    check = _TYPE_OK.get(tp)
+    return check(value) if check is not None else isinstance(value, tp)
+
+
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
@@ -197,10 +203,10 @@ def field_problems(obj: Any, path: str) -> list[str]:
         value = getattr(obj, name)
         dotted = f"{path}.{name}" if path else name
         base = typing.get_origin(hints[name]) or hints[name]
-        type_ok = _TYPE_OK.get(base, lambda v: isinstance(v, base))(value)
+        type_ok = _type_ok(base, value)
         if isinstance(rule, Items) and type_ok:
             inner = typing.get_args(hints[name])[0]
-            type_ok = all(_TYPE_OK.get(inner, lambda v: isinstance(v, inner))(v) for v in value)
+            type_ok = all(_type_ok(inner, v) for v in value)
         if not type_ok:
             what = "" if isinstance(rule, Items) else _TYPE_NAMES.get(base, str(base)) + " "
             problems.append(f"{dotted} must be {what}{rule.describe()} (got {_show(value)})")
@@ -255,12 +261,12 @@ def coerce(value: Any, tp: Any, dotted: str, problems: list[str], check: Check =
             out = coerce(value, arm, dotted, trial, check)
             if not trial:
                 return out
-        section = next((a for a in arms if dataclasses.is_dataclass(a)), None)
+        section = next((a for a in arms if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
         if section is not None:  # `Section | None`: the section's own problems say more than "a mapping"
             return build_dataclass(section, value, dotted, problems, check=check)
         problems.append(bad)
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, dotted, problems, check=check)
     if origin is Literal:
         if value not in typing.get_args(tp):

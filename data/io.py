@@ -15,11 +15,11 @@ import hashlib
 import json
 import os
 import re
-from artifacts.atomic import atomic_write_bytes
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from artifacts.atomic import atomic_write_bytes
 from data.build import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -219,9 +219,10 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
     names in file order); every record must have the same set. ``changed`` must be a bool; it is
     redundant ("the value differs in at least one period", the public generator's definition), so one
     that contradicts the values is a warning naming the records (bench.meta["warnings"]) and the values
-    decide, as in the built-files reader: the CASM project's own file has two such records. Relations are normalised (case, spaces, underscores,
-    hyphens) and keep the same template family whatever their spelling. cfg.periods,
-    cfg.num_facts and cfg.change_share do not apply: the file defines facts and changes.
+    decide, as in the built-files reader: the CASM project's own file has two such records. Relations
+    are normalised (case, spaces, underscores, hyphens) and keep the same template family whatever
+    their spelling. cfg.periods, cfg.num_facts and cfg.change_share do not apply: the file defines
+    facts and changes.
     Fails on the first bad record; never drops one.
     """
     errors = cfg.validate()
@@ -297,7 +298,8 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
     raw_bytes = path.read_bytes()
     warnings = []
     if contradicted:
-        shown = "; ".join(contradicted[:10]) + (f"; and {len(contradicted) - 10} more" if len(contradicted) > 10 else "")
+        shown = "; ".join(contradicted[:10]) + (f"; and {len(contradicted) - 10} more"
+                                                if len(contradicted) > 10 else "")
         warnings.append(f"{path.name}: {len(contradicted)} record(s) have a 'changed' flag that contradicts their "
                         f"values (the values are used): record {shown}")
     meta = {

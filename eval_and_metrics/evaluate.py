@@ -23,8 +23,8 @@ from torch.nn import functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schema import Probe
-from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
 from eval_and_metrics.padding import pad, token_batches
+from eval_and_metrics.scoring import clean_generation, exact_match, token_f1
 from eval_and_metrics.shard import ONE, Shard
 
 
@@ -145,26 +145,27 @@ def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     of another kind (a LoRA-wrapped or quantized one) runs as itself and its logits are upcast after.
     """
     weight = getattr(head, "weight", None)
-    own_fp32 = (isinstance(head, nn.Linear) and isinstance(weight, torch.Tensor)
-                and weight.is_floating_point())
-    vocab = weight.shape[0] if own_fp32 else int(getattr(head, "out_features", SCORE_VOCAB_ROWS))
+    # the head when it is a float nn.Linear (typed as one from here on), else None
+    linear = (head if isinstance(head, nn.Linear) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+              else None)
+    vocab = linear.weight.shape[0] if linear is not None else int(getattr(head, "out_features", SCORE_VOCAB_ROWS))
     # fp32 weights need no upcast copy, so they are used whole (and the numbers are log_softmax's, as before)
-    vocab_rows = vocab if own_fp32 and weight.dtype == torch.float32 else min(vocab, SCORE_VOCAB_ROWS)
+    vocab_rows = vocab if linear is not None and linear.weight.dtype == torch.float32 else min(vocab, SCORE_VOCAB_ROWS)
     step = max(1, SCORE_BLOCK_ELEMENTS // vocab_rows)
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], step):
         h, t = hidden[start:start + step], targets[start:start + step].unsqueeze(-1)
-        if not own_fp32 or vocab_rows == vocab:
-            bias = head.bias.float() if own_fp32 and head.bias is not None else None
-            logits = F.linear(h.float(), weight.float(), bias) if own_fp32 else head(h)
+        if linear is None or vocab_rows == vocab:
+            bias = linear.bias.float() if linear is not None and linear.bias is not None else None
+            logits = F.linear(h.float(), linear.weight.float(), bias) if linear is not None else head(h)
             out[start:start + step] = torch.log_softmax(logits.float(), dim=-1).gather(-1, t).squeeze(-1)
             continue
         h32 = h.float()
         picked = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
         sums = []
         for v0 in range(0, vocab, vocab_rows):
-            bias = head.bias[v0:v0 + vocab_rows].float() if head.bias is not None else None
-            logits = F.linear(h32, weight[v0:v0 + vocab_rows].float(), bias)
+            bias = linear.bias[v0:v0 + vocab_rows].float() if linear.bias is not None else None
+            logits = F.linear(h32, linear.weight[v0:v0 + vocab_rows].float(), bias)
             sums.append(logits.logsumexp(-1, keepdim=True))
             inside = (t >= v0) & (t < v0 + logits.shape[-1])
             picked = torch.where(inside, logits.gather(-1, (t - v0).clamp(0, logits.shape[-1] - 1)), picked)
@@ -173,7 +174,9 @@ def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 
 
 def output_head(model: nn.Module) -> nn.Module:
-    head = model.get_output_embeddings()  # through peft wrappers too (they forward attribute lookups)
+    # a transformers model's method (nn.Module, the type here, does not declare it), through peft wrappers
+    # too (they forward attribute lookups)
+    head = model.get_output_embeddings()  # type: ignore[operator]
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings to score with")
     return head
@@ -320,7 +323,7 @@ def shared_context_logprobs(model: nn.Module, contexts: list[list[int]], groups:
     (packed_inputs). mask_kind comes from packed_mask_kind. The output layer runs in fp32 at the
     scored positions only (scoring_head)."""
     assert all(contexts) and all(groups) and all(all(g) for g in groups), "contexts and continuations must be non-empty"
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]  # a transformers model's method
     dtype = dtype if dtype.is_floating_point else torch.float32
     ids, mask, positions = packed_inputs(contexts, groups, pad_id, mask_kind, dtype)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
@@ -392,7 +395,8 @@ class _StopWhenDone(StoppingCriteria):
             for r, ids, text in zip(rows, new, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                 # A row past EOS is already finished by generate (it only gets padding now).
                 self.finished[r] = (eos is not None and eos in ids) or self.done(r, text)
-        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+        # transformers annotates the legacy torch.BoolTensor, which no tensor constructor's type is
+        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -408,7 +412,8 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], devic
     extra: dict[str, Any] = {}
     if done is not None:
         extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenDone(tokenizer, ids.shape[1], done)])
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+    # a transformers model's method (nn.Module, the type here, does not declare it)
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,  # type: ignore[operator]
                                do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                                **extra)
     return tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)

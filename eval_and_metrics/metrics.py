@@ -353,10 +353,10 @@ def answer_kind_rates(rows_pred: Sequence[Mapping[str, str]], probes: Sequence[P
             kinds = [answer_kind(rows_pred[k][p.id], p, history[(p.subject, p.relation)], index[p.period], k)
                      for p in picked]
             counts.append(len(kinds))
-            for kind in per_k:
+            for kind, fractions in per_k.items():
                 n = sum(1 for x in kinds if x == kind)
                 pooled[kind] += n
-                per_k[kind].append(n / len(kinds) if kinds else math.nan)
+                fractions.append(n / len(kinds) if kinds else math.nan)
         total = sum(counts)
         key = f"{view}_{family}"
         # the headline of each view: stale answers to new facts, present answers to past questions

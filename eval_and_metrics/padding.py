@@ -1,7 +1,7 @@
 """Padding token sequences into one batch, and batches bounded in padded tokens, shared by evaluation
-(left padding for generation) and training (right padding; training/batching.py re-exports pad). It lives here, below training, so the
-scorers, and the report that re-aggregates with them, never import training (the layers flow
-data -> eval_and_metrics -> training)."""
+(left padding for generation) and training (right padding; training/batching.py re-exports pad). It
+lives here, below training, so the scorers, and the report that re-aggregates with them, never import
+training (the layers flow data -> eval_and_metrics -> training)."""
 
 from __future__ import annotations
 

@@ -83,6 +83,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SANDBOX_UID = 65534  # nobody
@@ -101,7 +102,8 @@ _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 0x2, 0x4, 0x8, 0x20
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture (Linux >= 5.12)
 _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 # Directories every user may write: each gets a fresh tmpfs of the run's own, gone with the run.
@@ -145,7 +147,7 @@ def _harness():
         os.write(result_fd, token)
 
 _harness()
-""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE} + _HARNESS_EXIT
+""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE} + _HARNESS_EXIT  # noqa: UP031 - see above
 
 _CHECK_FILE = "check.json"  # the tests of a checked run; read and removed before the program starts
 
@@ -324,7 +326,7 @@ def checker():
     os.write(result_fd, token)
 
 checker()
-""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE} + _HARNESS_EXIT
+""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE} + _HARNESS_EXIT  # noqa: UP031 - braces
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ def sandbox_python() -> str:
                 proc = subprocess.run([cand, "-s", "-S", "-B", "-c", "import json, math, re, collections, typing"],
                                       user=SANDBOX_UID, group=SANDBOX_GID, extra_groups=[], cwd="/",
                                       env=_minimal_env("/"), stdin=subprocess.DEVNULL, capture_output=True,
-                                      timeout=60)
+                                      timeout=60, check=False)
             except (OSError, subprocess.SubprocessError):
                 continue
             if proc.returncode == 0:
@@ -443,10 +445,11 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         os.close(token_w)
         fds.remove(token_w)
         marker = secrets.token_hex(8)
+        uid = SANDBOX_UID if drop else os.getuid()
         config = {"python": interpreter, "workdir": workdir, "timeout_s": float(timeout_s),
                   "memory_bytes": int(memory_mb) << 20, "max_processes": int(max_processes),
                   "file_size_bytes": int(file_size_mb) << 20, "max_open_files": int(max_open_files),
-                  "drop": drop, "uid": SANDBOX_UID if drop else os.getuid(),
+                  "drop": drop, "uid": uid,
                   "gid": SANDBOX_GID if drop else os.getgid(), "marker": marker, "token_fd": token_r,
                   "result_fd": result_w, "status_fd": status_w, "checked": checked}
         log_path = os.path.join(private, "output.log")
@@ -463,7 +466,7 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         except subprocess.TimeoutExpired:
             _kill_group(supervisor.pid)
             supervisor.wait()
-            _sweep(config["uid"], marker, reap=False)
+            _sweep(uid, marker, reap=False)
         status = _read_json(status_r)
         returned = _read_nonblocking(result_r, _TOKEN_BYTES + 1)
         tail = _tail(log_path)
@@ -573,7 +576,7 @@ def _last_line(text: str) -> str:
 def _remove_tree(path: str) -> None:
     """rmtree that also removes what a non-root program made unreadable (root needs no chmod)."""
 
-    def make_writable_and_retry(func, p, _exc):  # noqa: ANN001 - shutil's onerror signature
+    def make_writable_and_retry(func: Callable[[str], object], p: str, _exc: object) -> None:  # shutil's onerror
         try:
             os.chmod(os.path.dirname(p), 0o700)
             if not os.path.islink(p) and os.path.isdir(p):
@@ -688,7 +691,9 @@ def _libc_errno() -> str:
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> bool:
     import ctypes
 
-    enc = (lambda v: None if v is None else v.encode())
+    def enc(v: str | None) -> bytes | None:
+        return None if v is None else v.encode()
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
@@ -780,10 +785,10 @@ def _isolate(cfg: dict, status: dict) -> str:
                 os.chown(os.path.join(workdir, name), cfg["uid"], cfg["gid"])
         if cfg["drop"]:
             os.chown(workdir, cfg["uid"], cfg["gid"])
-    elif "read_only" in isolated:
-        # its own directory stays writable: a writable mount of it on top of the read-only tree
-        if not (_mount(workdir, workdir, None, _MS_BIND) and _mount(None, workdir, None, _MS_BIND | _MS_REMOUNT)):
-            status["isolation_error"] = f"the program's directory stayed read-only: {_libc_errno()}"
+    # its own directory stays writable: a writable mount of it on top of the read-only tree
+    elif "read_only" in isolated and not (_mount(workdir, workdir, None, _MS_BIND)
+                                          and _mount(None, workdir, None, _MS_BIND | _MS_REMOUNT)):
+        status["isolation_error"] = f"the program's directory stayed read-only: {_libc_errno()}"
     return workdir
 
 
@@ -832,7 +837,8 @@ def _supervise(config_json: str) -> None:
         harness = _CHECKED_HARNESS if cfg["checked"] else _HARNESS
         proc = subprocess.Popen([cfg["python"], "-s", "-S", "-B", "-c", harness, str(token_fd), str(result_fd)],
                                 cwd=cfg["workdir"], env=env, stdin=subprocess.DEVNULL, pass_fds=(token_fd, result_fd),
-                                close_fds=True, start_new_session=True, preexec_fn=limit_and_drop)
+                                close_fds=True, start_new_session=True,
+                                preexec_fn=limit_and_drop)  # noqa: PLW1509 - single-threaded supervisor, see above
     except (OSError, subprocess.SubprocessError) as exc:
         status["error"] = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, BlockingIOError):

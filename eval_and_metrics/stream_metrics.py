@@ -25,11 +25,11 @@ import numpy as np
 BASE_SOLVED_MARGIN = 0.02
 
 
-def _finite(values: Sequence[float]) -> list[float]:
+def _finite(values: Sequence[float | None]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     vals = _finite(values)
     return float(np.mean(vals)) if vals else None
 
@@ -114,7 +114,8 @@ class Aggregator(Protocol):
     """What the derivation needs of a scorer (eval_and_metrics.scorers.Scorer): its metrics, in order
     (the first is the primary one), each with its direction, and how its rows become those metrics."""
 
-    metrics: Mapping[str, bool]
+    @property
+    def metrics(self) -> Mapping[str, bool]: ...
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]: ...
 

@@ -51,8 +51,8 @@ class ModelConfig:
 
     def validate(self) -> list[str]:
         if self.synthetic_hidden_size % self.synthetic_heads:
-            return ["model.synthetic_hidden_size must be divisible by model.synthetic_heads "
-                    f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})"]
+            return [("model.synthetic_hidden_size must be divisible by model.synthetic_heads "
+                     f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})")]
         return []
 
 
@@ -107,8 +107,8 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         if self.max_tokens_per_batch < self.max_seq_len:
-            return ["train.max_tokens_per_batch must be >= train.max_seq_len "
-                    f"(got {self.max_tokens_per_batch} < {self.max_seq_len})"]
+            return [("train.max_tokens_per_batch must be >= train.max_seq_len "
+                     f"(got {self.max_tokens_per_batch} < {self.max_seq_len})")]
         return []
 
 
@@ -265,10 +265,10 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         dotted = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines.extend(describe(tp, dotted + "."))
         elif f.name != "options":
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]  # no MISSING: every field has one
             rule = rules[f.name]
             valid = f"{type_name(tp)}, {rule.describe()}" if rule else type_name(tp)
             lines.append(f"  {dotted} = {default!r}  ({valid})")
@@ -346,8 +346,8 @@ def expand_methods(spec: str, known: list[str], runnable: list[str] | None = Non
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ConfigError([f"method.name {spec!r} is not a registered method; valid: {', '.join(known)} "
-                           "(or a comma-separated list, or all)"])
+        raise ConfigError([(f"method.name {spec!r} is not a registered method; valid: {', '.join(known)} "
+                            "(or a comma-separated list, or all)")])
     return names
 
 
@@ -380,8 +380,8 @@ def build_run_configs(tree: dict, method_registry: dict[str, Any]) -> list[RunCo
     if problems:
         raise ConfigError(problems)
     if base.run_id and len(names) > 1:
-        raise ConfigError([f"run_id {base.run_id!r} names one run, but method.name asks for {len(names)} "
-                           "methods; drop --run-id or pick one method"])
+        raise ConfigError([(f"run_id {base.run_id!r} names one run, but method.name asks for {len(names)} "
+                            "methods; drop --run-id or pick one method")])
     return [dataclasses.replace(base, method=MethodConfig(name=n, options=options[n])) for n in names]
 
 

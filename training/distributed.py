@@ -212,9 +212,9 @@ def device_index(local_rank: int, device_count: int) -> int:
         return local_rank
     if device_count == 1:
         return 0
-    raise ConfigError([f"local rank {local_rank} needs its own GPU, but this task sees {device_count} "
-                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
-                       f"per visible GPU, or give each task one GPU (srun --gpus-per-task=1)"])
+    raise ConfigError([(f"local rank {local_rank} needs its own GPU, but this task sees {device_count} "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+                        f"per visible GPU, or give each task one GPU (srun --gpus-per-task=1)")])
 
 
 def ranks_per_node(env: Mapping[str, str]) -> int:
@@ -254,9 +254,9 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
         return world
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise ConfigError([f"{world.size} ranks but {', '.join(missing)} unset: start the run with "
-                           "scripts/torchrun.py (torchrun that keeps the ranks' exit code), or with run_job.sh under "
-                           "Slurm, which sets them"])
+        raise ConfigError([(f"{world.size} ranks but {', '.join(missing)} unset: start the run with "
+                            "scripts/torchrun.py (torchrun that keeps the ranks' exit code), or with run_job.sh under "
+                            "Slurm, which sets them")])
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
@@ -277,9 +277,9 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
     # stack trace per failed name lookup; the watchdog ends the rank at the deadline instead, from a thread
     # because the join blocks in C++ (with the GIL released) and cannot be interrupted from Python.
     watchdog = threading.Timer(rendezvous_timeout_s, _rendezvous_expired,
-                               args=(f"rank {world.rank} of {world.size}: no rendezvous at {where} within "
-                                     f"{rendezvous_timeout_s:g}s (train.rendezvous_timeout_s): nothing answered "
-                                     "there, or another rank never arrived",))
+                               args=((f"rank {world.rank} of {world.size}: no rendezvous at {where} within "
+                                      f"{rendezvous_timeout_s:g}s (train.rendezvous_timeout_s): nothing answered "
+                                      "there, or another rank never arrived"),))
     watchdog.daemon = True
     watchdog.start()
     try:

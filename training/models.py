@@ -18,10 +18,17 @@ import shutil
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from data.schema import Benchmark
 from training.config import ConfigError, ModelConfig
@@ -173,12 +180,18 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>")
 
 
+class HasVocabulary(Protocol):
+    """A workload (training/workload.py, which imports this module): it names its own texts."""
+
+    def vocabulary_texts(self) -> list[str]: ...
+
+
 def benchmark_texts(bench: Any) -> list[str]:
     """The texts the synthetic word-level tokenizer is built from: a Benchmark's passages and probes, or
     whatever a task stream (any object with a `vocabulary_texts()` method) trains and evaluates on."""
     if hasattr(bench, "vocabulary_texts"):
         return bench.vocabulary_texts()
-    texts = []
+    texts: list[str] = []
     for period in bench.periods:
         texts.extend(p.text for p in period.passages)
         for probe in period.probes:
@@ -197,7 +210,7 @@ def synthetic_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     )
 
 
-def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torch.nn.Module, Any]:
+def build_synthetic(cfg: ModelConfig, bench: Benchmark | HasVocabulary, seed: int) -> tuple[PreTrainedModel, Any]:
     tokenizer = build_word_tokenizer(benchmark_texts(bench))
     config = synthetic_config(cfg, tokenizer)
     # A private generator would be nicer, but HF initialisers draw from the global RNG; fork it so the
@@ -208,11 +221,13 @@ def build_synthetic(cfg: ModelConfig, bench: Benchmark, seed: int) -> tuple[torc
         # HF's std 0.02 makes the tied output head so small that logits stay near uniform; a method
         # that freezes the embeddings (LoRA, memories) then cannot lower the loss at all. Rows of norm
         # ~2 let a frozen head express confident predictions, as a pretrained model's head can.
-        model.get_input_embeddings().weight.data.normal_(0.0, 2.0 / cfg.synthetic_hidden_size ** 0.5)
+        # an nn.Embedding, which transformers types as any nn.Module
+        embedding = cast(torch.nn.Embedding, model.get_input_embeddings())
+        embedding.weight.data.normal_(0.0, 2.0 / cfg.synthetic_hidden_size ** 0.5)
     return model, tokenizer
 
 
-def model_skeleton(cfg: ModelConfig, mode: str, bench: Benchmark) -> torch.nn.Module:
+def model_skeleton(cfg: ModelConfig, mode: str, bench: Benchmark | HasVocabulary) -> torch.nn.Module:
     """The model's module structure on the meta device (no weights): for validating options cheaply."""
     if mode == "synthetic":
         tokenizer = build_word_tokenizer(benchmark_texts(bench))
@@ -229,7 +244,7 @@ def model_skeleton(cfg: ModelConfig, mode: str, bench: Benchmark) -> torch.nn.Mo
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> LoadedModel:
+def load_model(cfg: ModelConfig, mode: str, bench: Benchmark | HasVocabulary, seed: int) -> LoadedModel:
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     if mode == "synthetic":
@@ -268,7 +283,8 @@ def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> Load
         # gradient checkpointing stays train.gradient_checkpointing's choice (enable_checkpointing below)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model.to(device=device, dtype=dtype)
+        # transformers wraps PreTrainedModel.to (functools.wraps), which mypy reads as missing its self
+        model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, source=source)
 
@@ -276,6 +292,7 @@ def load_model(cfg: ModelConfig, mode: str, bench: Benchmark, seed: int) -> Load
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """train.gradient_checkpointing: each decoder layer's activations are recomputed in the backward.
     Non-reentrant, so frozen embeddings (LoRA) need no input-grad hook and the numbers do not change."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # a peft model's method (nn.Module does not declare it); the transformers model owns checkpointing
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False

@@ -90,7 +90,7 @@ def node_addr(name: str, env: Mapping[str, str] | None = None) -> str | None:
     """NodeAddr of the node `name` as slurmctld knows it; None when scontrol cannot say."""
     try:
         proc = subprocess.run(["scontrol", "show", "node", "--oneliner", name], capture_output=True, text=True,
-                              timeout=SCONTROL_TIMEOUT_S, env=None if env is None else dict(env))
+                              timeout=SCONTROL_TIMEOUT_S, env=None if env is None else dict(env), check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"(?:^|\s)NodeAddr=(\S+)", proc.stdout) if proc.returncode == 0 else None

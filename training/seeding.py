@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """Every generator's state as plain data (tensors, ints, tuples), so it loads with weights_only=True:
     numpy's key array becomes a tensor, since a pickled ndarray would need numpy's own unpickler."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy form, a tuple (numpy's stubs also allow the dict of get_state(legacy=False))
+    name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state: dict[str, Any] = {"python": random.getstate(),
                              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
                                        float(cached)),

@@ -102,7 +102,7 @@ class StopFlag:
             self._immediate = False
             sys.unraisablehook = previous_hook
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from artifacts import RunDir, atomic_write_json
 from artifacts.rundir import TRACKING_FILE as TRACKING_JSON  # the run directory's layout is spelled there
@@ -98,7 +98,8 @@ class TrackContext:
     """What a backend needs to know about the run."""
 
     def __init__(self, run_id: str, run_dir: Path, track_dir: Path, project: str, group: str, tags: list[str],
-                 wandb_mode: str, mlflow_uri: str, purge_from: int | None) -> None:
+                 wandb_mode: Literal["offline", "online", "disabled"], mlflow_uri: str,
+                 purge_from: int | None) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
         self.track_dir = track_dir
@@ -293,8 +294,9 @@ class WandbBackend(Backend):
             self.logged = {series: max(-1, int(self.run.step) - 1) for series in SERIES}
 
     def record(self) -> dict[str, Any]:
+        offline_runs = f"{self.dir}/wandb/offline-run-*-{self.ctx.id}"
         return {"dir": str(self.dir), "project": self.ctx.project, "id": self.ctx.id, "mode": self.ctx.wandb_mode,
-                "sync": f"wandb sync --id {self.ctx.id} -p {self.ctx.project} {self.dir}/wandb/offline-run-*-{self.ctx.id}"}
+                "sync": f"wandb sync --id {self.ctx.id} -p {self.ctx.project} {offline_runs}"}
 
     def log(self, series: str, step: int, values: dict[str, float], label: str = "") -> None:
         if step <= self.logged[series]:
@@ -354,7 +356,7 @@ def wandb_history(wandb_dir: Path, run_id: str) -> list[dict[str, Any]]:
     rows = []
     for path in sorted((wandb_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
         for data in wandb_records(path):
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]  # protoc's module builds its classes at import
             try:
                 record.ParseFromString(data)
             except Exception:  # noqa: BLE001 - a torn record from a killed writer: the rest is untrusted

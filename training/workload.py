@@ -100,6 +100,10 @@ class Workload:
     def num_eval_items(self) -> int:
         raise NotImplementedError
 
+    def vocabulary_texts(self) -> list[str]:
+        """The texts a synthetic model's tokenizer is built from (training.models.benchmark_texts)."""
+        raise NotImplementedError
+
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
                  max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None],
                  scope: Scope = _no_scope, shard: Shard = ONE, budget: Budget = UNBOUNDED) -> list[dict[str, Any]]:
@@ -121,11 +125,13 @@ class TemporalWorkload(Workload):
     kind = "temporal"
     # Storage (S: the cloze of a trained sentence) and extraction (X: a wording never trained on) side
     # by side, never averaged together; subset metrics are pooled over all their probes.
-    summary_columns = [("acc_storage", "ACC-S"), ("bwt_storage", "BWT-S"), ("forgetting_storage", "Fgt-S"),
-                       ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
-                       ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
-                       ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
-                       ("outdated_storage_pooled", "Outd-S"), ("acc_extraction", "ACC-X")]
+    summary_columns: ClassVar[list[tuple[str, str]]] = [
+        ("acc_storage", "ACC-S"), ("bwt_storage", "BWT-S"), ("forgetting_storage", "Fgt-S"),
+        ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
+        ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
+        ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
+        ("outdated_storage_pooled", "Outd-S"), ("acc_extraction", "ACC-X")
+    ]
     summary_legend = ("-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
                       "never trained on); Plast and Stab pooled over all their probes; Outd = answers to a period's "
                       "changed facts that give an earlier value (DyKnow's outdated, docs/metrics.md)")
@@ -181,8 +187,10 @@ class TemporalWorkload(Workload):
         rows_pred = [{r["id"]: r["prediction"] for r in rows} for rows in rows_per_row]
         metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names, rows_pred)
         for family in PROBE_FAMILIES:
-            logprob = score_matrix(rows_lp, self.probes, self.bench.period_names,
-                                   select=lambda p, family=family: p.family == family)
+            def of_family(p: Probe, family: str = family) -> bool:
+                return p.family == family
+
+            logprob = score_matrix(rows_lp, self.probes, self.bench.period_names, select=of_family)
             metrics[f"matrix_{family}_logprob"] = [[None if math.isnan(v) else float(v) for v in row]
                                                    for row in logprob]
         return metrics
@@ -218,7 +226,7 @@ class StreamWorkload(Workload):
         return sum(len(t.eval) for t in self.stream.tasks)
 
     def vocabulary_texts(self) -> list[str]:
-        texts = []
+        texts: list[str] = []
         for t in self.stream.tasks:
             texts.extend(x.prompt + x.completion for x in t.train)
             for x in t.eval:

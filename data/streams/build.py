@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -281,7 +282,7 @@ def _eval_keys(item: EvalItem, kind: str) -> list[str]:
 
 
 def check_leakage(tasks: list[TaskData], kinds: dict[str, str], spec: StreamSpec,
-                  policies: dict[str, str]) -> list[TaskData]:
+                  policies: Mapping[str, str]) -> list[TaskData]:
     """Refuse (or, with leaked_eval: drop, remove and count) eval items that are training items.
 
     Training items of every task count, not only of the earlier ones: every task is evaluated after
@@ -296,19 +297,19 @@ def check_leakage(tasks: list[TaskData], kinds: dict[str, str], spec: StreamSpec
     out = []
     names = [t.cfg.name for t in spec.tasks]
     for task in tasks:
-        leaked = []
-        for item in task.eval:
-            hit = next((index[k] for k in _eval_keys(item, kinds[task.name]) if k in index), None)
+        leaked: list[tuple[EvalItem, tuple[str, int]]] = []
+        for eval_item in task.eval:
+            hit = next((index[k] for k in _eval_keys(eval_item, kinds[task.name]) if k in index), None)
             if hit is not None:
-                leaked.append((item, hit))
+                leaked.append((eval_item, hit))
         if leaked and policies[task.name] == "error":
-            item, (other, j) = leaked[0]
+            first, (other, j) = leaked[0]
             raise DataError(f"{spec.where(f'tasks[{names.index(task.name)}]')}: task {task.name!r}: {len(leaked)} eval "
-                            f"item(s) also occur in training data, first {item.id} (training item {j} of task "
+                            f"item(s) also occur in training data, first {first.id} (training item {j} of task "
                             f"{other!r}); an eval item seen in training measures memorisation: fix the data or the "
                             "splits, or set leaked_eval: drop to drop and count them")
         if leaked:
-            drop = {item.id for item, _ in leaked}
+            drop = {e.id for e, _ in leaked}
             kept = tuple(e for e in task.eval if e.id not in drop)
             if not kept:
                 raise DataError(f"{spec.where(f'tasks[{names.index(task.name)}]')}: task {task.name!r}: every eval "

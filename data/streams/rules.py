@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from data.fields import Items, Name, Range, Text, field_problems
 
@@ -61,7 +61,7 @@ class Choice:
         return None if value in self.values else f"must be {self.describe()}"
 
 
-Scalar = Union[Range, Name, Text, Pattern, Choice]
+Scalar = Range | Name | Text | Pattern | Choice
 
 
 def _element_problem(rule: Scalar | Items, value: Any) -> str | None:
@@ -129,7 +129,7 @@ class Seq:
         return None
 
 
-LocalRule = Union[Pattern, Choice, Mapping, Seq]
+LocalRule = Pattern | Choice | Mapping | Seq
 
 
 def local_rules_of(cls: type) -> dict[str, LocalRule]:

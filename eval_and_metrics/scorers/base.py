@@ -139,8 +139,11 @@ class GenerationScorer(Scorer):
             # a generation's width is its prompt and the tokens it may add (the KV cache holds both)
             lengths = [len(p) + max_new_tokens for p in prompts]
             for idx in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
+                def done(row: int, text: str, idx: list[int] = idx) -> bool:
+                    return self.is_done(items[idx[row]], text)
+
                 texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens,
-                                        done=lambda row, text, idx=idx: self.is_done(items[idx[row]], text))
+                                        done=done)
                 for i, text in zip(idx, texts):
                     if not shard.active:  # between batches only when ranks must agree on it
                         poll(should_stop)  # scoring one row can take seconds (the code sandbox)

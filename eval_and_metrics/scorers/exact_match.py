@@ -7,7 +7,6 @@ temporal-facts probes use, so a stream task and a probe read the same way.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import ClassVar
 
 from data.streams.schema import EvalItem
@@ -29,7 +28,7 @@ class ExactMatch(GenerationScorer):
     metrics: ClassVar[dict[str, bool]] = {"exact_match": True}
     default_max_new_tokens: ClassVar[int] = 32
     # answer span vs target -> the item's score, stored under the one metric's name (token_f1 reuses all else)
-    compare: ClassVar[Callable[[str, str], float]] = staticmethod(exact_match)
+    compare = staticmethod(exact_match)
 
     def is_done(self, item: EvalItem, generation: str) -> bool:
         return answer_span_closed(generation)

@@ -38,8 +38,18 @@ import torch
 from torch import nn
 
 from data.streams.schema import EvalItem
-from eval_and_metrics.evaluate import (UNBOUNDED, Budget, continuation_logprobs, encode, encode_pair, owned_batches,
-                                      packed_mask_kind, packed_row, prefix_token_id, shared_context_logprobs)
+from eval_and_metrics.evaluate import (
+    UNBOUNDED,
+    Budget,
+    continuation_logprobs,
+    encode,
+    encode_pair,
+    owned_batches,
+    packed_mask_kind,
+    packed_row,
+    prefix_token_id,
+    shared_context_logprobs,
+)
 from eval_and_metrics.scorers.base import Row, Scorer, mean_of
 from eval_and_metrics.shard import ONE, Shard
 
@@ -116,16 +126,16 @@ def pack_requests(requests: list[Request], max_len: int) -> list[tuple[list[int]
     for _, _, context, cont in requests:
         by_context.setdefault(tuple(context), {})[tuple(cont)] = None  # a dict keeps first-seen order
     rows: list[tuple[list[int], list[list[int]]]] = []
-    for context, conts in by_context.items():
+    for context_ids, conts in by_context.items():
         group: list[list[int]] = []
-        length = len(context)
-        for cont in conts:
-            if group and length + len(cont) - 1 > max_len:
-                rows.append((list(context), group))
-                group, length = [], len(context)
-            group.append(list(cont))
-            length += len(cont) - 1
-        rows.append((list(context), group))
+        length = len(context_ids)
+        for cont_ids in conts:
+            if group and length + len(cont_ids) - 1 > max_len:
+                rows.append((list(context_ids), group))
+                group, length = [], len(context_ids)
+            group.append(list(cont_ids))
+            length += len(cont_ids) - 1
+        rows.append((list(context_ids), group))
     return rows
 
 

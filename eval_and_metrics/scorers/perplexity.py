@@ -30,8 +30,8 @@ from torch import nn
 from data.streams.schema import EvalItem
 from eval_and_metrics.evaluate import UNBOUNDED, Budget, continuation_logprobs, owned_batches
 from eval_and_metrics.scorers.base import Row, Scorer
-from eval_and_metrics.shard import ONE, Shard
 from eval_and_metrics.scorers.multiple_choice import encode_request
+from eval_and_metrics.shard import ONE, Shard
 
 
 def rolling_windows(num_context: int, num_total: int, max_length: int) -> list[tuple[int, int, int]]:

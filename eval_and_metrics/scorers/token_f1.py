@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 from eval_and_metrics.scorers.exact_match import ExactMatch
@@ -14,4 +13,4 @@ class TokenF1(ExactMatch):
 
     name: ClassVar[str] = "token_f1"
     metrics: ClassVar[dict[str, bool]] = {"token_f1": True}
-    compare: ClassVar[Callable[[str, str], float]] = staticmethod(token_f1)
+    compare = staticmethod(token_f1)

@@ -20,15 +20,13 @@ other rows are put back. The attribute is consumed by the step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import dataclasses
+from collections.abc import Callable
+from typing import Any, overload
 
 import torch
 
 from training.optimizers.casmo import CASMO
-
 
 SGD_RULE = "sgd"  # value of a param group's "rule" key: plain SGD for that group
 
@@ -38,6 +36,12 @@ class SgdGroups:
     gradients are hidden while the base rule runs, so it skips them (and keeps no state for them)."""
 
     param_groups: list[dict[str, Any]]
+
+    # the overloads of torch.optim.Optimizer.step, so that the mixed-in classes agree with their base
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -70,6 +74,12 @@ class RowGroups:
 
     def row_step(self, group: dict[str, Any], p: torch.Tensor, rows: torch.Tensor) -> bool:
         return False
+
+    # as in SgdGroups: torch.optim.Optimizer.step's overloads
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         hidden: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, overload
 
 import torch
 
@@ -84,7 +84,7 @@ class CASMO(torch.optim.Optimizer):
         if not (0 <= c_min <= 1 and 0 <= rel_floor <= 1 and robustness >= 0):
             raise ValueError(f"need 0 <= c_min, rel_floor <= 1 and robustness >= 0 "
                              f"(got {c_min}, {rel_floor}, {robustness})")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.calibration_steps = calibration_steps
         self.granularity = granularity
         self.c_min = c_min
@@ -123,8 +123,14 @@ class CASMO(torch.optim.Optimizer):
                 "casmo_calibrating": float(self.casmo["last_calibrating"])}
 
     # -- the step --------------------------------------------------------------------------
+    # torch.optim.Optimizer.step's overloads: no closure, no loss
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -160,7 +166,7 @@ class CASMO(torch.optim.Optimizer):
         numel = sum(r.numel() for r in ratios)
         agar = float(sum(r.sum(dtype=torch.float64) for r in ratios)) / numel
 
-        gates: list[torch.Tensor | None]
+        gates: Sequence[torch.Tensor | None]
         if calibrating and self.calibrating_confidence == "one":
             gates, confidence = [None] * len(active), 1.0
         elif self.granularity == "group":
@@ -170,8 +176,9 @@ class CASMO(torch.optim.Optimizer):
                 confidence = group_confidence(agar, c["tau"], c["sigma"], c["c_min"])
             gates = [None] * len(active)
         else:
-            gates = [r.clamp(self.c_min, 1.0) if calibrating else self._element_gate(r) for r in ratios]
-            confidence = float(sum(g.sum(dtype=torch.float64) for g in gates)) / numel  # type: ignore[union-attr]
+            element_gates = [r.clamp(self.c_min, 1.0) if calibrating else self._element_gate(r) for r in ratios]
+            confidence = float(sum(g.sum(dtype=torch.float64) for g in element_gates)) / numel
+            gates = element_gates
 
         # Pass 2: torch's AdamW update with lr * confidence (a per-coordinate gate in element mode).
         for (p, state, group), gate in zip(active, gates):

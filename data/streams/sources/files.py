@@ -296,7 +296,7 @@ def _json_list_with_lines(path: Path, text: str) -> list[tuple[int, Any]]:
     i = skip(0)
     if i >= len(text) or text[i] != "[":
         raise DataError(f"{path}:{line(i)}: must be a JSON list of {{\"prompt\", \"answer\"}} objects (TRACE layout)")
-    out = []
+    out: list[tuple[int, Any]] = []
     i = skip(i + 1)
     if i < len(text) and text[i] == "]":
         return out
@@ -391,8 +391,8 @@ class DialogueCsvSource(Source):
 
     def check(self, opts: DialogueOptions, kind: str) -> list[str]:
         if bool(opts.speaker.strip()) == bool(opts.speaker_rank):
-            return ["speaker: give exactly one of speaker (a name) and speaker_rank (1 = most utterances) "
-                    f"(got speaker {opts.speaker!r}, speaker_rank {opts.speaker_rank})"]
+            return [("speaker: give exactly one of speaker (a name) and speaker_rank (1 = most utterances) "
+                     f"(got speaker {opts.speaker!r}, speaker_rank {opts.speaker_rank})")]
         return []
 
     def read(self, opts: DialogueOptions, split: str, ctx: ReadContext) -> SourceRead:

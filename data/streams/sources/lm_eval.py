@@ -75,8 +75,8 @@ class LmEvalSource(Source):
 
     def check(self, opts: LmEvalOptions, kind: str) -> list[str]:
         if kind not in _KINDS:
-            return [f"task {opts.task!r}: lm-eval tasks carry no test programs, so they cannot feed a {kind} "
-                    f"scorer; valid kinds: {', '.join(_KINDS)}"]
+            return [(f"task {opts.task!r}: lm-eval tasks carry no test programs, so they cannot feed a {kind} "
+                     f"scorer; valid kinds: {', '.join(_KINDS)}")]
         return []
 
     def read(self, opts: LmEvalOptions, split: str, ctx: ReadContext) -> SourceRead:
