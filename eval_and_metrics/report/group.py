@@ -9,9 +9,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eval_and_metrics.report.read import _drop
+from eval_and_metrics.report.read import variant_tree
 from eval_and_metrics.report.records import (
-    _NOT_VARIANT,
     CONFIDENCE,
     LANDSCAPE_KEYS,
     PER_PERIOD_KEYS,
@@ -140,10 +139,7 @@ def _variant_labels(runs_by_key: dict[tuple, list[Run]]) -> dict[tuple, str]:
             continue
         flats = {}
         for key in keys:
-            cfg = json.loads(json.dumps(runs_by_key[key][0].config or {}, default=str))
-            for drop in _NOT_VARIANT:
-                _drop(cfg, drop)
-            flats[key] = _flat(cfg)
+            flats[key] = _flat(variant_tree(runs_by_key[key][0].config or {}))
         all_fields = sorted(set().union(*flats.values()))
         differing = [f for f in all_fields if len({json.dumps(fl.get(f)) for fl in flats.values()}) > 1]
         for key in keys:

@@ -27,12 +27,12 @@ from artifacts import (
     read_manifest,
     verify_manifest,
 )
+from artifacts.identity import identity_tree
 from data.io import BENCHMARK_FILE, read_benchmark
 from data.schema import Benchmark
 from data.streams.schema import STREAM_FILE, Stream
 from eval_and_metrics.metrics import derive_metrics, score_matrix
 from eval_and_metrics.report.records import (
-    _NOT_VARIANT,
     ANSWER_VIEWS,
     FAMILIES,
     LANDSCAPE_DIR,
@@ -175,20 +175,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
 
 
-def _drop(tree: dict[str, Any], keys: tuple[str, ...]) -> None:
-    node: Any = tree
-    for key in keys[:-1]:
-        node = node.get(key) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(keys[-1], None)
+def variant_tree(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the run identity sees it (artifacts/identity.py: no run_root, run_id, runtime settings,
+    checkpointing or tracking), minus the seed: runs with equal trees are seeds of one setup."""
+    tree = json.loads(json.dumps(config, default=str))  # a copy, and dates etc. as the strings yaml gave
+    tree.pop("seed", None)
+    return identity_tree(tree)
 
 
 def variant_of(config: dict[str, Any]) -> str:
-    """Hash of the config minus seed and fields that never change results: runs that are seeds of one setup."""
-    tree = json.loads(json.dumps(config, default=str))
-    for keys in _NOT_VARIANT:
-        _drop(tree, keys)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+    """Hash of variant_tree: runs with one variant are seeds of one setup."""
+    return hashlib.sha256(json.dumps(variant_tree(config), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def model_label(config: dict[str, Any]) -> str:

@@ -66,11 +66,6 @@ STREAM_SUMMARIES = {"higher_is_better_summary": STREAM_HIGHER_KEYS, "lower_is_be
 STREAM_CHECKED_KEYS = ["tasks", "primary_metric", "higher_is_better", "eval_counts", "matrix",
                        "higher_is_better_summary", "lower_is_better_summary", "base_solved"]
 BASE_SOLVED_MARK = "†"
-# Config keys that never change results (same rule as RunConfig.identity_dict) plus the seed.
-_NOT_VARIANT = [("seed",), ("run_root",), ("run_id",), ("train", "progress"), ("train", "step_sleep"),
-                ("checkpoint",)]
-
-
 # ------------------------------------------------------------------------------------------
 # records
 
