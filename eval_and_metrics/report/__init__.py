@@ -31,7 +31,7 @@ Outputs, written into a staging dir and committed with one rename: summary.md, r
 one row per run x period x metric), results.json, plots/*.png, report.html (plots embedded as
 base64 PNG, no external resources) and a manifest.json marking the directory as a report.
 
-The package, one module per job (each imports only the ones above it):
+The package, one module per job (each imports only modules listed before it):
 
 * ``records``: the run records (``Run``, ``PeriodRow``), statuses and metric keys;
 * ``read``: finding, reading and verifying run directories (``read_run``, ``gather``);

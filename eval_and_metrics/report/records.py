@@ -66,6 +66,8 @@ STREAM_SUMMARIES = {"higher_is_better_summary": STREAM_HIGHER_KEYS, "lower_is_be
 STREAM_CHECKED_KEYS = ["tasks", "primary_metric", "higher_is_better", "eval_counts", "matrix",
                        "higher_is_better_summary", "lower_is_better_summary", "base_solved"]
 BASE_SOLVED_MARK = "†"
+
+
 # ------------------------------------------------------------------------------------------
 # records
 
