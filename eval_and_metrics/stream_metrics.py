@@ -8,7 +8,7 @@ accuracy and a perplexity means nothing. Every convention the literature uses un
 computed under its own name here, so a number can be compared with a paper without guessing.
 
 The path from committed eval rows to those metrics (rows -> per-task aggregates -> R -> metrics) lives
-here too, so the training loop (training/workload.py) and the report (eval_and_metrics/report.py),
+here too, so the training loop (training/workload.py) and the report (eval_and_metrics/report/),
 which re-derives a run from its committed predictions, compute it with the same code.
 """
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from data.streams.kinds import KINDS, SCORER_KINDS
 from data.streams.schema import EvalItem
 from eval_and_metrics import evaluate as ev
 from eval_and_metrics.scorers import OUTPUT_TYPES, SCORERS, Scorer, check_reference_solutions
@@ -107,6 +108,20 @@ def test_registry_keys_match_modules_and_names():
         assert cls.output_type in OUTPUT_TYPES
         assert cls.metrics and all(isinstance(v, bool) for v in cls.metrics.values())
     assert set(ITEMS) == set(SCORERS), "the contract matrix covers every scorer"
+
+
+# The lm-eval output type each item kind of data/streams/kinds.py is scored with.
+KIND_OUTPUT_TYPE = {"generate": "generate_until", "numeric": "generate_until", "code": "generate_until",
+                    "multiple_choice": "multiple_choice", "perplexity": "loglikelihood_rolling"}
+
+
+def test_the_data_side_scorer_list_is_the_registry():
+    """data/streams/kinds.py SCORER_KINDS lists the scorers again (data/ may not import the registry, which
+    sits a layer up): the two name the same scorers, and each kind matches its scorer's output type."""
+    assert set(KIND_OUTPUT_TYPE) == set(KINDS)
+    assert set(SCORER_KINDS) == set(SCORERS), "a scorer added to one list and not the other"
+    for name, kind in SCORER_KINDS.items():
+        assert KIND_OUTPUT_TYPE[kind] == SCORERS[name].output_type, name
 
 
 @pytest.mark.parametrize("name", list(SCORERS))

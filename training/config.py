@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
+from artifacts.identity import RUNTIME_KEYS, drop_runtime_keys, identity_tree  # noqa: F401 (re-exported)
 from data.config import DataConfig
 from data.fields import Items, Name, Range, Text, build_dataclass, constraints_of, type_name
 from training.optimizer_options import CasmoOptions
@@ -224,11 +225,7 @@ class RunConfig:
 
     def identity_dict(self) -> dict:
         """What defines the results: everything but where the run lives and how it is shown."""
-        out = self.to_dict()
-        out.pop("run_root")
-        out.pop("run_id")
-        drop_runtime_keys(out)
-        return out
+        return identity_tree(self.to_dict())  # the rule the report's seed groups follow too
 
     def config_hash(self) -> str:
         blob = json.dumps(self.identity_dict(), sort_keys=True).encode()
@@ -398,21 +395,6 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
         if value is not None:
             _set_dotted(tree, dotted, value)
     return _deep_merge(tree, parse_set(sets))
-
-
-# Settings that change how a run executes, not what it computes: they stay out of the config hash and
-# of the resume check, so a run continues after a change of world size, strategy or progress bars.
-RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing", "deterministic",
-                          "collective_timeout_s", "rendezvous_timeout_s")}
-
-
-def drop_runtime_keys(tree: dict) -> dict:
-    for section, keys in RUNTIME_KEYS.items():
-        for key in keys:
-            tree.get(section, {}).pop(key, None)
-    tree["checkpoint"] = {}  # when we checkpoint never changes the numbers
-    tree.pop("track", None)  # nor where the run is watched
-    return tree
 
 
 def configs_differ(saved: dict, current: dict, prefix: str = "") -> list[str]:
