@@ -135,10 +135,10 @@ def test_full_disk_exits_74_in_one_line_and_the_rerun_after_freeing_space_is_ide
 
 
 def test_too_little_free_space_refuses_the_period_before_training(tmp_path: Path, capsys, monkeypatch):
-    from training import cli, trainer
+    from training import checkpointer, cli
 
     Usage = collections.namedtuple("Usage", "total used free")
-    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
     root = tmp_path / "runs"
     code = cli.main([*LORA, "--run-root", str(root)])
     err = capsys.readouterr().err
