@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,6 @@ class TrainConfig:
     # how long the ranks may take to meet at MASTER_ADDR:MASTER_PORT before each gives up (one line naming
     # host:port, exit 75): a host that does not resolve or answer ends the job instead of a silent retry loop
     rendezvous_timeout_s: Annotated[float, Range(1, 86400)] = 120.0
-    # seconds slept after each optimizer step; only for preemption tests
-    step_sleep: Annotated[float, Range(0, 3600)] = 0.0
     casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
 
     def validate(self) -> list[str]:
@@ -353,9 +352,9 @@ def expand_methods(spec: str, known: list[str], runnable: list[str] | None = Non
 
 def build_run_configs(tree: dict, method_registry: dict[str, Any]) -> list[RunConfig]:
     """One RunConfig per requested method; raises ConfigError with every problem found."""
-    tree = dict(tree)
-    method_tree = dict(tree.pop("method", None) or {})
     problems: list[str] = []
+    tree = drop_retired_keys(tree, problems)
+    method_tree = dict(tree.pop("method", None) or {})
     base = build_dataclass(RunConfig, {k: v for k, v in tree.items()}, "", problems)
     known = list(method_registry)
     kind = "stream" if isinstance(base.data.stream, str) and base.data.stream else "temporal"
@@ -402,14 +401,50 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
 
 # Settings that change how a run executes, not what it computes: they stay out of the config hash and
 # of the resume check, so a run continues after a change of world size, strategy or progress bars.
-RUNTIME_KEYS = {"train": ("progress", "step_sleep", "strategy", "gradient_checkpointing", "deterministic",
+RUNTIME_KEYS = {"train": ("progress", "strategy", "gradient_checkpointing", "deterministic",
                           "collective_timeout_s", "rendezvous_timeout_s")}
+
+# The seconds slept after each optimizer step, so that a test can signal or kill a run mid-period. A test
+# knob, not a setting of the experiment, so it is no config field: tests set it in the environment of the
+# process they start (tests/conftest.py slow_steps). Read by the trainer, nowhere else.
+STEP_SLEEP_ENV = "CLKIT_STEP_SLEEP"
+
+# Keys that left the config, with the value every config saved before meant by default and what replaced
+# them. A saved config.yaml (or a copy of one) holding that value still loads; any other value is refused.
+RETIRED_KEYS = {("train", "step_sleep"): (0.0, f"set the environment variable {STEP_SLEEP_ENV}=<seconds> instead "
+                                               "(a test-only knob, not part of a run's config)")}
+
+
+def step_sleep() -> float:
+    """$CLKIT_STEP_SLEEP as seconds (0 when unset); ConfigError for anything but 0..3600."""
+    raw = os.environ.get(STEP_SLEEP_ENV, "").strip()
+    try:
+        seconds = float(raw) if raw else 0.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise ConfigError([f"{STEP_SLEEP_ENV}={raw!r} must be seconds between 0 and 3600 (or unset)"])
+    return seconds
+
+
+def drop_retired_keys(tree: dict, problems: list[str]) -> dict:
+    """`tree` without the retired keys (RETIRED_KEYS); a problem for each one set to another value."""
+    tree = dict(tree)
+    for (section, key), (old_default, instead) in RETIRED_KEYS.items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            tree[section] = dict(tree[section])
+            value = tree[section].pop(key)
+            if value != old_default:
+                problems.append(f"{section}.{key} is no longer a config key: {instead}")
+    return tree
 
 
 def drop_runtime_keys(tree: dict) -> dict:
     for section, keys in RUNTIME_KEYS.items():
         for key in keys:
             tree.get(section, {}).pop(key, None)
+    for section, key in RETIRED_KEYS:
+        tree.get(section, {}).pop(key, None)  # a config saved while it was a runtime key
     tree["checkpoint"] = {}  # when we checkpoint never changes the numbers
     tree.pop("track", None)  # nor where the run is watched
     return tree

@@ -31,7 +31,7 @@ from eval_and_metrics.evaluate import Budget, EvalInterrupted
 from eval_and_metrics.retention import RETENTION_FILE, RetentionTrack
 from training.batching import PeriodData, collate, collate_packed, epoch_batches, model_inputs
 from training.checkpointer import Checkpointer, Position, check_free_space
-from training.config import RunConfig
+from training.config import RunConfig, step_sleep
 from training.distributed import World
 from training.methods.base import Method
 from training.models import master_weights, resolve_precision, training_autocast
@@ -91,6 +91,7 @@ class Trainer:
         # eval.retention's held-out tasks, scored beside every row's own evaluation (None: no track)
         self.retention = retention
         self.started_at = time.time()
+        self.step_sleep = step_sleep()  # $CLKIT_STEP_SLEEP: tests slow the steps down to stop a run mid-period
         # rank 0 logs to the configured experiment trackers (training/tracking.py); none by default
         self.tracker = open_tracker(cfg.track, paths.root.name, paths.root, world.is_main, self.say,
                                     config=cfg.identity_dict(), tags=_provenance(paths))
@@ -197,8 +198,8 @@ class Trainer:
                                           {"tokens_per_s": tok_s, "memory_bytes": self._peak_memory()})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
-                if cfg.train.step_sleep:
-                    time.sleep(cfg.train.step_sleep)
+                if self.step_sleep:
+                    time.sleep(self.step_sleep)
                 if pos.batch >= len(batches):
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 now = time.time()
