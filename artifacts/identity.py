@@ -14,15 +14,18 @@ from typing import Any
 # Settings that change how a run executes, not what it computes: they stay out of the config hash and
 # of the resume check, so a run continues after a change of world size, strategy or progress bars.
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("progress", "step_sleep", "strategy", "gradient_checkpointing", "deterministic",
+    "train": ("progress", "strategy", "gradient_checkpointing", "deterministic",
               "collective_timeout_s", "rendezvous_timeout_s")}
+# Runtime keys that left the config (training/config.py RETIRED_KEYS says what replaced each): a config
+# saved while they were fields still holds them, and they stay out of the identity as before.
+RETIRED_RUNTIME_KEYS: dict[str, tuple[str, ...]] = {"train": ("step_sleep",)}
 # Where the run lives, not what it computes.
 PLACE_KEYS = ("run_root", "run_id")
 
 
 def drop_runtime_keys(tree: dict[str, Any]) -> dict[str, Any]:
     """tree (a resolved config, changed in place) without the runtime settings; returns it."""
-    for section, keys in RUNTIME_KEYS.items():
+    for section, keys in [*RUNTIME_KEYS.items(), *RETIRED_RUNTIME_KEYS.items()]:
         node = tree.get(section)
         if isinstance(node, dict):  # a hand-edited config.yaml read by the report may lack the section
             for key in keys:

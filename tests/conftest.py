@@ -27,6 +27,14 @@ def main_cmd(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "main.py"), *args]
 
 
+def slow_steps(seconds: float) -> dict[str, str]:
+    """The environment that makes main.py sleep `seconds` after each optimizer step (training/config.py
+    STEP_SLEEP_ENV): time for a test to signal or kill a run mid-period. No config field, so no run id changes."""
+    from training.config import STEP_SLEEP_ENV
+
+    return {STEP_SLEEP_ENV: str(seconds)}
+
+
 def run_main(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(main_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

@@ -100,3 +100,24 @@ def test_run_id_is_deterministic_and_ignores_where_and_how_often_we_checkpoint()
 def test_configs_differ_lists_dotted_fields():
     assert configs_differ({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == [
         "a.c (2 -> 3)", "d ('<absent>' -> 4)"]
+
+
+def test_the_step_sleep_is_no_config_field_and_a_saved_config_holding_it_still_loads(monkeypatch):
+    from training.config import STEP_SLEEP_ENV, drop_runtime_keys, step_sleep
+
+    (plain,) = build({"method": {"name": "lora"}})
+    # every config.yaml saved while it was a runtime key holds train.step_sleep: 0.0; it loads, same run id
+    (saved,) = build({"method": {"name": "lora"}, "train": {"step_sleep": 0.0}})
+    assert saved.resolved_run_id() == plain.resolved_run_id() and "step_sleep" not in plain.to_dict()["train"]
+    assert drop_runtime_keys({"train": {"step_sleep": 0.2, "lr": 1.0}}) == {"train": {"lr": 1.0}, "checkpoint": {}}
+    with pytest.raises(ConfigError, match=f"train.step_sleep is no longer a config key: set the environment "
+                                          f"variable {STEP_SLEEP_ENV}=<seconds> instead"):
+        build({"method": {"name": "lora"}, "train": {"step_sleep": 0.5}})
+    monkeypatch.delenv(STEP_SLEEP_ENV, raising=False)
+    assert step_sleep() == 0.0
+    monkeypatch.setenv(STEP_SLEEP_ENV, "0.25")
+    assert step_sleep() == 0.25
+    for bad in ("soon", "-1", "7200"):
+        monkeypatch.setenv(STEP_SLEEP_ENV, bad)
+        with pytest.raises(ConfigError, match=f"{STEP_SLEEP_ENV}='{bad}' must be seconds between 0 and 3600"):
+            step_sleep()

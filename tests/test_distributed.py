@@ -22,13 +22,14 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import (REPO, SMALL, comparable, log_rows, main_cmd, only_run_dir, read_results, run_main,
-                            train_records)
+                            slow_steps, train_records)
 
 pytestmark = pytest.mark.slow
 
 EXACT = ["--set", "train.grad_accum=2"]
 SHORT = [*SMALL, "--set", "train.epochs=2"]  # every test here starts two torch processes: keep the runs short
-SLOW_STEPS = ["--set", "train.step_sleep=0.1", "--set", "checkpoint.every_steps=1"]
+SLOW_STEPS = ["--set", "checkpoint.every_steps=1"]
+SLEEP = slow_steps(0.1)  # with SLOW_STEPS: time to stop the ranks mid-period
 
 
 def torchrun_cmd(*args: str, ranks: int = 2) -> list[str]:
@@ -44,15 +45,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(*args: str, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_ranks(*args: str, ranks: int = 2, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(torchrun_cmd(*args, ranks=ranks), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
-def start_ranks(*args: str) -> subprocess.Popen:
+def start_ranks(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(torchrun_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
@@ -193,7 +195,7 @@ def test_a_stop_to_one_rank_stops_both_and_resumes_on_one(tmp_path: Path, one_ra
     finishes on ONE process (another world size) with the uninterrupted run's numbers."""
     root = tmp_path / "runs"
     args = [*SHORT, *EXACT, *SLOW_STEPS, "--method", "lora", "--run-root", str(root)]
-    launcher = start_ranks(*args)
+    launcher = start_ranks(*args, env=SLEEP)
     wait_for_steps(root, launcher, 6)
     os.kill(rank_pids(launcher)[1], signal.SIGUSR2)
     _, err = launcher.communicate(timeout=120)
@@ -202,7 +204,7 @@ def test_a_stop_to_one_rank_stops_both_and_resumes_on_one(tmp_path: Path, one_ra
     assert launcher.returncode == 1  # torchrun's own code: 1 whatever its ranks return (docs/distributed.md)
     run_dir = only_run_dir(root)
     assert list((run_dir / "checkpoints").glob("*/step-*"))
-    proc = run_main(*args)
+    proc = run_main(*args, env=SLEEP)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from step checkpoint" in proc.stderr
     assert comparable(read_results(run_dir)) == comparable(one_rank_lora)
@@ -249,12 +251,13 @@ def test_a_kill_of_one_rank_ends_the_other_in_one_line_and_75_and_resumes_on_two
 def test_a_one_process_run_resumes_on_two_ranks(tmp_path: Path, one_rank_lora: dict) -> None:
     root = tmp_path / "runs"
     args = [*SHORT, *EXACT, *SLOW_STEPS, "--method", "lora", "--run-root", str(root)]
-    proc = subprocess.Popen(main_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(main_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **SLEEP})
     wait_for_steps(root, proc, 8)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 75
-    again = run_ranks(*args)
+    again = run_ranks(*args, env=SLEEP)
     assert again.returncode == 0, again.stderr[-3000:]
     run_dir = only_run_dir(root)
     assert comparable(read_results(run_dir)) == comparable(one_rank_lora)
@@ -323,8 +326,8 @@ def test_fsdp_full_ft_equals_one_process_and_its_step_checkpoint_resumes_on_one_
     records = train_records(one)
     last_period = [r for r in records if r["period"] == records[-1]["period"]]
     assert len(last_period) >= 3  # room for a stop after the period's first step, with steps left after it
-    root, fsdp = tmp_path / "fsdp", ["--set", "train.strategy=fsdp", "--set", "train.step_sleep=0.1"]
-    launcher = start_ranks(*args, *fsdp, "--run-root", str(root))
+    root, fsdp = tmp_path / "fsdp", ["--set", "train.strategy=fsdp"]
+    launcher = start_ranks(*args, *fsdp, "--run-root", str(root), env=SLEEP)
     wait_for_steps(root, launcher, 1)
     rank0 = rank_pids(launcher)[0]  # now, so that the signal follows the awaited step at once
     wait_for_steps(root, launcher, len(records) - len(last_period) + 1)
@@ -337,7 +340,7 @@ def test_fsdp_full_ft_equals_one_process_and_its_step_checkpoint_resumes_on_one_
     assert len(manifests) == 1 + len(records[-1:]) * last_period[0]["period"]  # the step checkpoint, each commit
     assert all((m["world_size"], m["strategy"]) == (2, "fsdp") for m in manifests)
     shutil.copytree(root, tmp_path / "copy")
-    proc = run_ranks(*args, *fsdp, "--run-root", str(root))  # the rest under fsdp on 2 ranks
+    proc = run_ranks(*args, *fsdp, "--run-root", str(root), env=SLEEP)  # the rest under fsdp on 2 ranks
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_main(*args, "--run-root", str(tmp_path / "copy"))  # strategy auto: single on one process
     assert proc.returncode == 0, proc.stderr[-3000:]

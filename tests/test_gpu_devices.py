@@ -231,27 +231,30 @@ def _fsdp_rank(rank: int, size: int, port: int, directory: str, out: str) -> Non
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from training import strategies
+    from training import checkpointer, strategies
     from training.distributed import World
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     reads: list[str] = []
-    real_tensors, real_state = strategies.load_tensors, strategies.load_state
-    strategies.load_tensors = lambda p: (reads.append(Path(p).name), real_tensors(p))[1]  # type: ignore[assignment]
-    strategies.load_state = lambda p: (reads.append(Path(p).name), real_state(p))[1]  # type: ignore[assignment]
+    real_tensors, real_state = checkpointer.load_tensors, checkpointer.load_state
+    checkpointer.load_tensors = lambda p: (reads.append(Path(p).name), real_tensors(p))[1]  # type: ignore[assignment]
+    checkpointer.load_state = lambda p: (reads.append(Path(p).name), real_state(p))[1]  # type: ignore[assignment]
     model = _tiny_model(seed=1)  # other weights than the checkpoint's: the load must replace them
     strategy = strategies.FSDP(World(rank, size, rank), torch.device("cpu"))
     strategy.prepare(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ckpt = Path(directory)
-    strategy.load(SimpleNamespace(load_state_dict=lambda state: None), model, ckpt)  # type: ignore[arg-type]
-    state = strategy.read_trainer_state(ckpt / "trainer_state.pt")
-    strategy.load_optimizer_state(model, optimizer, state["optimizer"])
+    method = SimpleNamespace(load_state_dict=lambda state: None)
+    kept: dict[str, Any] = {}  # what the scheduler and position parts are handed
+    parts: dict[str, Any] = {"optimizer": checkpointer.Optimizer(strategy, model, optimizer),
+                             **{k: SimpleNamespace(load_state_dict=lambda v, k=k: kept.__setitem__(k, v))
+                                for k in ("scheduler", "position")}}
+    checkpointer.Checkpointer(strategy, method, model).load(ckpt, parts)  # type: ignore[arg-type]
     # gathered back to rank 0 exactly as a checkpoint would be: both ranks' shards must hold the file's values
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     moments = strategy.optimizer_state(model, optimizer)
-    result: dict[str, Any] = {"reads": reads, "scheduler": state["scheduler"], "position": state["position"]}
+    result: dict[str, Any] = {"reads": reads, "scheduler": kept["scheduler"], "position": kept["position"]}
     if rank == 0:
         saved_w = real_tensors(ckpt / "trainable.safetensors")
         saved_o = real_state(ckpt / "trainer_state.pt")["optimizer"]

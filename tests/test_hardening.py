@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from artifacts import UnsafePathError, UnsafeStateError, read_manifest, verify_manifest, write_manifest
-from tests.conftest import REPO, SMALL, comparable, main_cmd, only_run_dir, read_results, run_main
+from tests.conftest import REPO, SMALL, comparable, main_cmd, only_run_dir, read_results, run_main, slow_steps
 from training.signals import EXIT_ABORTED, EXIT_RESUME, EXIT_STORAGE, EXIT_UNTRUSTED
 
 LORA = [*SMALL, "--method", "lora"]
-# Slower steps stretch training over a few seconds so random instants land in it too; step_sleep is not
+# Slower steps stretch training over a few seconds so random instants land in it too; the step sleep is not
 # part of a run's identity, so the rerun without it must match the reference exactly.
-SLOW = ["--set", "train.step_sleep=0.04"]
+SLOW = {**os.environ, **slow_steps(0.04)}
 
 
 def _no_traceback(proc_err: str) -> None:
@@ -60,8 +60,8 @@ def test_each_signal_at_a_random_instant_of_the_whole_run_exits_cleanly_and_the_
     for i, (sig, (lo, hi)) in enumerate(zip(signals, windows)):
         instant = rng.uniform(lo, hi)
         root = tmp_path / f"case{i}"
-        proc = subprocess.Popen(main_cmd(*LORA, *SLOW, "--run-root", str(root)), cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(main_cmd(*LORA, "--run-root", str(root)), cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SLOW)
         time.sleep(instant)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
@@ -79,8 +79,8 @@ def test_each_signal_at_a_random_instant_of_the_whole_run_exits_cleanly_and_the_
 @pytest.mark.slow
 def test_ctrl_c_twice_aborts_with_130_and_the_rerun_is_identical(tmp_path: Path, reference_lora: dict):
     root = tmp_path / "runs"
-    proc = subprocess.Popen(main_cmd(*LORA, "--set", "train.step_sleep=0.2", "--run-root", str(root)), cwd=REPO,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(main_cmd(*LORA, "--run-root", str(root)), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **slow_steps(0.2)})
     deadline = time.time() + 90
     while not list(root.glob("*/periods/0-base/manifest.json")):  # training of period 1 has begun
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
@@ -135,10 +135,10 @@ def test_full_disk_exits_74_in_one_line_and_the_rerun_after_freeing_space_is_ide
 
 
 def test_too_little_free_space_refuses_the_period_before_training(tmp_path: Path, capsys, monkeypatch):
-    from training import cli, trainer
+    from training import checkpointer, cli
 
     Usage = collections.namedtuple("Usage", "total used free")
-    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(checkpointer.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
     root = tmp_path / "runs"
     code = cli.main([*LORA, "--run-root", str(root)])
     err = capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from artifacts import verify_manifest
-from tests.conftest import REPO, SMALL, comparable, main_cmd, only_run_dir, read_results, run_main
+from tests.conftest import REPO, SMALL, comparable, main_cmd, only_run_dir, read_results, run_main, slow_steps
 
 pytestmark = pytest.mark.slow
 
-SLOW_STEPS = ["--set", "train.step_sleep=0.05", "--set", "checkpoint.every_steps=1"]
+SLOW_STEPS = ["--set", "checkpoint.every_steps=1"]
+SLOW = slow_steps(0.05)
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -37,7 +39,8 @@ def reference_run_dir(results: dict) -> Path:
 
 def _start(root: Path) -> subprocess.Popen:
     return subprocess.Popen(main_cmd(*SMALL, *SLOW_STEPS, "--method", "lora", "--run-root", str(root)),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **SLOW})
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -84,7 +87,7 @@ def test_sigkill_mid_period_and_corrupt_newest_checkpoint_resume_equals_uninterr
     assert "falling back to step" in stderr_so_far, stderr_so_far[-2000:]
     assert "resuming from step checkpoint" in stderr_so_far
     # 4) the plain rerun finishes
-    proc = run_main(*SMALL, *SLOW_STEPS, "--method", "lora", "--run-root", str(root))
+    proc = run_main(*SMALL, *SLOW_STEPS, "--method", "lora", "--run-root", str(root), env=SLOW)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert comparable(read_results(run_dir)) == comparable(reference_lora)
     # the log holds each step exactly once despite the replays
@@ -105,9 +108,9 @@ def test_sigkill_mid_period_and_corrupt_newest_checkpoint_resume_equals_uninterr
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
 def test_signal_saves_exits_75_and_resumes_from_the_step(tmp_path, reference_lora, sig):
     root = tmp_path / "runs"
-    slow = ["--set", "train.step_sleep=0.05"]  # no periodic checkpoints: the signal must cause one
-    proc = subprocess.Popen(main_cmd(*SMALL, *slow, "--method", "lora", "--run-root", str(root)), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # no periodic checkpoints: the signal must cause one
+    proc = subprocess.Popen(main_cmd(*SMALL, "--method", "lora", "--run-root", str(root)), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SLOW})
     _wait_for(lambda: _steps_in(root, 1) >= 3, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -117,7 +120,7 @@ def test_signal_saves_exits_75_and_resumes_from_the_step(tmp_path, reference_lor
     assert len(steps) == 1
     saved_step = int(steps[0].name.split("-")[1])
     assert saved_step >= 3
-    proc = run_main(*SMALL, *slow, "--method", "lora", "--run-root", str(root))
+    proc = run_main(*SMALL, "--method", "lora", "--run-root", str(root), env=SLOW)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming from step checkpoint {saved_step}/" in proc.stderr
     assert comparable(read_results(run_dir)) == comparable(reference_lora)

@@ -5,6 +5,7 @@ input refused before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from artifacts import verify_manifest
-from tests.conftest import REPO, comparable, main_cmd, only_run_dir, read_results, run_main
+from tests.conftest import REPO, comparable, main_cmd, only_run_dir, read_results, run_main, slow_steps
 from training import cli
 
 STREAM = str(REPO / "configs" / "streams" / "multidomain-synthetic.yaml")
@@ -65,9 +66,10 @@ def test_a_stream_run_commits_a_base_row_and_one_row_per_task_with_every_scorer(
 @pytest.mark.slow
 def test_sigkill_during_a_stream_then_rerun_equals_the_uninterrupted_run(tmp_path: Path, reference_stream: dict):
     root = tmp_path / "runs"
-    proc = subprocess.Popen(main_cmd(*TINY, "--method", "lora", "--set", "train.step_sleep=0.05",
-                                     "--set", "checkpoint.every_steps=1", "--run-root", str(root)),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(main_cmd(*TINY, "--method", "lora", "--set", "checkpoint.every_steps=1",
+                                     "--run-root", str(root)),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **slow_steps(0.05)})
     deadline = time.time() + 180
     while not list(root.glob("*/checkpoints/2-code/step-*")):  # in the middle of the second task
         assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]

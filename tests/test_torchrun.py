@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from scripts.torchrun import StoppedBeforeStart, common_code, forward, summary
-from tests.conftest import REPO, SMALL, only_run_dir
+from tests.conftest import REPO, SMALL, only_run_dir, slow_steps
 
 EXITS = str(REPO / "tests" / "fixtures" / "exit_ranks.py")
 
@@ -96,10 +96,10 @@ def test_a_sigterm_to_the_launcher_stops_both_ranks_with_75_and_the_rerun_comple
     30 s); the same command then finishes the run."""
     from tests.test_distributed import wait_for_steps
 
-    args = [*TRAIN, "--method", "lora", "--set", "train.step_sleep=0.1", "--set", "checkpoint.every_steps=1",
+    args = [*TRAIN, "--method", "lora", "--set", "checkpoint.every_steps=1",
             "--run-root", str(tmp_path / "runs")]
     launcher = subprocess.Popen(launch(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **slow_steps(0.1)})
     wait_for_steps(tmp_path / "runs", launcher, 6)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=180)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMALL, comparable, log_rows, main_cmd, only_run_dir, read_results, run_main
+from tests.conftest import (REPO, SMALL, comparable, log_rows, main_cmd, only_run_dir, read_results, run_main,
+                            slow_steps)
 from training import cli
 from training.config import build_run_configs
 from training.methods import METHODS
@@ -224,7 +225,8 @@ def test_the_track_section_never_changes_the_run_id():
 ALL = ["--set", "track.backends=[tensorboard,mlflow,wandb]", "--set", "track.group=kill-test", "--set",
        "track.tags=[t1]"]
 # a checkpoint every 4 steps and a kill at a step that is not a multiple of 4: the rerun replays steps
-SLOW = ["--set", "train.step_sleep=0.1", "--set", "checkpoint.every_steps=4", "--set", "checkpoint.every_seconds=0"]
+SLOW = ["--set", "checkpoint.every_steps=4", "--set", "checkpoint.every_seconds=0"]
+SLEEP = slow_steps(0.1)
 
 
 @pytest.mark.slow
@@ -233,7 +235,8 @@ def test_sigkill_at_a_random_step_and_rerun_gives_the_uninterrupted_curves(tmp_p
     cmd = main_cmd(*SMALL, *SLOW, *ALL, "--method", "lora", "--run-root", str(root))
     # one step after a checkpoint: the kill lands there or a step or two later (polling), before the next one
     target = random.Random().choice([5, 9])
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **SLEEP})
     deadline = time.time() + 120
     while time.time() < deadline:
         rows = log_rows(only_run_dir(root)) if root.exists() and any(root.iterdir()) else []
@@ -245,7 +248,7 @@ def test_sigkill_at_a_random_step_and_rerun_gives_the_uninterrupted_curves(tmp_p
     proc.wait()
     run_dir = only_run_dir(root)
     logged_before = max(r["global_step"] for r in log_rows(run_dir) if r.get("event") == "train")
-    done = run_main(*SMALL, *SLOW, *ALL, "--method", "lora", "--run-root", str(root))
+    done = run_main(*SMALL, *SLOW, *ALL, "--method", "lora", "--run-root", str(root), env=SLEEP)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "warning: tracking" not in done.stderr, done.stderr[-2000:]
     resumed = [r for r in log_rows(run_dir) if r.get("event") == "resume"]
@@ -311,9 +314,10 @@ def test_a_run_stopped_on_one_process_and_finished_on_two_ranks_keeps_one_tracke
     from tests.test_distributed import run_ranks
 
     root = tmp_path / "runs"
-    args = [*SMALL, "--set", "train.epochs=2", "--set", "train.grad_accum=2", "--set", "train.step_sleep=0.1",
+    args = [*SMALL, "--set", "train.epochs=2", "--set", "train.grad_accum=2",
             "--set", "checkpoint.every_steps=3", *ALL, "--method", "lora", "--run-root", str(root)]
-    proc = subprocess.Popen(main_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(main_cmd(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **SLEEP})
     deadline = time.time() + 120
     while not (root.exists() and any(root.iterdir())
                and sum(1 for r in log_rows(only_run_dir(root)) if r.get("event") == "train") >= 5):
@@ -322,7 +326,7 @@ def test_a_run_stopped_on_one_process_and_finished_on_two_ranks_keeps_one_tracke
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 75
-    done = run_ranks(*args)
+    done = run_ranks(*args, env=SLEEP)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("warning: tracking") == 0, done.stderr[-2000:]
     run_dir = only_run_dir(root)

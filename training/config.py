@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from artifacts.identity import RUNTIME_KEYS, drop_runtime_keys, identity_tree  # noqa: F401 (re-exported)
+from artifacts.identity import RETIRED_RUNTIME_KEYS, RUNTIME_KEYS, drop_runtime_keys, identity_tree  # noqa: F401 (re-exported)
 from data.config import DataConfig
 from data.fields import Items, Name, Range, Text, build_dataclass, constraints_of, type_name
 from training.optimizer_options import CasmoOptions
@@ -102,8 +103,6 @@ class TrainConfig:
     # how long the ranks may take to meet at MASTER_ADDR:MASTER_PORT before each gives up (one line naming
     # host:port, exit 75): a host that does not resolve or answer ends the job instead of a silent retry loop
     rendezvous_timeout_s: Annotated[float, Range(1, 86400)] = 120.0
-    # seconds slept after each optimizer step; only for preemption tests
-    step_sleep: Annotated[float, Range(0, 3600)] = 0.0
     casmo: CasmoOptions = field(default_factory=CasmoOptions)  # options of optimizer=casmo (docs/optimizers.md)
 
     def validate(self) -> list[str]:
@@ -350,9 +349,9 @@ def expand_methods(spec: str, known: list[str], runnable: list[str] | None = Non
 
 def build_run_configs(tree: dict, method_registry: dict[str, Any]) -> list[RunConfig]:
     """One RunConfig per requested method; raises ConfigError with every problem found."""
-    tree = dict(tree)
-    method_tree = dict(tree.pop("method", None) or {})
     problems: list[str] = []
+    tree = drop_retired_keys(tree, problems)
+    method_tree = dict(tree.pop("method", None) or {})
     base = build_dataclass(RunConfig, {k: v for k, v in tree.items()}, "", problems)
     known = list(method_registry)
     kind = "stream" if isinstance(base.data.stream, str) and base.data.stream else "temporal"
@@ -395,6 +394,43 @@ def load_tree(config_path: str | None, mode: str | None, flags: dict[str, Any], 
         if value is not None:
             _set_dotted(tree, dotted, value)
     return _deep_merge(tree, parse_set(sets))
+
+
+# The seconds slept after each optimizer step, so that a test can signal or kill a run mid-period. A test
+# knob, not a setting of the experiment, so it is no config field: tests set it in the environment of the
+# process they start (tests/conftest.py slow_steps). Read by the trainer, nowhere else.
+STEP_SLEEP_ENV = "CLKIT_STEP_SLEEP"
+
+# Keys that left the config, with the value every config saved before meant by default and what replaced
+# them. A saved config.yaml (or a copy of one) holding that value still loads; any other value is refused.
+RETIRED_KEYS = {("train", "step_sleep"): (0.0, f"set the environment variable {STEP_SLEEP_ENV}=<seconds> instead "
+                                               "(a test-only knob, not part of a run's config)")}
+# the run identity drops the same keys from a config saved before they retired (artifacts/identity.py)
+assert set(RETIRED_KEYS) == {(s, k) for s, keys in RETIRED_RUNTIME_KEYS.items() for k in keys}
+
+
+def step_sleep() -> float:
+    """$CLKIT_STEP_SLEEP as seconds (0 when unset); ConfigError for anything but 0..3600."""
+    raw = os.environ.get(STEP_SLEEP_ENV, "").strip()
+    try:
+        seconds = float(raw) if raw else 0.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise ConfigError([f"{STEP_SLEEP_ENV}={raw!r} must be seconds between 0 and 3600 (or unset)"])
+    return seconds
+
+
+def drop_retired_keys(tree: dict, problems: list[str]) -> dict:
+    """`tree` without the retired keys (RETIRED_KEYS); a problem for each one set to another value."""
+    tree = dict(tree)
+    for (section, key), (old_default, instead) in RETIRED_KEYS.items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            tree[section] = dict(tree[section])
+            value = tree[section].pop(key)
+            if value != old_default:
+                problems.append(f"{section}.{key} is no longer a config key: {instead}")
+    return tree
 
 
 def configs_differ(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -3,18 +3,17 @@ resuming and the eval jobs (landscape, lm-eval), so an analysis never runs on a 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
-from artifacts import load_state, load_tensors
-
 from data.schema import Benchmark
+from training.checkpointer import load_saved_state
 from training.config import RunConfig
 from training.methods import METHODS, Method, MethodContext
 from training.models import LoadedModel, load_model, master_weights
 from training.seeding import derive_seed, seed_everything
 from training.workload import Workload
+
+__all__ = ["build_model_and_method", "load_saved_state"]  # the loader itself is in training/checkpointer.py
 
 
 def build_model_and_method(cfg: RunConfig, bench: Benchmark | Workload) -> tuple[LoadedModel, Method, nn.Module]:
@@ -28,14 +27,3 @@ def build_model_and_method(cfg: RunConfig, bench: Benchmark | Workload) -> tuple
     master_weights(model)  # what trains is float32 even on a bf16 backbone (training/models.py)
     return loaded, method, model
 
-
-def load_saved_state(method: Method, model: nn.Module, directory: Path) -> None:
-    """Load trainable.safetensors and method_state.pt from a period or step checkpoint directory.
-
-    Never unpickles code (artifacts/state.py): a tampered file raises UnsafeStateError before the
-    model or the method is touched.
-    """
-    trainable = load_tensors(directory / "trainable.safetensors")
-    method_state = load_state(directory / "method_state.pt")
-    method.load_trainable_state_dict(model, trainable)
-    method.load_state_dict(method_state)

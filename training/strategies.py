@@ -20,7 +20,7 @@ hooks (EWC's penalty, A-GEM's reference pass, LwF's teacher), which is why only 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,10 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from artifacts import load_state, load_tensors
 from training.distributed import World
 from training.methods.base import Method
-from training.restore import load_saved_state
 
 
 class Strategy:
@@ -63,20 +61,25 @@ class Strategy:
         """The module the training forward goes through this period (after the method chose its trainables)."""
         return model
 
-    # -- state: every rank calls these (they may be collectives); the files hold full, unsharded tensors,
-    # so a checkpoint reads back on any world size and any strategy
+    # -- state: how the checkpointer's parts (training/checkpointer.py) are gathered and spread over the
+    # ranks. Every rank calls these (they may be collectives); the files hold full, unsharded tensors, so a
+    # checkpoint reads back on any world size and any strategy
     def trainable_state(self, method: Method, model: nn.Module) -> dict[str, torch.Tensor]:
         return method.trainable_state_dict(model)
 
-    def load(self, method: Method, model: nn.Module, directory: Path) -> None:
-        load_saved_state(method, model, directory)
+    def read_trainable(self, path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The trainable tensors' file as this rank needs it: here every rank reads it."""
+        return reader(path)
+
+    def load_trainable(self, method: Method, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        method.load_trainable_state_dict(model, tensors)
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 
-    def read_trainer_state(self, path: Path) -> dict[str, Any]:
+    def read_trainer_state(self, path: Path, reader: Callable[[Path], Any]) -> dict[str, Any]:
         """trainer_state.pt of a step checkpoint (optimizer, scheduler, RNG, position), on every rank."""
-        return load_state(path)
+        return reader(path)
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
@@ -199,19 +202,20 @@ class FSDP(Strategy):
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {n: full[n] for n in names if n in full}  # rank 0 holds them all; the others get nothing
 
-    def load(self, method: Method, model: nn.Module, directory: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        # Rank 0 alone reads the full tensors and sends each one in turn; every rank keeps only its shard,
-        # so a node's host holds one copy of the model, not one per rank. A bad file fails every rank.
+    def read_trainable(self, path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Rank 0 alone reads the full tensors (load_trainable sends each one in turn); every rank keeps only
+        its shard, so a node's host holds one copy of the model, not one per rank. A bad file fails every rank."""
         state: dict[str, torch.Tensor] = {}
         with self.world.main_first():
             if self.world.is_main:
-                state = load_tensors(directory / "trainable.safetensors")
-        set_model_state_dict(model, state, options=StateDictOptions(
+                state = reader(path)
+        return state
+
+    def load_trainable(self, method: Method, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, tensors, options=StateDictOptions(
             full_state_dict=True, strict=False, broadcast_from_rank0=self.world.active))
-        del state
-        method.load_state_dict(load_state(directory / "method_state.pt"))
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -225,13 +229,13 @@ class FSDP(Strategy):
         return {"state": {index[n]: v for n, v in full["state"].items()},
                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
 
-    def read_trainer_state(self, path: Path) -> dict[str, Any]:
+    def read_trainer_state(self, path: Path, reader: Callable[[Path], Any]) -> dict[str, Any]:
         """Rank 0 reads the file (AdamW's two moments, twice the model); the others get the small rest from
         it, and their optimizer state from load_optimizer_state's broadcast."""
         state: dict[str, Any] = {}
         with self.world.main_first():
             if self.world.is_main:
-                state = load_state(path)
+                state = reader(path)
         small = self.world.broadcast_object({k: v for k, v in state.items() if k != "optimizer"})
         return state if self.world.is_main else {**small, "optimizer": {}}
 

@@ -13,34 +13,31 @@ resumed run reproduces the uninterrupted one bit for bit on the same hardware.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import resource
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from artifacts import (RunDir, StepCheckpoints, StorageError, append_text, atomic_write_json, atomic_write_text,
-                       commit_dir, read_jsonl, read_manifest, save_state, save_tensors, staging_dir, state_sha256,
+from artifacts import (RunDir, StepCheckpoints, append_text, atomic_write_json, atomic_write_text,
+                       commit_dir, read_jsonl, read_manifest, staging_dir, state_sha256,
                        verify_manifest, write_manifest)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
 from eval_and_metrics.retention import RETENTION_FILE, RetentionTrack
 from training.batching import PeriodData, collate, collate_packed, epoch_batches, model_inputs
-from training.config import RunConfig
+from training.checkpointer import Checkpointer, Position, check_free_space
+from training.config import RunConfig, step_sleep
 from training.distributed import World
 from training.methods.base import Method
 from training.models import master_weights, resolve_precision, training_autocast
 from training.optimizers import OPTIMIZERS, horizon_problem, optimizer_stats
-from training.run import human_bytes, slurm_info
-from training.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+from training.run import slurm_info
+from training.seeding import derive_seed, seed_everything
 from training.signals import StopFlag, StopRequested
 from training.strategies import STRATEGIES, Strategy, micro_rng, resolve_strategy, total_norm
 from training.tracking import open_tracker
@@ -49,14 +46,6 @@ from training.workload import Stage, Workload
 RESULTS_SCHEMA_VERSION = 1
 
 
-@dataclass
-class Position:
-    """Where a period's training stands: a resume continues from exactly here."""
-
-    epoch: int = 0
-    batch: int = 0  # index of the next micro-batch within the epoch
-    step: int = 0  # optimizer steps done in this period
-    tokens: int = 0  # non-padding tokens trained on in this period
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -66,26 +55,6 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
         progress = (step - warmup) / max(1, total_steps - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: int) -> None:
-    """Refuse to start period k when the disk cannot hold its checkpoints (StorageError, before any step).
-
-    A step checkpoint holds the trainable tensors and AdamW's two moments (3x their bytes); `keep` of
-    them stay and one more is in flight before the oldest is pruned, and the period commit adds the
-    tensors once more. The estimate ignores the small eval files and counts the method's extra state
-    (memory keys, registries) only through its trainable part, so it is a lower bound.
-    """
-    num_bytes = sum(p.numel() * p.element_size() for g in params for p in g["params"])
-    needed = (keep + 1) * 3 * num_bytes + num_bytes
-    probe = where
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise StorageError(OSError(errno.ENOSPC, f"not enough free space to start period {k}: its checkpoints "
-                                   f"need about {human_bytes(needed)} (checkpoint.keep={keep}), "
-                                   f"{human_bytes(free)} free"), where, needed)
 
 
 class Trainer:
@@ -110,10 +79,12 @@ class Trainer:
                                                                                           precision=self.precision)
         self.strategy.prepare(model)
         self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
+        self.checkpointer = Checkpointer(self.strategy, method, model)  # what a checkpoint holds, saved and loaded
         self.probes = workload.probes
         # eval.retention's held-out tasks, scored beside every row's own evaluation (None: no track)
         self.retention = retention
         self.started_at = time.time()
+        self.step_sleep = step_sleep()  # $CLKIT_STEP_SLEEP: tests slow the steps down to stop a run mid-period
         # rank 0 logs to the configured experiment trackers (training/tracking.py); none by default
         self.tracker = open_tracker(cfg.track, paths.root.name, paths.root, world.is_main, self.say,
                                     config=cfg.identity_dict(), tags=_provenance(paths))
@@ -159,9 +130,10 @@ class Trainer:
         if cfg.checkpoint.check_free_space and self.world.is_main:
             check_free_space(ckpts.root, k, params, cfg.checkpoint.keep)
         pos = Position()
+        parts = self.checkpointer.step_parts(optimizer, scheduler, pos)  # pos is the data position part
         latest = ckpts.latest_valid()
         if latest is not None:
-            pos = self._restore_step(latest[1], optimizer, scheduler)
+            self.checkpointer.load(latest[1], parts)
         self._truncate_log(k, pos.step)
         offset = self._step_offset(k)  # the run's global step = offset + the step within this period
         self.tracker.resume_at(offset + pos.step + 1)
@@ -177,9 +149,9 @@ class Trainer:
         def save_step() -> None:
             # Every rank takes part in gathering the state (sharded under fsdp); rank 0 writes it, the others
             # wait until it is committed.
-            snapshot = self._snapshot(optimizer, scheduler, pos)
+            snapshot = self.checkpointer.snapshot(parts)
             if self.world.is_main:
-                ckpts.save(pos.step, lambda d: self._write_step(d, snapshot),
+                ckpts.save(pos.step, lambda d: self.checkpointer.write(d, snapshot),
                            {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
                             "config_hash": cfg.config_hash(), **slurm_info(), **self._world_info()})
                 self.tracker.flush()  # what the trackers hold up to a checkpoint is never replayed
@@ -219,8 +191,8 @@ class Trainer:
                                           {"tokens_per_s": tok_s, "memory_bytes": self._peak_memory()})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
-                if cfg.train.step_sleep:
-                    time.sleep(cfg.train.step_sleep)
+                if self.step_sleep:
+                    time.sleep(self.step_sleep)
                 if pos.batch >= len(batches):
                     pos.epoch, pos.batch = pos.epoch + 1, 0
                 now = time.time()
@@ -358,19 +330,18 @@ class Trainer:
 
     def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
                        train_info: dict[str, Any], retained: list[dict[str, Any]] | None = None) -> None:
-        trainable = self.strategy.trainable_state(self.method, self.model)  # a collective under fsdp
+        snapshot = self.checkpointer.snapshot(self.checkpointer.period_parts())  # a collective under fsdp
         if self.world.is_main:
-            self._write_period(period, results, extras, train_info, trainable, retained)
+            self._write_period(period, results, extras, train_info, snapshot, retained)
         self.world.barrier()  # no rank goes on (or reads the commit) before it exists
 
     def _write_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
-                      train_info: dict[str, Any], trainable: dict[str, torch.Tensor],
+                      train_info: dict[str, Any], snapshot: dict[str, Any],
                       retained: list[dict[str, Any]] | None = None) -> None:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
-        save_tensors(tmp / "trainable.safetensors", trainable)
-        save_state(tmp / "method_state.pt", self.method.state_dict())
-        save_state(tmp / "trainer_state.pt", {"rng": rng_state(), "position": "done"})
+        self.checkpointer.write(tmp, snapshot)
+        trainable = snapshot["trainable"]
         (tmp / "eval").mkdir()
         atomic_write_text(tmp / "eval" / "predictions.jsonl",
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
@@ -416,28 +387,7 @@ class Trainer:
         return done
 
     def _load_committed(self, k: int) -> None:
-        self.strategy.load(self.method, self.model, self.paths.period_dir(k, self.work.stage_names[k - 1]))
-
-    def _snapshot(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                  pos: Position) -> dict[str, Any]:
-        return {"trainable": self.strategy.trainable_state(self.method, self.model),
-                "method": self.method.state_dict(),
-                "trainer": {"optimizer": self.strategy.optimizer_state(self.model, optimizer),
-                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "position": vars(pos).copy()}}
-
-    def _write_step(self, directory: Path, snapshot: dict[str, Any]) -> None:
-        save_tensors(directory / "trainable.safetensors", snapshot["trainable"])
-        save_state(directory / "method_state.pt", snapshot["method"])
-        save_state(directory / "trainer_state.pt", snapshot["trainer"])
-
-    def _restore_step(self, directory: Path, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
-        self.strategy.load(self.method, self.model, directory)
-        state = self.strategy.read_trainer_state(directory / "trainer_state.pt")  # under fsdp rank 0 alone reads
-        self.strategy.load_optimizer_state(self.model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        return Position(**state["position"])
+        self.checkpointer.load(self.paths.period_dir(k, self.work.stage_names[k - 1]))
 
     # -- logs and results ------------------------------------------------------------------
     def _name_stop(self) -> None:

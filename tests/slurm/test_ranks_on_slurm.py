@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import comparable, log_rows, main_cmd, only_run_dir, read_results
+from tests.conftest import comparable, log_rows, main_cmd, only_run_dir, read_results, slow_steps
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--set", "train.epochs=2", "--set", "train.threads=1", "--set", "train.progress=false",
         "--set", "train.grad_accum=2", "--set", "checkpoint.every_steps=1"]
-SLOW = ["--set", "train.step_sleep=1.0"]  # time to hit period 2 mid-training; not part of the run id
+SLOW = slow_steps(1.0)  # the jobs' environment: time to hit period 2 mid-training; not part of the run id
 PREEMPT_PERIOD = 2
 
 
@@ -99,10 +99,10 @@ def test_two_rank_job_requeued_mid_period_ends_like_one_uninterrupted_process(
         slurm: SlurmCluster, config: Path, reference: subprocess.Popen, tmp_path: Path) -> None:
     (tmp_path / "logs").mkdir()
     run_root = tmp_path / "ranks"
-    env = {"MODE": "synthetic", "RUN_ROOT": str(run_root), "SEED": "0", "CONFIG": str(config),
+    env = {"MODE": "synthetic", "RUN_ROOT": str(run_root), "SEED": "0", "CONFIG": str(config), **SLOW,
            "ENV_CMD": f"env OMP_WAIT_POLICY=PASSIVE PATH={Path(sys.executable).parent}:{os.environ['PATH']}"}
     job_id = slurm.sbatch("--ntasks=2", "--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=20",
-                          "--job-name=clkit-ranks", str(REPO / "run_job.sh"), "lora", *ARGS, *SLOW,
+                          "--job-name=clkit-ranks", str(REPO / "run_job.sh"), "lora", *ARGS,
                           env=env, cwd=tmp_path)
     log_path = tmp_path / "logs" / f"clkit-ranks-{job_id}.out"
     stopped_at = wait_for_period(slurm, job_id, run_root)
@@ -125,8 +125,8 @@ def test_launch_two_ranks_usr2_requeues_once_and_ends_like_one_process(
     argv = ["--methods", "lora", "--seeds", "0", "--mode", "synthetic", "--run-root", str(run_root),
             "--configs", str(config), "--executor", "slurm", "--gpus-per-run", "0", "--ranks-per-run", "2",
             "--cpus", "1", "--mem-gb", "2", "--time-min", "20", "--job-name", "clkit-launch-ranks",
-            "--folder", str(folder), "--", *ARGS, *SLOW]
-    proc = slurm.run(sys.executable, "scripts/launch.py", *argv, cwd=REPO)
+            "--folder", str(folder), "--", *ARGS]
+    proc = slurm.run(sys.executable, "scripts/launch.py", *argv, cwd=REPO, env=SLOW)
     record = json.loads(proc.stdout[:proc.stdout.index("\n}\n") + 2])
     job_id, report_id = record["tasks"][0]["job_id"], record["report_job_id"]
     stopped_at = wait_for_period(slurm, job_id, run_root)

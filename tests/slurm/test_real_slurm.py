@@ -28,7 +28,7 @@ import pytest
 from artifacts import read_manifest, verify_manifest
 from scripts.launch import build, make_parser
 from scripts.slurm_render import render_sbatch, train_array_parameters
-from tests.conftest import log_rows
+from tests.conftest import log_rows, slow_steps
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -41,7 +41,7 @@ PERIODS = ["0-base", "1-2018", "2-2020", "3-2022", "4-2024"]
 # Small and quick: 2 epochs = 6 optimizer steps per period on the synthetic benchmark; one thread per
 # job because the test node has 2 CPUs and runs two jobs at once.
 TRAIN_ARGS = ["--set", "train.epochs=2", "--set", "train.threads=1", "--set", "train.progress=false"]
-SLOW = ["--set", "train.step_sleep=1.0"]  # time to hit a period mid-training; not part of the run id
+SLOW = slow_steps(1.0)  # the job's environment: time to hit a period mid-training; not part of the run id
 # A two-task stream small enough to add seconds, through the same run_job.sh path.
 TINY_STREAM = """name: tiny-stream
 tasks:
@@ -71,13 +71,14 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def sbatch_run_job(slurm: SlurmCluster, submit_dir: Path, run_root: Path, config: Path, *main_args: str,
-                   method: str = METHOD) -> str:
+                   method: str = METHOD, env: dict[str, str] | None = None) -> str:
     """Submitted from a scratch dir, as a user would from anywhere: run_job.sh must find the clone
     itself (scontrol's Command=), and the header's logs/%x-%j.out lands in submit_dir/logs."""
     # --gres=none: the test node has no GPU and the header asks for one; the other overrides fit the node.
     return slurm.sbatch("--gres=none", "--cpus-per-task=1", "--mem=2G", "--time=20", "--job-name=clkit-test",
                         str(REPO / "run_job.sh"), method, *TRAIN_ARGS, *main_args,
-                        env={"MODE": "synthetic", "RUN_ROOT": str(run_root), "SEED": "0", "CONFIG": str(config)},
+                        env={"MODE": "synthetic", "RUN_ROOT": str(run_root), "SEED": "0", "CONFIG": str(config),
+                             **(env or {})},
                         cwd=submit_dir)
 
 
@@ -121,8 +122,8 @@ def jobs(slurm: SlurmCluster, config: Path, tmp_path_factory: pytest.TempPathFac
     root = tmp_path_factory.mktemp("runjob")
     (root / "logs").mkdir()  # Slurm does not create the --output directory
     ref = sbatch_run_job(slurm, root, root / "reference", config)
-    requeue = sbatch_run_job(slurm, root, root / "requeue", config, *SLOW)
-    usr2 = sbatch_run_job(slurm, root, root / "usr2", config, *SLOW)
+    requeue = sbatch_run_job(slurm, root, root / "requeue", config, env=SLOW)
+    usr2 = sbatch_run_job(slurm, root, root / "usr2", config, env=SLOW)
     stream_file = root / "tiny-stream.yaml"
     stream_file.write_text(TINY_STREAM)
     stream = sbatch_run_job(slurm, root, root / "stream", config, "--stream", str(stream_file), method="lora")
@@ -212,9 +213,8 @@ def test_launch_fans_out_an_array_and_the_report_runs_last_and_sees_all_runs(slu
             "--configs", str(config),
             "--executor", "slurm", "--gpus", "0", "--cpus", "1", "--mem-gb", "2", "--time-min", "20",
             "--parallelism", "2", "--job-name", "clkit-launch", "--folder", str(folder),
-            "--", "--set", "train.epochs=1", "--set", "train.threads=1", "--set", "train.progress=false",
-            "--set", "train.step_sleep=0.5"]
-    proc = slurm.run("uv", "run", "--frozen", "python", "scripts/launch.py", *argv, cwd=REPO)
+            "--", "--set", "train.epochs=1", "--set", "train.threads=1", "--set", "train.progress=false"]
+    proc = slurm.run("uv", "run", "--frozen", "python", "scripts/launch.py", *argv, cwd=REPO, env=slow_steps(0.5))
     record = json.loads(proc.stdout[:proc.stdout.index("\n}\n") + 2])
     array_id, report_id = record["array_job_id"], record["report_job_id"]
     assert [t["job_id"] for t in record["tasks"]] == [f"{array_id}_{i}" for i in range(4)]

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.conftest import comparable, log_rows, main_cmd, only_run_dir, read_results
+from tests.conftest import comparable, log_rows, main_cmd, only_run_dir, read_results, slow_steps
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--set", "train.epochs=2", "--set", "train.threads=1", "--set", "train.progress=false",
         "--set", "train.grad_accum=2", "--set", "checkpoint.every_steps=1"]
-SLOW = ["--set", "train.step_sleep=1.0"]  # time to act mid-period; not part of the run id
+SLOW = slow_steps(1.0)  # the jobs' environment: time to act mid-period; not part of the run id
 STOP_PERIOD = 2  # both jobs are interrupted once they train this period (A may be a period further by then)
 RENDEZVOUS = "127.0.0.2"  # n1's NodeAddr in scripts/local_slurm.sh's two-node cluster
 
@@ -92,17 +92,17 @@ def outcomes(slurm_two_nodes: SlurmCluster, config: Path,
     argv = ["--methods", "lora", "--seeds", "0", "--mode", "synthetic", "--run-root", str(launch_root),
             "--configs", str(config), "--executor", "slurm", "--gpus-per-run", "0", "--nodes", "2",
             "--ranks-per-run", "2", "--cpus", "1", "--mem-gb", "2", "--time-min", "20",
-            "--job-name", "clkit-launch-nodes", "--folder", str(root / "submitit" / "%j"), "--", *ARGS, *SLOW]
+            "--job-name", "clkit-launch-nodes", "--folder", str(root / "submitit" / "%j"), "--", *ARGS]
     # launch.py resolves the run id with main.py's config code first (heavy imports): in the background, with
     # the time a loaded 2-core machine needs
-    launcher = subprocess.Popen([sys.executable, "scripts/launch.py", *argv], cwd=REPO, env=slurm.env,
+    launcher = subprocess.Popen([sys.executable, "scripts/launch.py", *argv], cwd=REPO, env={**slurm.env, **SLOW},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    env = {"MODE": "synthetic", "RUN_ROOT": str(sbatch_root), "SEED": "0", "CONFIG": str(config),
+    env = {"MODE": "synthetic", "RUN_ROOT": str(sbatch_root), "SEED": "0", "CONFIG": str(config), **SLOW,
            "ENV_CMD": f"env OMP_WAIT_POLICY=PASSIVE PATH={Path(sys.executable).parent}:{os.environ['PATH']}"}
     # held until the launch job runs too, so that the two progress side by side
     sbatch_job = slurm.sbatch("--hold", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
                               "--mem=2G", "--time=20", "--job-name=clkit-nodes", str(REPO / "run_job.sh"), "lora",
-                              *ARGS, *SLOW, env=env, cwd=root)
+                              *ARGS, env=env, cwd=root)
     try:
         out, err = launcher.communicate(timeout=300)
     finally:

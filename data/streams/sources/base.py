@@ -9,9 +9,11 @@ a bad record is a DataError naming the file, the line and the field.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -89,6 +91,32 @@ class RecordProblems:
         if self.items:
             more = [f"and {self.num_more} more problems in {self.what}"] if self.num_more else []
             raise DataError(self.items + more)
+
+
+@dataclass(frozen=True)
+class JsonlLine:
+    """One non-blank line of a JSONL file: its parsed value, or the one-line problem why it has none."""
+
+    lineno: int
+    where: str  # "<path>:<lineno>", as the problems name the line
+    value: Any = None
+    problem: str | None = None  # "<path>:<lineno>: malformed JSON at column C: <why>"
+
+
+def jsonl_lines(text: str, path: Path | str) -> Iterator[JsonlLine]:
+    """The non-blank lines of JSONL `text`, parsed, numbered as an editor shows them: split on "\n" only,
+    not splitlines(), because JSON text may hold U+2028, which splitlines() would treat as a line end and so
+    shift every later line number. Each caller decides what a malformed line or a non-object costs."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield JsonlLine(lineno, where, problem=f"{where}: malformed JSON at column {exc.colno}: {exc.msg}")
+            continue
+        yield JsonlLine(lineno, where, value)
 
 
 def type_name(value: Any) -> str:

