@@ -24,7 +24,7 @@ from training.config import ModelConfig, RunConfig
 from training.distributed import World
 from training.methods import METHODS
 from training.methods.adapted import AdaptedOptions
-from training.methods.smf import MemoryOptions, ProductKeyMemory, attach_memories
+from training.methods.memory import MemoryOptions, ProductKeyMemory, attach_memories
 from training.models import master_weights, resolve_precision, training_autocast
 from training.optimizers import OPTIMIZERS
 from training.restore import build_model_and_method
@@ -187,7 +187,7 @@ def test_casm_route_is_the_same_under_bf16_autocast(workload):
     for enabled in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
             model(input_ids=ids)
-        routes.append(method._route.clone())
+        routes.append(method.routing._route.clone())
     assert torch.equal(routes[0], routes[1])
 
 
