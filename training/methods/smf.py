@@ -58,7 +58,7 @@ class SmfOptions(MemoryOptions):
 
 class SparseMemoryFinetune(Method):
     name = "smf"
-    counts_in_forward = True
+    gradient_checkpointing = False  # counts memory reads in the forward (step_counters)
     # train.pack is refused: TF-IDF counts the sequences (rows) that read a slot, so a packed row would be
     # one document for all its items; prefix_mean queries would average across items; and the memories
     # skip padding through the 2D attention mask, which a packed forward does not pass

@@ -47,7 +47,7 @@ from torch import nn
 from data.schema import Period, Probe
 from eval_and_metrics.metrics import routing_accuracy
 from training.batching import PeriodData
-from training.methods.base import Method, MethodContext
+from training.methods.base import MICRO_SEED, TEXTS, Method, MethodContext
 from training.methods.casm.options import CasmOptions
 from training.methods.casm.registry import TemplateParser, build_registry
 from training.methods.casm.router import ROUTER_ATTR, PeriodRouter, PeriodRouting
@@ -89,10 +89,13 @@ def _replace_once(text: str | None, old: str, new: str) -> str | None:
 
 class ContradictionAwareSparseMemory(Method):
     name = "casm"
-    counts_in_forward = True
-    # train.pack is refused: smf's per-row slot counts (see smf.py), and batch["texts"] lines its items up
-    # with the rows of the batch
+    gradient_checkpointing = False  # counts memory reads in the forward (step_counters), as smf
+    # train.pack is refused: smf's per-row slot counts (see smf.py), and TEXTS lines its items up with the
+    # rows of the batch
     packs = False
+    # the router's targets come from each row's text (the period it names); its rehearsal draw is seeded
+    # by the micro-batch
+    batch_inputs = frozenset({TEXTS, MICRO_SEED})
     leaves_parameters_unused = True  # the router trains from the second period on
     config_cls = CasmOptions
     # its registry parses dated fact statements out of the passages, and its router routes by period
@@ -176,7 +179,7 @@ class ContradictionAwareSparseMemory(Method):
         self.micro_count += 1
         # the rehearsal draw is seeded by the micro-batch itself (the loop's micro_seed), not by how many this
         # process has seen: under several ranks each sees only its share, and the draw must not depend on that
-        return self.routing.loss(batch, batch.get("micro_seed", self.micro_count))
+        return self.routing.loss(batch, batch.get(MICRO_SEED, self.micro_count))
 
     def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
         return self.updater.counters() if self.updater is not None else []

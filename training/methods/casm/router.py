@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.batching import pad
-from training.methods.base import MethodContext
+from training.methods.base import TEXTS, MethodContext
 from training.methods.casm.options import CasmOptions
 from training.methods.memory import ProductKeyMemory, decoder_layers
 from training.seeding import derive_seed
@@ -236,7 +236,7 @@ class PeriodRouting:
         attention = batch.get("attention_mask")
         # one copy to the host, not a GPU synchronisation per position
         allowed = attention.bool().cpu().tolist() if attention is not None else None
-        for row, text in enumerate(batch.get("texts", [])):
+        for row, text in enumerate(batch.get(TEXTS, [])):
             for pos, label in self._positions_after_mention(text, logits.shape[1]):
                 if allowed is None or allowed[row][pos]:
                     mask[row, pos] = True
