@@ -1,4 +1,5 @@
-"""Mechanism tests of sparse memory finetuning (training/methods/smf.py, training/methods/memory) on a tiny random Llama.
+"""Mechanism tests of sparse memory finetuning (training/methods/smf.py, training/methods/memory) on a tiny
+random Llama.
 
 What the method promises: the prepared model computes what the base model does; only memory values
 train; per step only the top-t slots by TF-IDF change (Adam momentum included); the access

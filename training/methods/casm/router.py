@@ -255,7 +255,8 @@ class PeriodRouting:
             out.append((len(offsets), label))  # the EOS the trainer appends
         return out
 
-    def rehearsal_set(self, model: nn.Module, log: list[list[Any]], periods: list[str], upto: int) -> dict[str, torch.Tensor] | None:
+    def rehearsal_set(self, model: nn.Module, log: list[list[Any]], periods: list[str],
+                      upto: int) -> dict[str, torch.Tensor] | None:
         """Router inputs of the logged passages of `periods`, each re-dated to every period 1..upto.
 
         The date is the only thing that should decide the route, yet a later period has few passages,
