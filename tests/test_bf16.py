@@ -22,9 +22,9 @@ from training import cli, models, trainer
 from training.batching import collate
 from training.config import ModelConfig, RunConfig
 from training.distributed import World
-from training.methods import METHODS
+from training.methods import METHODS, capability_problems
 from training.methods.adapted import AdaptedOptions
-from training.methods.smf import MemoryOptions, ProductKeyMemory, attach_memories
+from training.methods.memory import MemoryOptions, ProductKeyMemory, attach_memories
 from training.models import master_weights, resolve_precision, training_autocast
 from training.optimizers import OPTIMIZERS
 from training.restore import build_model_and_method
@@ -187,7 +187,7 @@ def test_casm_route_is_the_same_under_bf16_autocast(workload):
     for enabled in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
             model(input_ids=ids)
-        routes.append(method._route.clone())
+        routes.append(method.routing._route.clone())
     assert torch.equal(routes[0], routes[1])
 
 
@@ -226,13 +226,13 @@ def test_4bit_is_refused_exactly_when_the_configuration_trains_the_backbone(name
     """Decided at config time (no CUDA needed): full_ft and every `on: full` train packed NF4 weights."""
     sets = ["--set", f"method.{name}.on={on}"] if on else []
     cfg = cli.parse_configs(["--mode", "synthetic", "--method", name, "--quantize", "4bit", *sets])[0]
-    problems = cli.quantize_problems(cfg)
+    problems = capability_problems(cfg)
     trains_backbone = name == "full_ft" or on == "full"
     assert bool(problems) == trains_backbone, problems
     if problems:
         assert len(problems) == 1 and "\n" not in problems[0] and name in problems[0]
     cfg.model.quantize = "none"
-    assert cli.quantize_problems(cfg) == []
+    assert capability_problems(cfg) == []
 
 
 def test_4bit_refusal_is_one_line_and_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys):

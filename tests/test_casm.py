@@ -371,11 +371,11 @@ def test_routing_targets_read_the_attention_mask_once_per_batch_not_per_position
     b = as_batch(tok, texts)
     model.train()
     model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")})
-    where, labels = method._current_targets(b, method._logits)
+    where, labels = method.routing._current_targets(b, method.routing._logits)
     assert int(where.sum()) > 20
     _OnDevice.syncs = 0
     on_device = dict(b, attention_mask=b["attention_mask"].as_subclass(_OnDevice))
-    where2, labels2 = method._current_targets(on_device, method._logits)
+    where2, labels2 = method.routing._current_targets(on_device, method.routing._logits)
     assert torch.equal(where, where2) and torch.equal(labels, labels2)
     assert _OnDevice.syncs <= 2, f"{_OnDevice.syncs} host reads of the device mask"
 
@@ -386,6 +386,7 @@ def test_router_rehearsal_inputs_keep_the_residual_streams_dtype(bench):
     model, tok, method = fresh(bench)
     for period in bench.periods[:2]:
         train_period(model, tok, method, period, steps=1)
-    assert method.replay is not None and method.replay["x"].dtype == torch.float32
-    assert torch.isfinite(method.replay["x"]).all()
+    replay = method.routing.replay
+    assert replay is not None and replay["x"].dtype == torch.float32
+    assert torch.isfinite(replay["x"]).all()
     assert torch.isinf(torch.tensor([70000.0]).half()).all()  # what fp16 made of such an activation

@@ -9,6 +9,7 @@ import pytest
 from eval_and_metrics.shard import ONE
 from training.config import RunConfig
 from training.distributed import World, world_from_env
+from training.methods import capability_problems
 from training.strategies import STRATEGIES, Lockstep, resolve_strategy, strategy_problems
 
 
@@ -72,7 +73,11 @@ def test_auto_is_single_for_one_process_and_ddp_for_several() -> None:
 ])
 def test_strategy_problems_name_the_field_and_the_valid_values(train: SimpleNamespace, method: str, world: World,
                                                                expected: list[str]) -> None:
-    assert strategy_problems(train, method, world) == expected
+    """The strategy's own problems, and the method's (which strategies it declares), as the CLI checks them."""
+    cfg = SimpleNamespace(method=SimpleNamespace(name=method, options=None), model=SimpleNamespace(quantize="none"),
+                          train=SimpleNamespace(**vars(train), gradient_checkpointing=False, pack=False))
+    strategy = resolve_strategy(train.strategy, world)
+    assert capability_problems(cfg, strategy=strategy) + strategy_problems(train, world) == expected
 
 
 def test_how_a_run_is_spread_is_not_part_of_its_identity() -> None:

@@ -168,3 +168,36 @@ def test_signal_in_period_three_then_resume_equals_uninterrupted(name, tmp_path:
     assert cli.main([*TINY, "--method", name, "--run-root", str(root)]) == 0
     assert comparable(read_results(run_dir)) == comparable(read_results(ref_dir))
     assert train_records(run_dir) == ref_steps
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_declares_its_hook_inputs_and_gets_only_those(name):
+    """batch["texts"] and batch["micro_seed"] reach extra_loss only for a method that names them in
+    batch_inputs (training/methods/base.py HOOK_INPUTS); texts lined up with rows rule out packing."""
+    from training.methods.base import HOOK_INPUTS, TEXTS
+
+    method = METHODS[name]
+    assert set(method.batch_inputs) <= set(HOOK_INPUTS), method.batch_inputs
+    assert not (method.packs and TEXTS in method.batch_inputs), "texts are per row; a packed row holds several"
+    given = method.hook_inputs(texts=["a"], micro_seed=7)
+    assert set(given) == set(method.batch_inputs) and all(given[k] == {"texts": ["a"], "micro_seed": 7}[k]
+                                                          for k in given)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_refusal_follows_from_what_the_method_declares(name):
+    """One generic check (training.methods.capability_problems) turns each declared capability into a
+    refusal: checkpointing, packing and every strategy the method does not list."""
+    from training.methods import capability_problems
+    from training.strategies import STRATEGIES
+
+    method = METHODS[name]
+    cfg = cli.parse_configs(["--mode", "synthetic", "--method", name])[0]
+    assert capability_problems(cfg, "temporal" if "temporal" in method.benchmarks else "stream", "single") == []
+    for strategy in STRATEGIES:
+        problems = capability_problems(cfg, strategy=strategy)
+        assert bool(problems) == (strategy not in method.strategies), (strategy, problems)
+    cfg.train.gradient_checkpointing = True
+    assert bool(capability_problems(cfg)) == (not method.gradient_checkpointing)
+    cfg.train.gradient_checkpointing, cfg.train.pack = False, True
+    assert bool(capability_problems(cfg)) == (not method.packs)

@@ -199,7 +199,7 @@ def test_lora_and_memory_hooks_keep_positions_apart(tok: Any, items: list[EvalIt
     # peft's LoRA layers and smf's memory (an MLP forward hook, token query) work per position, so
     # packing changes nothing through them either.
     from peft import LoraConfig, get_peft_model
-    from training.methods.smf import MemoryOptions, attach_memories, install_mask_hook
+    from training.methods.memory import MemoryOptions, attach_memories, install_mask_hook
 
     model = sharp_llama(len(tok), seed=1)
     memories = attach_memories(model, MemoryOptions(layers=[1], num_keys=8, key_dim=8, top_k=4), 1, 0, "smf")
@@ -208,7 +208,7 @@ def test_lora_and_memory_hooks_keep_positions_apart(tok: Any, items: list[EvalIt
         for mem in memories.values():
             for v in mem.values:
                 v.normal_(0.0, 1.0)  # values start at zero: give the memory something to add
-    # smf declares its hooks per position for the token query (training/methods/smf.py)...
+    # smf declares its hooks per position for the token query (training/methods/memory/surgery.py)...
     assert model.mixes_positions is False and model.model.layers[1].mlp.mixes_positions is False
     assert ev.packed_mask_kind(model) == "bool"
     # ...and a hook that has not said what it does means one request at a time
@@ -292,7 +292,7 @@ def test_models_that_mix_positions_outside_attention_are_scored_per_request(tok:
 def test_position_mixing_methods_are_scored_per_request(tok: Any, items: list[EvalItem]) -> None:
     # casm's router pools over the row and smf's prefix_mean query averages the prefix: packing would let
     # one choice's tokens into another's pooling. Their hooks have not declared anything, so they fall back.
-    from training.methods.smf import MemoryOptions, attach_memories, install_mask_hook
+    from training.methods.memory import MemoryOptions, attach_memories, install_mask_hook
 
     model = sharp_llama(len(tok))
     memories = attach_memories(model, MemoryOptions(layers=[1], num_keys=8, key_dim=8, top_k=4,

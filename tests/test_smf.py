@@ -1,4 +1,5 @@
-"""Mechanism tests of sparse memory finetuning (training/methods/smf.py) on a tiny random Llama.
+"""Mechanism tests of sparse memory finetuning (training/methods/smf.py, training/methods/memory) on a tiny
+random Llama.
 
 What the method promises: the prepared model computes what the base model does; only memory values
 train; per step only the top-t slots by TF-IDF change (Adam momentum included); the access
@@ -17,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data.fields import build_dataclass, field_problems
 from training.methods import METHODS, MethodContext
-from training.methods.smf import (MEMORY_ATTR, SmfOptions, SparseMemoryFinetune, read_background, resolve_layers,
-                                  tfidf_top_t)
+from training.methods.memory import MEMORY_ATTR, read_background, resolve_layers, tfidf_top_t
+from training.methods.smf import SmfOptions, SparseMemoryFinetune
 from training.optimizer_options import CasmoOptions
 from training.optimizers import OPTIMIZERS, SGD_RULE, UPDATE_ROWS, AdamW
 

@@ -22,13 +22,13 @@ from eval_and_metrics.retention import RetentionError, RetentionTrack, load_rete
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
 from training.distributed import (RendezvousFailed, World, close_world, engine_peer_lost, init_world,
                                   world_from_env)
-from training.methods import METHODS
+from training.methods import METHODS, capability_problems
 from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
                              resolve_precision)
 from training.restore import build_model_and_method
 from training.seeding import use_deterministic
 from training.run import human_bytes, open_run, run_dir_of
-from training.strategies import resolve_strategy, strategy_problems
+from training.strategies import STRATEGIES, resolve_strategy, strategy_problems
 from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
                               EXIT_UNTRUSTED, StopFlag, StopRequested)
 from training.trainer import Trainer
@@ -125,18 +125,6 @@ def world_info(cfg: RunConfig, world: World, device: torch.device = torch.device
             "model_dtype": str(resolve_dtype(cfg.model, device)).removeprefix("torch.")}
 
 
-def quantize_problems(cfg: RunConfig) -> list[str]:
-    """4-bit packs the backbone's weights into frozen NF4 bytes: refuse a configuration that would train
-    them (full_ft, or a regulariser with `on: full`), asked of the method for these very options."""
-    method = METHODS[cfg.method.name]
-    if cfg.model.quantize != "4bit" or not method.trains_backbone(cfg.method.options):
-        return []
-    what = f"method {cfg.method.name!r}" + (f" with on: {cfg.method.options.on}"
-                                             if hasattr(cfg.method.options, "on") else "")
-    return [f"model.quantize 4bit freezes the backbone in NF4, so {what} (which trains the backbone's weights) "
-            f"cannot run on it; valid with 4bit: an adapter or memory method such as lora, or on: lora"]
-
-
 def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """The closing table; `columns` are (dotted key into results.json's metrics, label)."""
     def fmt(v: Any) -> str:
@@ -194,20 +182,10 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             # starts, so a bad option for the third method does not leave two finished runs behind.
             skeleton = model_skeleton(configs[0].model, configs[0].mode, workload)
             problems = [p for cfg in configs for p in METHODS[cfg.method.name].check(cfg.method.options, skeleton)]
-            problems += [f"method.name {cfg.method.name!r} runs only on "
-                         f"{', '.join(METHODS[cfg.method.name].benchmarks)} benchmarks, not on a {workload.kind}; "
-                         f"valid here: {', '.join(n for n, m in METHODS.items() if workload.kind in m.benchmarks)}"
-                         for cfg in configs if workload.kind not in METHODS[cfg.method.name].benchmarks]
-            problems += [p for cfg in configs for p in strategy_problems(cfg.train, cfg.method.name, world)]
-            problems += [f"train.gradient_checkpointing cannot be used with method {cfg.method.name!r}: it counts "
-                         f"memory reads in the forward, which checkpointing runs twice; valid: false"
-                         for cfg in configs
-                         if cfg.train.gradient_checkpointing and METHODS[cfg.method.name].counts_in_forward]
-            problems += [f"train.pack cannot be used with method {cfg.method.name!r}: it reads the training batch "
-                         f"per row or per sequence, which packing changes; valid: false (methods that pack: "
-                         f"{', '.join(n for n, m in METHODS.items() if m.packs)})"
-                         for cfg in configs if cfg.train.pack and not METHODS[cfg.method.name].packs]
-            problems += [p for cfg in configs for p in quantize_problems(cfg)]
+            for cfg in configs:  # what a method supports (benchmark, strategy, checkpointing, ...) it declares
+                strategy = resolve_strategy(cfg.train.strategy, world)  # an unknown one is strategy_problems'
+                problems += capability_problems(cfg, workload.kind, strategy if strategy in STRATEGIES else None)
+            problems += [p for cfg in configs for p in strategy_problems(cfg.train, world)]
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet

@@ -34,21 +34,13 @@ from training.methods.base import Method
 
 class Strategy:
     name: ClassVar[str]
-    # Methods this strategy runs; None = every method.
-    only: ClassVar[tuple[str, ...] | None] = None
+    # which methods a strategy runs is declared by the methods (Method.strategies) and checked with
+    # their other capabilities (training.methods.capability_problems)
 
     def __init__(self, world: World, device: torch.device, precision: str = "none") -> None:
         self.world = world
         self.device = device
         self.precision = precision  # train.mixed_precision as resolved (training/models.py resolve_precision)
-
-    @classmethod
-    def check(cls, method: str, world: World) -> list[str]:
-        """Problems with running `method` on this strategy in this world (before anything is loaded)."""
-        if cls.only is not None and method not in cls.only:
-            return [f"train.strategy {cls.name} runs only {', '.join(cls.only)}, not method {method!r}: "
-                    f"its trainable state is small enough to replicate, use train.strategy ddp"]
-        return []
 
     @classmethod
     def check_optimizer(cls, optimizer: str) -> list[str]:
@@ -155,7 +147,6 @@ class FSDP(Strategy):
     world size or strategy; the price is that rank 0's host must hold the model and AdamW's two moments."""
 
     name = "fsdp"
-    only = ("full_ft",)
 
     def __init__(self, world: World, device: torch.device, precision: str = "none") -> None:
         super().__init__(world, device, precision)
@@ -269,8 +260,9 @@ def resolve_strategy(name: str, world: World) -> str:
     return name
 
 
-def strategy_problems(train: Any, method: str, world: World) -> list[str]:
-    """Problems with running `method` under train.strategy in this world, and with the options it composes with."""
+def strategy_problems(train: Any, world: World) -> list[str]:
+    """Problems with train.strategy in this world, and with the options it composes with (the method's are
+    training.methods.capability_problems')."""
     name = train.strategy
     resolved = resolve_strategy(name, world)
     if resolved not in STRATEGIES:
@@ -278,7 +270,7 @@ def strategy_problems(train: Any, method: str, world: World) -> list[str]:
     if resolved == "single" and world.active:
         return [f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
                 f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}"]
-    return STRATEGIES[resolved].check(method, world) + STRATEGIES[resolved].check_optimizer(train.optimizer)
+    return STRATEGIES[resolved].check_optimizer(train.optimizer)
 
 
 def total_norm(norm: torch.Tensor) -> float:

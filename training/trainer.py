@@ -256,7 +256,8 @@ class Trainer:
                   training_autocast(self.precision, self.device)):
                 outputs = self.wrapped(**inputs)
                 loss = outputs.loss
-                extra = self.method.extra_loss(self.model, {**batch, **inputs, "micro_seed": seed}, outputs)
+                declared = self.method.hook_inputs(micro_seed=seed)  # training/methods/base.py, HOOK_INPUTS
+                extra = self.method.extra_loss(self.model, {**batch, **inputs, **declared}, outputs)
                 if extra is not None:
                     loss = loss + extra
                 ((loss * (self.strategy.grad_factor if real else 0.0)) / len(micro)).backward()
@@ -288,7 +289,7 @@ class Trainer:
         ids = [data.token_ids[i] for i in idx]
         batch: dict[str, Any] = (collate_packed(ids, self.tokenizer.pad_token_id, masked)
                                  if self.cfg.train.pack else collate(ids, self.tokenizer.pad_token_id, masked))
-        batch["texts"] = [data.texts[i] for i in idx]
+        batch.update(self.method.hook_inputs(texts=[data.texts[i] for i in idx]))  # declared hook inputs only
         return batch
 
     def _evaluate(self, desc: str) -> list[dict[str, Any]]:

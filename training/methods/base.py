@@ -5,7 +5,10 @@ The training loop (training/trainer.py) calls these hooks at fixed points and no
     prepare(model)                      once, before the base-model evaluation (row 0)
     on_period_start(model, period, texts) -> texts     data hook: replay adds old passages here
     trainable_parameters(model)         parameter groups handed to AdamW (fresh each period)
-    extra_loss(model, batch, outputs)   added to the LM loss (EWC, LwF, routing objectives)
+    extra_loss(model, batch, outputs)   added to the LM loss (EWC, LwF, routing objectives); `batch` holds
+                                        the micro-batch's model inputs (training.batching.model_inputs:
+                                        input_ids, attention_mask, labels, and position_ids when packed)
+                                        plus the hook inputs the method names in `batch_inputs` (below)
     step_counters(model)                tensors the forward counted this step (memory reads); summed
                                         over the ranks of a distributed run before after_backward
     after_backward(model)               gradient surgery before clipping (A-GEM, sparse masks)
@@ -16,6 +19,21 @@ The training loop (training/trainer.py) calls these hooks at fixed points and no
     eval_scope(model, stage)            context the items of one stage are evaluated in (the per-task
                                         bound evaluates each task with its own adapter)
     eval_extras(model, probes)          method-specific eval numbers (routing accuracy)
+
+Hook inputs beyond the model's own (HOOK_INPUTS; a method receives only those it names in its
+`batch_inputs`, so what a method may read of the loop is written in one place):
+
+    TEXTS       batch["texts"]: list[str], the training text of each row of the micro-batch, in row order
+                (on_period_start's texts, as tokenised). Rows are sequences only when unpacked, so a
+                method that names it cannot declare `packs`
+    MICRO_SEED  batch["micro_seed"]: int, the seed the micro-batch's forward draws its random numbers from
+                (training.strategies.micro_rng): a function of the micro-batch's place in the run, the
+                same on any rank and any number of ranks, unlike a count of the micro-batches one
+                process has seen
+
+What a method supports is declared on its class (benchmarks, strategies, gradient_checkpointing, packs,
+and per configuration trains_backbone for 4-bit quantisation); training.methods.capability_problems
+refuses every other combination in one line each before any run starts.
 
 State is split in two so checkpoints stay small: `trainable_state_dict` (tensors that training changes:
 adapters, memory slots; full weights only for full fine-tuning) and `state_dict` (the method's own
@@ -38,6 +56,11 @@ from torch import nn
 
 from data.schema import Period, Probe
 from training.batching import PeriodData
+
+
+TEXTS = "texts"
+MICRO_SEED = "micro_seed"
+HOOK_INPUTS: tuple[str, ...] = (TEXTS, MICRO_SEED)  # what each means: this module's docstring
 
 
 @dataclass
@@ -84,20 +107,31 @@ class Method:
     benchmarks: ClassVar[tuple[str, ...]] = ("temporal", "stream")
     # a reference point rather than a method to compare (the joint and per-task bounds); reports label it
     is_bound: ClassVar[bool] = False
-    # counts in the training forward (step_counters): a forward recomputed by gradient checkpointing would
-    # count twice, so train.gradient_checkpointing is refused for it
-    counts_in_forward: ClassVar[bool] = False
+    # train.strategy values it runs under (training/strategies.py): fsdp shards full weights, which only a
+    # method training the whole backbone needs; every other trainable state is small enough to replicate
+    strategies: ClassVar[tuple[str, ...]] = ("single", "ddp")
+    # runs under train.gradient_checkpointing: False for a method that counts in the training forward
+    # (step_counters), since a forward recomputed by checkpointing would count twice
+    gradient_checkpointing: ClassVar[bool] = True
     # trains on packed micro-batches (train.pack) with the loss and gradients of the unpacked ones: the
     # method reads nothing per row or per sequence of the training batch (no per-sequence statistics, no
-    # batch["texts"] lined up with rows), and any forward of its own on the batch goes through
+    # TEXTS lined up with rows), and any forward of its own on the batch goes through
     # training.batching.model_inputs. Opt-in: tests/test_pack.py checks every method that claims it
     packs: ClassVar[bool] = False
+    # the hook inputs (HOOK_INPUTS) extra_loss finds in its batch; the loop builds no other
+    batch_inputs: ClassVar[frozenset[str]] = frozenset()
     # some trainable parameters may get no gradient in a step (DDP must then look for them)
     leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, ctx: MethodContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
+
+    @classmethod
+    def hook_inputs(cls, **given: Any) -> dict[str, Any]:
+        """Those of the loop's hook inputs (HOOK_INPUTS, given by name) that this method names in
+        batch_inputs: the loop adds what this returns to the batch, and nothing else."""
+        return {k: v for k, v in given.items() if k in cls.batch_inputs}
 
     @classmethod
     def check(cls, cfg: Any, model: nn.Module) -> list[str]:

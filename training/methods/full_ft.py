@@ -16,6 +16,7 @@ from training.methods.base import Method
 class FullFineTune(Method):
     name = "full_ft"
     packs = True  # the LM loss alone: nothing read per row of the batch
+    strategies = ("single", "ddp", "fsdp")  # fsdp is for exactly this: full weights that fit no one device
 
     @classmethod
     def trains_backbone(cls, cfg: Any) -> bool:

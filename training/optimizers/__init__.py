@@ -7,8 +7,8 @@ confidence trace comes from there).
 
 A method may mark a parameter group `{"rule": "sgd"}`: every optimizer here then updates that group by
 plain SGD (`p -= lr * grad`: no momentum, no weight decay, no state) and runs its own rule on the other
-groups. Sparse memory finetuning (training/methods/smf.py) trains its memory value rows this way, as
-the paper does; the group still follows the lr schedule.
+groups. Sparse memory finetuning (training/methods/smf.py, its updater in training/methods/memory/sparse.py)
+trains its memory value rows this way, as the paper does; the group still follows the lr schedule.
 
 A method may also set `update_rows` on a parameter (a LongTensor of row indices, before the step): every
 optimizer here then moves only those rows, and every other row keeps its value bit for bit. The rule's
