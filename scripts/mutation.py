@@ -42,13 +42,15 @@ TARGETS: dict[str, Target] = {
     "metrics": Target(("eval_and_metrics/metrics.py",), ("tests/test_metrics.py",)),
     "stream_metrics": Target(("eval_and_metrics/stream_metrics.py",), ("tests/test_stream_metrics.py",)),
     "scorers": Target(("eval_and_metrics/scorers/",),
-                      ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py", "tests/test_scorer_extraction.py")),
+                      ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py",
+                       "tests/test_scorer_extraction.py")),
     # The scorers' answer extraction and comparison (the generate_until scorers but code_pass_at_1), a subset of
     # `scorers` small enough for a shared 2-core machine: each mutant of a scorer's score() reruns every test
     # that runs a model through it.
     "scorers_text": Target(("eval_and_metrics/scorers/exact_match.py", "eval_and_metrics/scorers/numeric.py",
                             "eval_and_metrics/scorers/rouge_l.py", "eval_and_metrics/scorers/token_f1.py"),
-                           ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py", "tests/test_scorer_extraction.py")),
+                           ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py",
+                            "tests/test_scorer_extraction.py")),
     # test_hardening's other fast tests run main.py (seconds each, for every mutant they reach); its
     # symlink test is the one that exercises artifacts/ directly.
     "artifacts": Target(("artifacts/",), (

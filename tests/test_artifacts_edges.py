@@ -119,7 +119,7 @@ def test_append_text_appends_utf8_and_a_refused_append_is_a_storage_error(tmp_pa
     log = tmp_path / "train_log.jsonl"
     append_text(log, "a é\n")
     append_text(log, "b\n")
-    assert log.read_bytes() == "a é\nb\n".encode("utf-8")
+    assert log.read_bytes() == "a é\nb\n".encode()
     target = _a_file_as_parent(tmp_path)
     with pytest.raises(StorageError) as info:
         append_text(target, "héllo")
@@ -234,7 +234,7 @@ def test_inside_refuses_every_way_out_of_the_directory(tmp_path: Path) -> None:
 def test_read_text_inside_reads_the_file_and_never_a_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     (run / "sub").mkdir(parents=True)
-    (run / "sub" / "config.yaml").write_bytes("lr: 0.1 # é\n".encode("utf-8"))
+    (run / "sub" / "config.yaml").write_bytes("lr: 0.1 # é\n".encode())
     assert read_text_inside(run, "sub/config.yaml") == "lr: 0.1 # é\n"
     assert read_text_inside(run, "sub/config.yaml", encoding="latin-1") == "lr: 0.1 # Ã©\n"
     (tmp_path / "theirs.yaml").write_text("secret: 1\n")
@@ -393,8 +393,7 @@ def test_a_lock_briefly_shared_by_a_status_reader_is_still_acquired(tmp_path: Pa
         releaser.join()
 
 
-def test_a_lock_still_held_after_every_retry_names_the_holder_after_four_tries(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lock_still_held_after_four_tries_is_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import artifacts.lock as lock_mod
 
     tries: list[int] = []
@@ -680,7 +679,8 @@ def test_slurm_job_id_needs_both_array_variables(monkeypatch: pytest.MonkeyPatch
     from artifacts import slurm_job_id
 
     monkeypatch.setenv("SLURM_JOB_ID", "555")
-    for present, absent in (("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_JOB_ID")):
+    array = ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+    for present, absent in (array, array[::-1]):
         monkeypatch.setenv(present, "9")
         monkeypatch.delenv(absent, raising=False)
         assert slurm_job_id() == "555"

@@ -11,8 +11,15 @@ import statistics
 import pytest
 import torch
 
-from training.optimizers.casmo import (AGAR_EPS, CASMO, C_MIN_BY_CV, SIGMA_FLOOR, TAU_RANGE, calibrate,
-                                       group_confidence)
+from training.optimizers.casmo import (
+    AGAR_EPS,
+    C_MIN_BY_CV,
+    CASMO,
+    SIGMA_FLOOR,
+    TAU_RANGE,
+    calibrate,
+    group_confidence,
+)
 
 
 def _p() -> list[torch.nn.Parameter]:
