@@ -168,3 +168,9 @@ def test_the_element_gate_of_equal_ratios_is_trust_to_the_robustness() -> None:
     assert torch.allclose(gate, torch.tensor([trust, trust * 0.6, trust * 0.5]))  # capped at 1, floored at 0.5
     zero = opt._element_gate(torch.zeros(2))  # no signal anywhere: finite, the floor of c_min's trust
     assert torch.allclose(zero, torch.full((2,), 0.2 ** 2 * 0.5))
+
+
+def test_loading_another_optimizers_state_says_what_it_is() -> None:
+    with pytest.raises(ValueError) as info:
+        CASMO(_p()).load_state_dict(torch.optim.AdamW(_p()).state_dict())
+    assert str(info.value) == "not a CASMO optimizer state (no 'casmo' entry); was it saved by another optimizer?"

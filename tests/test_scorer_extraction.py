@@ -55,3 +55,10 @@ def test_a_numeric_target_without_a_number_is_named_in_its_first_60_characters()
     assert problems == [f"numeric: item 'n1': target {target[:60]!r} holds no number to compare with"]
     assert SCORERS["numeric"]().check([EvalItem("n2", "", "42")]) == [
         "numeric: item 'n2': prompt is empty: a generate_until item continues its prompt"]
+
+
+def test_rouge_l_is_done_once_a_blank_line_follows_the_answer_not_before_it() -> None:
+    scorer, item = SCORERS["rouge_l"](), EvalItem("r", "Q:", "hello")
+    assert scorer.is_done(item, "hello\n\n")  # the response is closed: more tokens cannot change it
+    assert not scorer.is_done(item, "\n\nhello")  # leading blank lines are dropped, the answer is still open
+    assert not scorer.is_done(item, "hello\n")
