@@ -72,9 +72,12 @@ def load_state(path: StrPath) -> Any:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        # torch's message names the global the pickle wanted to call, e.g. "posix.system"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling refused"
-        raise UnsafeStateError(path, f"it asks to run code ({first[:200]})") from None
+        # torch's message names the global the pickle wanted to call ("... GLOBAL posix.system ...") on a later
+        # line; its first line is a note on torch's weights_only default that suggests weights_only=False, the one
+        # thing not to do with a file of unknown origin, and says nothing about this file
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        named = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "unpickling refused")
+        raise UnsafeStateError(path, f"it asks to run code ({named[:200]})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise

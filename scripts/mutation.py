@@ -42,11 +42,19 @@ TARGETS: dict[str, Target] = {
     "metrics": Target(("eval_and_metrics/metrics.py",), ("tests/test_metrics.py",)),
     "stream_metrics": Target(("eval_and_metrics/stream_metrics.py",), ("tests/test_stream_metrics.py",)),
     "scorers": Target(("eval_and_metrics/scorers/",),
-                      ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py")),
+                      ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py",
+                       "tests/test_scorer_extraction.py")),
+    # The scorers' answer extraction and comparison (the generate_until scorers but code_pass_at_1), a subset of
+    # `scorers` small enough for a shared 2-core machine: each mutant of a scorer's score() reruns every test
+    # that runs a model through it.
+    "scorers_text": Target(("eval_and_metrics/scorers/exact_match.py", "eval_and_metrics/scorers/numeric.py",
+                            "eval_and_metrics/scorers/rouge_l.py", "eval_and_metrics/scorers/token_f1.py"),
+                           ("tests/test_scorers.py", "tests/test_scoring.py", "tests/test_lm_eval_oracle.py",
+                            "tests/test_scorer_extraction.py")),
     # test_hardening's other fast tests run main.py (seconds each, for every mutant they reach); its
     # symlink test is the one that exercises artifacts/ directly.
     "artifacts": Target(("artifacts/",), (
-        "tests/test_artifacts.py", "tests/test_state_files.py",
+        "tests/test_artifacts.py", "tests/test_artifacts_edges.py", "tests/test_state_files.py",
         "tests/test_hardening.py::test_symlinks_in_a_run_directory_are_never_followed")),
     # training/optimizers/ in two runs: the registry's mixins and the row-restricted AdamW step, and
     # CASMO's rule. test_casmo's report and trace-script tests train or plot a whole run (~45 s each)
@@ -60,7 +68,7 @@ TARGETS: dict[str, Target] = {
         "tests/test_smf.py::test_an_sgd_group_takes_a_plain_sgd_step_and_the_base_rule_never_sees_it",
         "tests/test_optimizers.py")),
     "casmo": Target(("training/optimizers/casmo.py",), (
-        "tests/test_casmo.py", "--deselect",
+        "tests/test_casmo.py", "tests/test_casmo_rules.py", "--deselect",
         "tests/test_casmo.py::test_the_report_draws_the_confidence_trace_and_labels_the_optimizer_variant",
         "--deselect", "tests/test_casmo.py::test_trace_script_reads_a_log")),
     # test_config_fields' sweep (1,400 CLI cases through every field) reaches every mutant of coerce and

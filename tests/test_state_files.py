@@ -37,7 +37,32 @@ def test_code_in_a_pickle_is_refused_naming_the_file_and_the_call(tmp_path: Path
     torch.save({"x": _Boom()}, path)
     with pytest.raises(UnsafeStateError, match=r"it asks to run code \(") as info:
         load_state(path)
-    assert info.value.path == path and str(path) in str(info.value) and "nothing in it was executed" in str(info.value)
+    message = str(info.value)
+    assert info.value.path == path and str(path) in message and "nothing in it was executed" in message
+    # the call it wanted, on one line; not torch's generic first line, which suggests weights_only=False
+    assert "GLOBAL posix.system" in message and "\n" not in message and "weights_only" not in message
+    assert message.endswith("It is not plain tensor/number/string data as this toolkit writes it, so it was altered "
+                            "or written by something else; nothing in it was executed. Delete that period or "
+                            "checkpoint directory to redo it, or check who wrote it")
+
+
+def test_the_reason_is_one_line_of_at_most_200_characters_whatever_torch_says(tmp_path: Path, monkeypatch):
+    import pickle
+
+    import torch.serialization
+
+    path = tmp_path / "s.pt"
+    save_state(path, {"x": 1})
+    for said, reason in (("", "unpickling refused"), ("  \n  ", "unpickling refused"),
+                         ("first line\nsecond line", "first line"), ("x" * 300 + "\nmore", "x" * 200),
+                         ("note\n\nTrying to load unsupported GLOBAL os.system\nmore", "Trying to load unsupported GLOBAL os.system")):
+        def refuse(*args, said=said, **kwargs):
+            raise pickle.UnpicklingError(said)
+
+        monkeypatch.setattr(torch, "load", refuse)
+        with pytest.raises(UnsafeStateError) as info:
+            load_state(path)
+        assert str(info.value).startswith(f"refusing to load {path}: it asks to run code ({reason}). It is not"), said
 
 
 def test_an_unreadable_state_file_is_refused(tmp_path: Path):
