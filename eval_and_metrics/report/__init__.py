@@ -42,6 +42,7 @@ The package, one module per job (each imports only modules listed before it):
 
 from __future__ import annotations
 
+from artifacts.rundir import LANDSCAPE_DIR, LANDSCAPE_FILE, LM_EVAL_DIR, LM_EVAL_FILE
 from eval_and_metrics.report.cli import ReportError, build_report, main
 from eval_and_metrics.report.group import (
     Group,
@@ -64,11 +65,7 @@ from eval_and_metrics.report.records import (
     BASE_SOLVED_MARK,
     CONFIDENCE,
     FAMILIES,
-    LANDSCAPE_DIR,
-    LANDSCAPE_FILE,
     LANDSCAPE_KEYS,
-    LM_EVAL_DIR,
-    LM_EVAL_FILE,
     LOWER_IS_BETTER,
     PER_PERIOD_KEYS,
     REPORT_KIND,

@@ -22,12 +22,24 @@ import yaml
 
 from artifacts import (
     MANIFEST_NAME,
-    TMP_PREFIX,
+    RunDir,
     live_holder,
+    read_jsonl,
     read_manifest,
     verify_manifest,
 )
 from artifacts.identity import identity_tree
+from artifacts.rundir import (
+    EVAL_DIR,
+    LANDSCAPE_DIR,
+    LANDSCAPE_FILE,
+    LM_EVAL_DIR,
+    LM_EVAL_FILE,
+    PERIODS_DIR,
+    PREDICTIONS_FILE,
+    SCORES_FILE,
+    period_dir_name,
+)
 from data.io import BENCHMARK_FILE, read_benchmark
 from data.schema import Benchmark
 from data.streams.schema import STREAM_FILE, Stream
@@ -35,10 +47,6 @@ from eval_and_metrics.metrics import derive_metrics, score_matrix
 from eval_and_metrics.report.records import (
     ANSWER_VIEWS,
     FAMILIES,
-    LANDSCAPE_DIR,
-    LANDSCAPE_FILE,
-    LM_EVAL_DIR,
-    LM_EVAL_FILE,
     SCALAR_KEYS,
     STREAM_CHECKED_KEYS,
     PeriodRow,
@@ -171,10 +179,6 @@ def _read_json(path: Path) -> Any:
     return json.loads(_read_text(path))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
-
-
 def variant_tree(config: dict[str, Any]) -> dict[str, Any]:
     """The config as the run identity sees it (artifacts/identity.py: no run_root, run_id, runtime settings,
     checkpointing or tracking), minus the seed: runs with equal trees are seeds of one setup."""
@@ -199,47 +203,32 @@ def model_label(config: dict[str, Any]) -> str:
 
 
 def _last_event(run_dir: Path, stage_names: Sequence[str] | None = None) -> str:
-    """A short description of the newest train_log record (cheap: reads the last 4 KiB).
+    """A short description of the newest train_log record (cheap: RunDir.last_record reads the last 4 KiB).
 
     stage_names: a stream's task names; its log records carry the task's index as "period", which is
     shown as "task k (name)"."""
-    path = run_dir / "train_log.jsonl"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 4096))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+    rec = RunDir(run_dir).last_record()
+    if rec is None:
         return ""
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            k = rec.get("period", "?")
-            if stage_names is None:
-                bits = [str(rec.get("event", "?")), f"period {k}"]
-            else:
-                name = (["base"] + list(stage_names))[k] if isinstance(k, int) and 0 <= k <= len(stage_names) else "?"
-                bits = [str(rec.get("event", "?")), f"task {k} ({name})"]
-            if "step" in rec:
-                bits.append(f"step {rec['step']}")
-            return "last log event: " + " ".join(bits)
-    return ""
+    k = rec.get("period", "?")
+    if stage_names is None:
+        bits = [str(rec.get("event", "?")), f"period {k}"]
+    else:
+        name = (["base"] + list(stage_names))[k] if isinstance(k, int) and 0 <= k <= len(stage_names) else "?"
+        bits = [str(rec.get("event", "?")), f"task {k} ({name})"]
+    if "step" in rec:
+        bits.append(f"step {rec['step']}")
+    return "last log event: " + " ".join(bits)
 
 
 def _step_checkpoints(run_dir: Path) -> str:
-    root = run_dir / "checkpoints"
+    """The newest step checkpoint of each period that has one, e.g. "step checkpoint 2-2020/step-00000040"."""
     found = []
     try:
-        for period in sorted(os.listdir(root)):
-            if period.startswith(TMP_PREFIX):
-                continue
-            steps = sorted(s for s in os.listdir(root / period) if s.startswith("step-"))
+        for _, root in RunDir(run_dir).checkpoint_entries():
+            steps = sorted(s for s in os.listdir(root) if s.startswith("step-"))
             if steps:
-                found.append(f"{period}/{steps[-1]}")
+                found.append(f"{root.name}/{steps[-1]}")
     except OSError:
         return ""
     return ("step checkpoint " + ", ".join(found)) if found else ""
@@ -282,8 +271,8 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
         token = _dir_token(directory)
         try:
             manifest = read_manifest(directory) or {}
-            scores = _read_json(directory / "eval" / "scores.json")
-            preds = _read_jsonl(directory / "eval" / "predictions.jsonl")
+            scores = _read_json(directory / EVAL_DIR / SCORES_FILE)
+            preds = read_jsonl(directory / EVAL_DIR / PREDICTIONS_FILE)
         except (OSError, ValueError):
             if _dir_token(directory) == token:
                 raise
@@ -298,15 +287,16 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
                             logprob={r["id"]: r["logprob"] for r in preds},
                             prediction={r["id"]: r["prediction"] for r in preds})
         else:
-            where = f"periods/{directory.name}/eval/predictions.jsonl"
+            where = f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{PREDICTIONS_FILE}"
             row = PeriodRow(**common, task_scores=stream.summarise(preds, where))
             # scores.json is in the manifest, so it can only disagree if whatever wrote it aggregated differently
             diffs = _differences(row.task_scores, row.scores, "")
             if diffs:
-                run.warnings.append(f"periods/{directory.name}/eval/scores.json disagrees with its re-aggregated "
-                                    "predictions (used the latter): " + "; ".join(d.lstrip(".") for d in diffs[:4]))
-        if (directory / "eval" / RETENTION_FILE).is_file():  # in the manifest: verified above
-            row.retention = _read_jsonl(directory / "eval" / RETENTION_FILE)
+                run.warnings.append(f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{SCORES_FILE} disagrees with its "
+                                    "re-aggregated predictions (used the latter): "
+                                    + "; ".join(d.lstrip(".") for d in diffs[:4]))
+        if (directory / EVAL_DIR / RETENTION_FILE).is_file():  # in the manifest: verified above
+            row.retention = read_jsonl(directory / EVAL_DIR / RETENTION_FILE)
         row.landscape = _read_subresult(directory, LANDSCAPE_DIR, LANDSCAPE_FILE, run, "loss landscape")
         row.lm_eval = _read_subresult(directory, LM_EVAL_DIR, LM_EVAL_FILE, run, "lm-eval")
         return row, manifest
@@ -335,7 +325,7 @@ def _recompute_retention(run: Run) -> None:
     if run.metrics is None or not all(r.retention is not None for r in run.rows):
         return
     try:
-        saved = (_read_json(run.path / "results.json").get("metrics") or {}).get("retention")
+        saved = (_read_json(RunDir(run.path).results).get("metrics") or {}).get("retention")
         if saved:
             run.metrics["retention"] = recompute_retention(saved, [r.retention or [] for r in run.rows])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -363,7 +353,7 @@ def _differences(ours: Any, theirs: Any, path: str) -> list[str]:
 
 def _cross_check_results(run: Run) -> None:
     """results.json is outside every manifest: compare it with what the committed files say."""
-    path = run.path / "results.json"
+    path = RunDir(run.path).results
     if not path.exists():
         run.warnings.append("results.json missing (metrics recomputed from the committed periods)")
         return
@@ -423,7 +413,7 @@ def read_run(path: Path, benches: _BenchmarkCache | None = None, attempts: int =
 def _confidence_trace(run_dir: Path, committed: int) -> list[tuple[int, int, float, bool]]:
     """CASMO's confidence per optimizer step of the committed periods (train_log.jsonl), in order."""
     try:
-        rows = _read_jsonl(run_dir / "train_log.jsonl")
+        rows = RunDir(run_dir).log_rows()
     except (OSError, ValueError):
         return []
     trace = [(int(r["period"]), int(r["step"]), float(r["casmo_confidence"]), bool(r.get("casmo_calibrating")))
@@ -433,10 +423,11 @@ def _confidence_trace(run_dir: Path, committed: int) -> list[tuple[int, int, flo
 
 def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     path = run.path
-    if not (path / "config.yaml").is_file():
+    rundir = RunDir(path)
+    if not rundir.config.is_file():
         run.reason = "no config.yaml (the run never got past validation)"
         return
-    config = yaml.safe_load(_read_text(path / "config.yaml"))
+    config = yaml.safe_load(_read_text(rundir.config))
     if not isinstance(config, dict):
         run.reason = "config.yaml is not a mapping"
         return
@@ -450,34 +441,34 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     stream: StreamData | None = None
     bench: Benchmark | None = None
     # A stream run keeps data/stream.json; its config names the stream file (absent for temporal runs).
-    if (path / "data" / STREAM_FILE).is_file() or data_cfg.get("stream"):
+    if (rundir.data / STREAM_FILE).is_file() or data_cfg.get("stream"):
         run.kind = "stream"
-        if not (path / "data" / STREAM_FILE).is_file():
+        if not (rundir.data / STREAM_FILE).is_file():
             run.reason = f"data/{STREAM_FILE} missing (the run never committed its data)"
             run.benchmark = Path(str(data_cfg.get("stream"))).stem
             return
-        stream = benches.load_stream(path / "data")
+        stream = benches.load_stream(rundir.data)
         run.benchmark, run.fingerprint = stream.stream.name, stream.stream.fingerprint
         run.period_names, run.stream_order = stream.task_names, stream.stream.order
-    elif not (path / "data" / BENCHMARK_FILE).is_file():
+    elif not (rundir.data / BENCHMARK_FILE).is_file():
         run.reason = f"data/{BENCHMARK_FILE} missing (the run never committed its data)"
         run.benchmark = str(data_cfg.get("benchmark", "?"))
         return
     else:
-        bench = benches.load(path / "data")
+        bench = benches.load(rundir.data)
         run.benchmark, run.fingerprint, run.period_names = bench.name, bench.fingerprint, bench.period_names
 
     run_meta: dict[str, Any] = {}
     try:
-        run_meta = _read_json(path / "run.json")
+        run_meta = _read_json(rundir.run_meta)
     except (OSError, ValueError):
         pass
     expected_hash = run_meta.get("config_hash")
     names = ["base"] + run.period_names
     problem = ""
-    periods_dir = path / "periods"
+    periods_dir = rundir.periods
     for k, name in enumerate(names):
-        directory = periods_dir / f"{k}-{name}"
+        directory = rundir.period_dir(k, name)
         if not directory.is_dir():
             break
         got = _read_row(directory, k, name, run, stream=stream)
@@ -500,13 +491,13 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     run.confidence_trace = _confidence_trace(path, len(run.rows) - 1)
 
     # Period dirs beyond the valid prefix (a gap, or names the benchmark does not have).
-    known = {f"{k}-{n}" for k, n in enumerate(names)}
-    valid = {f"{r.index}-{r.name}" for r in run.rows}
+    known = {period_dir_name(k, n) for k, n in enumerate(names)}
+    valid = {period_dir_name(r.index, r.name) for r in run.rows}
     try:
         present = sorted(e for e in os.listdir(periods_dir) if not e.startswith("."))
     except OSError:
         present = []
-    stray = [e for e in present if e not in valid and (path / "periods" / e).is_dir()]
+    stray = [e for e in present if e not in valid and (periods_dir / e).is_dir()]
     if not problem:
         unknown = [e for e in stray if e not in known]
         later = [e for e in stray if e in known]
@@ -514,7 +505,7 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             run.warnings.append(f"period dirs not in the {'stream' if stream else 'benchmark'} ignored: "
                                 f"{', '.join(unknown)}")
         if later:
-            missing = f"{len(run.rows)}-{names[len(run.rows)]}" if len(run.rows) < len(names) else "?"
+            missing = period_dir_name(len(run.rows), names[len(run.rows)]) if len(run.rows) < len(names) else "?"
             # A writer re-committing that dir (commit_dir) leaves it absent for the instant between its
             # two renames; if it is back a moment later, this was that instant, not a gap: read again.
             time.sleep(0.05)
@@ -553,7 +544,7 @@ def find_run_dirs(root: Path, skip: Iterable[Path] = (), max_depth: int = 3) -> 
     skip_set = {p.resolve() for p in skip}
 
     def is_run(d: Path) -> bool:
-        return (d / "config.yaml").is_file() or (d / "periods").is_dir()
+        return RunDir(d).config.is_file() or RunDir(d).periods.is_dir()
 
     if is_run(root):
         return [root]
@@ -581,7 +572,7 @@ def find_run_dirs(root: Path, skip: Iterable[Path] = (), max_depth: int = 3) -> 
 def gather(root: Path, skip: Iterable[Path] = (), jobs: int = 4) -> list[Run]:
     dirs = find_run_dirs(root, skip)
     benches = _BenchmarkCache()
-    if any((d / "data" / STREAM_FILE).is_file() for d in dirs):
+    if any((RunDir(d).data / STREAM_FILE).is_file() for d in dirs):
         _scorer_registry()  # the torch import, once, before the reader threads start
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # hashing releases the GIL
         return list(pool.map(lambda d: read_run(d, benches), dirs))

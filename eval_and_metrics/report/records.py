@@ -11,11 +11,6 @@ from typing import Any
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_KIND = "report"
-# Eval jobs store their results beside a period's eval, each dir with its own manifest.
-LANDSCAPE_DIR = "landscape"
-LANDSCAPE_FILE = "landscape.json"
-LM_EVAL_DIR = "lm_eval"
-LM_EVAL_FILE = "results.json"
 
 STATUSES = ("complete", "running", "partial", "corrupted", "failed")
 CONFIDENCE = 0.95

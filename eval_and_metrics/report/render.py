@@ -11,11 +11,11 @@ from typing import Any
 
 import yaml
 
+from artifacts.rundir import RunDir
 from eval_and_metrics.report.group import Group, _numeric_leaves, lm_eval_scores
 from eval_and_metrics.report.records import (
     BASE_SOLVED_MARK,
     FAMILIES,
-    LANDSCAPE_DIR,
     LOWER_IS_BETTER,
     PER_PERIOD_KEYS,
     SCALAR_KEYS,
@@ -430,7 +430,7 @@ def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots:
             for g in gs:
                 for run in g.complete[:1]:
                     for row in run.rows:
-                        d = run.path / "periods" / f"{row.index}-{row.name}" / LANDSCAPE_DIR
+                        d = RunDir(run.path).landscape_dir(row.index, row.name)
                         if row.landscape and (d / "contour.png").is_file():
                             figures.append(_img(d / "contour.png", f"{g.label} seed {run.seed}: {row.name}"))
             if figures:
