@@ -446,7 +446,7 @@ class Trainer:
             "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,
             "mode": self.cfg.mode, "seed": self.cfg.seed, "benchmark": self.cfg.data.benchmark,
             "benchmark_name": self.work.name, "data_fingerprint": self.work.fingerprint,
-            "model": model_label(self.cfg), "config_hash": self.cfg.config_hash(),
+            "model": results_model_name(self.cfg), "config_hash": self.cfg.config_hash(),
             "periods": self.work.stage_names, "metrics": metrics, "method_extras": extras,
             "final_state_sha256": state_sha256(final), "is_bound": self.method.is_bound,
             "cost": self._cost(names), **self.work.result_fields(self.cfg),
@@ -492,7 +492,10 @@ class Trainer:
         }
 
 
-def model_label(cfg: RunConfig) -> str:
+def results_model_name(cfg: RunConfig) -> str:
+    """results.json's "model" field: "synthetic" or the model's name. Deliberately not the report's
+    display label (eval_and_metrics.report.model_label adds the synthetic sizes and the quantisation):
+    this one is part of results.json, whose bytes the runs and their fingerprints pin."""
     if cfg.mode == "synthetic":
         return "synthetic"
     return cfg.model.name or "embedded:SmolLM2-135M-Instruct"
