@@ -15,24 +15,32 @@ from typing import Any
 
 import torch
 
-from artifacts import (LockHeldError, RunDir, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
-                       staging_dir)
+from artifacts import LockHeldError, RunDir, StorageError, UnsafePathError, UnsafeStateError, commit_dir, staging_dir
 from data import DataError
-from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention, summary_columns as retention_columns
+from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention
+from eval_and_metrics.retention import summary_columns as retention_columns
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
-from training.distributed import (RendezvousFailed, World, close_world, engine_peer_lost, init_world,
-                                  world_from_env)
+from training.distributed import RendezvousFailed, World, close_world, engine_peer_lost, init_world, world_from_env
 from training.methods import METHODS, capability_problems
-from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
-                             resolve_precision)
+from training.models import check_model_source, enable_checkpointing, model_skeleton, resolve_dtype, resolve_precision
 from training.restore import build_model_and_method
-from training.seeding import use_deterministic
 from training.run import human_bytes, open_run, run_dir_of
+from training.seeding import use_deterministic
+from training.signals import (
+    EXIT_ABORTED,
+    EXIT_BAD_INPUT,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_RESUME,
+    EXIT_STORAGE,
+    EXIT_UNTRUSTED,
+    StopFlag,
+    StopRequested,
+)
 from training.strategies import STRATEGIES, resolve_strategy, strategy_problems
-from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
-                              EXIT_UNTRUSTED, StopFlag, StopRequested)
 from training.trainer import Trainer
 from training.workload import Workload, load_workload
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
@@ -250,7 +258,7 @@ def _load_retention(spec: str) -> RetentionTrack | None:
 def _quiet() -> None:
     """Ranks other than 0 print nothing: rank 0 speaks for the run (errors included: every rank meets the
     same ones). Their stderr stays open for a traceback, which only a bug produces."""
-    sys.stdout = open(os.devnull, "w")
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- stays open for the life of the process
     _SPEAKS[0] = False
 
 

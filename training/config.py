@@ -403,8 +403,8 @@ STEP_SLEEP_ENV = "CLKIT_STEP_SLEEP"
 
 # Keys that left the config, with the value every config saved before meant by default and what replaced
 # them. A saved config.yaml (or a copy of one) holding that value still loads; any other value is refused.
-RETIRED_KEYS = {("train", "step_sleep"): (0.0, f"set the environment variable {STEP_SLEEP_ENV}=<seconds> instead "
-                                               "(a test-only knob, not part of a run's config)")}
+RETIRED_KEYS = {("train", "step_sleep"): (0.0, (f"set the environment variable {STEP_SLEEP_ENV}=<seconds> instead "
+                                               "(a test-only knob, not part of a run's config)"))}
 # the run identity drops the same keys from a config saved before they retired (artifacts/identity.py)
 assert set(RETIRED_KEYS) == {(s, k) for s, keys in RETIRED_RUNTIME_KEYS.items() for k in keys}
 

@@ -18,8 +18,15 @@ from typing import Any
 import torch
 import yaml
 
-from artifacts import (BadInput, RunDir, UnreadableFileError, read_manifest, read_regular_text, state_sha256,
-                       verify_manifest)
+from artifacts import (
+    BadInput,
+    RunDir,
+    UnreadableFileError,
+    read_manifest,
+    read_regular_text,
+    state_sha256,
+    verify_manifest,
+)
 from training.config import ConfigError, RunConfig, build_run_configs
 from training.methods import METHODS
 from training.methods.base import Method

@@ -155,8 +155,8 @@ class FSDP(Strategy):
     @classmethod
     def check_optimizer(cls, optimizer: str) -> list[str]:
         if optimizer != "adamw":
-            return [f"train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not "
-                    f"{optimizer!r}; valid with fsdp: adamw"]
+            return [(f"train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not "
+                    f"{optimizer!r}; valid with fsdp: adamw")]
         return []
 
     def prepare(self, model: nn.Module) -> None:
@@ -268,8 +268,8 @@ def strategy_problems(train: Any, world: World) -> list[str]:
     if resolved not in STRATEGIES:
         return [f"train.strategy {name!r} is not available; valid: auto, {', '.join(STRATEGIES)}"]
     if resolved == "single" and world.active:
-        return [f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
-                f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}"]
+        return [(f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
+                f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}")]
     return STRATEGIES[resolved].check_optimizer(train.optimizer)
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from artifacts import RunDir, atomic_write_json
 from artifacts.rundir import TRACKING_FILE as TRACKING_JSON  # the run directory's layout is spelled there
+
 # train_log.jsonl fields that say where a record is, not what was measured
 _POSITION_KEYS = {"event", "period", "step", "global_step"}
 # The series a run logs, each with the key every one of its records has: MLflow and W&B find from it the

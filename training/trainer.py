@@ -23,9 +23,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from artifacts import (RunDir, StepCheckpoints, append_text, atomic_write_json, atomic_write_text,
-                       commit_dir, read_jsonl, read_manifest, staging_dir, state_sha256,
-                       verify_manifest, write_manifest)
+from artifacts import (
+    RunDir,
+    StepCheckpoints,
+    append_text,
+    atomic_write_json,
+    atomic_write_text,
+    commit_dir,
+    read_jsonl,
+    read_manifest,
+    staging_dir,
+    state_sha256,
+    verify_manifest,
+    write_manifest,
+)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
 from eval_and_metrics.retention import RETENTION_FILE, RetentionTrack

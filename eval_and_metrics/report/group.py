@@ -110,7 +110,7 @@ def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | N
     for k in range(2, t_count + 1):
         terms = []
         for t in range(1, k):
-            best = [matrix[l][t - 1] for l in range(t, k) if matrix[l][t - 1] is not None]
+            best = [matrix[i][t - 1] for i in range(t, k) if matrix[i][t - 1] is not None]
             if best and matrix[k][t - 1] is not None:
                 terms.append(max(best) - matrix[k][t - 1])
         out.append(sum(terms) / len(terms) if terms else None)

@@ -25,8 +25,10 @@ SUMMARY_KEYS = ["acc_storage", "bwt_storage", "fwt_storage", "forgetting_storage
                 "outdated_storage_pooled", "outdated_extraction_pooled", "acc_extraction"]
 SUMMARY_LABELS = {"acc_storage": "final ACC storage", "bwt_storage": "BWT storage", "fwt_storage": "FWT storage",
                   "forgetting_storage": "forgetting storage",
-                  "plasticity_storage_pooled": "plasticity storage", "plasticity_extraction_pooled": "plasticity extraction",
-                  "stability_storage_pooled": "stability storage", "stability_extraction_pooled": "stability extraction",
+                  "plasticity_storage_pooled": "plasticity storage",
+                  "plasticity_extraction_pooled": "plasticity extraction",
+                  "stability_storage_pooled": "stability storage",
+                  "stability_extraction_pooled": "stability extraction",
                   "temporal_recall_storage_final": "temporal recall storage",
                   "temporal_recall_extraction_final": "temporal recall extraction",
                   "outdated_storage_pooled": "outdated answers storage",
@@ -40,7 +42,8 @@ _ALL_SCALARS = [f"{m}_{fam}{s}" for fam in FAMILIES for m in ("acc", "bwt", "fwt
 _ALL_SCALARS += [f"{name}_{fam}_{stat}" for fam in FAMILIES for name in SUBSET_METRICS
                  for stat in ("pooled", "pooled_f1", "n", "mean", "mean_f1")]
 _ALL_SCALARS += [f"temporal_recall_{fam}_{stat}" for fam in FAMILIES for stat in ("final", "final_f1")]
-_ALL_SCALARS += [f"{view}_{fam}_{stat}" for fam in FAMILIES for view in ANSWER_VIEWS for stat in ("pooled", "mean", "n")]
+_ALL_SCALARS += [f"{view}_{fam}_{stat}" for fam in FAMILIES for view in ANSWER_VIEWS
+                 for stat in ("pooled", "mean", "n")]
 SCALAR_KEYS = SUMMARY_KEYS + [k for k in _ALL_SCALARS if k not in SUMMARY_KEYS]
 PER_PERIOD_KEYS = [f"{name}_{fam}" for fam in FAMILIES for name in (*SUBSET_METRICS, *ANSWER_VIEWS)]
 LANDSCAPE_KEYS = ["center_loss", "max_loss", "min_loss", "std_loss", "loss_range", "max_curvature",

@@ -208,8 +208,8 @@ def _stream_blocks(groups: Sequence[Group]) -> list[Block]:
     multi_model = len({g.model for g in groups}) > 1
     described = ", ".join(f"{t} ({info['scorers'][t]}: {primary[t]} {_arrow(higher[t])}, "
                           f"{info['eval_counts'][t]} items)" for t in tasks)
-    blocks: list[Block] = [("p", f"Tasks in training order: {described}. R[i][t] is task t's primary metric after "
-                                 "training through task i (row 0 = the base model); formulas: docs/metrics.md §10.")]
+    blocks: list[Block] = [("p", (f"Tasks in training order: {described}. R[i][t] is task t's primary metric after "
+                                 "training through task i (row 0 = the base model); formulas: docs/metrics.md §10."))]
 
     def prefix(g: Group) -> list[str]:
         return [g.label] + ([g.model] if multi_model else []) + [
@@ -218,18 +218,18 @@ def _stream_blocks(groups: Sequence[Group]) -> list[Block]:
     head0 = ["method"] + (["model"] if multi_model else []) + ["n", "seeds", "not complete"]
     if hi:
         blocks += [("h", f"Higher-is-better tasks ({', '.join(hi)})"),
-                   ("p", "Summary over the tasks whose primary metric is higher-is-better (accuracy, pass@1, EM, "
+                   ("p", ("Summary over the tasks whose primary metric is higher-is-better (accuracy, pass@1, EM, "
                          "F1, ROUGE-L). ACC is macro (each task once), ACC micro pools the eval items; ↓ marks the "
-                         "columns where lower is better (forgetting, max drop, FG%)."),
+                         "columns where lower is better (forgetting, max drop, FG%).")),
                    ("table", head0 + [f"{label} {_arrow(up)}" for _, label, up in STREAM_HIGHER_KEYS],
                     [prefix(g) + [fmt(g.metrics.get(f"higher_is_better_summary.{k}"), g.n)
                                   for k, _, _ in STREAM_HIGHER_KEYS] for g in groups], len(head0))]
     if lo:
         metric = "/".join(sorted({primary[t] for t in lo}))
         blocks += [("h", f"Lower-is-better tasks ({', '.join(lo)}): {metric}"),
-                   ("p", "Summarised apart and never averaged with the tasks above. Every column is lower-is-better "
+                   ("p", ("Summarised apart and never averaged with the tasks above. Every column is lower-is-better "
                          "(↓): BWT > 0 and forgetting > 0 mean the loss rose again after the task was trained, "
-                         "learning < 0 means training on the task lowered its loss."),
+                         "learning < 0 means training on the task lowered its loss.")),
                    ("table", head0 + [f"{metric} {label} {_arrow(up)}" if key != "final" else f"final {metric} ↓"
                                       for key, label, up in STREAM_LOWER_KEYS],
                     [prefix(g) + [fmt(g.metrics.get(f"lower_is_better_summary.{k}"), g.n)
@@ -249,11 +249,11 @@ def _stream_blocks(groups: Sequence[Group]) -> list[Block]:
                ("table", ["task", "scorer", "primary metric"] + labels, rows, 3)]
     if marked:
         margin = info.get("base_solved_margin")
-        blocks.append(("p", f"{BASE_SOLVED_MARK}k/n: base-solved in k of the method's n complete runs, i.e. "
+        blocks.append(("p", (f"{BASE_SOLVED_MARK}k/n: base-solved in k of the method's n complete runs, i.e. "
                             f"R[0][t] ≥ R[t][t] − {margin} (docs/metrics.md §10): training on the task added "
                             "nothing measurable over the base model, so a later change of its score is drift, not "
                             "forgetting of something learnt. Such tasks still count in the summaries above. "
-                            f"Base-solved: {'; '.join(marked)}."))
+                            f"Base-solved: {'; '.join(marked)}.")))
     return blocks
 
 

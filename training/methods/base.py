@@ -57,7 +57,6 @@ from torch import nn
 from data.schema import Period, Probe
 from training.batching import PeriodData
 
-
 TEXTS = "texts"
 MICRO_SEED = "micro_seed"
 HOOK_INPUTS: tuple[str, ...] = (TEXTS, MICRO_SEED)  # what each means: this module's docstring

@@ -35,8 +35,8 @@ def check_targets(method: str, cfg: LoraOptions, model: nn.Module) -> list[str]:
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t not in present]
     if missing:
-        return [f"method.{method}.target_modules {missing} are not modules of this model; "
-                f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
+        return [(f"method.{method}.target_modules {missing} are not modules of this model; "
+                f"candidates: {sorted(m for m in present if m.endswith('proj'))}")]
     return []
 
 

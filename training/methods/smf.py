@@ -37,9 +37,17 @@ from torch import nn
 from data.schema import Probe
 from training.batching import PeriodData
 from training.methods.base import Method
-from training.methods.memory import (MemoryOptions, ProductKeyMemory, SparseSlotUpdater, attach_memories,
-                                     install_mask_hook, load_memory_state_dict, memory_state_dict,
-                                     read_background, value_group)
+from training.methods.memory import (
+    MemoryOptions,
+    ProductKeyMemory,
+    SparseSlotUpdater,
+    attach_memories,
+    install_mask_hook,
+    load_memory_state_dict,
+    memory_state_dict,
+    read_background,
+    value_group,
+)
 
 BACKGROUND_MAX_LEN = 512  # tokens of a passage read for the background (passages are one sentence)
 

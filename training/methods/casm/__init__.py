@@ -17,9 +17,9 @@ this also holds under a KV cache), and picks a period tau; the banks 1..tau are 
 therefore reads the memory exactly as it was after 2018, and "In 2024, ..." reads every version up to
 2024, the latest override on top. The router is trained by cross-entropy towards the period named in
 each training passage (after the mention), rehearsed on earlier periods' passages re-dated to every
-period (so only the date decides), and by the LM loss through the straight-through soft gates (a hard top-1 alone would get no
-gradient). The router and its training live in training/methods/casm/router.py; the memory banks are
-training/methods/memory (shared with smf).
+period (so only the date decides), and by the LM loss through the straight-through soft gates (a hard
+top-1 alone would get no gradient). The router and its training live in training/methods/casm/router.py;
+the memory banks are training/methods/memory (shared with smf).
 
 The registry (training/methods/casm/registry.py) parses the passage text alone into (subject, wording,
 value) statements, detects contradictions with the active version, and records every version with
@@ -38,6 +38,7 @@ rebuilt) and access statistics (state_dict).
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -51,8 +52,15 @@ from training.methods.base import MICRO_SEED, TEXTS, Method, MethodContext
 from training.methods.casm.options import CasmOptions
 from training.methods.casm.registry import TemplateParser, build_registry
 from training.methods.casm.router import ROUTER_ATTR, PeriodRouter, PeriodRouting
-from training.methods.memory import (ProductKeyMemory, SparseSlotUpdater, attach_memories, install_mask_hook,
-                                     load_memory_state_dict, memory_state_dict, value_group)
+from training.methods.memory import (
+    ProductKeyMemory,
+    SparseSlotUpdater,
+    attach_memories,
+    install_mask_hook,
+    load_memory_state_dict,
+    memory_state_dict,
+    value_group,
+)
 
 __all__ = ["ROUTER_ATTR", "CasmOptions", "ContradictionAwareSparseMemory", "rewritten_evidence"]
 
@@ -66,7 +74,7 @@ def rewritten_evidence(registry: dict[str, Any], period: str, texts: list[str]) 
     seen = set(texts)
     for fact in registry["facts"]:
         versions = fact["versions"]
-        for prev, new in zip(versions, versions[1:]):
+        for prev, new in itertools.pairwise(versions):
             if new["valid_from"] != period:
                 continue
             for old_period, evidence in prev["evidence"].items():

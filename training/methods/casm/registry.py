@@ -177,7 +177,7 @@ class TemplateParser:
         for j, other in enumerate(parsed):
             if j == i or other is None:
                 continue
-            o_toks, o_s, o_v, _ = other
+            o_toks, o_s, _o_v, _ = other
             if o_toks[o_s[0]:o_s[1]] != subject:
                 continue
             n = 0

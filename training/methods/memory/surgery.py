@@ -61,7 +61,7 @@ def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed:
         if hasattr(mlp, MEMORY_ATTR):
             raise ValueError(f"layer {i} already has a memory; prepare() was called twice")
         ref = next(mlp.parameters())
-        hidden = int(getattr(model.config, "hidden_size"))
+        hidden = int(model.config.hidden_size)
         # float32 whatever the backbone holds: the values train (master weights, training/models.py) and
         # the layer's own weights may be bf16 or packed 4-bit bytes (uint8), never a memory's dtype
         memories[i] = ProductKeyMemory(hidden, opts, num_banks, derive_seed(seed, section, "memory", i),
