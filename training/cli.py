@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -43,7 +43,7 @@ from training.workload import Workload, load_workload
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
         raise ConfigError([message])
 
 

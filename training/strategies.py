@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ class DDP(Strategy):
     def sync(self, wrapped: nn.Module, last_round: bool) -> Any:
         if last_round or not hasattr(wrapped, "no_sync"):
             return nullcontext()
-        return wrapped.no_sync()
+        return wrapped.no_sync()  # type: ignore[operator]  # DistributedDataParallel's (hasattr above)
 
     @property
     def grad_factor(self) -> float:
@@ -190,7 +190,9 @@ class FSDP(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a model's state dict holds tensors; torch types its values as any state value
+        full = cast(dict[str, torch.Tensor],
+                    get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         return {n: full[n] for n in names if n in full}  # rank 0 holds them all; the others get nothing
 
     def read_trainable(self, path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -205,14 +207,15 @@ class FSDP(Strategy):
     def load_trainable(self, method: Method, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, tensors, options=StateDictOptions(
+        set_model_state_dict(model, dict[str, Any](tensors), options=StateDictOptions(
             full_state_dict=True, strict=False, broadcast_from_rank0=self.world.active))
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        full = get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # one optimizer, so one dict ({"state": {name: ...}, "param_groups": [...]}), not torch's list of them
+        full = cast(dict[str, Any], get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         if not full:
             return {}
         # keyed by position, as optimizer.state_dict() is, so a single-process run can resume from it

@@ -110,9 +110,10 @@ def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | N
     for k in range(2, t_count + 1):
         terms = []
         for t in range(1, k):
-            best = [matrix[i][t - 1] for i in range(t, k) if matrix[i][t - 1] is not None]
-            if best and matrix[k][t - 1] is not None:
-                terms.append(max(best) - matrix[k][t - 1])
+            best = [v for i in range(t, k) if (v := matrix[i][t - 1]) is not None]
+            last = matrix[k][t - 1]
+            if best and last is not None:
+                terms.append(max(best) - last)
         out.append(sum(terms) / len(terms) if terms else None)
     return out
 
@@ -185,36 +186,42 @@ def lm_eval_scores(result: dict[str, Any] | None) -> dict[str, tuple[float, bool
     return out
 
 
+def _metrics(run: Run) -> dict[str, Any]:
+    """A complete run's recomputed metrics (groups aggregate complete runs only)."""
+    assert run.metrics is not None, run.run_id
+    return run.metrics
+
+
 def _aggregate_temporal(group: Group, runs: list[Run]) -> None:
     for key in SCALAR_KEYS:
-        group.metrics[key] = mean_ci(r.metrics.get(key) for r in runs)
+        group.metrics[key] = mean_ci(_metrics(r).get(key) for r in runs)
     for key in PER_PERIOD_KEYS:
-        group.per_period[key] = [mean_ci(r.metrics[key][k] for r in runs) for k in range(len(group.period_names))]
+        group.per_period[key] = [mean_ci(_metrics(r)[key][k] for r in runs) for k in range(len(group.period_names))]
     # The figures' matrix is the storage one (the extraction matrix stays in each run's results.json).
-    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix_storage_em"] for r in runs])
-    curves = [forgetting_curve(r.metrics["matrix_storage_em"]) for r in runs]
+    group.matrix_mean, group.matrix_half = _agg_matrix([_metrics(r)["matrix_storage_em"] for r in runs])
+    curves = [forgetting_curve(_metrics(r)["matrix_storage_em"]) for r in runs]
     group.forgetting_curve = [mean_ci(c[i] for c in curves) for i in range(len(group.period_names) - 1)]
 
 
 def _aggregate_stream(group: Group, runs: list[Run]) -> None:
     """Seed aggregates of a stream group. The runs share the stream (same fingerprint), so tasks, primary
     metrics and directions are those of the first run."""
-    first = runs[0].metrics
+    first = _metrics(runs[0])
     tasks = list(first["tasks"])
     t_count = len(tasks)
     for summary, keys in STREAM_SUMMARIES.items():
         for key, _, _ in keys:
-            group.metrics[f"{summary}.{key}"] = mean_ci((r.metrics.get(summary) or {}).get(key) for r in runs)
-    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix"] for r in runs])
+            group.metrics[f"{summary}.{key}"] = mean_ci((_metrics(r).get(summary) or {}).get(key) for r in runs)
+    group.matrix_mean, group.matrix_half = _agg_matrix([_metrics(r)["matrix"] for r in runs])
 
     def column(row_of: Any) -> dict[str, dict[str, Any]]:
-        return {t: mean_ci(r.metrics["matrix"][row_of(j)][j] for r in runs) for j, t in enumerate(tasks)}
+        return {t: mean_ci(_metrics(r)["matrix"][row_of(j)][j] for r in runs) for j, t in enumerate(tasks)}
 
     matrices: dict[str, dict[str, dict[str, list[float | None]]]] = {}
     for t in tasks:
         matrices[t] = {}
         for metric in first["matrices"][t]:
-            aggs = [mean_ci(r.metrics["matrices"][t][metric][k] for r in runs) for k in range(t_count + 1)]
+            aggs = [mean_ci(_metrics(r)["matrices"][t][metric][k] for r in runs) for k in range(t_count + 1)]
             matrices[t][metric] = {"mean": [a["mean"] for a in aggs], "ci95_half": [a["half"] for a in aggs]}
     group.stream = {
         "order": runs[0].stream_order, "tasks": tasks, "primary_metric": dict(first["primary_metric"]),
@@ -224,7 +231,7 @@ def _aggregate_stream(group: Group, runs: list[Run]) -> None:
         # R[0][t] (base model), R[t][t] (right after training on t) and R[T][t] (final), per task
         "base": column(lambda j: 0), "just_trained": column(lambda j: j + 1), "final": column(lambda j: t_count),
         # in how many of the group's complete runs each higher-is-better task was base-solved
-        "base_solved": {t: sum(t in (r.metrics.get("base_solved") or []) for r in runs)
+        "base_solved": {t: sum(t in (_metrics(r).get("base_solved") or []) for r in runs)
                         for t in tasks if first["higher_is_better"][t]},
         "base_solved_margin": first.get("base_solved_margin"),
         "matrices": matrices,
@@ -232,7 +239,7 @@ def _aggregate_stream(group: Group, runs: list[Run]) -> None:
 
 
 def _aggregate_group(group: Group) -> None:
-    runs = [r for r in group.complete if r.metrics]
+    runs = [r for r in group.complete if _metrics(r)]
     if not runs:
         return
     if group.kind == "stream":
@@ -279,7 +286,7 @@ def _aggregate_group(group: Group) -> None:
 def _aggregate_retention(group: Group, runs: list[Run]) -> None:
     """Each retention task's primary metric: its base value and its drop after every period (means over the
     group's runs with t intervals), and for one run the item-bootstrap interval of its final drop."""
-    tracks = [(r.metrics or {}).get("retention") for r in runs]
+    tracks: list[Any] = [(r.metrics or {}).get("retention") for r in runs]
     if not tracks or not all(tracks):
         return
     for task, metric in tracks[0]["primary_metric"].items():

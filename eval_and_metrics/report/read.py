@@ -279,7 +279,7 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
             continue
         if _dir_token(directory) != token:
             continue
-        common = {"index": k, "name": name, "scores": scores.get("by_period") or {},
+        common: dict[str, Any] = {"index": k, "name": name, "scores": scores.get("by_period") or {},
                   "extras": scores.get("extras") or {}, "train": manifest.get("train") or {},
                   "trainable_sha256": manifest.get("trainable_sha256")}
         if stream is None:
@@ -308,8 +308,10 @@ def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
     metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names,
                              [r.prediction for r in run.rows])
     for family in FAMILIES:
-        logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names,
-                               select=lambda p, family=family: p.family == family)
+        def of_family(p: Any, family: str = family) -> bool:
+            return bool(p.family == family)
+
+        logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names, select=of_family)
         metrics[f"matrix_{family}_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
     return metrics
 
@@ -374,7 +376,7 @@ def _cross_check_results(run: Run) -> None:
         if key.startswith(ANSWER_VIEWS) and key not in theirs:
             continue  # written before the answer kinds existed: nothing to disagree with
         a, b = ours.get(key), theirs.get(key)
-        if (a is None) != (b is None) or (a is not None and abs(float(a) - float(b)) > 1e-9):
+        if (a is None) != (b is None) or (a is not None and b is not None and abs(float(a) - float(b)) > 1e-9):
             diffs.append(f"{key} {b} vs {a}")
     last = run.rows[-1].trainable_sha256
     if saved.get("final_state_sha256") and last and saved["final_state_sha256"] != last:
@@ -534,7 +536,11 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
         if hints:
             run.reason += "; " + "; ".join(hints)
     if run.status == "complete":
-        run.metrics = _recompute_stream_metrics(run, stream) if stream else _recompute_metrics(run, bench)
+        if stream:
+            run.metrics = _recompute_stream_metrics(run, stream)
+        else:
+            assert bench is not None  # a temporal run without its benchmark returned above
+            run.metrics = _recompute_metrics(run, bench)
         _recompute_retention(run)
         _cross_check_results(run)
 

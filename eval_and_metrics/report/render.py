@@ -436,9 +436,10 @@ def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots:
             if figures:
                 parts.append("<div class='plots'>" + "".join(figures[:12]) + "</div>")
     parts.append("<h2>All runs</h2>")
-    rows = [[r.run_id, r.benchmark, r.method, r.seed, _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
-             f"{r.num_committed}/{r.num_periods or '?'}", "; ".join(r.warnings)] for r in runs]
-    parts.append(_html_table(["run", "benchmark", "method", "seed", "status", "periods", "warnings"], rows))
+    all_rows: list[list[Any]] = [
+        [r.run_id, r.benchmark, r.method, r.seed, _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
+         f"{r.num_committed}/{r.num_periods or '?'}", "; ".join(r.warnings)] for r in runs]
+    parts.append(_html_table(["run", "benchmark", "method", "seed", "status", "periods", "warnings"], all_rows))
     parts.append("<h2>Configs</h2><p class='note'>The resolved config.yaml of the first run of each group; "
                  "the other runs differ only in the seed.</p>")
     for g in groups:

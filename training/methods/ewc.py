@@ -31,7 +31,7 @@ is computed on the host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -119,7 +119,7 @@ def fisher_stats(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"sum": float(flat.sum()), "mean": float(flat.mean()), "max": float(flat.max())}
 
 
-def ewc_penalty(params: dict[str, torch.Tensor], fishers: Sequence[dict[str, torch.Tensor]],
+def ewc_penalty(params: Mapping[str, torch.Tensor], fishers: Sequence[dict[str, torch.Tensor]],
                 anchors: Sequence[dict[str, torch.Tensor]], lam: float) -> torch.Tensor:
     """(lam / 2) * sum over pairs and parameters of F * (theta - theta*)^2, in fp32."""
     total: torch.Tensor | None = None

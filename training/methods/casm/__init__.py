@@ -233,6 +233,7 @@ class ContradictionAwareSparseMemory(Method):
                     skey = f"{period.name}|{key[0]}|{key[1]}"
                     n = int(mask[row].sum())
                     for layer, mem in self.memories.items():
+                        assert mem.last_lookup is not None  # keep_lookup: every forward above stored it
                         idx, w = mem.last_lookup
                         acc = weight_by_key.setdefault(skey, {}).setdefault(layer, torch.zeros(mem.num_slots))
                         acc.index_add_(0, idx[row, :n].reshape(-1).cpu(), w[row, :n].reshape(-1).float().cpu())
@@ -268,6 +269,7 @@ class ContradictionAwareSparseMemory(Method):
 
     # -- state -----------------------------------------------------------------------------
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        assert self.router is not None  # prepare() attached it
         state = memory_state_dict(model)
         state.update({f"{ROUTER_ATTR}.{n}": p.detach().clone() for n, p in self.router.named_parameters()})
         return state

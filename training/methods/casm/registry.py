@@ -260,10 +260,10 @@ def build_registry(statements: Sequence[Statement], period_order: Sequence[str],
         uf.find(st.skeleton)
     # Co-statements: one subject and value in one period under two wordings -> one relation.
     for period, sts in by_period.items():
-        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        wordings: dict[tuple[str, str], list[str]] = defaultdict(list)
         for st in sts:
-            groups[(st.subject, st.value)].append(st.skeleton)
-        for skels in groups.values():
+            wordings[(st.subject, st.value)].append(st.skeleton)
+        for skels in wordings.values():
             for other in skels[1:]:
                 uf.union(skels[0], other)
 
@@ -314,7 +314,7 @@ def build_registry(statements: Sequence[Statement], period_order: Sequence[str],
                     versions[-1]["confirmed_in"].append(period)
                 continue
             vid = f"{fact_id} @ {period}"
-            version = {"id": vid, "value": value, "valid_from": period, "valid_until": None,
+            version: dict[str, Any] = {"id": vid, "value": value, "valid_from": period, "valid_until": None,
                        "parent": versions[-1]["id"] if versions else None, "contradicts": [],
                        "contradicted_by": [], "confirmed_in": [period], "evidence": {period: list(texts)},
                        "slot": slots.get(f"{period}|{subj}|{value}")}

@@ -126,7 +126,8 @@ class PeriodRouting:
     def attach(self, model: nn.Module, memories: dict[int, ProductKeyMemory]) -> PeriodRouter:
         """Add the router (frozen until its first period trains it) and the hook that routes every forward."""
         self.memories = memories
-        hidden = int(model.config.hidden_size)
+        hf_config: Any = model.config  # a transformers model's config; nn.Module's __getattr__ types it Tensor | Module
+        hidden = int(hf_config.hidden_size)
         ref = next(iter(self.memories.values())).values[0]
         self.router = PeriodRouter(hidden, self.cfg.router_hidden, len(self.period_names),
                                    derive_seed(self.ctx.seed, "casm", "router")).to(ref.device)
@@ -137,7 +138,7 @@ class PeriodRouting:
         self.router_layer = min(self.cfg.router_layer, min(self.memories))
         decoder_layers(model)[self.router_layer].register_forward_pre_hook(self._route_hook, with_kwargs=True)
         # the router pools over the whole row: a packed row would let one choice steer another's route
-        decoder_layers(model)[self.router_layer].mixes_positions = True
+        decoder_layers(model)[self.router_layer].mixes_positions = True  # type: ignore[assignment]  # a plain flag: nn.Module.__setattr__ is typed for tensors and modules
         return self.router
 
     def forget_history(self) -> None:
@@ -298,7 +299,7 @@ class PeriodRouting:
         model.eval()
         out: dict[str, torch.Tensor] | None = None
         self._stop_after_capture = True
-        stream_dtype = model.get_input_embeddings().weight.dtype
+        stream_dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]  # a transformers model's method
         try:
             for chunk, ids, mask in self.text_batches(texts):
                 self._capture = []

@@ -4,7 +4,7 @@ attention mask, the optimizer group of their value tables, and their compact che
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,10 +18,10 @@ def _attach_hook(mlp: nn.Module, memory: ProductKeyMemory) -> None:
     mlp.add_module(MEMORY_ATTR, memory)
     # a token's lookup reads its own hidden state, unless the query is the prefix mean: shared-context
     # scoring (eval_and_metrics/evaluate.py packed_mask_kind) may pack rows only in the first case
-    mlp.mixes_positions = memory.query_input == "prefix_mean"
+    mlp.mixes_positions = memory.query_input == "prefix_mean"  # type: ignore[assignment]  # a plain flag: nn.Module.__setattr__ is typed for tensors and modules
 
     def add_memory(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + module.memory(args[0])
+        return output + cast(nn.Module, module.memory)(args[0])
 
     mlp.register_forward_hook(add_memory)
 
@@ -57,11 +57,12 @@ def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed:
     chosen = resolve_layers(list(opts.layers), len(layers), section)
     memories: dict[int, ProductKeyMemory] = {}
     for i in chosen:
-        mlp = layers[i].mlp
+        mlp = cast(nn.Module, layers[i].mlp)  # decoder_layers found an .mlp submodule on every layer
         if hasattr(mlp, MEMORY_ATTR):
             raise ValueError(f"layer {i} already has a memory; prepare() was called twice")
         ref = next(mlp.parameters())
-        hidden = int(model.config.hidden_size)
+        hf_config: Any = model.config  # a transformers model's config; nn.Module's __getattr__ types it Tensor | Module
+        hidden = int(hf_config.hidden_size)
         # float32 whatever the backbone holds: the values train (master weights, training/models.py) and
         # the layer's own weights may be bf16 or packed 4-bit bytes (uint8), never a memory's dtype
         memories[i] = ProductKeyMemory(hidden, opts, num_banks, derive_seed(seed, section, "memory", i),
@@ -82,7 +83,7 @@ def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -
             mem.past_len = past
 
     model.register_forward_pre_hook(grab, with_kwargs=True)
-    model.mixes_positions = False  # it only hands the memories the mask; packed_mask_kind may pack
+    model.mixes_positions = False  # type: ignore[assignment]  # (a plain flag, as above) it only hands the memories the mask; packed_mask_kind may pack
 
 
 def value_group(params: list[nn.Parameter], opts: MemoryOptions, default_lr: float) -> dict[str, Any]:
