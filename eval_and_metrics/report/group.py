@@ -32,8 +32,7 @@ def mean_ci(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str, 
 
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(xs)
-    out: dict[str, Any] = {"n": n, "mean": None, "sd": None, "half": None, "low": None, "high": None,
-                           "values": xs}
+    out: dict[str, Any] = {"n": n, "mean": None, "sd": None, "half": None, "low": None, "high": None, "values": xs}
     if n == 0:
         return out
     mean = sum(xs) / n
@@ -87,17 +86,30 @@ class Group:
         return sorted((r.seed for r in self.complete), key=lambda s: (s is None, s))
 
     def to_json(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "model": self.model, "method": self.method, "variant": self.variant,
-                "label": self.label, "period_names": self.period_names, "n": self.n, "seeds": self.seeds,
-                "runs": [r.run_id for r in self.runs], "complete_runs": [r.run_id for r in self.complete],
-                "metrics": self.metrics, "per_period": self.per_period,
-                # a stream's matrix is of each task's primary metric, not EM: it is under "stream"
-                "matrix_storage_em_mean": self.matrix_mean if self.kind == "temporal" else None,
-                "matrix_storage_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
-                "forgetting_curve": self.forgetting_curve,
-                "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape,
-                "retention": self.retention,
-                "kind": self.kind, "stream": self.stream or None}
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "method": self.method,
+            "variant": self.variant,
+            "label": self.label,
+            "period_names": self.period_names,
+            "n": self.n,
+            "seeds": self.seeds,
+            "runs": [r.run_id for r in self.runs],
+            "complete_runs": [r.run_id for r in self.complete],
+            "metrics": self.metrics,
+            "per_period": self.per_period,
+            # a stream's matrix is of each task's primary metric, not EM: it is under "stream"
+            "matrix_storage_em_mean": self.matrix_mean if self.kind == "temporal" else None,
+            "matrix_storage_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
+            "forgetting_curve": self.forgetting_curve,
+            "method_extras": self.extras,
+            "lm_eval": self.lm_eval,
+            "landscape": self.landscape,
+            "retention": self.retention,
+            "kind": self.kind,
+            "stream": self.stream or None,
+        }
 
 
 def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | None]:
@@ -224,15 +236,24 @@ def _aggregate_stream(group: Group, runs: list[Run]) -> None:
             aggs = [mean_ci(_metrics(r)["matrices"][t][metric][k] for r in runs) for k in range(t_count + 1)]
             matrices[t][metric] = {"mean": [a["mean"] for a in aggs], "ci95_half": [a["half"] for a in aggs]}
     group.stream = {
-        "order": runs[0].stream_order, "tasks": tasks, "primary_metric": dict(first["primary_metric"]),
+        "order": runs[0].stream_order,
+        "tasks": tasks,
+        "primary_metric": dict(first["primary_metric"]),
         "higher_is_better": dict(first["higher_is_better"]),
-        "scorers": {t: first["scorers"][t]["name"] for t in tasks}, "eval_counts": dict(first["eval_counts"]),
-        "matrix_mean": group.matrix_mean, "matrix_ci95_half": group.matrix_half,
+        "scorers": {t: first["scorers"][t]["name"] for t in tasks},
+        "eval_counts": dict(first["eval_counts"]),
+        "matrix_mean": group.matrix_mean,
+        "matrix_ci95_half": group.matrix_half,
         # R[0][t] (base model), R[t][t] (right after training on t) and R[T][t] (final), per task
-        "base": column(lambda j: 0), "just_trained": column(lambda j: j + 1), "final": column(lambda j: t_count),
+        "base": column(lambda j: 0),
+        "just_trained": column(lambda j: j + 1),
+        "final": column(lambda j: t_count),
         # in how many of the group's complete runs each higher-is-better task was base-solved
-        "base_solved": {t: sum(t in (_metrics(r).get("base_solved") or []) for r in runs)
-                        for t in tasks if first["higher_is_better"][t]},
+        "base_solved": {
+            t: sum(t in (_metrics(r).get("base_solved") or []) for r in runs)
+            for t in tasks
+            if first["higher_is_better"][t]
+        },
         "base_solved_margin": first.get("base_solved_margin"),
         "matrices": matrices,
     }
@@ -317,10 +338,16 @@ def build_groups(runs: Sequence[Run]) -> list[Group]:
         bench, fp = key[0], key[1]
         bench_label = bench if len(fingerprints[bench]) == 1 else f"{bench} [data {fp[:8]}]"
         bound = " (bound)" if any(r.is_bound for r in by_key[key]) else ""
-        group = Group(benchmark=bench_label, model=key[2], method=key[3], variant=key[4], label=labels[key] + bound,
-                      period_names=by_key[key][0].period_names, kind=by_key[key][0].kind,
-                      runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)))
+        group = Group(
+            benchmark=bench_label,
+            model=key[2],
+            method=key[3],
+            variant=key[4],
+            label=labels[key] + bound,
+            period_names=by_key[key][0].period_names,
+            kind=by_key[key][0].kind,
+            runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)),
+        )
         _aggregate_group(group)
         groups.append(group)
     return groups
-

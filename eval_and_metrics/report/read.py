@@ -84,12 +84,16 @@ class StreamData:
     @classmethod
     def from_stream(cls, stream: Stream) -> StreamData:
         registry = _scorer_registry()
-        unknown = [f"task {t.name!r}: scorer {t.scorer!r} is not registered" for t in stream.tasks
-                   if t.scorer not in registry]
+        unknown = [
+            f"task {t.name!r}: scorer {t.scorer!r} is not registered" for t in stream.tasks if t.scorer not in registry
+        ]
         if unknown:
             raise ValueError(f"data/{STREAM_FILE}: " + "; ".join(unknown) + f" (valid: {', '.join(registry)})")
-        return cls(stream=stream, scorers={t.name: registry[t.scorer]() for t in stream.tasks},
-                   eval_ids={t.name: frozenset(x.id for x in t.eval) for t in stream.tasks})
+        return cls(
+            stream=stream,
+            scorers={t.name: registry[t.scorer]() for t in stream.tasks},
+            eval_ids={t.name: frozenset(x.id for x in t.eval) for t in stream.tasks},
+        )
 
     def summarise(self, preds: list[dict[str, Any]], where: str) -> dict[str, dict[str, Any]]:
         """One row's {task: metrics} re-aggregated from its predictions, after checking that they score
@@ -108,8 +112,9 @@ class StreamData:
         for task in self.task_names:
             missing = sorted(self.eval_ids[task] - seen[task])
             if missing:
-                raise ValueError(f"{where}: task {task!r}: {len(missing)} eval item(s) without a prediction, "
-                                 f"first {missing[0]!r}")
+                raise ValueError(
+                    f"{where}: task {task!r}: {len(missing)} eval item(s) without a prediction, first {missing[0]!r}"
+                )
         return row_summary(self.task_names, self.scorers, preds)
 
 
@@ -251,8 +256,9 @@ def _read_subresult(row_dir: Path, sub: str, filename: str, run: Run, label: str
         return None
 
 
-def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
-              stream: StreamData | None = None) -> tuple[PeriodRow, dict[str, Any]] | str | None:
+def _read_row(
+    directory: Path, k: int, name: str, run: Run, attempts: int = 3, stream: StreamData | None = None
+) -> tuple[PeriodRow, dict[str, Any]] | str | None:
     """Verify one period dir and read it, all within one unchanged state of the dir.
 
     For a stream run (`stream` given) the row's predictions are checked against the stream's eval
@@ -279,22 +285,32 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
             continue
         if _dir_token(directory) != token:
             continue
-        common: dict[str, Any] = {"index": k, "name": name, "scores": scores.get("by_period") or {},
-                  "extras": scores.get("extras") or {}, "train": manifest.get("train") or {},
-                  "trainable_sha256": manifest.get("trainable_sha256")}
+        common: dict[str, Any] = {
+            "index": k,
+            "name": name,
+            "scores": scores.get("by_period") or {},
+            "extras": scores.get("extras") or {},
+            "train": manifest.get("train") or {},
+            "trainable_sha256": manifest.get("trainable_sha256"),
+        }
         if stream is None:
-            row = PeriodRow(**common, em={r["id"]: r["em"] for r in preds}, f1={r["id"]: r["f1"] for r in preds},
-                            logprob={r["id"]: r["logprob"] for r in preds},
-                            prediction={r["id"]: r["prediction"] for r in preds})
+            row = PeriodRow(
+                **common,
+                em={r["id"]: r["em"] for r in preds},
+                f1={r["id"]: r["f1"] for r in preds},
+                logprob={r["id"]: r["logprob"] for r in preds},
+                prediction={r["id"]: r["prediction"] for r in preds},
+            )
         else:
             where = f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{PREDICTIONS_FILE}"
             row = PeriodRow(**common, task_scores=stream.summarise(preds, where))
             # scores.json is in the manifest, so it can only disagree if whatever wrote it aggregated differently
             diffs = _differences(row.task_scores, row.scores, "")
             if diffs:
-                run.warnings.append(f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{SCORES_FILE} disagrees with its "
-                                    "re-aggregated predictions (used the latter): "
-                                    + "; ".join(d.lstrip(".") for d in diffs[:4]))
+                run.warnings.append(
+                    f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{SCORES_FILE} disagrees with its "
+                    "re-aggregated predictions (used the latter): " + "; ".join(d.lstrip(".") for d in diffs[:4])
+                )
         if (directory / EVAL_DIR / RETENTION_FILE).is_file():  # in the manifest: verified above
             row.retention = read_jsonl(directory / EVAL_DIR / RETENTION_FILE)
         row.landscape = _read_subresult(directory, LANDSCAPE_DIR, LANDSCAPE_FILE, run, "loss landscape")
@@ -305,9 +321,11 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
 
 def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
     probes = bench.all_probes()
-    metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names,
-                             [r.prediction for r in run.rows])
+    metrics = derive_metrics(
+        [r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names, [r.prediction for r in run.rows]
+    )
     for family in FAMILIES:
+
         def of_family(p: Any, family: str = family) -> bool:
             return bool(p.family == family)
 
@@ -318,8 +336,13 @@ def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
 
 def _recompute_stream_metrics(run: Run, stream: StreamData) -> dict[str, Any]:
     tasks = stream.stream.tasks
-    return derive_from_summaries([t.name for t in tasks], [t.scorer for t in tasks], stream.scorers,
-                                 [len(t.eval) for t in tasks], [r.task_scores for r in run.rows])
+    return derive_from_summaries(
+        [t.name for t in tasks],
+        [t.scorer for t in tasks],
+        stream.scorers,
+        [len(t.eval) for t in tasks],
+        [r.task_scores for r in run.rows],
+    )
 
 
 def _recompute_retention(run: Run) -> None:
@@ -382,8 +405,9 @@ def _cross_check_results(run: Run) -> None:
     if saved.get("final_state_sha256") and last and saved["final_state_sha256"] != last:
         diffs.append("final_state_sha256 differs from the last period's trainable_sha256")
     if diffs:
-        run.warnings.append("results.json disagrees with the committed predictions (used the latter): "
-                            + "; ".join(diffs[:4]))
+        run.warnings.append(
+            "results.json disagrees with the committed predictions (used the latter): " + "; ".join(diffs[:4])
+        )
 
 
 class _InFlux(Exception):
@@ -418,8 +442,11 @@ def _confidence_trace(run_dir: Path, committed: int) -> list[tuple[int, int, flo
         rows = RunDir(run_dir).log_rows()
     except (OSError, ValueError):
         return []
-    trace = [(int(r["period"]), int(r["step"]), float(r["casmo_confidence"]), bool(r.get("casmo_calibrating")))
-             for r in rows if r.get("event") == "train" and "casmo_confidence" in r and r.get("period", 0) <= committed]
+    trace = [
+        (int(r["period"]), int(r["step"]), float(r["casmo_confidence"]), bool(r.get("casmo_calibrating")))
+        for r in rows
+        if r.get("event") == "train" and "casmo_confidence" in r and r.get("period", 0) <= committed
+    ]
     return sorted(trace)
 
 
@@ -482,8 +509,10 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
         row, manifest = got
         expected_hash = expected_hash or manifest.get("config_hash")
         if manifest.get("config_hash") != expected_hash:
-            problem = (f"periods/{directory.name} was committed under config hash "
-                       f"{str(manifest.get('config_hash'))[:8]}, the run has {str(expected_hash)[:8]}")
+            problem = (
+                f"periods/{directory.name} was committed under config hash "
+                f"{str(manifest.get('config_hash'))[:8]}, the run has {str(expected_hash)[:8]}"
+            )
             break
         if manifest.get("data_fingerprint") not in (None, run.fingerprint):
             problem = f"periods/{directory.name} was evaluated on other data (fingerprint differs)"
@@ -504,8 +533,9 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
         unknown = [e for e in stray if e not in known]
         later = [e for e in stray if e in known]
         if unknown:
-            run.warnings.append(f"period dirs not in the {'stream' if stream else 'benchmark'} ignored: "
-                                f"{', '.join(unknown)}")
+            run.warnings.append(
+                f"period dirs not in the {'stream' if stream else 'benchmark'} ignored: {', '.join(unknown)}"
+            )
         if later:
             missing = period_dir_name(len(run.rows), names[len(run.rows)]) if len(run.rows) < len(names) else "?"
             # A writer re-committing that dir (commit_dir) leaves it absent for the instant between its
@@ -530,9 +560,11 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             run.reason = f"{run.num_committed} of {t_count} {run.unit} committed; writer alive ({who})"
         else:
             run.status = "partial"
-            run.reason = (f"{run.num_committed} of {t_count} {run.unit} committed"
-                          + ("" if run.rows else " (not even the base row)")
-                          + "; no live writer (killed, preempted or crashed)")
+            run.reason = (
+                f"{run.num_committed} of {t_count} {run.unit} committed"
+                + ("" if run.rows else " (not even the base row)")
+                + "; no live writer (killed, preempted or crashed)"
+            )
         if hints:
             run.reason += "; " + "; ".join(hints)
     if run.status == "complete":
@@ -582,4 +614,3 @@ def gather(root: Path, skip: Iterable[Path] = (), jobs: int = 4) -> list[Run]:
         _scorer_registry()  # the torch import, once, before the reader threads start
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # hashing releases the GIL
         return list(pool.map(lambda d: read_run(d, benches), dirs))
-

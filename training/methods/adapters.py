@@ -50,8 +50,14 @@ def param_adapter(param_name: str) -> int | None:
 
 def _peft_config(cfg: LoraOptions) -> LoraConfig:
     # peft annotates lora_alpha as int, but takes a float (its scaling is alpha / r)
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,  # type: ignore[arg-type]
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -62,7 +68,7 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
 def adapters(model: nn.Module) -> list[int]:
     """Period indices of the adapters the model holds, ascending."""
     peft_config: dict[str, Any] = model.peft_config  # type: ignore[assignment]  # a PeftModel's adapter configs
-    return sorted(int(n[len(PREFIX):]) for n in peft_config if n.startswith(PREFIX))
+    return sorted(int(n[len(PREFIX) :]) for n in peft_config if n.startswith(PREFIX))
 
 
 def lora_pair(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +130,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if param_adapter(n) is not None}
 
 
-def load_adapter_state(model: nn.Module, cfg: LoraOptions, state: dict[str, torch.Tensor], method: str,
-                       seed_of: Any) -> None:
+def load_adapter_state(
+    model: nn.Module, cfg: LoraOptions, state: dict[str, torch.Tensor], method: str, seed_of: Any
+) -> None:
     """Load `state` (from adapter_state), first creating the adapters it holds that the model lacks.
 
     `seed_of(k)` gives adapter k's init seed; the init is overwritten here, but creating it the usual

@@ -149,8 +149,9 @@ class ContradictionAwareSparseMemory(Method):
         self.log = [entry for entry in self.log if entry[0] != period.name] + [[period.name, list(texts)]]
         self._rebuild_registry()
         # what the router rehearses while this period trains: earlier periods' passages, re-dated
-        self.routing.replay = self.routing.rehearsal_set(model, self.log, [p for p, _ in self.log if p != period.name],
-                                                         period.index)
+        self.routing.replay = self.routing.rehearsal_set(
+            model, self.log, [p for p, _ in self.log if p != period.name], period.index
+        )
         if self.cfg.rewrite_evidence:
             texts = texts + rewritten_evidence(self.registry, period.name, texts)
         if not self.cfg.skip_restated:
@@ -180,8 +181,10 @@ class ContradictionAwareSparseMemory(Method):
         for p in self.router.parameters():
             p.requires_grad_(True)
         self.updater.start_recording()
-        return [value_group(values, self.cfg, self.ctx.lr),
-                {"params": list(self.router.parameters()), "lr": self.cfg.router_lr}]
+        return [
+            value_group(values, self.cfg, self.ctx.lr),
+            {"params": list(self.router.parameters()), "lr": self.cfg.router_lr},
+        ]
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         self.micro_count += 1
@@ -249,7 +252,7 @@ class ContradictionAwareSparseMemory(Method):
             for layer, acc in per_layer.items():
                 written = self.memories[layer].values[bank].detach().abs().sum(-1).cpu() > 0
                 acc = acc * written  # only slots this period's bank actually holds content in
-                top = torch.sort(-acc, stable=True).indices[:self.cfg.slots_per_version]
+                top = torch.sort(-acc, stable=True).indices[: self.cfg.slots_per_version]
                 entry["layers"][str(layer)] = [int(i) for i in top if acc[i] > 0]
             slots[skey] = entry
         return slots
@@ -263,9 +266,13 @@ class ContradictionAwareSparseMemory(Method):
         routes = self.routing.route_prompts(model, [p.prompt for p in probes])
         routed = {p.id: self.period_names[r] for p, r in zip(probes, routes)}
         seen = [p for p in probes if self.period_names.index(p.period) < self.current]
-        return {"routing_accuracy": routing_accuracy(routed, probes),
-                "routing_accuracy_seen": routing_accuracy(routed, seen),
-                "routed": routed, "registry_summary": summary, "registry": self.registry}
+        return {
+            "routing_accuracy": routing_accuracy(routed, probes),
+            "routing_accuracy_seen": routing_accuracy(routed, seen),
+            "routed": routed,
+            "registry_summary": summary,
+            "registry": self.registry,
+        }
 
     # -- state -----------------------------------------------------------------------------
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -281,8 +288,14 @@ class ContradictionAwareSparseMemory(Method):
 
     def state_dict(self) -> dict[str, Any]:
         assert self.updater is not None
-        return {"current": self.current, "log": [[p, list(t)] for p, t in self.log], "slots": dict(self.slots),
-                "registry": self.registry, "access": self.updater.state_dict(), "micro_count": self.micro_count}
+        return {
+            "current": self.current,
+            "log": [[p, list(t)] for p, t in self.log],
+            "slots": dict(self.slots),
+            "registry": self.registry,
+            "access": self.updater.state_dict(),
+            "micro_count": self.micro_count,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         assert self.updater is not None

@@ -34,8 +34,14 @@ def tfidf_top_t(counts: torch.Tensor, doc_freq: torch.Tensor, num_docs: int, top
 
 
 @torch.no_grad()
-def read_background(model: nn.Module, memories: dict[int, ProductKeyMemory], tokenizer: Any, texts: list[str],
-                    max_len: int, batch_size: int = 16) -> tuple[dict[int, torch.Tensor], int]:
+def read_background(
+    model: nn.Module,
+    memories: dict[int, ProductKeyMemory],
+    tokenizer: Any,
+    texts: list[str],
+    max_len: int,
+    batch_size: int = 16,
+) -> tuple[dict[int, torch.Tensor], int]:
     """Document frequencies of every slot over `texts` (one document per text, tokenised as training
     tokenises passages), read by the model as it is now: (per memory layer, how many texts read the
     slot), and the number of texts."""
@@ -48,7 +54,7 @@ def read_background(model: nn.Module, memories: dict[int, ProductKeyMemory], tok
         data = tokenize(tokenizer, texts, max_len)
         with eval_mode(model):
             for start in range(0, len(data.token_ids), batch_size):
-                batch = collate(data.token_ids[start:start + batch_size], tokenizer.pad_token_id)
+                batch = collate(data.token_ids[start : start + batch_size], tokenizer.pad_token_id)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         return {i: c.cpu().clone() for i, c in counts.items()}, len(texts)
     finally:

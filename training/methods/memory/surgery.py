@@ -43,13 +43,16 @@ def resolve_layers(requested: list[int], num_layers: int, section: str) -> list[
         return [(3 * num_layers) // 4]
     out = sorted({i % num_layers for i in requested if -num_layers <= i < num_layers})
     if len(out) != len(set(requested)):
-        raise ValueError(f"method.{section}.layers {requested} must be distinct indices in "
-                         f"[{-num_layers}, {num_layers - 1}] for this {num_layers}-layer model")
+        raise ValueError(
+            f"method.{section}.layers {requested} must be distinct indices in "
+            f"[{-num_layers}, {num_layers - 1}] for this {num_layers}-layer model"
+        )
     return out
 
 
-def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed: int,
-                    section: str) -> dict[int, ProductKeyMemory]:
+def attach_memories(
+    model: nn.Module, opts: MemoryOptions, num_banks: int, seed: int, section: str
+) -> dict[int, ProductKeyMemory]:
     """Freeze the backbone and add a memory next to the FFN of each chosen layer."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -65,14 +68,16 @@ def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed:
         hidden = int(hf_config.hidden_size)
         # float32 whatever the backbone holds: the values train (master weights, training/models.py) and
         # the layer's own weights may be bf16 or packed 4-bit bytes (uint8), never a memory's dtype
-        memories[i] = ProductKeyMemory(hidden, opts, num_banks, derive_seed(seed, section, "memory", i),
-                                       torch.float32, ref.device)
+        memories[i] = ProductKeyMemory(
+            hidden, opts, num_banks, derive_seed(seed, section, "memory", i), torch.float32, ref.device
+        )
         _attach_hook(mlp, memories[i])
     return memories
 
 
 def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -> None:
     """Give the memories the attention mask of each forward, so padding never counts as an access."""
+
     def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
@@ -123,8 +128,9 @@ def memory_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str,
-                           extra: tuple[str, ...] = ()) -> None:
+def load_memory_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, extra: tuple[str, ...] = ()
+) -> None:
     """Inverse of memory_state_dict (plus the named `extra` dense tensors); a missing or unknown
     name is an error, as in Method.load_trainable_state_dict."""
     params = dict(model.named_parameters())
@@ -140,7 +146,7 @@ def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], nam
             if n.endswith(DATA):
                 continue
             if n.endswith(ROWS):
-                base = n[:-len(ROWS)]
+                base = n[: -len(ROWS)]
                 table = params[base]
                 table.zero_()
                 rows = state[n].to(table.device, torch.long)
