@@ -148,10 +148,10 @@ def _harness():
         os.write(result_fd, token)
 
 _harness()
-"""
+"""  # noqa: UP031 - see above
     % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE}
     + _HARNESS_EXIT
-)  # noqa: UP031 - see above
+)
 
 _CHECK_FILE = "check.json"  # the tests of a checked run; read and removed before the program starts
 
@@ -331,10 +331,10 @@ def checker():
     os.write(result_fd, token)
 
 checker()
-"""
+"""  # noqa: UP031 - braces
     % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE}
     + _HARNESS_EXIT
-)  # noqa: UP031 - braces
+)
 
 
 @dataclass(frozen=True)
@@ -934,8 +934,8 @@ def _supervise(config_json: str) -> None:
             pass_fds=(token_fd, result_fd),
             close_fds=True,
             start_new_session=True,
-            preexec_fn=limit_and_drop,
-        )  # noqa: PLW1509 - single-threaded supervisor, see above
+            preexec_fn=limit_and_drop,  # noqa: PLW1509 - single-threaded supervisor, see above
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         status["error"] = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, BlockingIOError):

@@ -411,7 +411,8 @@ def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], 
                 any(g.lm_eval for g in gs),
                 "General ability (lm-eval), change vs the base model",
                 (
-                    "Δ = score after the period − the same run's base score; for a metric marked LOWER (e.g. perplexity, "
+                    "Δ = score after the period − the same run's base score; for a metric marked LOWER "
+                    "(e.g. perplexity, "
                     "CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is an improvement."
                 ),
                 _lm_eval_rows,
@@ -420,7 +421,8 @@ def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], 
                 any(g.retention for g in gs),
                 "Retention: held-out tasks, drop vs the base model",
                 (
-                    "drop = base − value for a higher-is-better metric, value − base for a LOWER one, so a positive drop is "
+                    "drop = base − value for a higher-is-better metric, value − base for a LOWER one, "
+                    "so a positive drop is "
                     "ability lost in both; relative drop = drop / |base| (docs/metrics.md, section 11)."
                 ),
                 _retention_rows,

@@ -52,8 +52,8 @@ def _peft_config(cfg: LoraOptions) -> LoraConfig:
     # peft annotates lora_alpha as int, but takes a float (its scaling is alpha / r)
     return LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,  # type: ignore[arg-type]
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+        lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
