@@ -36,8 +36,9 @@ _DIR_MODE = 0o777 & ~_UMASK
 # errnos that mean "this storage cannot take the write", as opposed to a bug: the user must act
 # (free space, raise a quota, pick a writable --run-root) and then rerun to resume.
 # ENOTDIR: a run root below a regular file, an unwritable root like any other.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                            errno.ENOTDIR})
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
 
 
 class StorageError(OSError):
@@ -275,8 +276,13 @@ def read_regular_bytes(path: StrPath, max_bytes: int = MAX_SMALL_FILE_BYTES, fol
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
-                    else "a device or socket")
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(info.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(info.st_mode)
+                else "a device or socket"
+            )
             raise UnreadableFileError(f"{path}: is {kind}, not a regular file")
         if info.st_size > max_bytes:
             raise UnreadableFileError(f"{path}: {info.st_size} bytes, over the {max_bytes} bytes this file may have")

@@ -66,9 +66,7 @@ class StepCheckpoints:
                 out.append((int(m.group(1)), entry))
         return sorted(out)
 
-    def save(
-        self, step: int, write_fn: Callable[[Path], None], manifest_fields: dict[str, Any]
-    ) -> Path:
+    def save(self, step: int, write_fn: Callable[[Path], None], manifest_fields: dict[str, Any]) -> Path:
         """Write a checkpoint via ``write_fn(tmp_dir)``, commit it as ``step-<step>``, prune; return its path.
 
         A step that is already committed is replaced (e.g. a job preempted again right after resuming).

@@ -14,8 +14,15 @@ from typing import Any
 # Settings that change how a run executes, not what it computes: they stay out of the config hash and
 # of the resume check, so a run continues after a change of world size, strategy or progress bars.
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("progress", "strategy", "gradient_checkpointing", "deterministic",
-              "collective_timeout_s", "rendezvous_timeout_s")}
+    "train": (
+        "progress",
+        "strategy",
+        "gradient_checkpointing",
+        "deterministic",
+        "collective_timeout_s",
+        "rendezvous_timeout_s",
+    )
+}
 # Runtime keys that left the config (training/config.py RETIRED_KEYS says what replaced each): a config
 # saved while they were fields still holds them, and they stay out of the identity as before.
 RETIRED_RUNTIME_KEYS: dict[str, tuple[str, ...]] = {"train": ("step_sleep",)}

@@ -120,8 +120,9 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise UnsafePathError(f"{self.path} is a symbolic link; refusing to follow it out of the run "
-                                      "directory") from None
+                raise UnsafePathError(
+                    f"{self.path} is a symbolic link; refusing to follow it out of the run directory"
+                ) from None
             storage_guard(exc, self.path)
             raise
         try:

@@ -46,8 +46,9 @@ def _list_files(directory: Path) -> list[str]:
             if name.startswith(TMP_PREFIX):
                 continue
             if os.path.islink(os.path.join(dirpath, name)):
-                raise UnsafePathError(f"{os.path.join(dirpath, name)} is a symbolic link; a committed directory "
-                                      "holds only its own files")
+                raise UnsafePathError(
+                    f"{os.path.join(dirpath, name)} is a symbolic link; a committed directory holds only its own files"
+                )
             rel = Path(dirpath, name).relative_to(directory).as_posix()
             if rel != MANIFEST_NAME:
                 out.append(rel)

@@ -259,8 +259,11 @@ def read_jsonl(path: StrPath, max_bytes: int = MAX_JSONL_BYTES) -> list[dict[str
     mid-write of an append-only log) and is skipped; one anywhere else is an UnreadableFileError naming
     the file and the line. FileNotFoundError when the file is absent (RunDir.log_rows: no log yet, []).
     """
-    lines = [(i, line) for i, line in enumerate(read_regular_text(path, max_bytes, follow_symlinks=False)
-                                                .splitlines(), start=1) if line.strip()]
+    lines = [
+        (i, line)
+        for i, line in enumerate(read_regular_text(path, max_bytes, follow_symlinks=False).splitlines(), start=1)
+        if line.strip()
+    ]
     rows = []
     for pos, (i, line) in enumerate(lines):
         try:
@@ -268,8 +271,9 @@ def read_jsonl(path: StrPath, max_bytes: int = MAX_JSONL_BYTES) -> list[dict[str
         except json.JSONDecodeError as exc:
             if pos == len(lines) - 1:
                 break  # a torn last line from a kill mid-append
-            raise UnreadableFileError(f"{path}: line {i} is not JSON ({exc.msg}) and is not the last line, "
-                                      "so it is not a torn append") from None
+            raise UnreadableFileError(
+                f"{path}: line {i} is not JSON ({exc.msg}) and is not the last line, so it is not a torn append"
+            ) from None
     return rows
 
 

@@ -33,10 +33,12 @@ class UnsafeStateError(ValueError):
 
     def __init__(self, path: StrPath, reason: str) -> None:
         self.path = Path(path)
-        super().__init__(f"refusing to load {path}: {reason}. It is not plain tensor/number/string data as this "
-                         "toolkit writes it, so it was altered or written by something else; nothing in it "
-                         "was executed. Delete that period or checkpoint directory to redo it, or check who "
-                         "wrote it")
+        super().__init__(
+            f"refusing to load {path}: {reason}. It is not plain tensor/number/string data as this "
+            "toolkit writes it, so it was altered or written by something else; nothing in it "
+            "was executed. Delete that period or checkpoint directory to redo it, or check who "
+            "wrote it"
+        )
 
 
 def save_tensors(path: StrPath, tensors: dict[str, Any]) -> None:

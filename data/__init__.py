@@ -20,14 +20,25 @@ from data.io import BENCHMARK_FILE, CASM_RAW_FILE, read_benchmark, read_casm_raw
 from data.schema import Benchmark
 from data.temporalwiki import generate
 
-__all__ = ["DataConfig", "DataError", "check_no_leakage", "generate", "load_benchmark",
-           "read_benchmark", "read_casm_built", "read_casm_raw", "write_benchmark"]
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "check_no_leakage",
+    "generate",
+    "load_benchmark",
+    "read_benchmark",
+    "read_casm_built",
+    "read_casm_raw",
+    "write_benchmark",
+]
 
 GENERATED_BENCHMARK = "temporalwiki"
 
-_ACCEPTED = (f"'{GENERATED_BENCHMARK}' (generate), a directory holding {BENCHMARK_FILE} "
-             f"(from write_benchmark), a directory holding CASM's {PASSAGES_FILE} and {PROBES_FILE}, "
-             f"or a {CASM_RAW_FILE} file or a directory holding one")
+_ACCEPTED = (
+    f"'{GENERATED_BENCHMARK}' (generate), a directory holding {BENCHMARK_FILE} "
+    f"(from write_benchmark), a directory holding CASM's {PASSAGES_FILE} and {PROBES_FILE}, "
+    f"or a {CASM_RAW_FILE} file or a directory holding one"
+)
 
 # Sources whose probes are "storage" probes, worded like the training passages on purpose: a verbatim
 # overlap is what they test, so their reader reports it as a warning and check_no_leakage is not run.
@@ -59,8 +70,10 @@ def load_benchmark(spec: str, cfg: DataConfig) -> Benchmark:
             elif (path / CASM_RAW_FILE).is_file():
                 bench = read_casm_raw(path / CASM_RAW_FILE, cfg)
             else:
-                raise DataError(f"benchmark {spec!r}: directory holds none of {BENCHMARK_FILE}, "
-                                f"{PASSAGES_FILE} + {PROBES_FILE}, {CASM_RAW_FILE}; expected {_ACCEPTED}")
+                raise DataError(
+                    f"benchmark {spec!r}: directory holds none of {BENCHMARK_FILE}, "
+                    f"{PASSAGES_FILE} + {PROBES_FILE}, {CASM_RAW_FILE}; expected {_ACCEPTED}"
+                )
         elif path.is_file() and path.name == BENCHMARK_FILE:
             bench = read_benchmark(path.parent)
         elif path.is_file() and path.name in (PASSAGES_FILE, PROBES_FILE):

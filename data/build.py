@@ -64,7 +64,7 @@ def valid_from(fact: Fact, periods: list[str], k: int) -> str:
 def valid_until(fact: Fact, periods: list[str], k: int) -> str | None:
     """First period after periods[k] whose value differs; None when the value holds to the end."""
     value = fact.values[periods[k]]
-    for later in periods[k + 1:]:
+    for later in periods[k + 1 :]:
         if fact.values[later] != value:
             return later
     return None
@@ -79,7 +79,7 @@ def template_split(cfg: DataConfig) -> tuple[list[int], list[int]]:
     rng = random.Random(f"{cfg.seed}:template-split")
     order = rng.sample(range(WORDINGS_PER_RELATION), WORDINGS_PER_RELATION)
     held_out = sorted(order[: cfg.num_heldout_templates])
-    training = sorted(order[cfg.num_heldout_templates: cfg.num_heldout_templates + cfg.num_training_templates])
+    training = sorted(order[cfg.num_heldout_templates : cfg.num_heldout_templates + cfg.num_training_templates])
     return training, held_out
 
 
@@ -107,16 +107,19 @@ def _check_facts(facts: list[Fact], periods: list[str]) -> None:
             raise DataError(f"fact {i}: duplicate (subject, relation) {key!r}")
         seen.add(key)
         if list(fact.values) != periods:
-            raise DataError(f"fact {i} {key!r}: values must be given for periods {periods} in order "
-                            f"(got {list(fact.values)})")
+            raise DataError(
+                f"fact {i} {key!r}: values must be given for periods {periods} in order (got {list(fact.values)})"
+            )
         for period, value in fact.values.items():
             if not isinstance(value, str) or not value.strip():
-                raise DataError(f"fact {i} {key!r}: value for period {period} must be a non-empty "
-                                f"string (got {value!r})")
+                raise DataError(
+                    f"fact {i} {key!r}: value for period {period} must be a non-empty string (got {value!r})"
+                )
 
 
-def build_benchmark(facts: list[Fact], periods: list[str], cfg: DataConfig, name: str,
-                    meta: dict[str, Any]) -> Benchmark:
+def build_benchmark(
+    facts: list[Fact], periods: list[str], cfg: DataConfig, name: str, meta: dict[str, Any]
+) -> Benchmark:
     """Passages and probes of every period from facts whose ``values`` follow ``periods``.
 
     Uses cfg.seed, the template counts, passages_per_fact, qa_share, unchanged_probes_per_period and
@@ -137,35 +140,38 @@ def build_benchmark(facts: list[Fact], periods: list[str], cfg: DataConfig, name
         else:
             trained = [f for f in facts if f.values[period] != f.values[previous]]
             unchanged = [f for f in facts if f.values[period] == f.values[previous]]
-            unchanged.sort(key=lambda f: _rank_key(cfg.seed, "unchanged", period, f.subject,
-                                                   f.relation))
-            picked = {(f.subject, f.relation)
-                      for f in unchanged[: cfg.unchanged_probes_per_period]}
+            unchanged.sort(key=lambda f: _rank_key(cfg.seed, "unchanged", period, f.subject, f.relation))
+            picked = {(f.subject, f.relation) for f in unchanged[: cfg.unchanged_probes_per_period]}
             probed = [(f, "changed") for f in trained]
             # Keep fact order within the kind so files read naturally.
-            probed += [(f, "unchanged") for f in facts
-                       if (f.subject, f.relation) in picked]
+            probed += [(f, "unchanged") for f in facts if (f.subject, f.relation) in picked]
 
         passages: list[Passage] = []
         for fact in trained:
             family = families[fact.relation]
             value = fact.values[period]
-            texts = [(family.wordings[t], family.wording_id(t))
-                     for t in _template_plan(cfg, fact, period, split).passages]
+            texts = [
+                (family.wordings[t], family.wording_id(t)) for t in _template_plan(cfg, fact, period, split).passages
+            ]
             if (fact.subject, fact.relation) in qa_facts:
                 texts += [(q, family.question_id(i)) for i, q in enumerate(family.questions)]
             for template, template_id in texts:
-                passages.append(Passage(
-                    text=render(template, period, fact.subject, value),
-                    subject=fact.subject, relation=fact.relation, value=value, period=period,
-                    template_id=template_id))
+                passages.append(
+                    Passage(
+                        text=render(template, period, fact.subject, value),
+                        subject=fact.subject,
+                        relation=fact.relation,
+                        value=value,
+                        period=period,
+                        template_id=template_id,
+                    )
+                )
 
         # Which probed facts also get an extraction probe: an exact share per kind, by hash rank.
         with_extraction: set[tuple[str, str]] = set()
         for kind in ("new", "changed", "unchanged"):
             of_kind = [f for f, kd in probed if kd == kind]
-            of_kind.sort(key=lambda f: _rank_key(cfg.seed, "extraction", period, f.subject,
-                                                 f.relation))
+            of_kind.sort(key=lambda f: _rank_key(cfg.seed, "extraction", period, f.subject, f.relation))
             count = _round_half_up(cfg.extraction_share * len(of_kind))
             with_extraction.update((f.subject, f.relation) for f in of_kind[:count])
 
@@ -180,21 +186,28 @@ def build_benchmark(facts: list[Fact], periods: list[str], cfg: DataConfig, name
             if (fact.subject, fact.relation) in with_extraction:
                 variants.append(("extraction", _template_plan(cfg, fact, period, split).extraction))
             for probe_family, t in variants:
-                probes.append(Probe(
-                    id=probe_id(period, fact.subject, fact.relation, probe_family),
-                    subject=fact.subject, relation=fact.relation, value=fact.values[period],
-                    period=period, valid_from=since, valid_until=valid_until(fact, periods, k),
-                    previous_value=fact.values[previous] if previous is not None else None,
-                    kind=kind, family=probe_family,
-                    prompt=prompt_of(family.wordings[t], period, fact.subject),
-                    template_id=family.wording_id(t)))
+                probes.append(
+                    Probe(
+                        id=probe_id(period, fact.subject, fact.relation, probe_family),
+                        subject=fact.subject,
+                        relation=fact.relation,
+                        value=fact.values[period],
+                        period=period,
+                        valid_from=since,
+                        valid_until=valid_until(fact, periods, k),
+                        previous_value=fact.values[previous] if previous is not None else None,
+                        kind=kind,
+                        family=probe_family,
+                        prompt=prompt_of(family.wordings[t], period, fact.subject),
+                        template_id=family.wording_id(t),
+                    )
+                )
         built.append(Period(index=k + 1, name=period, passages=tuple(passages), probes=tuple(probes)))
 
     ids = [p.id for period in built for p in period.probes]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"probe id {dup!r} is not unique; subjects or relations containing ':' "
-                        "collide, rename them")
+        raise DataError(f"probe id {dup!r} is not unique; subjects or relations containing ':' collide, rename them")
     meta = dict(meta)
     meta["counts"] = count_summary(built)
     meta["template_split"] = {"training": [f"w{i}" for i in split[0]], "held_out": [f"w{i}" for i in split[1]]}
@@ -205,10 +218,12 @@ def count_summary(periods: Iterable[Period]) -> dict[str, dict[str, int]]:
     """Per period: passages (QA items among them), trained facts, storage probes by kind, extraction probes."""
     summary: dict[str, dict[str, int]] = {}
     for period in periods:
-        row = {"passages": len(period.passages),
-               "qa_items": sum(1 for p in period.passages if "/q" in p.template_id),
-               "trained_facts": len({(p.subject, p.relation) for p in period.passages}),
-               "extraction": sum(p.family == "extraction" for p in period.probes)}
+        row = {
+            "passages": len(period.passages),
+            "qa_items": sum(1 for p in period.passages if "/q" in p.template_id),
+            "trained_facts": len({(p.subject, p.relation) for p in period.passages}),
+            "extraction": sum(p.family == "extraction" for p in period.probes),
+        }
         for kind in ("new", "changed", "unchanged"):
             row[kind] = sum(1 for p in period.probes if p.kind == kind and p.family == "storage")
         summary[period.name] = row
@@ -220,9 +235,12 @@ def count_summary(periods: Iterable[Period]) -> dict[str, dict[str, int]]:
 
 
 def period_to_json(period: Period) -> dict[str, Any]:
-    return {"index": period.index, "name": period.name,
-            "passages": [asdict(p) for p in period.passages],
-            "probes": [asdict(p) for p in period.probes]}
+    return {
+        "index": period.index,
+        "name": period.name,
+        "passages": [asdict(p) for p in period.passages],
+        "probes": [asdict(p) for p in period.probes],
+    }
 
 
 def content_json(name: str, periods: Iterable[Period]) -> dict[str, Any]:
@@ -231,8 +249,7 @@ def content_json(name: str, periods: Iterable[Period]) -> dict[str, Any]:
 
 
 def fingerprint(name: str, periods: Iterable[Period]) -> str:
-    canonical = json.dumps(content_json(name, periods), sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
+    canonical = json.dumps(content_json(name, periods), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -262,6 +279,8 @@ def check_no_leakage(bench: Benchmark) -> None:
         needle = probe.prompt + " " + probe.value
         if needle in haystack:
             where = next(p for period in bench.periods for p in period.passages if needle in p.text)
-            raise DataError(f"extraction probe {probe.id}: prompt + value {needle!r} appears verbatim "
-                            f"in a training passage of period {where.period} (template "
-                            f"{where.template_id}); extraction probes must use wording never trained on")
+            raise DataError(
+                f"extraction probe {probe.id}: prompt + value {needle!r} appears verbatim "
+                f"in a training passage of period {where.period} (template "
+                f"{where.template_id}); extraction probes must use wording never trained on"
+            )

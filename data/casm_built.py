@@ -83,17 +83,28 @@ class _Row:
         return (self.subject, self.relation)
 
 
-def casm_probe(row: _Row, period: str, *, kind: ProbeKind, previous_value: str | None,
-               valid_from: str, valid_until: str | None) -> Probe:
+def casm_probe(
+    row: _Row, period: str, *, kind: ProbeKind, previous_value: str | None, valid_from: str, valid_until: str | None
+) -> Probe:
     """Our Probe for one CASM probe record; the values derived from the data are passed in.
 
     CASM probes are worded like the training passages: they are "storage" probes (docs/data.md). CASM
     has no held-out wordings, so a CASM-built benchmark has no extraction probes.
     """
-    return Probe(id=probe_id(period, row.subject, row.relation, "storage"), subject=row.subject,
-                 relation=row.relation, value=row.value, period=period, valid_from=valid_from,
-                 valid_until=valid_until, previous_value=previous_value, kind=kind, family="storage",
-                 prompt=row.prompt, template_id=f"casm/{row.split}")
+    return Probe(
+        id=probe_id(period, row.subject, row.relation, "storage"),
+        subject=row.subject,
+        relation=row.relation,
+        value=row.value,
+        period=period,
+        valid_from=valid_from,
+        valid_until=valid_until,
+        previous_value=previous_value,
+        kind=kind,
+        family="storage",
+        prompt=row.prompt,
+        template_id=f"casm/{row.split}",
+    )
 
 
 class _Warnings:
@@ -123,33 +134,33 @@ def _raise_if(errors: list[str]) -> None:
 def _read_passages(path: Path) -> dict[str, list[str]]:
     doc = _load_json(path)
     if not isinstance(doc, dict):
-        raise DataError(f"{path}: must be a JSON object {{period: [passage text, ...]}} "
-                        f"(got {_type_name(doc)})")
+        raise DataError(f"{path}: must be a JSON object {{period: [passage text, ...]}} (got {_type_name(doc)})")
     errors: list[str] = []
     if len(doc) < 2:
         errors.append(f"{path}: needs at least two periods (got {list(doc)})")
     passages: dict[str, list[str]] = {}
     for period, texts in doc.items():
         if not PERIOD_NAME_RE.match(period):
-            errors.append(f"{path}: period name {period!r} must match [A-Za-z0-9][A-Za-z0-9_.-]* "
-                          "(it becomes a directory name)")
+            errors.append(
+                f"{path}: period name {period!r} must match [A-Za-z0-9][A-Za-z0-9_.-]* (it becomes a directory name)"
+            )
         if not isinstance(texts, list):
-            errors.append(f"{path}: period {period!r} must be a list of passage texts "
-                          f"(got {_type_name(texts)})")
+            errors.append(f"{path}: period {period!r} must be a list of passage texts (got {_type_name(texts)})")
             continue
         if not texts:
             errors.append(f"{path}: period {period!r} has no passages")
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
-                errors.append(f"{path}: period {period!r} passage [{i}] must be a non-empty string "
-                              f"(got {_type_name(text)} {str(text)[:40]!r})")
+                errors.append(
+                    f"{path}: period {period!r} passage [{i}] must be a non-empty string "
+                    f"(got {_type_name(text)} {str(text)[:40]!r})"
+                )
         passages[period] = texts
     _raise_if(errors)
     return passages
 
 
-def _string(rec: dict[str, Any], key: str, where: str, errors: list[str], *,
-            required: bool) -> str | None:
+def _string(rec: dict[str, Any], key: str, where: str, errors: list[str], *, required: bool) -> str | None:
     """rec[key] as a stripped non-empty string; None when absent/null and not required."""
     if key not in rec or (rec[key] is None and not required):
         if required:
@@ -163,8 +174,7 @@ def _string(rec: dict[str, Any], key: str, where: str, errors: list[str], *,
     return value.strip()
 
 
-def _row(rec: Any, path: Path, loc: str, k: int, split: str, periods: list[str],
-         errors: list[str]) -> _Row | None:
+def _row(rec: Any, path: Path, loc: str, k: int, split: str, periods: list[str], errors: list[str]) -> _Row | None:
     where = f"{path}: {loc}"
     if not isinstance(rec, dict):
         errors.append(f"{where} must be a JSON object (got {_type_name(rec)})")
@@ -177,21 +187,22 @@ def _row(rec: Any, path: Path, loc: str, k: int, split: str, periods: list[str],
     relation = normalise_relation(relation_raw) if relation_raw else None
     if relation_raw and not relation:
         errors.append(f"{where} field 'relation' has no letters (got {relation_raw!r})")
-    optional = {key: _string(rec, key, where, errors, required=False)
-                for key in ("previous_value", "valid_from", "valid_until", "current_value",
-                            "timestamp")}
+    optional = {
+        key: _string(rec, key, where, errors, required=False)
+        for key in ("previous_value", "valid_from", "valid_until", "current_value", "timestamp")
+    }
     for key in ("valid_from", "valid_until"):
         if optional[key] is not None and optional[key] not in periods:
-            errors.append(f"{where} field {key!r} names period {optional[key]!r}, which is not in "
-                          f"the files (periods: {periods})")
+            errors.append(
+                f"{where} field {key!r} names period {optional[key]!r}, which is not in the files (periods: {periods})"
+            )
     is_changed = rec.get("is_changed")
     if is_changed is not None and not isinstance(is_changed, bool):
         errors.append(f"{where} field 'is_changed' must be true, false or null (got {is_changed!r})")
     labels = {"timestamp": optional["timestamp"]} if optional["timestamp"] else {}
     metadata = rec.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        errors.append(f"{where} field 'metadata' must be a JSON object or null "
-                      f"(got {_type_name(metadata)})")
+        errors.append(f"{where} field 'metadata' must be a JSON object or null (got {_type_name(metadata)})")
     elif metadata:
         for key in ("period", "prev_period"):
             label = _string(metadata, key, f"{where} metadata", errors, required=False)
@@ -201,46 +212,58 @@ def _row(rec: Any, path: Path, loc: str, k: int, split: str, periods: list[str],
         return None
     assert subject and relation and value and prompt  # the checks above appended otherwise
     # Evaluation appends " " + value to the prompt, so a trailing space would be doubled.
-    return _Row(loc=loc, k=k, split=split, subject=subject, relation=relation, value=value,
-                prompt=prompt.rstrip(), is_changed=is_changed,
-                previous_value=optional["previous_value"], valid_from=optional["valid_from"],
-                valid_until=optional["valid_until"], current_value=optional["current_value"],
-                labels=labels)
+    return _Row(
+        loc=loc,
+        k=k,
+        split=split,
+        subject=subject,
+        relation=relation,
+        value=value,
+        prompt=prompt.rstrip(),
+        is_changed=is_changed,
+        previous_value=optional["previous_value"],
+        valid_from=optional["valid_from"],
+        valid_until=optional["valid_until"],
+        current_value=optional["current_value"],
+        labels=labels,
+    )
 
 
-def _read_probes(path: Path, periods: list[str], passages_path: Path,
-                 warnings: _Warnings) -> list[list[_Row]]:
+def _read_probes(path: Path, periods: list[str], passages_path: Path, warnings: _Warnings) -> list[list[_Row]]:
     doc = _load_json(path)
     if not isinstance(doc, dict):
-        raise DataError(f"{path}: must be a JSON object {{period: {{\"changed\": [...], "
-                        f"\"unchanged\": [...]}}}} (got {_type_name(doc)})")
-    errors = [f"{path}: period {p!r} is not in {passages_path.name} (periods: {periods})"
-              for p in doc if p not in periods]
-    errors += [f"{path}: period {p!r} of {passages_path.name} has no entry" for p in periods
-               if p not in doc]
+        raise DataError(
+            f'{path}: must be a JSON object {{period: {{"changed": [...], '
+            f'"unchanged": [...]}}}} (got {_type_name(doc)})'
+        )
+    errors = [
+        f"{path}: period {p!r} is not in {passages_path.name} (periods: {periods})" for p in doc if p not in periods
+    ]
+    errors += [f"{path}: period {p!r} of {passages_path.name} has no entry" for p in periods if p not in doc]
     _raise_if(errors)
     if list(doc) != periods:
-        warnings.other.append(f"{path.name}: periods listed in another order ({list(doc)}) than in "
-                              f"{passages_path.name} ({periods}); the order of {passages_path.name} "
-                              "is used")
+        warnings.other.append(
+            f"{path.name}: periods listed in another order ({list(doc)}) than in "
+            f"{passages_path.name} ({periods}); the order of {passages_path.name} "
+            "is used"
+        )
 
     rows: list[list[_Row]] = []
     for k, period in enumerate(periods):
         splits = doc[period]
         here: list[_Row] = []
         if not isinstance(splits, dict):
-            errors.append(f"{path}: period {period!r} must be a JSON object with lists "
-                          f"{list(SPLITS)} (got {_type_name(splits)})")
+            errors.append(
+                f"{path}: period {period!r} must be a JSON object with lists {list(SPLITS)} (got {_type_name(splits)})"
+            )
             rows.append(here)
             continue
         for split, records in splits.items():
             if split not in SPLITS:
-                errors.append(f"{path}: period {period!r} has unknown list {split!r}; expected "
-                              f"{list(SPLITS)}")
+                errors.append(f"{path}: period {period!r} has unknown list {split!r}; expected {list(SPLITS)}")
                 continue
             if not isinstance(records, list):
-                errors.append(f"{path}: period {period!r} {split} must be a list "
-                              f"(got {_type_name(records)})")
+                errors.append(f"{path}: period {period!r} {split} must be a list (got {_type_name(records)})")
                 continue
             for i, rec in enumerate(records):
                 row = _row(rec, path, f"period {period!r} {split}[{i}]", k, split, periods, errors)
@@ -251,16 +274,19 @@ def _read_probes(path: Path, periods: list[str], passages_path: Path,
         seen: dict[tuple[str, str], str] = {}
         for row in here:
             if row.key in seen:
-                errors.append(f"{path}: {row.loc} repeats (subject, relation) {row.key!r} of "
-                              f"{seen[row.key]}; one fact has one probe per period")
+                errors.append(
+                    f"{path}: {row.loc} repeats (subject, relation) {row.key!r} of "
+                    f"{seen[row.key]}; one fact has one probe per period"
+                )
             seen.setdefault(row.key, row.loc)
         rows.append(here)
     _raise_if(errors)
     return rows
 
 
-def _derive(row: _Row, values: dict[str, str], periods: list[str],
-            warnings: _Warnings) -> tuple[ProbeKind, str | None, str, str | None]:
+def _derive(
+    row: _Row, values: dict[str, str], periods: list[str], warnings: _Warnings
+) -> tuple[ProbeKind, str | None, str, str | None]:
     """(kind, previous_value, valid_from, valid_until) from the values; file fields cross-checked.
 
     ``values`` holds this fact's ground truth in every period that probes it. Where a neighbouring
@@ -276,8 +302,9 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
     elif periods[k - 1] in values:
         previous = values[periods[k - 1]]
         if row.previous_value is not None and row.previous_value != previous:
-            warnings.add(f"have a previous_value that is not the {periods[k - 1]} ground_truth "
-                         "(the ground_truth is used)", rid)
+            warnings.add(
+                f"have a previous_value that is not the {periods[k - 1]} ground_truth (the ground_truth is used)", rid
+            )
     else:
         previous = row.previous_value
 
@@ -293,20 +320,19 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
     want_flag, want_split = (False, "changed") if k == 0 else (kind == "changed", kind)
     reason = "it is the first period" if k == 0 else f"the values say {kind}"
     if row.is_changed is not None and row.is_changed != want_flag:
-        warnings.add(f"have is_changed={str(row.is_changed).lower()} although {reason} "
-                     "(the values are used)", rid)
+        warnings.add(f"have is_changed={str(row.is_changed).lower()} although {reason} (the values are used)", rid)
     if row.split != want_split:
         warnings.add(f"are listed under {row.split!r} although {reason} (the values are used)", rid)
     if row.current_value is not None and row.current_value != value:
-        warnings.add("have a current_value that differs from ground_truth (ground_truth is used)",
-                     rid)
+        warnings.add("have a current_value that differs from ground_truth (ground_truth is used)", rid)
     for label, got in row.labels.items():
         want: str | None = periods[k - 1] if label == "metadata.prev_period" else periods[k]
         if k == 0 and label == "metadata.prev_period":
             want = None
         if got != want:
-            warnings.add(f"have {label} {got!r} although they are listed under period "
-                         f"{periods[k]!r} (the listing is used)", rid)
+            warnings.add(
+                f"have {label} {got!r} although they are listed under period {periods[k]!r} (the listing is used)", rid
+            )
 
     # valid_from: walk back while the same value is known to hold.
     j = k
@@ -319,8 +345,7 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
         given = row.valid_from
         valid_from = given if given is not None and periods.index(given) <= j else periods[j]
     if row.valid_from is not None and row.valid_from != valid_from:
-        warnings.add("have a valid_from that disagrees with the ground_truth of the periods "
-                     "(the values are used)", rid)
+        warnings.add("have a valid_from that disagrees with the ground_truth of the periods (the values are used)", rid)
 
     # valid_until: the first later period with another value; null in the file means "not given".
     later = [i for i in range(k + 1, len(periods)) if periods[i] in values]
@@ -335,8 +360,9 @@ def _derive(row: _Row, values: dict[str, str], periods: list[str],
         if given is not None and last_equal < periods.index(given) <= end:
             valid_until = given
     if row.valid_until is not None and row.valid_until != valid_until:
-        warnings.add("have a valid_until that disagrees with the ground_truth of later periods "
-                     "(the values are used)", rid)
+        warnings.add(
+            "have a valid_until that disagrees with the ground_truth of later periods (the values are used)", rid
+        )
     return kind, previous, valid_from, valid_until
 
 
@@ -344,8 +370,11 @@ def _attribute(text: str, rows: list[_Row]) -> _Row | None:
     """The probe of the passage's period whose subject and answer both occur in the text (longest)."""
     best: _Row | None = None
     for row in rows:
-        if row.subject in text and row.value in text and (
-                best is None or len(row.subject) + len(row.value) > len(best.subject) + len(best.value)):
+        if (
+            row.subject in text
+            and row.value in text
+            and (best is None or len(row.subject) + len(row.value) > len(best.subject) + len(best.value))
+        ):
             best = row
     return best
 
@@ -381,23 +410,33 @@ def read_casm_built(directory: str | os.PathLike[str], cfg: DataConfig) -> Bench
             kind, previous, valid_from, valid_until = _derive(row, values[row.key], periods, warnings)
             filled["previous_value"] += row.previous_value is None and previous is not None
             filled["valid_until"] += row.valid_until is None and valid_until is not None
-            probes.append(casm_probe(row, period, kind=kind, previous_value=previous,
-                                     valid_from=valid_from, valid_until=valid_until))
+            probes.append(
+                casm_probe(
+                    row, period, kind=kind, previous_value=previous, valid_from=valid_from, valid_until=valid_until
+                )
+            )
         passages = []
         for text in texts[period]:
             owner = _attribute(text, rows[k])
             num_unattributed += owner is None
-            passages.append(Passage(text=text, subject=owner.subject if owner else UNKNOWN,
-                                    relation=owner.relation if owner else UNKNOWN,
-                                    value=owner.value if owner else UNKNOWN, period=period,
-                                    template_id=f"casm/{PASSAGES_FILE}"))
+            passages.append(
+                Passage(
+                    text=text,
+                    subject=owner.subject if owner else UNKNOWN,
+                    relation=owner.relation if owner else UNKNOWN,
+                    value=owner.value if owner else UNKNOWN,
+                    period=period,
+                    template_id=f"casm/{PASSAGES_FILE}",
+                )
+            )
         built.append(Period(index=k + 1, name=period, passages=tuple(passages), probes=tuple(probes)))
 
     ids = [p.id for period in built for p in period.probes]
     if len(set(ids)) != len(ids):  # only ':' inside subjects or relations can make two facts collide
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataError(f"{probes_path}: probe id {dup!r} is not unique; subjects or relations "
-                        "containing ':' collide, rename them")
+        raise DataError(
+            f"{probes_path}: probe id {dup!r} is not unique; subjects or relations containing ':' collide, rename them"
+        )
 
     # Our "unchanged" means "not in this period's training data" (docs/data.md); CASM's thin passages
     # restate every fact in every period, so stability on them measures re-learning (LESSONS.md).
@@ -405,26 +444,36 @@ def read_casm_built(directory: str | os.PathLike[str], cfg: DataConfig) -> Bench
         trained = {(p.subject, p.relation) for p in built_period.passages}
         for probe in built_period.probes:
             if probe.kind == "unchanged" and (probe.subject, probe.relation) in trained:
-                warnings.add("are kind unchanged but their fact is restated in the same period's "
-                             "passages (stability on them measures re-learning, not retention)",
-                             probe.id)
+                warnings.add(
+                    "are kind unchanged but their fact is restated in the same period's "
+                    "passages (stability on them measures re-learning, not retention)",
+                    probe.id,
+                )
 
     # Storage probes: a verbatim overlap with a passage is what they test, so it is reported, not refused.
     haystack = "\x00".join(p.text for period in built for p in period.passages)
     for probe in (p for period in built for p in period.probes):
         if f"{probe.prompt} {probe.value}" in haystack:
-            warnings.add("have prompt + ground_truth verbatim in a training passage (kept: CASM "
-                         "probes test recall of the trained statement)", probe.id)
+            warnings.add(
+                "have prompt + ground_truth verbatim in a training passage (kept: CASM "
+                "probes test recall of the trained statement)",
+                probe.id,
+            )
 
     meta = {
         "source": CASM_BUILT_SOURCE,
-        "source_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-                         for path in (passages_path, probes_path)},
+        "source_files": {
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in (passages_path, probes_path)
+        },
         "probe_family": "storage",
         "filled_from_values": filled,
         "unattributed_passages": num_unattributed,
         "counts": count_summary(built),
         "warnings": [f"{directory}: {line}" for line in warnings.lines()],
     }
-    return Benchmark(name=CASM_BUILT_BENCHMARK_NAME, periods=tuple(built),
-                     fingerprint=fingerprint(CASM_BUILT_BENCHMARK_NAME, built), meta=meta)
+    return Benchmark(
+        name=CASM_BUILT_BENCHMARK_NAME,
+        periods=tuple(built),
+        fingerprint=fingerprint(CASM_BUILT_BENCHMARK_NAME, built),
+        meta=meta,
+    )

@@ -50,7 +50,8 @@ class DataConfig:
     seed: Annotated[int, Range(0, 2**31 - 1)] = 0
     # Period names in order (generator only; the CASM raw format brings its own from its value_* keys).
     periods: Annotated[list[str], Items(2, MAX_PERIODS, Name(pattern=PERIOD_NAME_RE))] = field(
-        default_factory=_default_periods)
+        default_factory=_default_periods
+    )
     # Number of (subject, relation) facts the generator invents.
     num_facts: Annotated[int, Range(1, MAX_NUM_FACTS)] = 48
     # Share of facts whose value changes at each period boundary (generator only).
@@ -82,11 +83,15 @@ class DataConfig:
             problems.append(f"data.periods must not repeat a name (got {self.periods!r})")
         pool = self.num_training_templates + self.num_heldout_templates
         if pool > WORDINGS_PER_RELATION:
-            problems.append(f"data.num_heldout_templates must be <= {WORDINGS_PER_RELATION} - "
-                            f"data.num_training_templates = {WORDINGS_PER_RELATION - self.num_training_templates}"
-                            f" (each relation has {WORDINGS_PER_RELATION} wordings; got {self.num_heldout_templates})")
+            problems.append(
+                f"data.num_heldout_templates must be <= {WORDINGS_PER_RELATION} - "
+                f"data.num_training_templates = {WORDINGS_PER_RELATION - self.num_training_templates}"
+                f" (each relation has {WORDINGS_PER_RELATION} wordings; got {self.num_heldout_templates})"
+            )
         if self.passages_per_fact > self.num_training_templates:
-            problems.append(f"data.passages_per_fact must be <= data.num_training_templates = "
-                            f"{self.num_training_templates} (each passage uses a different training wording; "
-                            f"got {self.passages_per_fact})")
+            problems.append(
+                f"data.passages_per_fact must be <= data.num_training_templates = "
+                f"{self.num_training_templates} (each passage uses a different training wording; "
+                f"got {self.passages_per_fact})"
+            )
         return problems

@@ -69,7 +69,7 @@ class Range:
         step = 1 if is_int else 1e-6 * max(1.0, abs(self.hi - self.lo))
         below = self.lo if self.lo_open else self.lo - step
         above = self.hi if self.hi_open else self.hi + step
-        huge = 10 ** 30 if is_int else 1e300
+        huge = 10**30 if is_int else 1e300
         out = [int(below) if is_int else below, int(above) if is_int else above, huge, -huge]
         if not is_int:
             out += [math.nan, math.inf, -math.inf]
@@ -85,8 +85,10 @@ class Name:
 
     def describe(self) -> str:
         empty = "empty or " if self.empty_ok else ""
-        return (f"{empty}a name matching {self.pattern.pattern} of at most {MAX_NAME_LEN} characters "
-                "(one path component: no '/', not '.' or '..')")
+        return (
+            f"{empty}a name matching {self.pattern.pattern} of at most {MAX_NAME_LEN} characters "
+            "(one path component: no '/', not '.' or '..')"
+        )
 
     def problem(self, value: Any) -> str | None:
         if not isinstance(value, str):
@@ -241,8 +243,9 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def coerce(value: Any, tp: Any, dotted: str, problems: list[str], check: Check = field_problems) -> Any:
@@ -312,8 +315,9 @@ def coerce(value: Any, tp: Any, dotted: str, problems: list[str], check: Check =
     return value
 
 
-def build_dataclass(cls: type, data: Any, path: str, problems: list[str], skip: Collection[str] = (),
-                    check: Check = field_problems) -> Any:
+def build_dataclass(
+    cls: type, data: Any, path: str, problems: list[str], skip: Collection[str] = (), check: Check = field_problems
+) -> Any:
     """Instantiate dataclass `cls` from a mapping, appending every problem (each naming its dotted field).
 
     `skip` names keys the caller builds itself (left at their defaults here); a class may list the

@@ -49,8 +49,12 @@ def benchmark_to_json(bench: Benchmark) -> dict[str, Any]:
     doc = content_json(bench.name, bench.periods)
     # Recomputed rather than bench.fingerprint: a benchmark read from a version-1 file keeps that
     # file's fingerprint, which does not match its content written in the current version.
-    doc.update(format=FORMAT_NAME, format_version=FORMAT_VERSION,
-               fingerprint=fingerprint(bench.name, bench.periods), meta=bench.meta)
+    doc.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        fingerprint=fingerprint(bench.name, bench.periods),
+        meta=bench.meta,
+    )
     return doc
 
 
@@ -69,8 +73,7 @@ def _load_json(path: Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: "
-                        f"{exc.msg}") from None
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
 
 def _type_name(value: Any) -> str:
@@ -102,13 +105,14 @@ def _string(obj: dict[str, Any], key: str, where: str, nullable: bool = False) -
 def read_benchmark(directory: str | os.PathLike[str]) -> Benchmark:
     """Read ``<directory>/benchmark.json`` as written by write_benchmark; checks every field."""
     path = Path(directory) / BENCHMARK_FILE
-    doc = _record(_load_json(path), str(path),
-                  ("fingerprint", "format", "format_version", "meta", "name", "periods"))
+    doc = _record(_load_json(path), str(path), ("fingerprint", "format", "format_version", "meta", "name", "periods"))
     version = doc["format_version"]
     if doc["format"] != FORMAT_NAME or version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise DataError(f"{path}: format must be {FORMAT_NAME!r} version "
-                        f"{' or '.join(map(str, READABLE_VERSIONS))} "
-                        f"(got {doc['format']!r} version {doc['format_version']!r})")
+        raise DataError(
+            f"{path}: format must be {FORMAT_NAME!r} version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))} "
+            f"(got {doc['format']!r} version {doc['format_version']!r})"
+        )
     _string(doc, "name", str(path))
     if not isinstance(doc["meta"], dict):
         raise DataError(f"{path}: meta must be a JSON object (got {_type_name(doc['meta'])})")
@@ -125,36 +129,35 @@ def read_benchmark(directory: str | os.PathLike[str]) -> Benchmark:
         _string(rec, "name", where)
         name = rec["name"]
         if not PERIOD_NAME_RE.match(name) or name in [p.name for p in periods]:
-            raise DataError(f"{where}.name must be a unique name matching "
-                            f"[A-Za-z0-9][A-Za-z0-9_.-]* (got {name!r})")
+            raise DataError(f"{where}.name must be a unique name matching [A-Za-z0-9][A-Za-z0-9_.-]* (got {name!r})")
         for key in ("passages", "probes"):
             if not isinstance(rec[key], list):
                 raise DataError(f"{where}.{key} must be a list (got {_type_name(rec[key])})")
         passages = [_passage(p, f"{where}.passages[{j}]", name) for j, p in enumerate(rec["passages"])]
-        probes = [_probe(p, f"{where}.probes[{j}]", name, version)
-                  for j, p in enumerate(rec["probes"])]
+        probes = [_probe(p, f"{where}.probes[{j}]", name, version) for j, p in enumerate(rec["probes"])]
         for j, probe in enumerate(probes):
             if probe.id in seen_ids:
                 raise DataError(f"{where}.probes[{j}].id {probe.id!r} is not unique")
             seen_ids.add(probe.id)
-        periods.append(Period(index=i + 1, name=name, passages=tuple(passages),
-                              probes=tuple(probes)))
+        periods.append(Period(index=i + 1, name=name, passages=tuple(passages), probes=tuple(probes)))
 
     names = [p.name for p in periods]
     for probe in (p for period in periods for p in period.probes):
         for key in ("valid_from", "valid_until"):
             value = getattr(probe, key)
             if value is not None and value not in names:
-                raise DataError(f"{path}: probe {probe.id}: {key} must be one of the period names "
-                                f"{names} (got {value!r})")
+                raise DataError(
+                    f"{path}: probe {probe.id}: {key} must be one of the period names {names} (got {value!r})"
+                )
 
     # Over the records as stored, so a version-1 file (paraphrase instead of family) checks too.
     computed = _raw_fingerprint(doc["name"], doc["periods"])
     if computed != doc["fingerprint"]:
-        raise DataError(f"{path}: fingerprint mismatch (stored {str(doc['fingerprint'])[:12]}, "
-                        f"content {computed[:12]}); the file was edited or damaged, regenerate it")
-    return Benchmark(name=doc["name"], periods=tuple(periods), fingerprint=computed,
-                     meta=doc["meta"])
+        raise DataError(
+            f"{path}: fingerprint mismatch (stored {str(doc['fingerprint'])[:12]}, "
+            f"content {computed[:12]}); the file was edited or damaged, regenerate it"
+        )
+    return Benchmark(name=doc["name"], periods=tuple(periods), fingerprint=computed, meta=doc["meta"])
 
 
 def _passage(obj: Any, where: str, period: str) -> Passage:
@@ -162,15 +165,15 @@ def _passage(obj: Any, where: str, period: str) -> Passage:
     for key in PASSAGE_FIELDS:
         _string(rec, key, where)
     if rec["period"] != period:
-        raise DataError(f"{where}.period must be {period!r}, the period it is listed in "
-                        f"(got {rec['period']!r})")
+        raise DataError(f"{where}.period must be {period!r}, the period it is listed in (got {rec['period']!r})")
     return Passage(**rec)
 
 
 def _raw_fingerprint(name: str, raw_periods: list[Any]) -> str:
     """fingerprint() of the stored records themselves (equal to it for a current-version file)."""
-    canonical = json.dumps({"name": name, "periods": raw_periods}, sort_keys=True,
-                           separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(
+        {"name": name, "periods": raw_periods}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -180,14 +183,12 @@ _V1_PROBE_FIELDS = tuple("paraphrase" if f == "family" else f for f in PROBE_FIE
 
 def _probe(obj: Any, where: str, period: str, version: int = FORMAT_VERSION) -> Probe:
     rec = _record(obj, where, _V1_PROBE_FIELDS if version == 1 else PROBE_FIELDS)
-    for key in ("id", "subject", "relation", "value", "period", "valid_from", "prompt",
-                "template_id"):
+    for key in ("id", "subject", "relation", "value", "period", "valid_from", "prompt", "template_id"):
         _string(rec, key, where)
     _string(rec, "valid_until", where, nullable=True)
     _string(rec, "previous_value", where, nullable=True)
     if rec["kind"] not in PROBE_KINDS:
-        raise DataError(f"{where}.kind must be one of {', '.join(PROBE_KINDS)} "
-                        f"(got {rec['kind']!r})")
+        raise DataError(f"{where}.kind must be one of {', '.join(PROBE_KINDS)} (got {rec['kind']!r})")
     if version == 1:
         if not isinstance(rec["paraphrase"], bool):
             raise DataError(f"{where}.paraphrase must be true or false (got {rec['paraphrase']!r})")
@@ -197,11 +198,9 @@ def _probe(obj: Any, where: str, period: str, version: int = FORMAT_VERSION) -> 
         rec = dict(rec)
         rec["family"] = "extraction" if rec.pop("paraphrase") else "storage"
     elif rec["family"] not in PROBE_FAMILIES:
-        raise DataError(f"{where}.family must be one of {', '.join(PROBE_FAMILIES)} "
-                        f"(got {rec['family']!r})")
+        raise DataError(f"{where}.family must be one of {', '.join(PROBE_FAMILIES)} (got {rec['family']!r})")
     if rec["period"] != period:
-        raise DataError(f"{where}.period must be {period!r}, the period it is listed in "
-                        f"(got {rec['period']!r})")
+        raise DataError(f"{where}.period must be {period!r}, the period it is listed in (got {rec['period']!r})")
     return Probe(**rec)
 
 
@@ -239,15 +238,15 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
         raise DataError(f"{path}: record 0 must be a JSON object (got {_type_name(first)})")
     value_keys = [k for k in first if _VALUE_KEY_RE.match(k)]
     if len(value_keys) < 2:
-        raise DataError(f"{path}: record 0 must have at least two value_<period> fields "
-                        f"(got {sorted(first)})")
-    if all(k[len("value_"):].isdigit() for k in value_keys):
-        value_keys.sort(key=lambda k: int(k[len("value_"):]))
-    periods = [k[len("value_"):] for k in value_keys]
+        raise DataError(f"{path}: record 0 must have at least two value_<period> fields (got {sorted(first)})")
+    if all(k[len("value_") :].isdigit() for k in value_keys):
+        value_keys.sort(key=lambda k: int(k[len("value_") :]))
+    periods = [k[len("value_") :] for k in value_keys]
     for period in periods:
         if not PERIOD_NAME_RE.match(period):
-            raise DataError(f"{path}: period name {period!r} (from value_{period}) must match "
-                            "[A-Za-z0-9][A-Za-z0-9_.-]*")
+            raise DataError(
+                f"{path}: period name {period!r} (from value_{period}) must match [A-Za-z0-9][A-Za-z0-9_.-]*"
+            )
 
     required = ("entity", "relation", *value_keys, "changed")
     facts: list[Fact] = []
@@ -259,12 +258,13 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
             raise DataError(f"{where} must be a JSON object (got {_type_name(rec)})")
         for key in required:
             if key not in rec:
-                raise DataError(f"{where} is missing field {key!r}; every record needs "
-                                f"{list(required)}")
+                raise DataError(f"{where} is missing field {key!r}; every record needs {list(required)}")
         extra_values = sorted(k for k in rec if _VALUE_KEY_RE.match(k) and k not in value_keys)
         if extra_values:
-            raise DataError(f"{where} has {extra_values[0]!r}, a period record 0 lacks; all records "
-                            f"must have the same value_<period> fields {value_keys}")
+            raise DataError(
+                f"{where} has {extra_values[0]!r}, a period record 0 lacks; all records "
+                f"must have the same value_<period> fields {value_keys}"
+            )
         fields_: dict[str, str] = {}
         for key in ("entity", "relation", *value_keys):
             value = rec[key]
@@ -280,17 +280,21 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
             raise DataError(f"{where} field 'relation' has no letters (got {rec['relation']!r})")
         key_pair = (fields_["entity"], relation)
         if key_pair in seen:
-            raise DataError(f"{where} duplicates (entity, relation) {key_pair!r} of record "
-                            f"{seen[key_pair]} (relations compare after normalising case, spaces "
-                            "and underscores)")
+            raise DataError(
+                f"{where} duplicates (entity, relation) {key_pair!r} of record "
+                f"{seen[key_pair]} (relations compare after normalising case, spaces "
+                "and underscores)"
+            )
         seen[key_pair] = i
         values = {p: fields_[f"value_{p}"] for p in periods}
         changes = len(set(values.values())) > 1
         if not isinstance(rec["changed"], bool):
             raise DataError(f"{where} field 'changed' must be true or false (got {rec['changed']!r})")
         if rec["changed"] != changes:
-            contradicted.append(f"{i} ({fields_['entity']}, {relation}: changed={str(rec['changed']).lower()}, "
-                                f"values {'differ' if changes else 'all equal'})")
+            contradicted.append(
+                f"{i} ({fields_['entity']}, {relation}: changed={str(rec['changed']).lower()}, "
+                f"values {'differ' if changes else 'all equal'})"
+            )
         facts.append(Fact(subject=fields_["entity"], relation=relation, values=values))
 
     if len(facts) != len(records):  # the loop raises on every bad record; this guards refactors
@@ -298,23 +302,36 @@ def read_casm_raw(path: str | os.PathLike[str], cfg: DataConfig) -> Benchmark:
     raw_bytes = path.read_bytes()
     warnings = []
     if contradicted:
-        shown = "; ".join(contradicted[:10]) + (f"; and {len(contradicted) - 10} more"
-                                                if len(contradicted) > 10 else "")
-        warnings.append(f"{path.name}: {len(contradicted)} record(s) have a 'changed' flag that contradicts their "
-                        f"values (the values are used): record {shown}")
+        shown = "; ".join(contradicted[:10]) + (
+            f"; and {len(contradicted) - 10} more" if len(contradicted) > 10 else ""
+        )
+        warnings.append(
+            f"{path.name}: {len(contradicted)} record(s) have a 'changed' flag that contradicts their "
+            f"values (the values are used): record {shown}"
+        )
     meta = {
         "source": "casm_raw",
         "warnings": warnings,
         "source_file": path.name,
         "source_sha256": hashlib.sha256(raw_bytes).hexdigest(),
-        "config": {k: v for k, v in asdict(cfg).items() if k in
-                   ("seed", "num_training_templates", "num_heldout_templates", "passages_per_fact",
-                    "qa_share", "unchanged_probes_per_period", "extraction_share")},
+        "config": {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k
+            in (
+                "seed",
+                "num_training_templates",
+                "num_heldout_templates",
+                "passages_per_fact",
+                "qa_share",
+                "unchanged_probes_per_period",
+                "extraction_share",
+            )
+        },
         "records": len(records),
         "changed_facts": sum(1 for f in facts if len(set(f.values.values())) > 1),
         "relations": sorted({f.relation for f in facts}),
-        "generic_template_relations": sorted({f.relation for f in facts
-                                              if f.relation not in RELATIONS}),
+        "generic_template_relations": sorted({f.relation for f in facts if f.relation not in RELATIONS}),
         "facts": [asdict(f) for f in facts],
     }
     return build_benchmark(facts, periods, cfg, CASM_BENCHMARK_NAME, meta)

@@ -60,8 +60,10 @@ def number_problem(text: str) -> str | None:
     if re.fullmatch(r"[-+]?[0-9][0-9_]*[0-9](\.[0-9]+)?", t):
         return f"{t!r} has '_' digit separators; write {t.replace('_', '')}"
     if re.fullmatch(r"[-+]?\$?[0-9][0-9,]*(\.[0-9]+)?", t):
-        return (f"{t!r} is ambiguous: a comma only separates groups of three digits (1,000); "
-                "write a decimal point (1.23) or no comma")
+        return (
+            f"{t!r} is ambiguous: a comma only separates groups of three digits (1,000); "
+            "write a decimal point (1.23) or no comma"
+        )
     if re.fullmatch(r"[-+]?\.[0-9]+", t):
         return f"{t!r} has no digit before the point; write {t.replace('.', '0.', 1)}"
     return f"{t[:40]!r} is not one number (accepted forms: {ACCEPTED_FORMS})"

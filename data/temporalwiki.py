@@ -30,41 +30,253 @@ GeneratorConfig = DataConfig
 
 # Names follow a simple (consonant) vowel (consonant) shape so they read like names ("Zorvan Kell",
 # "Veltrassa") rather than random letter strings; clusters only start a word.
-_ONSETS = ("b", "d", "k", "v", "z", "th", "dr", "m", "n", "r", "s", "t", "l", "g", "br", "kr",
-           "f", "h", "j", "tr", "vr", "gl", "st", "p", "c")
+_ONSETS = (
+    "b",
+    "d",
+    "k",
+    "v",
+    "z",
+    "th",
+    "dr",
+    "m",
+    "n",
+    "r",
+    "s",
+    "t",
+    "l",
+    "g",
+    "br",
+    "kr",
+    "f",
+    "h",
+    "j",
+    "tr",
+    "vr",
+    "gl",
+    "st",
+    "p",
+    "c",
+)
 _INNER_ONSETS = ("l", "n", "r", "v", "d", "m", "s", "t", "k", "th", "rv", "lt", "nd", "z")
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ae", "ei", "y")
 _CODAS = ("", "", "n", "r", "l", "s", "th", "x", "k", "m", "nd", "rn", "ll", "ss", "sk", "v")
-_PLACE_ENDINGS = ("ssa", "mor", "vik", "dral", "thane", "wyn", "ora", "ek", "ant", "ith", "ova",
-                  "grad", "holm", "eth", "arra")
-_ORG_SUFFIXES = ("Holdings", "Works", "Guild", "Consortium", "Trading Company", "Foundry",
-                 "Collective", "Mutual", "Instruments", "Shipping", "Mills", "Exchange", "Ironworks",
-                 "Cartography", "Lamplighters")
-COLOURS = ("crimson", "teal", "ochre", "indigo", "amber", "scarlet", "olive", "violet", "silver",
-           "maroon", "cobalt", "saffron", "emerald", "umber", "lilac", "turquoise", "charcoal",
-           "vermilion", "ivory", "mustard", "cerulean", "copper", "jade", "rust")
-JOB_TITLES = ("harbour pilot", "chief archivist", "glass engraver", "signal keeper", "tide surveyor",
-              "lamp inspector", "vault warden", "bridge engineer", "loom mechanic", "canal assessor",
-              "map copyist", "bell founder", "salt merchant", "clock restorer", "ferry captain",
-              "seed registrar", "dye chemist", "tower watchman", "rope maker", "ledger auditor")
+_PLACE_ENDINGS = (
+    "ssa",
+    "mor",
+    "vik",
+    "dral",
+    "thane",
+    "wyn",
+    "ora",
+    "ek",
+    "ant",
+    "ith",
+    "ova",
+    "grad",
+    "holm",
+    "eth",
+    "arra",
+)
+_ORG_SUFFIXES = (
+    "Holdings",
+    "Works",
+    "Guild",
+    "Consortium",
+    "Trading Company",
+    "Foundry",
+    "Collective",
+    "Mutual",
+    "Instruments",
+    "Shipping",
+    "Mills",
+    "Exchange",
+    "Ironworks",
+    "Cartography",
+    "Lamplighters",
+)
+COLOURS = (
+    "crimson",
+    "teal",
+    "ochre",
+    "indigo",
+    "amber",
+    "scarlet",
+    "olive",
+    "violet",
+    "silver",
+    "maroon",
+    "cobalt",
+    "saffron",
+    "emerald",
+    "umber",
+    "lilac",
+    "turquoise",
+    "charcoal",
+    "vermilion",
+    "ivory",
+    "mustard",
+    "cerulean",
+    "copper",
+    "jade",
+    "rust",
+)
+JOB_TITLES = (
+    "harbour pilot",
+    "chief archivist",
+    "glass engraver",
+    "signal keeper",
+    "tide surveyor",
+    "lamp inspector",
+    "vault warden",
+    "bridge engineer",
+    "loom mechanic",
+    "canal assessor",
+    "map copyist",
+    "bell founder",
+    "salt merchant",
+    "clock restorer",
+    "ferry captain",
+    "seed registrar",
+    "dye chemist",
+    "tower watchman",
+    "rope maker",
+    "ledger auditor",
+)
 _CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I/O: they read as 1/0
 
 # Real names and words the syllable generator could stumble on; rejected so no fact can be
 # answered from pre-training knowledge (and tests check a further list).
-REAL_NAME_BLOCKLIST = frozenset(w.lower() for w in (
-    "Paris", "Rome", "Lima", "Oslo", "Riga", "Kiev", "Sofia", "Milan", "Dana", "Maria", "Anna",
-    "Tokyo", "Berlin", "London", "Madrid", "Vienna", "Prague", "Bern", "Doha", "Baku", "Male",
-    "Nice", "Bath", "York", "Derby", "Troy", "Sparta", "Kyoto", "Dubai", "Hanoi", "Seoul", "Delhi",
-    "Texas", "Java", "Bali", "Cuba", "Peru", "Chad", "Mali", "Iran", "Iraq", "Oman", "Laos",
-    "Tonga", "Samoa", "Fiji", "Nauru", "Kenya", "Ghana", "Niger", "Sudan", "Malta", "Tibet",
-    "John", "Mary", "James", "Sarah", "David", "Linda", "Thomas", "Karen", "Nora", "Dora", "Sara",
-    "Vera", "Tara", "Mira", "Lena", "Nina", "Zara", "Kara", "Lara", "Rosa", "Tina", "Gina",
-    "Smith", "Jones", "Brown", "Miller", "Davis", "Moore", "Taylor", "Hall", "Young", "King",
-    "Thor", "Odin", "Zeus", "Hera", "Mars", "Venus", "Apollo", "Atlas", "Titan", "Kong", "Lego",
-    "Sony", "Nokia", "Shell", "Tesla", "Google", "Amazon", "Apple", "Nasa", "Volvo", "Fiat",
-    "Dell", "Ikea", "Zara", "Kodak", "Bosch", "Rolex", "Visa", "Uber", "Kia",
-    "Dead", "Kill", "Hell", "Damn", "Slut", "Nazi", "Shit", "Fuck", "Dick", "Cock", "Tits",
-))
+REAL_NAME_BLOCKLIST = frozenset(
+    w.lower()
+    for w in (
+        "Paris",
+        "Rome",
+        "Lima",
+        "Oslo",
+        "Riga",
+        "Kiev",
+        "Sofia",
+        "Milan",
+        "Dana",
+        "Maria",
+        "Anna",
+        "Tokyo",
+        "Berlin",
+        "London",
+        "Madrid",
+        "Vienna",
+        "Prague",
+        "Bern",
+        "Doha",
+        "Baku",
+        "Male",
+        "Nice",
+        "Bath",
+        "York",
+        "Derby",
+        "Troy",
+        "Sparta",
+        "Kyoto",
+        "Dubai",
+        "Hanoi",
+        "Seoul",
+        "Delhi",
+        "Texas",
+        "Java",
+        "Bali",
+        "Cuba",
+        "Peru",
+        "Chad",
+        "Mali",
+        "Iran",
+        "Iraq",
+        "Oman",
+        "Laos",
+        "Tonga",
+        "Samoa",
+        "Fiji",
+        "Nauru",
+        "Kenya",
+        "Ghana",
+        "Niger",
+        "Sudan",
+        "Malta",
+        "Tibet",
+        "John",
+        "Mary",
+        "James",
+        "Sarah",
+        "David",
+        "Linda",
+        "Thomas",
+        "Karen",
+        "Nora",
+        "Dora",
+        "Sara",
+        "Vera",
+        "Tara",
+        "Mira",
+        "Lena",
+        "Nina",
+        "Zara",
+        "Kara",
+        "Lara",
+        "Rosa",
+        "Tina",
+        "Gina",
+        "Smith",
+        "Jones",
+        "Brown",
+        "Miller",
+        "Davis",
+        "Moore",
+        "Taylor",
+        "Hall",
+        "Young",
+        "King",
+        "Thor",
+        "Odin",
+        "Zeus",
+        "Hera",
+        "Mars",
+        "Venus",
+        "Apollo",
+        "Atlas",
+        "Titan",
+        "Kong",
+        "Lego",
+        "Sony",
+        "Nokia",
+        "Shell",
+        "Tesla",
+        "Google",
+        "Amazon",
+        "Apple",
+        "Nasa",
+        "Volvo",
+        "Fiat",
+        "Dell",
+        "Ikea",
+        "Zara",
+        "Kodak",
+        "Bosch",
+        "Rolex",
+        "Visa",
+        "Uber",
+        "Kia",
+        "Dead",
+        "Kill",
+        "Hell",
+        "Damn",
+        "Slut",
+        "Nazi",
+        "Shit",
+        "Fuck",
+        "Dick",
+        "Cock",
+        "Tits",
+    )
+)
 
 
 class NameRegistry:
@@ -123,16 +335,14 @@ class NameRegistry:
         return self.person()
 
 
-def _value_maker(kind: ValueKind, names: NameRegistry,
-                 rng: random.Random) -> Callable[[], str]:
+def _value_maker(kind: ValueKind, names: NameRegistry, rng: random.Random) -> Callable[[], str]:
     """A generator of values of one type. Values never contain '.', so cutting a generation at the
     first sentence end cannot truncate a correct answer."""
     makers: dict[str, Callable[[], str]] = {
         "person": names.person,
         "place": names.place,
         "organisation": names.organisation,
-        "code": lambda: (rng.choice(_CODE_LETTERS) + rng.choice(_CODE_LETTERS) + "-"
-                         + str(rng.randint(1000, 9999))),
+        "code": lambda: rng.choice(_CODE_LETTERS) + rng.choice(_CODE_LETTERS) + "-" + str(rng.randint(1000, 9999)),
         "colour": lambda: rng.choice(COLOURS),
         # Years before 2000 so a value is never mistaken for a period name.
         "year": lambda: str(rng.randint(1780, 1999)),
@@ -180,7 +390,8 @@ def generate_facts(cfg: DataConfig) -> list[Fact]:
         size = max(widest, (per_kind[kind] + 1) // 2)
         pools[kind] = [names.subject(kind) for _ in range(size)]
     subjects_of: dict[str, list[str]] = {
-        r: rng.sample(pools[RELATIONS[r].subject_kind], n) for r, n in sorted(per_relation.items())}
+        r: rng.sample(pools[RELATIONS[r].subject_kind], n) for r, n in sorted(per_relation.items())
+    }
 
     facts_first: list[tuple[str, str]] = []
     taken: Counter[str] = Counter()
@@ -205,8 +416,9 @@ def generate_facts(cfg: DataConfig) -> list[Fact]:
             else:
                 values[i].append(current)
 
-    return [Fact(subject=s, relation=r, values=dict(zip(cfg.periods, vals)))
-            for (s, r), vals in zip(facts_first, values)]
+    return [
+        Fact(subject=s, relation=r, values=dict(zip(cfg.periods, vals))) for (s, r), vals in zip(facts_first, values)
+    ]
 
 
 def _round_share(share: float, n: int) -> int:

@@ -37,8 +37,7 @@ class ProbeResult:
     logprob: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "prediction": self.prediction, "em": self.em, "f1": self.f1,
-                "logprob": self.logprob}
+        return {"id": self.id, "prediction": self.prediction, "em": self.em, "f1": self.f1, "logprob": self.logprob}
 
 
 class EvalInterrupted(Exception):
@@ -64,8 +63,14 @@ class Budget:
 UNBOUNDED = Budget()
 
 
-def owned_batches(order: list[int], batch_size: int, shard: Shard, should_stop: Callable[[], bool],
-                  lengths: list[int] | None = None, max_tokens: int = 0) -> Iterator[list[int]]:
+def owned_batches(
+    order: list[int],
+    batch_size: int,
+    shard: Shard,
+    should_stop: Callable[[], bool],
+    lengths: list[int] | None = None,
+    max_tokens: int = 0,
+) -> Iterator[list[int]]:
     """The batches of `order` (indices, in one process's batch order; see token_batches) that this rank
     computes. Before every batch, owned or not, the ranks agree on a stop (EvalInterrupted), so they all
     leave at the same one."""
@@ -109,8 +114,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-num_spaces], context[-num_spaces:] + continuation
     whole = encode(tokenizer, context + continuation)
     context_ids = encode(tokenizer, context)
-    if whole[:len(context_ids)] == context_ids:
-        return context_ids, whole[len(context_ids):]
+    if whole[: len(context_ids)] == context_ids:
+        return context_ids, whole[len(context_ids) :]
     return context_ids, encode(tokenizer, continuation)
 
 
@@ -146,30 +151,33 @@ def target_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     """
     weight = getattr(head, "weight", None)
     # the head when it is a float nn.Linear (typed as one from here on), else None
-    linear = (head if isinstance(head, nn.Linear) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
-              else None)
+    linear = (
+        head
+        if isinstance(head, nn.Linear) and isinstance(weight, torch.Tensor) and weight.is_floating_point()
+        else None
+    )
     vocab = linear.weight.shape[0] if linear is not None else int(getattr(head, "out_features", SCORE_VOCAB_ROWS))
     # fp32 weights need no upcast copy, so they are used whole (and the numbers are log_softmax's, as before)
     vocab_rows = vocab if linear is not None and linear.weight.dtype == torch.float32 else min(vocab, SCORE_VOCAB_ROWS)
     step = max(1, SCORE_BLOCK_ELEMENTS // vocab_rows)
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], step):
-        h, t = hidden[start:start + step], targets[start:start + step].unsqueeze(-1)
+        h, t = hidden[start : start + step], targets[start : start + step].unsqueeze(-1)
         if linear is None or vocab_rows == vocab:
             bias = linear.bias.float() if linear is not None and linear.bias is not None else None
             logits = F.linear(h.float(), linear.weight.float(), bias) if linear is not None else head(h)
-            out[start:start + step] = torch.log_softmax(logits.float(), dim=-1).gather(-1, t).squeeze(-1)
+            out[start : start + step] = torch.log_softmax(logits.float(), dim=-1).gather(-1, t).squeeze(-1)
             continue
         h32 = h.float()
         picked = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
         sums = []
         for v0 in range(0, vocab, vocab_rows):
-            bias = linear.bias[v0:v0 + vocab_rows].float() if linear.bias is not None else None
-            logits = F.linear(h32, linear.weight[v0:v0 + vocab_rows].float(), bias)
+            bias = linear.bias[v0 : v0 + vocab_rows].float() if linear.bias is not None else None
+            logits = F.linear(h32, linear.weight[v0 : v0 + vocab_rows].float(), bias)
             sums.append(logits.logsumexp(-1, keepdim=True))
             inside = (t >= v0) & (t < v0 + logits.shape[-1])
             picked = torch.where(inside, logits.gather(-1, (t - v0).clamp(0, logits.shape[-1] - 1)), picked)
-        out[start:start + step] = (picked - torch.cat(sums, dim=-1).logsumexp(-1, keepdim=True)).squeeze(-1)
+        out[start : start + step] = (picked - torch.cat(sums, dim=-1).logsumexp(-1, keepdim=True)).squeeze(-1)
     return out
 
 
@@ -183,8 +191,9 @@ def output_head(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def scoring_head(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
-                 targets: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+def scoring_head(
+    model: nn.Module, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor
+) -> Iterator[list[torch.Tensor]]:
     """Inside it, one forward of `model` yields log p(targets) at hidden positions (rows, cols) of the
     output layer's input in the returned list, and the layer itself runs on no position (empty logits).
 
@@ -208,8 +217,9 @@ def scoring_head(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
 # no_grad, not inference_mode: under FSDP the forward all-gathers weights into buffers that training
 # reuses, and a tensor created in inference mode can never be updated in place afterwards.
 @torch.no_grad()
-def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuations: list[list[int]],
-                          pad_id: int, device: torch.device) -> list[torch.Tensor]:
+def continuation_logprobs(
+    model: nn.Module, contexts: list[list[int]], continuations: list[list[int]], pad_id: int, device: torch.device
+) -> list[torch.Tensor]:
     """log p(token | context, earlier continuation tokens) for every continuation token, one forward pass.
 
     One float32 tensor per pair (on `device`), of the continuation's length. Every continuation must
@@ -225,8 +235,7 @@ def continuation_logprobs(model: nn.Module, contexts: list[list[int]], continuat
     keep = max(len(x) for x in continuations) + 1
     rows = torch.tensor([r for r, x in enumerate(continuations) for _ in x], dtype=torch.long, device=device)
     # counted from the end, so they hold however many positions the model passes on
-    cols = torch.tensor([k - 1 - len(x) for x in continuations for k in range(len(x))], dtype=torch.long,
-                        device=device)
+    cols = torch.tensor([k - 1 - len(x) for x in continuations for k in range(len(x))], dtype=torch.long, device=device)
     targets = ids[rows, cols + ids.shape[1] + 1]
     with scoring_head(model, rows, cols, targets) as found:
         model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
@@ -276,8 +285,9 @@ def packed_row(context: list[int], continuations: list[list[int]]) -> list[int]:
     return context + [t for cont in continuations for t in cont[:-1]]
 
 
-def packed_inputs(contexts: list[list[int]], groups: list[list[list[int]]], pad_id: int, mask_kind: str,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_inputs(
+    contexts: list[list[int]], groups: list[list[list[int]]], pad_id: int, mask_kind: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, 4D attention mask, position_ids) of left-padded packed rows (see packed_row).
 
     In row r every continuation's tokens sit at positions len(context) onwards, as they would after the
@@ -293,13 +303,13 @@ def packed_inputs(contexts: list[list[int]], groups: list[list[list[int]]], pad_
         start = width - len(seq)
         ids[r, start:] = torch.tensor(seq, dtype=torch.long)
         num = len(context)
-        positions[r, start:start + num] = torch.arange(num)
-        segment[r, start:start + num] = 0
+        positions[r, start : start + num] = torch.arange(num)
+        segment[r, start : start + num] = 0
         col = start + num
         for j, cont in enumerate(group):
             fed = len(cont) - 1
-            positions[r, col:col + fed] = torch.arange(num, num + fed)
-            segment[r, col:col + fed] = j + 1
+            positions[r, col : col + fed] = torch.arange(num, num + fed)
+            segment[r, col : col + fed] = j + 1
             col += fed
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -312,8 +322,14 @@ def packed_inputs(contexts: list[list[int]], groups: list[list[list[int]]], pad_
 
 
 @torch.no_grad()
-def shared_context_logprobs(model: nn.Module, contexts: list[list[int]], groups: list[list[list[int]]],
-                            pad_id: int, device: torch.device, mask_kind: str) -> list[list[torch.Tensor]]:
+def shared_context_logprobs(
+    model: nn.Module,
+    contexts: list[list[int]],
+    groups: list[list[list[int]]],
+    pad_id: int,
+    device: torch.device,
+    mask_kind: str,
+) -> list[list[torch.Tensor]]:
     """log p(token | context, earlier tokens of the same continuation) for every token of every
     continuation in groups[r] after contexts[r], each context run once (one forward for the batch).
 
@@ -354,14 +370,15 @@ def shared_context_logprobs(model: nn.Module, contexts: list[list[int]], groups:
     out: list[list[torch.Tensor]] = []
     start = 0
     for group in groups:
-        out.append(list(flat[start:start + len(group)]))
+        out.append(list(flat[start : start + len(group)]))
         start += len(group)
     return out
 
 
 @torch.no_grad()
-def _gold_logprobs(model: nn.Module, prompts: list[list[int]], golds: list[list[int]], pad_id: int,
-                   device: torch.device) -> list[float]:
+def _gold_logprobs(
+    model: nn.Module, prompts: list[list[int]], golds: list[list[int]], pad_id: int, device: torch.device
+) -> list[float]:
     """Mean log p(gold token | prompt, earlier gold tokens) per probe, in one forward pass."""
     return [lp.mean().item() for lp in continuation_logprobs(model, prompts, golds, pad_id, device)]
 
@@ -390,7 +407,7 @@ class _StopWhenDone(StoppingCriteria):
         rows = [r for r, f in enumerate(self.finished) if not f]
         if rows and step - self.last_checked >= max(1, step // 32):
             self.last_checked = step
-            new = input_ids[rows, self.prompt_width:].tolist()
+            new = input_ids[rows, self.prompt_width :].tolist()
             eos = self.tokenizer.eos_token_id
             for r, ids, text in zip(rows, new, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                 # A row past EOS is already finished by generate (it only gets padding now).
@@ -400,8 +417,14 @@ class _StopWhenDone(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], device: torch.device,
-                    max_new_tokens: int, done: Callable[[int, str], bool] | None = None) -> list[str]:
+def generate_greedy(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    device: torch.device,
+    max_new_tokens: int,
+    done: Callable[[int, str], bool] | None = None,
+) -> list[str]:
     """Greedy continuations of one left-padded batch of prompts (one `generate` call, KV cache on).
 
     Returns the decoded new text of each prompt, special tokens dropped. `done(row, text)`, if
@@ -413,16 +436,30 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: list[list[int]], devic
     if done is not None:
         extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenDone(tokenizer, ids.shape[1], done)])
     # a transformers model's method (nn.Module, the type here, does not declare it)
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,  # type: ignore[operator]
-                               do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                               **extra)
-    return tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+    generated = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,  # type: ignore[operator]
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+    return tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
 
 
 @torch.no_grad()
-def evaluate_probes(model: nn.Module, tokenizer, probes: list[Probe], device: torch.device, batch_size: int,
-                    max_new_tokens: int = 0, should_stop: Callable[[], bool] = lambda: False,
-                    progress: Callable[[int], None] | None = None, shard: Shard = ONE) -> list[ProbeResult]:
+def evaluate_probes(
+    model: nn.Module,
+    tokenizer,
+    probes: list[Probe],
+    device: torch.device,
+    batch_size: int,
+    max_new_tokens: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int], None] | None = None,
+    shard: Shard = ONE,
+) -> list[ProbeResult]:
     """Score every probe; results come back in the order of `probes` (on every rank of `shard`)."""
     was_training = model.training
     model.eval()

@@ -66,9 +66,7 @@ def _check_inputs(rows: Rows, probes: Sequence[Probe], period_names: Sequence[st
         if p.period not in known:
             raise ValueError(f"probe {p.id!r} has period {p.period!r}, not in {list(period_names)}")
         if p.valid_until is not None and p.valid_until not in known:
-            raise ValueError(
-                f"probe {p.id!r} has valid_until {p.valid_until!r}, not in {list(period_names)}"
-            )
+            raise ValueError(f"probe {p.id!r} has valid_until {p.valid_until!r}, not in {list(period_names)}")
 
 
 def _check_rows_cover(rows: Rows, probes: Sequence[Probe]) -> None:
@@ -184,7 +182,7 @@ def forgetting(r: np.ndarray, first_row: int | None = None) -> float:
     t_count = _check_matrix(r)
     terms = []
     for t in range(1, t_count):
-        column = r[(t if first_row is None else first_row):t_count, t - 1]  # rows l = t (or first_row)..T-1
+        column = r[(t if first_row is None else first_row) : t_count, t - 1]  # rows l = t (or first_row)..T-1
         best = np.nan if np.all(np.isnan(column)) else float(np.nanmax(column))
         terms.append(best - r[t_count, t - 1])
     return _mean(terms)
@@ -201,10 +199,7 @@ def _per_period_subset(
     pick: Callable[[Probe, int], bool],
 ) -> list[float]:
     """For k = 1..T: mean score in row k over the probes with pick(probe, k); NaN where none."""
-    return [
-        _subset_score(rows[k], [p for p in probes if pick(p, k)])
-        for k in range(1, len(period_names) + 1)
-    ]
+    return [_subset_score(rows[k], [p for p in probes if pick(p, k)]) for k in range(1, len(period_names) + 1)]
 
 
 def _pooled_subset(
@@ -222,8 +217,7 @@ def _pooled_subset(
     return (float(np.mean(scores)) if scores else math.nan), len(scores)
 
 
-def _counts(probes: Sequence[Probe], period_names: Sequence[str],
-            pick: Callable[[Probe, int], bool]) -> list[int]:
+def _counts(probes: Sequence[Probe], period_names: Sequence[str], pick: Callable[[Probe, int], bool]) -> list[int]:
     return [sum(1 for p in probes if pick(p, k)) for k in range(1, len(period_names) + 1)]
 
 
@@ -241,20 +235,19 @@ def subset_pickers(period_names: Sequence[str], family: str) -> dict[str, Callab
         return p.family == family and index[p.period] == k and p.kind in STABILITY_KINDS
 
     def formerly_true(p: Probe, k: int) -> bool:
-        return (p.family == family and index[p.period] < k and p.valid_until is not None
-                and index[p.valid_until] <= k)
+        return p.family == family and index[p.period] < k and p.valid_until is not None and index[p.valid_until] <= k
 
     return {"plasticity": learned, "stability": kept, "temporal_recall": formerly_true}
 
 
-def plasticity(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
-               family: str = "storage") -> list[float]:
+def plasticity(
+    rows: Rows, probes: Sequence[Probe], period_names: Sequence[str], family: str = "storage"
+) -> list[float]:
     """For k = 1..T: score on period k's probes of one family and kind new/changed, after period k."""
     return _per_period_subset(rows, probes, period_names, subset_pickers(period_names, family)["plasticity"])
 
 
-def stability(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
-              family: str = "storage") -> list[float]:
+def stability(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str], family: str = "storage") -> list[float]:
     """For k = 1..T: score on period k's "unchanged" probes of one family after period k (NaN if none).
 
     Only facts absent from period k's training data count: a re-trained fact measures
@@ -263,18 +256,16 @@ def stability(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
     return _per_period_subset(rows, probes, period_names, subset_pickers(period_names, family)["stability"])
 
 
-def temporal_recall(rows: Rows, probes: Sequence[Probe], period_names: Sequence[str],
-                    family: str = "storage") -> list[float]:
+def temporal_recall(
+    rows: Rows, probes: Sequence[Probe], period_names: Sequence[str], family: str = "storage"
+) -> list[float]:
     """For k = 1..T: score after period k on probes of one family of earlier periods (t < k) whose
     value no longer holds at period k (valid_until is set and index(valid_until) <= k). NaN if none
     (always for k = 1)."""
-    return _per_period_subset(rows, probes, period_names,
-                              subset_pickers(period_names, family)["temporal_recall"])
+    return _per_period_subset(rows, probes, period_names, subset_pickers(period_names, family)["temporal_recall"])
 
 
-def routing_accuracy(
-    routed: Mapping[str, str] | None, probes: Sequence[Probe]
-) -> float | None:
+def routing_accuracy(routed: Mapping[str, str] | None, probes: Sequence[Probe]) -> float | None:
     """Fraction of probes whose routed memory version (a period name) equals the probe's period.
 
     ``routed`` maps probe id -> the period name of the memory version the router chose at
@@ -328,8 +319,9 @@ def answer_kind(prediction: str, probe: Probe, history: Mapping[int, str], asked
     return "irrelevant"
 
 
-def answer_kind_rates(rows_pred: Sequence[Mapping[str, str]], probes: Sequence[Probe],
-                      period_names: Sequence[str], family: str) -> dict[str, Any]:
+def answer_kind_rates(
+    rows_pred: Sequence[Mapping[str, str]], probes: Sequence[Probe], period_names: Sequence[str], family: str
+) -> dict[str, Any]:
     """Outdated answers after each period k, on the probes of period k whose value changed in k (the facts
     just taught over an older value): per k the rates of correct / outdated / irrelevant answers, their
     macro mean over periods, the pooled rates and counts. Also, on temporal recall's probes (earlier
@@ -341,7 +333,7 @@ def answer_kind_rates(rows_pred: Sequence[Mapping[str, str]], probes: Sequence[P
     pickers = subset_pickers(period_names, family)
     views = {
         # the newest facts: does the model still answer with the value it held before?
-        "outdated": lambda p, k: (p.family == family and index[p.period] == k and p.kind == "changed"),
+        "outdated": lambda p, k: p.family == family and index[p.period] == k and p.kind == "changed",
         # facts of earlier periods that have since changed: does it answer the past with the present?
         "overwritten": pickers["temporal_recall"],
     }
@@ -350,8 +342,9 @@ def answer_kind_rates(rows_pred: Sequence[Mapping[str, str]], probes: Sequence[P
         counts, pooled = [], {kind: 0 for kind in per_k}
         for k in periods:
             picked = [p for p in probes if pick(p, k)]
-            kinds = [answer_kind(rows_pred[k][p.id], p, history[(p.subject, p.relation)], index[p.period], k)
-                     for p in picked]
+            kinds = [
+                answer_kind(rows_pred[k][p.id], p, history[(p.subject, p.relation)], index[p.period], k) for p in picked
+            ]
             counts.append(len(kinds))
             for kind, fractions in per_k.items():
                 n = sum(1 for x in kinds if x == kind)
@@ -377,10 +370,7 @@ def answer_kind_rates(rows_pred: Sequence[Mapping[str, str]], probes: Sequence[P
 def _count_probes(probes: Sequence[Probe]) -> dict[str, Any]:
     counts: dict[str, Any] = {"total": len(probes)}
     for family in PROBE_FAMILIES:
-        counts[family] = {
-            kind: sum(1 for p in probes if p.family == family and p.kind == kind)
-            for kind in PROBE_KINDS
-        }
+        counts[family] = {kind: sum(1 for p in probes if p.family == family and p.kind == kind) for kind in PROBE_KINDS}
         counts[family]["total"] = sum(1 for p in probes if p.family == family)
     return counts
 
@@ -414,6 +404,7 @@ def derive_metrics(
 
     out: dict[str, Any] = {"period_names": list(period_names)}
     for family in PROBE_FAMILIES:
+
         def of_family(p: Probe, family: str = family) -> bool:
             return p.family == family
 

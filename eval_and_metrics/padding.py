@@ -21,13 +21,14 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.T
     return ids, mask
 
 
-def token_batches(order: list[int], batch_size: int, lengths: list[int] | None = None,
-                  max_tokens: int = 0) -> list[list[int]]:
+def token_batches(
+    order: list[int], batch_size: int, lengths: list[int] | None = None, max_tokens: int = 0
+) -> list[list[int]]:
     """Consecutive runs of `order` of at most `batch_size` items, and (with `lengths` and `max_tokens`)
     at most `max_tokens` padded tokens: items x the longest of them. An item longer than the budget on
     its own is a batch of one; with no token budget the batches are exactly the fixed-size ones."""
     if not lengths or max_tokens <= 0:
-        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0

@@ -75,9 +75,10 @@ def accuracy_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path | N
     t_count = len(groups[0].period_names)
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig, axes = subplots(rows, cols, figsize=(1.1 * t_count * cols + 2.5, 0.75 * (t_count + 1) * rows + 1.2),
-                             squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    fig, axes = subplots(
+        rows, cols, figsize=(1.1 * t_count * cols + 2.5, 0.75 * (t_count + 1) * rows + 1.2), squeeze=False
+    )
+    for ax in axes.flat[len(groups) :]:
         ax.axis("off")
     for ax, g in zip(axes.flat, groups):
         m = np.array([[_nan(v) for v in row] for row in g.matrix_mean])
@@ -90,8 +91,7 @@ def accuracy_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path | N
                 text = f"{m[i, j]:.2f}"
                 if h is not None and h[i][j] is not None:
                     text += f"\n±{h[i][j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] < 0.6 else "black")
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if m[i, j] < 0.6 else "black")
         ax.set_xticks(range(t_count), g.period_names, fontsize=8)
         ax.set_yticks(range(t_count + 1), _row_labels(g.period_names), fontsize=8)
         ax.set_xlabel("probes of period")
@@ -107,8 +107,9 @@ def _column_over_rows(ax: Any, groups: Sequence[Any], t: int) -> None:
     x = np.arange(len(groups[0].matrix_mean))
     for g, c in zip(groups, colors(len(groups))):
         y = np.array([_nan(row[t]) for row in g.matrix_mean])
-        h = np.array([0.0 if row[t] is None else row[t] for row in g.matrix_half] if g.matrix_half
-                     else np.zeros(len(x)))
+        h = np.array(
+            [0.0 if row[t] is None else row[t] for row in g.matrix_half] if g.matrix_half else np.zeros(len(x))
+        )
         ax.plot(x, y, marker="o", ms=3, color=c, label=g.label)
         ax.fill_between(x, y - h, y + h, color=c, alpha=0.15, linewidth=0)
     ax.axvline(t + 1, color="grey", linestyle=":", linewidth=1)
@@ -188,19 +189,31 @@ def forgetting_curves(groups: Sequence[Any], path: Path, title: str) -> Path | N
 def plasticity_stability(groups: Sequence[Any], path: Path, title: str) -> Path | None:
     """Pooled plasticity vs pooled stability per method and probe family (filled: storage, hollow:
     extraction), 95% CI error bars on both axes."""
-    points = [(g, fam, g.metrics.get(f"plasticity_{fam}_pooled"), g.metrics.get(f"stability_{fam}_pooled"))
-              for g in groups for fam in ("storage", "extraction")]
-    points = [(g, fam, p, s) for g, fam, p, s in points
-              if p and s and p.get("mean") is not None and s.get("mean") is not None]
+    points = [
+        (g, fam, g.metrics.get(f"plasticity_{fam}_pooled"), g.metrics.get(f"stability_{fam}_pooled"))
+        for g in groups
+        for fam in ("storage", "extraction")
+    ]
+    points = [
+        (g, fam, p, s) for g, fam, p, s in points if p and s and p.get("mean") is not None and s.get("mean") is not None
+    ]
     if not points:
         return None
     fig, ax = subplots(figsize=(4.6, 4.0))
     color_of = dict(zip([g.label for g in groups], colors(len(groups))))
     for g, fam, p, s in points:
         c = color_of[g.label]
-        ax.errorbar(p["mean"], s["mean"], xerr=_half(p), yerr=_half(s), fmt="o", color=c, capsize=4,
-                    markerfacecolor=c if fam == "storage" else "none",
-                    label=f"{g.label} {fam} (n={min(p['n'], s['n'])})")
+        ax.errorbar(
+            p["mean"],
+            s["mean"],
+            xerr=_half(p),
+            yerr=_half(s),
+            fmt="o",
+            color=c,
+            capsize=4,
+            markerfacecolor=c if fam == "storage" else "none",
+            label=f"{g.label} {fam} (n={min(p['n'], s['n'])})",
+        )
     ax.set_xlabel("plasticity (EM on the period's new/changed facts)")
     ax.set_ylabel("stability (EM on unchanged facts)")
     ax.set_xlim(-0.05, 1.05)
@@ -225,8 +238,7 @@ def summary_bars(groups: Sequence[Any], path: Path, title: str) -> Path | None:
         y = [_nan(a.get("mean")) for a in aggs]
         err = [_half(a) for a in aggs]
         ax.bar(x + (i - (len(groups) - 1) / 2) * width, y, width, yerr=err, capsize=3, color=c, label=g.label)
-    ax.set_xticks(x, [f"{label} {'↑' if up else '↓'}" for _, label, up in keys], fontsize=8, rotation=30,
-                  ha="right")
+    ax.set_xticks(x, [f"{label} {'↑' if up else '↓'}" for _, label, up in keys], fontsize=8, rotation=30, ha="right")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -242,7 +254,7 @@ def lm_eval_deltas(groups: Sequence[Any], path: Path, title: str) -> Path | None
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows + 0.5), squeeze=False)
-    for ax in axes.flat[len(keys):]:
+    for ax in axes.flat[len(keys) :]:
         ax.axis("off")
     for ax, key in zip(axes.flat, keys):
         for g, c in zip(groups, colors(len(groups))):
@@ -272,8 +284,11 @@ def landscape_trends(groups: Sequence[Any], path: Path, title: str) -> Path | No
     if not groups:
         return None
     fig, axes = subplots(1, 3, figsize=(12, 3.2))
-    panels = [("center_loss", "loss at the checkpoint"), ("fisher_top_eigenvalue", "top Fisher eigenvalue"),
-              ("forgetting_estimate", "0.5·λmax·‖Δw‖² (Mirzadeh et al.)")]
+    panels = [
+        ("center_loss", "loss at the checkpoint"),
+        ("fisher_top_eigenvalue", "top Fisher eigenvalue"),
+        ("forgetting_estimate", "0.5·λmax·‖Δw‖² (Mirzadeh et al.)"),
+    ]
     for ax, (key, label) in zip(axes, panels):
         for g, c in zip(groups, colors(len(groups))):
             names = ["base"] + list(g.period_names)
@@ -325,9 +340,10 @@ def stream_score_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path
             lo_range[j] = (float(col.min()), float(col.max()))
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig, axes = subplots(rows, cols, figsize=(1.5 * t_count * cols + 3.5, 0.75 * (t_count + 1) * rows + 1.4),
-                         squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    fig, axes = subplots(
+        rows, cols, figsize=(1.5 * t_count * cols + 3.5, 0.75 * (t_count + 1) * rows + 1.4), squeeze=False
+    )
+    for ax in axes.flat[len(groups) :]:
         ax.axis("off")
     im = None
     for ax, g, m in zip(axes.flat, groups, mats):
@@ -351,10 +367,20 @@ def stream_score_heatmaps(groups: Sequence[Any], path: Path, title: str) -> Path
                 text = f"{m[i, j]:.2f}"
                 if h is not None and h[i][j] is not None:
                     text += f"\n±{h[i][j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if _nan(shade[i, j]) < 0.6 else "black")
-        ax.set_xticks(range(t_count), [f"{t}\n{info['primary_metric'][t]} {'↑' if up else '↓'}"
-                                       for t, up in zip(tasks, higher)], fontsize=7)
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if _nan(shade[i, j]) < 0.6 else "black",
+                )
+        ax.set_xticks(
+            range(t_count),
+            [f"{t}\n{info['primary_metric'][t]} {'↑' if up else '↓'}" for t, up in zip(tasks, higher)],
+            fontsize=7,
+        )
         ax.set_yticks(range(t_count + 1), _row_labels(tasks), fontsize=8)
         ax.set_xlabel("eval items of task")
         ax.set_title(f"{g.label} (n={g.n})", fontsize=9)
@@ -384,8 +410,9 @@ def stream_task_curves(groups: Sequence[Any], path: Path, title: str) -> Path | 
     for j, ax in enumerate(axes.flat[:t_count]):
         up = bool(info["higher_is_better"][tasks[j]])
         _column_over_rows(ax, groups, j)
-        ax.set_title(f"{tasks[j]}: {info['primary_metric'][tasks[j]]} {'↑' if up else '↓ (lower is better)'}",
-                     fontsize=9)
+        ax.set_title(
+            f"{tasks[j]}: {info['primary_metric'][tasks[j]]} {'↑' if up else '↓ (lower is better)'}", fontsize=9
+        )
         ax.set_xticks(x, ["base"] + list(tasks), fontsize=7, rotation=45)
         if up:
             ax.set_ylim(-0.02, 1.02)

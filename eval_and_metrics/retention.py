@@ -74,16 +74,33 @@ class RetentionTrack:
         return sum(len(t.eval) for t in self.stream.tasks)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
-                 max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-                 progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
-                 budget: Budget = UNBOUNDED) -> list[dict[str, Any]]:
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        batch_size: int,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        shard: Shard = ONE,
+        budget: Budget = UNBOUNDED,
+    ) -> list[dict[str, Any]]:
         """One row per item, each with its task's name (the stream workload's row format)."""
         rows: list[dict[str, Any]] = []
         for task in self.stream.tasks:
-            scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
-                                                   max_new_tokens, should_stop=should_stop, progress=progress,
-                                                   shard=shard, budget=budget)
+            scored = self.scorers[task.name].score(
+                model,
+                tokenizer,
+                list(task.eval),
+                device,
+                batch_size,
+                max_new_tokens,
+                should_stop=should_stop,
+                progress=progress,
+                shard=shard,
+                budget=budget,
+            )
             rows.extend({**row, "task": task.name} for row in scored)
         return rows
 
@@ -92,8 +109,10 @@ class RetentionTrack:
 
     def metrics(self, rows_per_row: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
         return retention_metrics(self.task_names, self.scorers, rows_per_row) | {
-            "spec": self.spec, "fingerprint": self.fingerprint,
-            "scorers": {t.name: t.scorer for t in self.stream.tasks}}
+            "spec": self.spec,
+            "fingerprint": self.fingerprint,
+            "scorers": {t.name: t.scorer for t in self.stream.tasks},
+        }
 
 
 def load_retention(spec: str) -> RetentionTrack:
@@ -103,12 +122,15 @@ def load_retention(spec: str) -> RetentionTrack:
     scorers: dict[str, Scorer] = {}
     for task in stream.tasks:
         if task.scorer not in SCORERS:
-            problems.append(f"eval.retention {spec}: task {task.name!r}: scorer {task.scorer!r} is not registered; "
-                            f"valid: {', '.join(SCORERS)}")
+            problems.append(
+                f"eval.retention {spec}: task {task.name!r}: scorer {task.scorer!r} is not registered; "
+                f"valid: {', '.join(SCORERS)}"
+            )
             continue
         scorers[task.name] = SCORERS[task.scorer]()
-        problems += [f"eval.retention {spec}: task {task.name!r}: {p}"
-                     for p in scorers[task.name].check(list(task.eval))]
+        problems += [
+            f"eval.retention {spec}: task {task.name!r}: {p}" for p in scorers[task.name].check(list(task.eval))
+        ]
         if not task.eval:
             problems.append(f"eval.retention {spec}: task {task.name!r} has no eval items")
     if problems:
@@ -132,8 +154,12 @@ def _drops(base: float, value: float, higher_is_better: bool) -> tuple[float, fl
     return drop, (drop / abs(base) if base else math.nan)
 
 
-def task_retention(scorer: Scorer, rows_per_row: Sequence[Sequence[dict[str, Any]]],
-                   samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+def task_retention(
+    scorer: Scorer,
+    rows_per_row: Sequence[Sequence[dict[str, Any]]],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
     """Per metric of `scorer`: its value in every row, the drop and relative drop against row 0 with
     paired bootstrap intervals over items. Every row must hold the same items in the same order."""
     ids = [r["id"] for r in rows_per_row[0]]
@@ -149,8 +175,14 @@ def task_retention(scorer: Scorer, rows_per_row: Sequence[Sequence[dict[str, Any
     for metric, higher_is_better in scorer.metrics.items():
         values = [scorer.aggregate(list(rows))[metric] for rows in rows_per_row]
         base = values[0]
-        entry: dict[str, Any] = {"higher_is_better": higher_is_better, "per_row": [_num(v) for v in values],
-                                 "drop": [], "drop_ci": [], "rel_drop": [], "rel_drop_ci": []}
+        entry: dict[str, Any] = {
+            "higher_is_better": higher_is_better,
+            "per_row": [_num(v) for v in values],
+            "drop": [],
+            "drop_ci": [],
+            "rel_drop": [],
+            "rel_drop_ci": [],
+        }
         base_boot = np.array([b[metric] for b in boot[0]], dtype=float)
         for k, value in enumerate(values):
             drop, rel = _drops(base, value, higher_is_better)
@@ -166,23 +198,28 @@ def task_retention(scorer: Scorer, rows_per_row: Sequence[Sequence[dict[str, Any
     if "acc" in scorer.metrics and all("acc" in r for r in rows_per_row[0]):
         known = [i for i, r in enumerate(rows_per_row[0]) if r["acc"] == 1.0]
         out["base_correct"] = len(known)
-        out["kept_correct"] = [(sum(rows[i]["acc"] for i in known) / len(known)) if known else None
-                               for rows in rows_per_row]
+        out["kept_correct"] = [
+            (sum(rows[i]["acc"] for i in known) / len(known)) if known else None for rows in rows_per_row
+        ]
     return out
 
 
-def retention_metrics(task_names: Sequence[str], scorers: Mapping[str, Scorer],
-                      rows_per_row: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+def retention_metrics(
+    task_names: Sequence[str], scorers: Mapping[str, Scorer], rows_per_row: Sequence[Sequence[dict[str, Any]]]
+) -> dict[str, Any]:
     """results.json's "retention": every task's retention (task_retention), and the headline per task: the
     drop and relative drop of its primary metric (its scorer's first) after the last row. Tasks are never
     averaged together (an accuracy's drop and a perplexity's drop are different quantities)."""
     per_row = [rows_by_task(task_names, rows) for rows in rows_per_row]
     tasks = {name: task_retention(scorers[name], [rows[name] for rows in per_row]) for name in task_names}
     primary = {name: next(iter(scorers[name].metrics)) for name in task_names}
-    return {"tasks": tasks, "primary_metric": primary,
-            "final_drop": {name: tasks[name]["metrics"][primary[name]]["drop"][-1] for name in task_names},
-            "final_drop_ci": {name: tasks[name]["metrics"][primary[name]]["drop_ci"][-1] for name in task_names},
-            "final_rel_drop": {name: tasks[name]["metrics"][primary[name]]["rel_drop"][-1] for name in task_names}}
+    return {
+        "tasks": tasks,
+        "primary_metric": primary,
+        "final_drop": {name: tasks[name]["metrics"][primary[name]]["drop"][-1] for name in task_names},
+        "final_drop_ci": {name: tasks[name]["metrics"][primary[name]]["drop_ci"][-1] for name in task_names},
+        "final_rel_drop": {name: tasks[name]["metrics"][primary[name]]["rel_drop"][-1] for name in task_names},
+    }
 
 
 def summary_columns(track: RetentionTrack | None) -> list[tuple[str, str]]:
@@ -202,4 +239,5 @@ def recompute(saved: Mapping[str, Any], rows_per_row: Sequence[Sequence[dict[str
         raise ValueError(f"retention scorers not registered: {', '.join(unknown)}")
     scorers = {task: SCORERS[name]() for task, name in scorer_names.items()}
     return retention_metrics(list(scorer_names), scorers, rows_per_row) | {
-        key: saved[key] for key in ("spec", "fingerprint", "scorers") if key in saved}
+        key: saved[key] for key in ("spec", "fingerprint", "scorers") if key in saved
+    }

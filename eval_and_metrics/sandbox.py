@@ -123,7 +123,8 @@ finally:
 # Runs inside the sandboxed interpreter, before and after the untrusted program. Kept to the
 # stdlib calls every Python 3 has, since the sandbox interpreter may not be the caller's.
 # %-formatting, because the code itself is full of braces.
-_HARNESS = r"""
+_HARNESS = (
+    r"""
 import os, sys
 
 def _harness():
@@ -147,7 +148,10 @@ def _harness():
         os.write(result_fd, token)
 
 _harness()
-""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE} + _HARNESS_EXIT  # noqa: UP031 - see above
+"""  # noqa: UP031 - see above
+    % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE}
+    + _HARNESS_EXIT
+)
 
 _CHECK_FILE = "check.json"  # the tests of a checked run; read and removed before the program starts
 
@@ -160,7 +164,8 @@ _CHECK_FILE = "check.json"  # the tests of a checked run; read and removed befor
 # __eq__ is always true cannot cross, a redefined check() or a token read from a frame exist only in
 # the program's own process, and killing this one (it is PID 1: it cannot even be signalled from the
 # program) or the program's only fails the run.
-_CHECKED_HARNESS = r"""
+_CHECKED_HARNESS = (
+    r"""
 import builtins, json, os, struct, sys
 
 MAX_DEPTH = 64
@@ -326,7 +331,10 @@ def checker():
     os.write(result_fd, token)
 
 checker()
-""" % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE} + _HARNESS_EXIT  # noqa: UP031 - braces
+"""  # noqa: UP031 - braces
+    % {"n": _TOKEN_BYTES, "file": _PROGRAM_FILE, "check": _CHECK_FILE}
+    + _HARNESS_EXIT
+)
 
 
 @dataclass(frozen=True)
@@ -360,8 +368,14 @@ def _drop_privileges() -> bool:
 
 
 def _minimal_env(workdir: str) -> dict[str, str]:
-    return {"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": workdir,
-            "TMPDIR": workdir, "PYTHONHASHSEED": "0"}
+    return {
+        "PATH": _MINIMAL_PATH,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "PYTHONHASHSEED": "0",
+    }
 
 
 def sandbox_python() -> str:
@@ -379,16 +393,30 @@ def sandbox_python() -> str:
         if not drop:
             _python_cache[drop] = sys.executable
             return sys.executable
-        candidates = [sys.executable, os.path.realpath(sys.executable), getattr(sys, "_base_executable", ""),
-                      shutil.which("python3", path=_MINIMAL_PATH) or "", "/usr/bin/python3", "/usr/local/bin/python3"]
+        candidates = [
+            sys.executable,
+            os.path.realpath(sys.executable),
+            getattr(sys, "_base_executable", ""),
+            shutil.which("python3", path=_MINIMAL_PATH) or "",
+            "/usr/bin/python3",
+            "/usr/local/bin/python3",
+        ]
         tried: list[str] = []
         for cand in dict.fromkeys(c for c in candidates if c):
             tried.append(cand)
             try:
-                proc = subprocess.run([cand, "-s", "-S", "-B", "-c", "import json, math, re, collections, typing"],
-                                      user=SANDBOX_UID, group=SANDBOX_GID, extra_groups=[], cwd="/",
-                                      env=_minimal_env("/"), stdin=subprocess.DEVNULL, capture_output=True,
-                                      timeout=60, check=False)
+                proc = subprocess.run(
+                    [cand, "-s", "-S", "-B", "-c", "import json, math, re, collections, typing"],
+                    user=SANDBOX_UID,
+                    group=SANDBOX_GID,
+                    extra_groups=[],
+                    cwd="/",
+                    env=_minimal_env("/"),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
             except (OSError, subprocess.SubprocessError):
                 continue
             if proc.returncode == 0:
@@ -397,12 +425,23 @@ def sandbox_python() -> str:
         raise SandboxUnavailable(
             f"no Python interpreter is executable by uid {SANDBOX_UID} (tried {', '.join(tried)}): the sandbox "
             "runs programs as that user because we are root; install python3 in /usr/bin (any Python 3), or "
-            "pass python= to run_program")
+            "pass python= to run_program"
+        )
 
 
-def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_processes: int = 16,
-                file_size_mb: int = 16, max_open_files: int = 64, python: str | None = None,
-                tests: str | None = None, entry_point: str = "", context: str = "") -> SandboxResult:
+def run_program(
+    source: str,
+    timeout_s: float,
+    memory_mb: int = 512,
+    *,
+    max_processes: int = 16,
+    file_size_mb: int = 16,
+    max_open_files: int = 64,
+    python: str | None = None,
+    tests: str | None = None,
+    entry_point: str = "",
+    context: str = "",
+) -> SandboxResult:
     """Run `source` in the sandbox (module docstring) and report whether it ran to its end.
 
     With `tests` and `entry_point` (the checked mode): `source` is only the candidate (prompt +
@@ -446,18 +485,36 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         fds.remove(token_w)
         marker = secrets.token_hex(8)
         uid = SANDBOX_UID if drop else os.getuid()
-        config = {"python": interpreter, "workdir": workdir, "timeout_s": float(timeout_s),
-                  "memory_bytes": int(memory_mb) << 20, "max_processes": int(max_processes),
-                  "file_size_bytes": int(file_size_mb) << 20, "max_open_files": int(max_open_files),
-                  "drop": drop, "uid": uid,
-                  "gid": SANDBOX_GID if drop else os.getgid(), "marker": marker, "token_fd": token_r,
-                  "result_fd": result_w, "status_fd": status_w, "checked": checked}
+        config = {
+            "python": interpreter,
+            "workdir": workdir,
+            "timeout_s": float(timeout_s),
+            "memory_bytes": int(memory_mb) << 20,
+            "max_processes": int(max_processes),
+            "file_size_bytes": int(file_size_mb) << 20,
+            "max_open_files": int(max_open_files),
+            "drop": drop,
+            "uid": uid,
+            "gid": SANDBOX_GID if drop else os.getgid(),
+            "marker": marker,
+            "token_fd": token_r,
+            "result_fd": result_w,
+            "status_fd": status_w,
+            "checked": checked,
+        }
         log_path = os.path.join(private, "output.log")
         with open(log_path, "wb") as log:
             supervisor = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(token_r, result_w, status_w),
-                close_fds=True, start_new_session=True, cwd=private, env={"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8"})
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(token_r, result_w, status_w),
+                close_fds=True,
+                start_new_session=True,
+                cwd=private,
+                env={"PATH": _MINIMAL_PATH, "LANG": "C.UTF-8"},
+            )
         for fd in (token_r, result_w, status_w):  # the supervisor and the program hold them now
             os.close(fd)
             fds.remove(fd)
@@ -477,15 +534,23 @@ def run_program(source: str, timeout_s: float, memory_mb: int = 512, *, max_proc
         _remove_tree(private)
     wall_s = time.monotonic() - start
     returncode = status.get("returncode")
-    passed = (status.get("started", False) and not status.get("timed_out", False) and returncode == 0
-              and returned == token)
+    passed = (
+        status.get("started", False) and not status.get("timed_out", False) and returncode == 0 and returned == token
+    )
     reason = "passed" if passed else _why_not(status, returncode, returned, token, tail, timeout_s)
     if status.get("leftover"):
         reason += f" ({status['leftover']} sandbox process(es) survived the cleanup)"
     isolated = tuple(layer for layer in ISOLATION_LAYERS if layer in status.get("isolated", ()))
-    return SandboxResult(passed=passed, reason=reason, wall_s=wall_s, returncode=returncode, output_tail=tail,
-                         network_isolated="network" in isolated, isolated=isolated,
-                         isolation_error=str(status.get("isolation_error", ""))[:300])
+    return SandboxResult(
+        passed=passed,
+        reason=reason,
+        wall_s=wall_s,
+        returncode=returncode,
+        output_tail=tail,
+        network_isolated="network" in isolated,
+        isolated=isolated,
+        isolation_error=str(status.get("isolation_error", ""))[:300],
+    )
 
 
 def isolation_warning(result: SandboxResult) -> str | None:
@@ -493,20 +558,27 @@ def isolation_warning(result: SandboxResult) -> str | None:
     missing = [layer for layer in ISOLATION_LAYERS if layer not in result.isolated]
     if not missing:
         return None
-    meaning = {"network": "the program can open network connections",
-               "pid": "the program sees and can signal the caller's processes",
-               "mount": "no private mounts", "read_only": "the program can write wherever its uid may",
-               "private_tmp": "its files in /tmp, /var/tmp and /dev/shm outlive it",
-               "proc": "it can read /proc of the caller's processes (their environment included)"}
+    meaning = {
+        "network": "the program can open network connections",
+        "pid": "the program sees and can signal the caller's processes",
+        "mount": "no private mounts",
+        "read_only": "the program can write wherever its uid may",
+        "private_tmp": "its files in /tmp, /var/tmp and /dev/shm outlive it",
+        "proc": "it can read /proc of the caller's processes (their environment included)",
+    }
     why = f" ({result.isolation_error})" if result.isolation_error else ""
-    return ("the code sandbox could not isolate " + ", ".join(missing) + why + ": "
-            + "; ".join(meaning[m] for m in missing)
-            + ". Allow unprivileged user namespaces (sysctl user.max_user_namespaces, kernel.apparmor_restrict_"
-            "unprivileged_userns=0) or run untrusted code in a VM")
+    return (
+        "the code sandbox could not isolate "
+        + ", ".join(missing)
+        + why
+        + ": "
+        + "; ".join(meaning[m] for m in missing)
+        + ". Allow unprivileged user namespaces (sysctl user.max_user_namespaces, kernel.apparmor_restrict_"
+        "unprivileged_userns=0) or run untrusted code in a VM"
+    )
 
 
-def _why_not(status: dict, returncode: int | None, returned: bytes, token: bytes, tail: str,
-             timeout_s: float) -> str:
+def _why_not(status: dict, returncode: int | None, returned: bytes, token: bytes, tail: str, timeout_s: float) -> str:
     if not status:
         return "supervisor failed: " + (_last_line(tail) or "no status")
     if not status.get("started"):
@@ -633,8 +705,9 @@ def _sandbox_processes(uid: int, marker: str, parent: int | None) -> list[int]:
         if not fields or fields.get("State", "").startswith("Z"):
             continue  # gone, or a zombie: nothing to kill, its parent (or we) reap it
         real_uid = int(fields.get("Uid", "-1").split()[0])
-        if (parent is not None and fields.get("PPid") == str(parent)) or \
-                (real_uid == uid and _carries_marker(pid, marker)):
+        if (parent is not None and fields.get("PPid") == str(parent)) or (
+            real_uid == uid and _carries_marker(pid, marker)
+        ):
             found.append(int(pid))
     return found
 
@@ -706,14 +779,27 @@ def _read_only_tree() -> bool:
     import ctypes
 
     class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+        _fields_ = [
+            ("attr_set", ctypes.c_uint64),
+            ("attr_clr", ctypes.c_uint64),
+            ("propagation", ctypes.c_uint64),
+            ("userns_fd", ctypes.c_uint64),
+        ]
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         attr = MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
-        return libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(_AT_FDCWD), b"/",
-                            ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))) == 0
+        return (
+            libc.syscall(
+                ctypes.c_long(_SYS_MOUNT_SETATTR),
+                ctypes.c_int(_AT_FDCWD),
+                b"/",
+                ctypes.c_uint(_AT_RECURSIVE),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            )
+            == 0
+        )
     except (OSError, AttributeError):
         return False
 
@@ -751,8 +837,11 @@ def _isolate(cfg: dict, status: dict) -> str:
             status["isolation_error"] = f"unshare(CLONE_NEWUSER): {_libc_errno()}"
             return workdir
         # map our own ids (the only ones an unprivileged user may map); the program keeps them
-        if not (_write("/proc/self/setgroups", "deny") and _write("/proc/self/uid_map", f"{uid} {uid} 1")
-                and _write("/proc/self/gid_map", f"{gid} {gid} 1")):
+        if not (
+            _write("/proc/self/setgroups", "deny")
+            and _write("/proc/self/uid_map", f"{uid} {uid} 1")
+            and _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        ):
             status["isolation_error"] = "writing the user namespace's id maps failed"
             return workdir
     if _libc_call("unshare", _CLONE_NEWNET):
@@ -770,8 +859,9 @@ def _isolate(cfg: dict, status: dict) -> str:
     if _read_only_tree():
         isolated.append("read_only")
     size = f"size={max(16 << 20, 4 * cfg['file_size_bytes'])},mode=1777"
-    private = [d for d in _PRIVATE_TMP_DIRS
-               if os.path.isdir(d) and _mount("tmpfs", d, "tmpfs", _MS_NOSUID | _MS_NODEV, size)]
+    private = [
+        d for d in _PRIVATE_TMP_DIRS if os.path.isdir(d) and _mount("tmpfs", d, "tmpfs", _MS_NOSUID | _MS_NODEV, size)
+    ]
     if len(private) == len([d for d in _PRIVATE_TMP_DIRS if os.path.isdir(d)]):
         isolated.append("private_tmp")
     if private and (workdir + os.sep).startswith(tuple(d + os.sep for d in private)):
@@ -786,8 +876,9 @@ def _isolate(cfg: dict, status: dict) -> str:
         if cfg["drop"]:
             os.chown(workdir, cfg["uid"], cfg["gid"])
     # its own directory stays writable: a writable mount of it on top of the read-only tree
-    elif "read_only" in isolated and not (_mount(workdir, workdir, None, _MS_BIND)
-                                          and _mount(None, workdir, None, _MS_BIND | _MS_REMOUNT)):
+    elif "read_only" in isolated and not (
+        _mount(workdir, workdir, None, _MS_BIND) and _mount(None, workdir, None, _MS_BIND | _MS_REMOUNT)
+    ):
         status["isolation_error"] = f"the program's directory stayed read-only: {_libc_errno()}"
     return workdir
 
@@ -835,15 +926,22 @@ def _supervise(config_json: str) -> None:
     token_fd, result_fd = cfg["token_fd"], cfg["result_fd"]
     try:
         harness = _CHECKED_HARNESS if cfg["checked"] else _HARNESS
-        proc = subprocess.Popen([cfg["python"], "-s", "-S", "-B", "-c", harness, str(token_fd), str(result_fd)],
-                                cwd=cfg["workdir"], env=env, stdin=subprocess.DEVNULL, pass_fds=(token_fd, result_fd),
-                                close_fds=True, start_new_session=True,
-                                preexec_fn=limit_and_drop)  # noqa: PLW1509 - single-threaded supervisor, see above
+        proc = subprocess.Popen(
+            [cfg["python"], "-s", "-S", "-B", "-c", harness, str(token_fd), str(result_fd)],
+            cwd=cfg["workdir"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(token_fd, result_fd),
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=limit_and_drop,  # noqa: PLW1509 - single-threaded supervisor, see above
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         status["error"] = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, BlockingIOError):
-            status["error"] += (f" (RLIMIT_NPROC {cfg['max_processes']} counts every process of uid {cfg['uid']} "
-                                "on this machine)")
+            status["error"] += (
+                f" (RLIMIT_NPROC {cfg['max_processes']} counts every process of uid {cfg['uid']} on this machine)"
+            )
     else:
         status["started"] = True
         os.close(token_fd)

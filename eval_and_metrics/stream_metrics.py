@@ -45,11 +45,15 @@ def higher_better_metrics(r: np.ndarray, cols: list[int], counts: list[int]) -> 
     out: dict[str, Any] = {
         # ACC: final row, macro (each task counts once) and micro (each eval item counts once)
         "acc": _mean(final),
-        "acc_micro": (float(sum(r[t][j] * counts[j] for j in cols) / sum(counts[j] for j in cols))
-                      if sum(counts[j] for j in cols) else None),
+        "acc_micro": (
+            float(sum(r[t][j] * counts[j] for j in cols) / sum(counts[j] for j in cols))
+            if sum(counts[j] for j in cols)
+            else None
+        ),
         # average accuracy over time: after each task i, the mean over the tasks seen so far
-        "avg_acc_over_time": _mean([_mean([r[i][j] for j in cols if j < i]) for i in range(1, t + 1)
-                                    if any(j < i for j in cols)]),
+        "avg_acc_over_time": _mean(
+            [_mean([r[i][j] for j in cols if j < i]) for i in range(1, t + 1) if any(j < i for j in cols)]
+        ),
         # BWT (Lopez-Paz & Ranzato 2017): final minus just-after-training, tasks 1..T-1
         "bwt": _mean([r[t][j] - r[j + 1][j] for j in earlier]),
         # FWT: zero-shot score just before training on the task, against the base model
@@ -60,8 +64,9 @@ def higher_better_metrics(r: np.ndarray, cols: list[int], counts: list[int]) -> 
         # also those from before the task was trained, where a task the base already solves scores high
         "forgetting_chaudhry": _mean([max(r[i][j] for i in range(1, t)) - r[t][j] for j in earlier]),
         # maximum drop (CASMO B7): the worst fall of any task below its just-trained score, at any later row
-        "max_drop": (max(max(r[j + 1][j] - r[i][j] for i in range(j + 1, t + 1)) for j in earlier)
-                     if earlier else None),
+        "max_drop": (
+            max(max(r[j + 1][j] - r[i][j] for i in range(j + 1, t + 1)) for j in earlier) if earlier else None
+        ),
         # relative forgetting FG% against the base: share of a task's gain over the base that is lost by the end
         "fg_pct": _mean([100 * (r[j + 1][j] - r[t][j]) / gains[j] for j in earlier if gains[j] > 0]),
         # plasticity: what training on a task adds over the score just before it
@@ -88,8 +93,9 @@ def lower_better_metrics(r: np.ndarray, cols: list[int]) -> dict[str, Any]:
     }
 
 
-def stream_metrics(task_names: list[str], primary: list[str], higher_is_better: list[bool],
-                   r: np.ndarray, counts: list[int]) -> dict[str, Any]:
+def stream_metrics(
+    task_names: list[str], primary: list[str], higher_is_better: list[bool], r: np.ndarray, counts: list[int]
+) -> dict[str, Any]:
     """Everything results.json carries for a stream, from the primary-metric matrix R."""
     t = len(task_names)
     if r.shape != (t + 1, t):
@@ -136,17 +142,23 @@ def rows_by_task(task_names: Sequence[str], rows: Sequence[dict[str, Any]]) -> d
     return out
 
 
-def row_summary(task_names: Sequence[str], scorers: Mapping[str, Aggregator],
-                rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def row_summary(
+    task_names: Sequence[str], scorers: Mapping[str, Aggregator], rows: Sequence[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     """One model state's numbers: {task: {every metric of its scorer, "n": eval rows}} (what a period's
     eval/scores.json "by_period" and its manifest carry)."""
-    return {name: {**scorers[name].aggregate(sel), "n": len(sel)}
-            for name, sel in rows_by_task(task_names, rows).items()}
+    return {
+        name: {**scorers[name].aggregate(sel), "n": len(sel)} for name, sel in rows_by_task(task_names, rows).items()
+    }
 
 
-def derive_from_summaries(task_names: Sequence[str], scorer_names: Sequence[str],
-                          scorers: Mapping[str, Aggregator], counts: Sequence[int],
-                          summaries: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+def derive_from_summaries(
+    task_names: Sequence[str],
+    scorer_names: Sequence[str],
+    scorers: Mapping[str, Aggregator],
+    counts: Sequence[int],
+    summaries: Sequence[Mapping[str, Mapping[str, Any]]],
+) -> dict[str, Any]:
     """results.json's "metrics" of a stream from the row summaries (row 0 = base model, then one per
     task): stream_metrics on the primary-metric matrix, plus every metric of every scorer as a column
     over the rows (`matrices`) and which scorer scored each task (`scorers`).
@@ -164,9 +176,13 @@ def derive_from_summaries(task_names: Sequence[str], scorer_names: Sequence[str]
     return out
 
 
-def derive_stream_metrics(task_names: Sequence[str], scorer_names: Sequence[str],
-                          scorers: Mapping[str, Aggregator], counts: Sequence[int],
-                          rows_per_row: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+def derive_stream_metrics(
+    task_names: Sequence[str],
+    scorer_names: Sequence[str],
+    scorers: Mapping[str, Aggregator],
+    counts: Sequence[int],
+    rows_per_row: Sequence[Sequence[dict[str, Any]]],
+) -> dict[str, Any]:
     """derive_from_summaries from the eval rows of every model state (base first)."""
     summaries = [row_summary(task_names, scorers, rows) for rows in rows_per_row]
     return derive_from_summaries(task_names, scorer_names, scorers, counts, summaries)

@@ -35,7 +35,7 @@ from scripts.command import BadInput, Parser, command, exit_quietly, prepare  # 
 if __name__ == "__main__":
     prepare()
 
-from artifacts import UnreadableFileError, read_regular_text  # noqa: E402
+from artifacts import RunDir, UnreadableFileError, read_jsonl, read_regular_text  # noqa: E402
 
 
 def _read_json(path: Path) -> Any:
@@ -47,10 +47,9 @@ def _read_json(path: Path) -> Any:
 
 def _rows(path: Path) -> list[dict[str, Any]]:
     try:
-        text = read_regular_text(path)
-    except UnreadableFileError as exc:
+        return read_jsonl(path)
+    except (UnreadableFileError, FileNotFoundError) as exc:
         raise BadInput(f"{path}: {exc}") from None
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def run_forgetting(run_dir: Path) -> dict[str, Any]:
@@ -59,19 +58,20 @@ def run_forgetting(run_dir: Path) -> dict[str, Any]:
     from eval_and_metrics.scorers import SCORERS
     from eval_and_metrics.stream_metrics import rows_by_task
 
-    results = _read_json(run_dir / "results.json")
+    run = RunDir(run_dir)
+    results = _read_json(run.results)
     scorers = results.get("metrics", {}).get("scorers")
     if not isinstance(scorers, dict) or not scorers:
         raise BadInput(f"{run_dir}: results.json has no metrics.scorers: not a stream run")
     # the task order is the rows' order (periods/<k>-<task>); results.json's mappings are sorted by name
-    periods = {int(p.name.split("-", 1)[0]): p for p in (run_dir / "periods").iterdir()
-               if p.is_dir() and p.name.split("-", 1)[0].isdigit()}
+    periods = dict(run.period_entries())
     if sorted(periods) != list(range(len(scorers) + 1)):
         raise BadInput(f"{run_dir}: {len(periods)} committed rows for {len(scorers)} tasks; finish the run first")
-    names = [periods[k].name.split("-", 1)[1] for k in range(1, len(periods))]
+    row_names = [periods[k].name.split("-", 1)[1] for k in range(len(periods))]  # "base" first
+    names = row_names[1:]
     if set(names) != set(scorers):
         raise BadInput(f"{run_dir}: the rows name tasks {names}, results.json {sorted(scorers)}")
-    per_row = [rows_by_task(names, _rows(periods[k] / "eval" / "predictions.jsonl")) for k in range(len(periods))]
+    per_row = [rows_by_task(names, _rows(run.predictions(k, row_name))) for k, row_name in enumerate(row_names)]
     out: dict[str, Any] = {"run": run_dir.name, "method": results.get("method"), "tasks": {}}
     for j, name in enumerate(names[:-1], start=1):  # the last task has nothing trained after it
         scorer = SCORERS[scorers[name]["name"]]()  # aggregate only: the constructor defaults suffice

@@ -46,8 +46,9 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> PeriodData:
     return PeriodData(texts=list(texts), token_ids=ids)
 
 
-def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int,
-                   loss_on_prompt: bool | list[bool]) -> PeriodData:
+def tokenize_pairs(
+    tokenizer, pairs: list[tuple[str, str]], max_len: int, loss_on_prompt: bool | list[bool]
+) -> PeriodData:
     """Tokenise (prompt, completion) items: prompt and completion are encoded apart and joined, so the
     boundary is exact and the completion's tokens are those the model is asked to produce after the
     prompt at evaluation. Without loss_on_prompt the prompt's tokens are masked out of the loss.
@@ -61,22 +62,23 @@ def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int,
     room = max_len - 1
     ids, masked = [], []
     for p, c, keep in zip(prompts, completions, on_prompt):
-        c = list(c)[:max(1, room - min(len(p), room // 2))]
-        p = list(p)[len(p) - min(len(p), room - len(c)):]
+        c = list(c)[: max(1, room - min(len(p), room // 2))]
+        p = list(p)[len(p) - min(len(p), room - len(c)) :]
         ids.append(p + c + [eos])
         masked.append(0 if keep else len(p))
     return PeriodData(texts=[p + c for p, c in pairs], token_ids=ids, num_masked=masked)
 
 
-def epoch_batches(lengths: list[int], max_tokens: int, max_batch_size: int, seed: int, period: int,
-                  epoch: int) -> list[list[int]]:
+def epoch_batches(
+    lengths: list[int], max_tokens: int, max_batch_size: int, seed: int, period: int, epoch: int
+) -> list[list[int]]:
     """Indices of each micro-batch for one epoch; deterministic in (seed, period, epoch)."""
     rng = np.random.default_rng([seed, period, epoch])
     order = rng.permutation(len(lengths))
     span = max(1, max_batch_size * _BUCKET_SPAN)
     batches: list[list[int]] = []
     for start in range(0, len(order), span):
-        chunk = sorted(order[start:start + span].tolist(), key=lambda i: (lengths[i], i))
+        chunk = sorted(order[start : start + span].tolist(), key=lambda i: (lengths[i], i))
         batches.extend(token_batches(chunk, max_batch_size, lengths, max_tokens))
     perm = rng.permutation(len(batches))
     return [batches[i] for i in perm]
@@ -109,8 +111,9 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(token_ids: list[list[int]], pad_id: int, num_masked: list[int] | None = None,
-                   row_tokens: int = 0) -> dict[str, torch.Tensor]:
+def collate_packed(
+    token_ids: list[list[int]], pad_id: int, num_masked: list[int] | None = None, row_tokens: int = 0
+) -> dict[str, torch.Tensor]:
     """The items of one micro-batch end to end in as few rows of `row_tokens` as first-fit decreasing
     finds (0: one row), each item attending only to itself.
 
@@ -136,11 +139,11 @@ def collate_packed(token_ids: list[list[int]], pad_id: int, num_masked: list[int
         for i in row:
             n = lengths[i]
             item = torch.tensor(token_ids[i], dtype=torch.long)
-            ids[r, col:col + n] = item
-            labels[r, col:col + n] = item
-            labels[r, col:col + max(1, num_masked[i] if num_masked else 0)] = -100
-            positions[r, col:col + n] = torch.arange(n)
-            real[r, col:col + n] = 1
+            ids[r, col : col + n] = item
+            labels[r, col : col + n] = item
+            labels[r, col : col + max(1, num_masked[i] if num_masked else 0)] = -100
+            positions[r, col : col + n] = torch.arange(n)
+            real[r, col : col + n] = 1
             col += n
         positions[r, col:] = torch.arange(width - col)  # the padding: one more segment, seen by nothing real
     return {"input_ids": ids, "position_ids": positions, "labels": labels, "attention_mask": real}

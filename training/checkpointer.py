@@ -117,11 +117,16 @@ class Checkpointer:
         self.model = model
         self.parts: dict[str, Stateful] = {"trainable": Trainable(strategy, method, model), "method": method}
 
-    def step_parts(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   position: Position) -> dict[str, Stateful]:
+    def step_parts(
+        self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, position: Position
+    ) -> dict[str, Stateful]:
         """trainer_state.pt's parts of a step checkpoint, in the order they are saved and loaded."""
-        return {"optimizer": Optimizer(self.strategy, self.model, optimizer), "scheduler": scheduler,
-                "rng": RNG(), "position": position}
+        return {
+            "optimizer": Optimizer(self.strategy, self.model, optimizer),
+            "scheduler": scheduler,
+            "rng": RNG(),
+            "position": position,
+        }
 
     @staticmethod
     def period_parts() -> dict[str, Stateful]:
@@ -131,8 +136,11 @@ class Checkpointer:
     def snapshot(self, trainer_parts: dict[str, Stateful]) -> dict[str, Any]:
         """Every rank: the state of every part, taken now (the trainable and optimizer parts are
         collectives under fsdp, where rank 0 alone gets the full tensors)."""
-        return {"trainable": self.parts["trainable"].state_dict(), "method": self.parts["method"].state_dict(),
-                "trainer": {name: part.state_dict() for name, part in trainer_parts.items()}}
+        return {
+            "trainable": self.parts["trainable"].state_dict(),
+            "method": self.parts["method"].state_dict(),
+            "trainer": {name: part.state_dict() for name, part in trainer_parts.items()},
+        }
 
     @staticmethod
     def write(directory: Path, snapshot: dict[str, Any]) -> None:
@@ -181,6 +189,13 @@ def check_free_space(where: Path, k: int, params: list[dict[str, Any]], keep: in
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise StorageError(OSError(errno.ENOSPC, f"not enough free space to start period {k}: its checkpoints "
-                                   f"need about {human_bytes(needed)} (checkpoint.keep={keep}), "
-                                   f"{human_bytes(free)} free"), where, needed)
+        raise StorageError(
+            OSError(
+                errno.ENOSPC,
+                f"not enough free space to start period {k}: its checkpoints "
+                f"need about {human_bytes(needed)} (checkpoint.keep={keep}), "
+                f"{human_bytes(free)} free",
+            ),
+            where,
+            needed,
+        )

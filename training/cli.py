@@ -11,39 +11,51 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from artifacts import (LockHeldError, RunDir, StorageError, UnsafePathError, UnsafeStateError, commit_dir,
-                       staging_dir)
+from artifacts import LockHeldError, RunDir, StorageError, UnsafePathError, UnsafeStateError, commit_dir, staging_dir
 from data import DataError
-from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention, summary_columns as retention_columns
+from eval_and_metrics.retention import RetentionError, RetentionTrack, load_retention
+from eval_and_metrics.retention import summary_columns as retention_columns
 from training.config import ConfigError, RunConfig, build_run_configs, describe, load_tree
-from training.distributed import (RendezvousFailed, World, close_world, engine_peer_lost, init_world,
-                                  world_from_env)
+from training.distributed import RendezvousFailed, World, close_world, engine_peer_lost, init_world, world_from_env
 from training.methods import METHODS, capability_problems
-from training.models import (check_model_source, enable_checkpointing, model_skeleton, resolve_dtype,
-                             resolve_precision)
+from training.models import check_model_source, enable_checkpointing, model_skeleton, resolve_dtype, resolve_precision
 from training.restore import build_model_and_method
-from training.seeding import use_deterministic
 from training.run import human_bytes, open_run, run_dir_of
+from training.seeding import use_deterministic
+from training.signals import (
+    EXIT_ABORTED,
+    EXIT_BAD_INPUT,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_RESUME,
+    EXIT_STORAGE,
+    EXIT_UNTRUSTED,
+    StopFlag,
+    StopRequested,
+)
 from training.strategies import STRATEGIES, resolve_strategy, strategy_problems
-from training.signals import (EXIT_ABORTED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, EXIT_RESUME, EXIT_STORAGE,
-                              EXIT_UNTRUSTED, StopFlag, StopRequested)
 from training.trainer import Trainer
 from training.workload import Workload, load_workload
 
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
         raise ConfigError([message])
 
 
 def make_parser() -> argparse.ArgumentParser:
     epilog = "config keys for --set (section.key = default):\n" + "\n".join(describe(RunConfig))
-    p = _Parser(prog="main.py", description="Train one or more continual-learning methods through a sequence "
-                "of periods, evaluating every period after each.", epilog=epilog,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="main.py",
+        description="Train one or more continual-learning methods through a sequence "
+        "of periods, evaluating every period after each.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file (default: configs/<mode>.yaml)")
     p.add_argument("--mode", choices=["real", "synthetic"], help="real: pretrained model; synthetic: tiny model")
     p.add_argument("--method", help=f"one of {', '.join(METHODS)}; or a,b; or all")
@@ -54,22 +66,32 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-root", help="directory holding run directories (default runs/)")
     p.add_argument("--run-id", help="run directory name (default: derived from benchmark, method, seed, config)")
     p.add_argument("--quantize", choices=["none", "4bit"], help="4bit: bitsandbytes NF4 (CUDA only)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config key; repeatable")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key; repeatable"
+    )
     return p
 
 
 def parse_configs(argv: list[str]) -> list[RunConfig]:
     args = make_parser().parse_args(argv)
-    flags = {"mode": args.mode, "method.name": args.method, "model.name": args.model,
-             "data.benchmark": args.benchmark, "data.stream": args.stream, "seed": args.seed, "run_root": args.run_root,
-             "run_id": args.run_id, "model.quantize": args.quantize}
+    flags = {
+        "mode": args.mode,
+        "method.name": args.method,
+        "model.name": args.model,
+        "data.benchmark": args.benchmark,
+        "data.stream": args.stream,
+        "seed": args.seed,
+        "run_root": args.run_root,
+        "run_id": args.run_id,
+        "model.quantize": args.quantize,
+    }
     tree = load_tree(args.config, args.mode, flags, args.set)
     return build_run_configs(tree, METHODS)
 
 
-def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = World(),
-            retention: RetentionTrack | None = None) -> dict[str, Any]:
+def run_one(
+    cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = World(), retention: RetentionTrack | None = None
+) -> dict[str, Any]:
     # train.threads holds for this run only: a caller of main() in-process (a notebook, a test, the next
     # method of `--method a,b`) gets its own thread count back, which float sums depend on
     threads = torch.get_num_threads()
@@ -79,8 +101,9 @@ def run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World = W
         torch.set_num_threads(threads)
 
 
-def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World,
-             retention: RetentionTrack | None) -> dict[str, Any]:
+def _run_one(
+    cfg: RunConfig, workload: Workload, stop: StopFlag, world: World, retention: RetentionTrack | None
+) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     with stop.immediately():  # loading writes nothing to the run; a stop ends it at once
@@ -97,14 +120,28 @@ def _run_one(cfg: RunConfig, workload: Workload, stop: StopFlag, world: World,
         if world.any(bool(stop)):
             raise StopRequested(f"{stop.signal_name or 'a stop on another rank'} before training started")
         if world.is_main:
-            print(f"run {paths.root}  method={cfg.method.name} model={loaded.source}"
-                  + (f" ranks={world.size}" if world.active else ""), file=sys.stderr)
+            print(
+                f"run {paths.root}  method={cfg.method.name} model={loaded.source}"
+                + (f" ranks={world.size}" if world.active else ""),
+                file=sys.stderr,
+            )
         if world.is_main and loaded.source == "synthetic" and not paths.tokenizer.exists():
             staging = staging_dir(paths.tokenizer)
             loaded.tokenizer.save_pretrained(staging)
             commit_dir(staging, paths.tokenizer)
-        trainer = Trainer(cfg, paths, model, loaded.tokenizer, loaded.device, method, workload, stop,
-                          log=lambda m: print(m, file=sys.stderr), world=world, retention=retention)
+        trainer = Trainer(
+            cfg,
+            paths,
+            model,
+            loaded.tokenizer,
+            loaded.device,
+            method,
+            workload,
+            stop,
+            log=lambda m: print(m, file=sys.stderr),
+            world=world,
+            retention=retention,
+        )
         results = trainer.run()
     finally:
         if lock is not None:
@@ -117,16 +154,20 @@ def world_info(cfg: RunConfig, world: World, device: torch.device = torch.device
     """How the run is spread (run.json): the global batch is the config's; the per-rank share follows.
     And how it computes: train.mixed_precision resolved on this device (auto leaves no trace in the
     config, so that CPU runs keep their run ids) and the dtype of the frozen weights."""
-    return {"world_size": world.size, "strategy": resolve_strategy(cfg.train.strategy, world),
-            "global_batch_micro_batches": cfg.train.grad_accum,
-            "max_tokens_per_micro_batch": cfg.train.max_tokens_per_batch,
-            "per_rank_micro_batches": -(-cfg.train.grad_accum // world.size),
-            "mixed_precision": resolve_precision(cfg.train.mixed_precision, cfg.model, device),
-            "model_dtype": str(resolve_dtype(cfg.model, device)).removeprefix("torch.")}
+    return {
+        "world_size": world.size,
+        "strategy": resolve_strategy(cfg.train.strategy, world),
+        "global_batch_micro_batches": cfg.train.grad_accum,
+        "max_tokens_per_micro_batch": cfg.train.max_tokens_per_batch,
+        "per_rank_micro_batches": -(-cfg.train.grad_accum // world.size),
+        "mixed_precision": resolve_precision(cfg.train.mixed_precision, cfg.model, device),
+        "model_dtype": str(resolve_dtype(cfg.model, device)).removeprefix("torch."),
+    }
 
 
 def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """The closing table; `columns` are (dotted key into results.json's metrics, label)."""
+
     def fmt(v: Any) -> str:
         return "   -  " if v is None else f"{v:6.3f}"
 
@@ -134,6 +175,7 @@ def format_summary(all_results: list[dict[str, Any]], columns: list[tuple[str, s
         for key in dotted.split("."):
             metrics = metrics.get(key) if isinstance(metrics, dict) else None  # type: ignore[assignment]
         return metrics
+
     head = f"{'method':<10} " + " ".join(f"{label:>7}" for _, label in columns)
     lines = [head, "-" * len(head)]
     for res in all_results:
@@ -189,8 +231,9 @@ def _main(argv: list[str], stop: StopFlag) -> int:
             if problems:
                 raise ConfigError(problems)
             # every rank validated the same input the same way; now they meet
-            world = init_world(configs[0].model.device, configs[0].train.collective_timeout_s,
-                               configs[0].train.rendezvous_timeout_s)
+            world = init_world(
+                configs[0].model.device, configs[0].train.collective_timeout_s, configs[0].train.rendezvous_timeout_s
+            )
         for cfg in configs:
             current = cfg
             all_results.append(run_one(cfg, workload, stop, world, retention))
@@ -202,21 +245,29 @@ def _main(argv: list[str], stop: StopFlag) -> int:
         return _fail(EXIT_LOCKED, str(exc))
     except StopRequested as exc:
         if _SPEAKS[0]:
-            print(f"stopped: {exc}; everything committed or checkpointed is kept, run the same command again to "
-                  f"resume (exit {EXIT_RESUME})", file=sys.stderr)
+            print(
+                f"stopped: {exc}; everything committed or checkpointed is kept, run the same command again to "
+                f"resume (exit {EXIT_RESUME})",
+                file=sys.stderr,
+            )
         return EXIT_RESUME
     except StorageError as exc:
         return _fail(EXIT_STORAGE, storage_message(exc, current))
     except (UnsafeStateError, UnsafePathError) as exc:
         return _fail(EXIT_UNTRUSTED, str(exc))
     except KeyboardInterrupt:
-        print(f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
-              f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})", file=sys.stderr)
+        print(
+            f"\naborted by a second Ctrl-C: the last step checkpoint and every committed period are kept, the "
+            f"steps since are lost; run the same command again to resume (exit {EXIT_ABORTED})",
+            file=sys.stderr,
+        )
         return EXIT_ABORTED
     except RendezvousFailed as exc:
         # every rank says it, not rank 0 alone: each met it on its own, and rank 0 may be the one missing
-        print(f"error: {exc}; the run's files are untouched, run the same command again to resume "
-              f"(exit {EXIT_RESUME})", file=sys.stderr)
+        print(
+            f"error: {exc}; the run's files are untouched, run the same command again to resume (exit {EXIT_RESUME})",
+            file=sys.stderr,
+        )
         return EXIT_RESUME
     except RuntimeError as exc:  # last: LockHeldError is a RuntimeError too, and a bug is re-raised from here
         # another rank died (killed, out of memory, node lost): this one stops without writing anything;
@@ -238,6 +289,8 @@ def _main(argv: list[str], stop: StopFlag) -> int:
 
 
 _SPEAKS = [True]
+
+
 def _load_retention(spec: str) -> RetentionTrack | None:
     if not spec:
         return None
@@ -250,7 +303,7 @@ def _load_retention(spec: str) -> RetentionTrack | None:
 def _quiet() -> None:
     """Ranks other than 0 print nothing: rank 0 speaks for the run (errors included: every rank meets the
     same ones). Their stderr stays open for a traceback, which only a bug produces."""
-    sys.stdout = open(os.devnull, "w")
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- stays open for the life of the process
     _SPEAKS[0] = False
 
 
@@ -275,6 +328,8 @@ def storage_message(exc: StorageError, cfg: RunConfig | None) -> str:
         committed = RunDir(run_dir_of(cfg)).committed_periods()
         if committed:
             last = f"the last committed period is {committed[-1]}"
-    return (f"cannot write {exc.path}: {exc.strerror}{needed}{free}; {last} and stays intact. Free space (or "
-            f"fix the permissions, or pick another --run-root) and run the same command again to resume "
-            f"(exit {EXIT_STORAGE})")
+    return (
+        f"cannot write {exc.path}: {exc.strerror}{needed}{free}; {last} and stays intact. Free space (or "
+        f"fix the permissions, or pick another --run-root) and run the same command again to resume "
+        f"(exit {EXIT_STORAGE})"
+    )

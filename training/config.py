@@ -53,8 +53,12 @@ class ModelConfig:
 
     def validate(self) -> list[str]:
         if self.synthetic_hidden_size % self.synthetic_heads:
-            return [("model.synthetic_hidden_size must be divisible by model.synthetic_heads "
-                     f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})")]
+            return [
+                (
+                    "model.synthetic_hidden_size must be divisible by model.synthetic_heads "
+                    f"(got {self.synthetic_hidden_size} and {self.synthetic_heads})"
+                )
+            ]
         return []
 
 
@@ -66,7 +70,8 @@ class TrainConfig:
     lr: Annotated[float, Range(0, 100, lo_open=True)] = 3e-4
     weight_decay: Annotated[float, Range(0, 10)] = 0.0  # AdamW weight decay
     betas: Annotated[list[float], Items(2, 2, Range(0, 1, hi_open=True))] = field(
-        default_factory=lambda: [0.9, 0.999])  # AdamW betas
+        default_factory=lambda: [0.9, 0.999]
+    )  # AdamW betas
     warmup_steps: Annotated[int, Range(0, 1_000_000)] = 10  # linear warmup steps per period ...
     warmup_max_frac: Annotated[float, Range(0, 1)] = 0.1  # ... capped to this fraction of the period's optimizer steps
     min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1  # cosine decays to lr * min_lr_ratio at the end of each period
@@ -107,8 +112,12 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         if self.max_tokens_per_batch < self.max_seq_len:
-            return [("train.max_tokens_per_batch must be >= train.max_seq_len "
-                     f"(got {self.max_tokens_per_batch} < {self.max_seq_len})")]
+            return [
+                (
+                    "train.max_tokens_per_batch must be >= train.max_seq_len "
+                    f"(got {self.max_tokens_per_batch} < {self.max_seq_len})"
+                )
+            ]
         return []
 
 
@@ -245,6 +254,7 @@ class RunConfig:
 # ------------------------------------------------------------------------------------------
 # Generic dataclass <- dict with type checking that collects problems.
 
+
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -273,6 +283,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 # ------------------------------------------------------------------------------------------
 # Assembling a run config from the sources.
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -342,8 +353,14 @@ def expand_methods(spec: str, known: list[str], runnable: list[str] | None = Non
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ConfigError([(f"method.name {spec!r} is not a registered method; valid: {', '.join(known)} "
-                            "(or a comma-separated list, or all)")])
+        raise ConfigError(
+            [
+                (
+                    f"method.name {spec!r} is not a registered method; valid: {', '.join(known)} "
+                    "(or a comma-separated list, or all)"
+                )
+            ]
+        )
     return names
 
 
@@ -376,8 +393,14 @@ def build_run_configs(tree: dict, method_registry: dict[str, Any]) -> list[RunCo
     if problems:
         raise ConfigError(problems)
     if base.run_id and len(names) > 1:
-        raise ConfigError([(f"run_id {base.run_id!r} names one run, but method.name asks for {len(names)} "
-                            "methods; drop --run-id or pick one method")])
+        raise ConfigError(
+            [
+                (
+                    f"run_id {base.run_id!r} names one run, but method.name asks for {len(names)} "
+                    "methods; drop --run-id or pick one method"
+                )
+            ]
+        )
     return [dataclasses.replace(base, method=MethodConfig(name=n, options=options[n])) for n in names]
 
 
@@ -403,8 +426,15 @@ STEP_SLEEP_ENV = "CLKIT_STEP_SLEEP"
 
 # Keys that left the config, with the value every config saved before meant by default and what replaced
 # them. A saved config.yaml (or a copy of one) holding that value still loads; any other value is refused.
-RETIRED_KEYS = {("train", "step_sleep"): (0.0, f"set the environment variable {STEP_SLEEP_ENV}=<seconds> instead "
-                                               "(a test-only knob, not part of a run's config)")}
+RETIRED_KEYS = {
+    ("train", "step_sleep"): (
+        0.0,
+        (
+            f"set the environment variable {STEP_SLEEP_ENV}=<seconds> instead "
+            "(a test-only knob, not part of a run's config)"
+        ),
+    )
+}
 # the run identity drops the same keys from a config saved before they retired (artifacts/identity.py)
 assert set(RETIRED_KEYS) == {(s, k) for s, keys in RETIRED_RUNTIME_KEYS.items() for k in keys}
 

@@ -212,9 +212,15 @@ def device_index(local_rank: int, device_count: int) -> int:
         return local_rank
     if device_count == 1:
         return 0
-    raise ConfigError([(f"local rank {local_rank} needs its own GPU, but this task sees {device_count} "
-                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
-                        f"per visible GPU, or give each task one GPU (srun --gpus-per-task=1)")])
+    raise ConfigError(
+        [
+            (
+                f"local rank {local_rank} needs its own GPU, but this task sees {device_count} "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one rank "
+                f"per visible GPU, or give each task one GPU (srun --gpus-per-task=1)"
+            )
+        ]
+    )
 
 
 def ranks_per_node(env: Mapping[str, str]) -> int:
@@ -240,8 +246,9 @@ def nccl_error_handling() -> None:
     os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
 
 
-def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
-               rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S) -> World:
+def init_world(
+    device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S, rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S
+) -> World:
     """Join the process group when the launcher started several ranks; a world of one joins nothing.
 
     Under Slurm without torchrun, MASTER_ADDR and MASTER_PORT come from run_job.sh (the first node's
@@ -254,9 +261,15 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
         return world
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
     if missing:
-        raise ConfigError([(f"{world.size} ranks but {', '.join(missing)} unset: start the run with "
-                            "scripts/torchrun.py (torchrun that keeps the ranks' exit code), or with run_job.sh under "
-                            "Slurm, which sets them")])
+        raise ConfigError(
+            [
+                (
+                    f"{world.size} ranks but {', '.join(missing)} unset: start the run with "
+                    "scripts/torchrun.py (torchrun that keeps the ranks' exit code), or with run_job.sh under "
+                    "Slurm, which sets them"
+                )
+            ]
+        )
     os.environ.setdefault("RANK", str(world.rank))
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
@@ -276,22 +289,35 @@ def init_world(device_kind: str, timeout_s: float = DEFAULT_TIMEOUT_S,
     # The backend's own connect loop keeps retrying for the whole process-group timeout, and prints a C++
     # stack trace per failed name lookup; the watchdog ends the rank at the deadline instead, from a thread
     # because the join blocks in C++ (with the GIL released) and cannot be interrupted from Python.
-    watchdog = threading.Timer(rendezvous_timeout_s, _rendezvous_expired,
-                               args=((f"rank {world.rank} of {world.size}: no rendezvous at {where} within "
-                                      f"{rendezvous_timeout_s:g}s (train.rendezvous_timeout_s): nothing answered "
-                                      "there, or another rank never arrived"),))
+    watchdog = threading.Timer(
+        rendezvous_timeout_s,
+        _rendezvous_expired,
+        args=(
+            (
+                f"rank {world.rank} of {world.size}: no rendezvous at {where} within "
+                f"{rendezvous_timeout_s:g}s (train.rendezvous_timeout_s): nothing answered "
+                "there, or another rank never arrived"
+            ),
+        ),
+    )
     watchdog.daemon = True
     watchdog.start()
     try:
         _resolve(host, port, world, deadline, rendezvous_timeout_s)
         # device_id binds the NCCL communicator to this rank's GPU at once (no guess from the rank number)
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=world.rank, world_size=world.size,
-                                timeout=datetime.timedelta(seconds=timeout_s), device_id=device)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            rank=world.rank,
+            world_size=world.size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device,
+        )
     except (RuntimeError, dist.DistError) as exc:  # port taken, connection reset
         if isinstance(exc, RendezvousFailed):
             raise
-        raise RendezvousFailed(f"rank {world.rank} of {world.size} could not join the run at {where} "
-                               f"({' '.join(str(exc).split())[:200]})") from None
+        raise RendezvousFailed(
+            f"rank {world.rank} of {world.size} could not join the run at {where} ({' '.join(str(exc).split())[:200]})"
+        ) from None
     finally:
         watchdog.cancel()
     return world
@@ -309,18 +335,21 @@ def _resolve(host: str, port: str, world: World, deadline: float, timeout_s: flo
         except socket.gaierror as exc:
             error = exc.strerror or str(exc)
         if time.monotonic() + 1.0 > deadline:
-            raise RendezvousFailed(f"rank {world.rank} of {world.size}: the rendezvous host {host}:{port} "
-                                   f"(MASTER_ADDR:MASTER_PORT) does not resolve ({error}) after {timeout_s:g}s "
-                                   "(train.rendezvous_timeout_s); under Slurm it is the first node's NodeAddr "
-                                   "(docs/slurm.md)")
+            raise RendezvousFailed(
+                f"rank {world.rank} of {world.size}: the rendezvous host {host}:{port} "
+                f"(MASTER_ADDR:MASTER_PORT) does not resolve ({error}) after {timeout_s:g}s "
+                "(train.rendezvous_timeout_s); under Slurm it is the first node's NodeAddr "
+                "(docs/slurm.md)"
+            )
         time.sleep(1.0)
 
 
 def _rendezvous_expired(message: str) -> None:
     """The watchdog: one line and exit 75, now; nothing of the run was written yet."""
     sys.stdout.flush()
-    sys.stderr.write(f"error: {message}; the run's files are untouched, run the same command again to resume "
-                     f"(exit {EXIT_RESUME})\n")
+    sys.stderr.write(
+        f"error: {message}; the run's files are untouched, run the same command again to resume (exit {EXIT_RESUME})\n"
+    )
     sys.stderr.flush()
     os._exit(EXIT_RESUME)  # the main thread is stuck inside the backend; a normal exit would wait for it
 

@@ -100,8 +100,10 @@ def check_model_source(cfg: ModelConfig, mode: str) -> None:
     if mode == "real" and cfg.name:
         looks_like_path = cfg.name.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(cfg.name)
         if looks_like_path and not Path(cfg.name).expanduser().is_dir():
-            problems.append(f"model.name {cfg.name!r}: no such directory (give a local model directory "
-                            "or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct)")
+            problems.append(
+                f"model.name {cfg.name!r}: no such directory (give a local model directory "
+                "or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct)"
+            )
     if mode == "real" and not cfg.name:
         try:
             embedded_gguf_path()
@@ -115,8 +117,9 @@ def embedded_gguf_path() -> Path:
     try:
         path = Path(str(distribution(EMBEDDED_PACKAGE).locate_file(EMBEDDED_FILE)))
     except PackageNotFoundError:
-        raise FileNotFoundError(f"model.name '' means the embedded model, but the package {EMBEDDED_PACKAGE} "
-                                "is not installed (run uv sync)") from None
+        raise FileNotFoundError(
+            f"model.name '' means the embedded model, but the package {EMBEDDED_PACKAGE} is not installed (run uv sync)"
+        ) from None
     if not path.is_file():
         raise FileNotFoundError(f"model.name '': {path} is missing from the {EMBEDDED_PACKAGE} package")
     return path
@@ -165,8 +168,12 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    pre = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-                                   pre_tokenizers.Punctuation(behavior="isolated")])
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(specials)}
     for text in texts:
@@ -176,8 +183,9 @@ def build_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 class HasVocabulary(Protocol):
@@ -201,11 +209,16 @@ def benchmark_texts(bench: Any) -> list[str]:
 
 def synthetic_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.synthetic_hidden_size,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.synthetic_hidden_size,
         intermediate_size=cfg.synthetic_hidden_size * 8 // 3 // 8 * 8 or 8,
-        num_hidden_layers=cfg.synthetic_layers, num_attention_heads=cfg.synthetic_heads,
-        num_key_value_heads=cfg.synthetic_heads, max_position_embeddings=512, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        num_hidden_layers=cfg.synthetic_layers,
+        num_attention_heads=cfg.synthetic_heads,
+        num_key_value_heads=cfg.synthetic_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
 
@@ -223,7 +236,7 @@ def build_synthetic(cfg: ModelConfig, bench: Benchmark | HasVocabulary, seed: in
         # ~2 let a frozen head express confident predictions, as a pretrained model's head can.
         # an nn.Embedding, which transformers types as any nn.Module
         embedding = cast(torch.nn.Embedding, model.get_input_embeddings())
-        embedding.weight.data.normal_(0.0, 2.0 / cfg.synthetic_hidden_size ** 0.5)
+        embedding.weight.data.normal_(0.0, 2.0 / cfg.synthetic_hidden_size**0.5)
     return model, tokenizer
 
 
@@ -260,8 +273,11 @@ def load_model(cfg: ModelConfig, mode: str, bench: Benchmark | HasVocabulary, se
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                bnb_4bit_use_double_quant=True)
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True,
+            )
         if cfg.name:
             local = Path(cfg.name).expanduser()
             where = str(local) if local.is_dir() else cfg.name

@@ -18,8 +18,15 @@ from typing import Any
 import torch
 import yaml
 
-from artifacts import (BadInput, RunDir, UnreadableFileError, read_manifest, read_regular_text, state_sha256,
-                       verify_manifest)
+from artifacts import (
+    BadInput,
+    RunDir,
+    UnreadableFileError,
+    read_manifest,
+    read_regular_text,
+    state_sha256,
+    verify_manifest,
+)
 from training.config import ConfigError, RunConfig, build_run_configs
 from training.methods import METHODS
 from training.methods.base import Method
@@ -52,8 +59,11 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise BadInput(f"{path}: cannot read it as the run's config ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(tree, dict):
         raise BadInput(f"{path} is not a mapping of config sections (a YAML {type(tree).__name__})")
-    bad = [key for key in ("method", "model", "train", "data", "eval", "checkpoint")
-           if key in tree and tree[key] is not None and not isinstance(tree[key], dict)]
+    bad = [
+        key
+        for key in ("method", "model", "train", "data", "eval", "checkpoint")
+        if key in tree and tree[key] is not None and not isinstance(tree[key], dict)
+    ]
     if bad:
         raise BadInput(f"{path}: {', '.join(bad)} must be a mapping (a section), as main.py writes it")
     try:
@@ -62,8 +72,9 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise BadInput([f"{path}: {p}" for p in exc.problems]) from None
 
 
-def load_period_model(run_dir: str | Path, period: str | int, device: str = "auto",
-                      check_config_hash: bool = True) -> PeriodModel:
+def load_period_model(
+    run_dir: str | Path, period: str | int, device: str = "auto", check_config_hash: bool = True
+) -> PeriodModel:
     """Rebuild model + method exactly as training did (training/cli.py run_one) and load period k's state.
 
     Refuses a period whose manifest does not verify, and checks that the loaded trainable state
@@ -89,8 +100,19 @@ def load_period_model(run_dir: str | Path, period: str | int, device: str = "aut
     load_saved_state(method, model, directory)
     expected = manifest.get("trainable_sha256")
     if expected and state_sha256(method.trainable_state_dict(model)) != expected:
-        raise BadInput(f"{directory}: the rebuilt trainable state does not hash to the manifest's "
-                       "trainable_sha256 (model construction differs from training)")
+        raise BadInput(
+            f"{directory}: the rebuilt trainable state does not hash to the manifest's "
+            "trainable_sha256 (model construction differs from training)"
+        )
     model.eval()
-    return PeriodModel(cfg=cfg, bench=bench, model=model, tokenizer=loaded.tokenizer, method=method,
-                       device=loaded.device, index=k, name=name, directory=directory)
+    return PeriodModel(
+        cfg=cfg,
+        bench=bench,
+        model=model,
+        tokenizer=loaded.tokenizer,
+        method=method,
+        device=loaded.device,
+        index=k,
+        name=name,
+        directory=directory,
+    )

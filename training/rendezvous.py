@@ -70,7 +70,7 @@ def expand_hostlist(text: str) -> list[str]:
                 raise ValueError(f"unbalanced bracket in the Slurm host list {text!r}")
             hosts.append(item)
             continue
-        head, tail = item[:match.start()], item[match.end():]
+        head, tail = item[: match.start()], item[match.end() :]
         for value in _expand_ranges(match.group(1), text):
             hosts.extend(expand_hostlist(head + value + tail))  # further bracket groups in the tail
     return hosts
@@ -89,8 +89,14 @@ def first_node(env: Mapping[str, str]) -> str | None:
 def node_addr(name: str, env: Mapping[str, str] | None = None) -> str | None:
     """NodeAddr of the node `name` as slurmctld knows it; None when scontrol cannot say."""
     try:
-        proc = subprocess.run(["scontrol", "show", "node", "--oneliner", name], capture_output=True, text=True,
-                              timeout=SCONTROL_TIMEOUT_S, env=None if env is None else dict(env), check=False)
+        proc = subprocess.run(
+            ["scontrol", "show", "node", "--oneliner", name],
+            capture_output=True,
+            text=True,
+            timeout=SCONTROL_TIMEOUT_S,
+            env=None if env is None else dict(env),
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"(?:^|\s)NodeAddr=(\S+)", proc.stdout) if proc.returncode == 0 else None

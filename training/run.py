@@ -13,8 +13,16 @@ from pathlib import Path
 
 import yaml
 
-from artifacts import (RunDir, RunLock, atomic_write_json, atomic_write_text, cleanup_stale_tmp, commit_dir,
-                       read_text_inside, staging_dir)
+from artifacts import (
+    RunDir,
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    cleanup_stale_tmp,
+    commit_dir,
+    read_text_inside,
+    staging_dir,
+)
 from artifacts.rundir import CONFIG_FILE
 from training.config import REPO_ROOT, ConfigError, RunConfig, configs_differ, drop_runtime_keys
 from training.workload import Workload
@@ -24,10 +32,18 @@ _PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safet
 
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # check=False: outside a git checkout (or without git) the version is "unknown", not an error
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
@@ -60,8 +76,14 @@ def run_dir_of(cfg: RunConfig) -> Path:
     root = Path(cfg.run_root).expanduser()
     run_dir = root / cfg.resolved_run_id()
     if run_dir.resolve().parent != root.resolve():
-        raise ConfigError([f"run_id {cfg.resolved_run_id()!r} must name a directory directly under run_root "
-                           f"{str(root)!r}, not a path"])
+        raise ConfigError(
+            [
+                (
+                    f"run_id {cfg.resolved_run_id()!r} must name a directory directly under run_root "
+                    f"{str(root)!r}, not a path"
+                )
+            ]
+        )
     return run_dir
 
 
@@ -83,8 +105,14 @@ def open_run(cfg: RunConfig, workload: Workload, extra: dict | None = None) -> t
             drop_runtime_keys(tree)
         diffs = configs_differ(saved_identity, ours)
         if diffs:
-            raise ConfigError([f"run directory {root} holds a run with a different config; differing fields: "
-                               f"{', '.join(diffs)}. Use another --run-id or the original config"])
+            raise ConfigError(
+                [
+                    (
+                        f"run directory {root} holds a run with a different config; differing fields: "
+                        f"{', '.join(diffs)}. Use another --run-id or the original config"
+                    )
+                ]
+            )
     lock = RunLock(root)  # creates the directory
     lock.acquire()  # held until the caller's `with lock:` block ends
     cleanup_stale_tmp(root)

@@ -28,10 +28,11 @@ def rng_state() -> dict[str, Any]:
     numpy's key array becomes a tensor, since a pickled ndarray would need numpy's own unpickler."""
     # the legacy form, a tuple (numpy's stubs also allow the dict of get_state(legacy=False))
     name, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
-    state: dict[str, Any] = {"python": random.getstate(),
-                             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                                       float(cached)),
-                             "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         # the generator of this process's own device only (a rank draws on its GPU alone): a list of every
         # visible device's state would not restore where the resumed job sees fewer devices

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -108,13 +108,16 @@ class DDP(Strategy):
         # A new wrapper every period (its gradient hooks belong to that period's trainables); the loop drops
         # the old one at the period's end.
         return DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=method.leaves_parameters_unused)
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=method.leaves_parameters_unused,
+        )
 
     def sync(self, wrapped: nn.Module, last_round: bool) -> Any:
         if last_round or not hasattr(wrapped, "no_sync"):
             return nullcontext()
-        return wrapped.no_sync()
+        return wrapped.no_sync()  # type: ignore[operator]  # DistributedDataParallel's (hasattr above)
 
     @property
     def grad_factor(self) -> float:
@@ -155,8 +158,12 @@ class FSDP(Strategy):
     @classmethod
     def check_optimizer(cls, optimizer: str) -> list[str]:
         if optimizer != "adamw":
-            return [f"train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not "
-                    f"{optimizer!r}; valid with fsdp: adamw"]
+            return [
+                (
+                    f"train.strategy fsdp runs train.optimizer adamw only (its state is gathered by name), not "
+                    f"{optimizer!r}; valid with fsdp: adamw"
+                )
+            ]
         return []
 
     def prepare(self, model: nn.Module) -> None:
@@ -190,7 +197,11 @@ class FSDP(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a model's state dict holds tensors; torch types its values as any state value
+        full = cast(
+            dict[str, torch.Tensor],
+            get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        )
         return {n: full[n] for n in names if n in full}  # rank 0 holds them all; the others get nothing
 
     def read_trainable(self, path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -205,20 +216,30 @@ class FSDP(Strategy):
     def load_trainable(self, method: Method, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, tensors, options=StateDictOptions(
-            full_state_dict=True, strict=False, broadcast_from_rank0=self.world.active))
+        set_model_state_dict(
+            model,
+            dict[str, Any](tensors),
+            options=StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=self.world.active),
+        )
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        full = get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # one optimizer, so one dict ({"state": {name: ...}, "param_groups": [...]}), not torch's list of them
+        full = cast(
+            dict[str, Any],
+            get_optimizer_state_dict(
+                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            ),
+        )
         if not full:
             return {}
         # keyed by position, as optimizer.state_dict() is, so a single-process run can resume from it
         index = {n: i for i, n in enumerate(_optimizer_names(model, optimizer))}
-        return {"state": {index[n]: v for n, v in full["state"].items()},
-                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+        return {
+            "state": {index[n]: v for n, v in full["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]],
+        }
 
     def read_trainer_state(self, path: Path, reader: Callable[[Path], Any]) -> dict[str, Any]:
         """Rank 0 reads the file (AdamW's two moments, twice the model); the others get the small rest from
@@ -236,10 +257,16 @@ class FSDP(Strategy):
         named: dict[str, Any] = {}
         if state:  # rank 0 (or a world of one): positions back to names
             names = _optimizer_names(model, optimizer)
-            named = {"state": {names[i]: v for i, v in state["state"].items()},
-                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=self.world.active))
+            named = {
+                "state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+            }
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            named,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.world.active),
+        )
 
     def eval_shard(self) -> Any:
         return Lockstep(self.world)
@@ -268,8 +295,12 @@ def strategy_problems(train: Any, world: World) -> list[str]:
     if resolved not in STRATEGIES:
         return [f"train.strategy {name!r} is not available; valid: auto, {', '.join(STRATEGIES)}"]
     if resolved == "single" and world.active:
-        return [f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
-                f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}"]
+        return [
+            (
+                f"train.strategy single runs one process, but the launcher started {world.size} ranks; "
+                f"valid with {world.size} ranks: auto, {', '.join(n for n in STRATEGIES if n != 'single')}"
+            )
+        ]
     return STRATEGIES[resolved].check_optimizer(train.optimizer)
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from artifacts import RunDir, atomic_write_json
 from artifacts.rundir import TRACKING_FILE as TRACKING_JSON  # the run directory's layout is spelled there
+
 # train_log.jsonl fields that say where a record is, not what was measured
 _POSITION_KEYS = {"event", "period", "step", "global_step"}
 # The series a run logs, each with the key every one of its records has: MLflow and W&B find from it the
@@ -97,9 +98,18 @@ class Backend:
 class TrackContext:
     """What a backend needs to know about the run."""
 
-    def __init__(self, run_id: str, run_dir: Path, track_dir: Path, project: str, group: str, tags: list[str],
-                 wandb_mode: Literal["offline", "online", "disabled"], mlflow_uri: str,
-                 purge_from: int | None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        run_dir: Path,
+        track_dir: Path,
+        project: str,
+        group: str,
+        tags: list[str],
+        wandb_mode: Literal["offline", "online", "disabled"],
+        mlflow_uri: str,
+        purge_from: int | None,
+    ) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
         self.track_dir = track_dir
@@ -113,6 +123,7 @@ class TrackContext:
 
 
 # -- TensorBoard ---------------------------------------------------------------------------
+
 
 class TensorBoardBackend(Backend):
     name, module = "tensorboard", "tensorboard"
@@ -157,6 +168,7 @@ class TensorBoardBackend(Backend):
 
 # -- MLflow --------------------------------------------------------------------------------
 
+
 class MlflowBackend(Backend):
     name, module = "mlflow", "mlflow"
 
@@ -176,8 +188,9 @@ class MlflowBackend(Backend):
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._experiment()
         # The tracker id is a tag: a process killed before tracking.json named the MLflow run finds it again.
-        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`clkit.tracker_id` = '{ctx.id}'",
-                                        max_results=1)
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`clkit.tracker_id` = '{ctx.id}'", max_results=1
+        )
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
@@ -211,8 +224,13 @@ class MlflowBackend(Backend):
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def record(self) -> dict[str, Any]:
-        return {"tracking_uri": self.uri, "experiment": self.ctx.project, "experiment_id": self.experiment_id,
-                "run_id": self.run_id, "view": f"mlflow ui --backend-store-uri {self.uri}"}
+        return {
+            "tracking_uri": self.uri,
+            "experiment": self.ctx.project,
+            "experiment_id": self.experiment_id,
+            "run_id": self.run_id,
+            "view": f"mlflow ui --backend-store-uri {self.uri}",
+        }
 
     def _log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -220,7 +238,7 @@ class MlflowBackend(Backend):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def log(self, series: str, step: int, values: dict[str, float], label: str = "") -> None:
         if step <= self.logged[series]:
@@ -237,7 +255,7 @@ class MlflowBackend(Backend):
         # provenance (host, job, code version) changes with each process and goes to the mutable tags
         params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in _flat_params(config).items()]
         for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_batch(self.run_id, tags=[RunTag(f"provenance.{k}", str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifacts(self, paths: list[Path]) -> None:
@@ -281,22 +299,43 @@ class WandbBackend(Backend):
         self.dir.mkdir(parents=True, exist_ok=True)
         # Offline by default: compute nodes rarely reach the internet. Each process of the run writes an
         # offline-run-<time>-<id> directory; `wandb sync` uploads them in order into the one run `id`.
-        settings = wandb.Settings(console="off", save_code=False, disable_git=True, x_disable_stats=True,
-                                  x_save_requirements=False, silent=True)
-        self.run = wandb.init(project=ctx.project, id=ctx.id, name=ctx.run_id, resume="allow", mode=ctx.wandb_mode,
-                              dir=str(self.dir), group=ctx.group or None, tags=ctx.tags or None, settings=settings,
-                              reinit="create_new")
+        settings = wandb.Settings(
+            console="off",
+            save_code=False,
+            disable_git=True,
+            x_disable_stats=True,
+            x_save_requirements=False,
+            silent=True,
+        )
+        self.run = wandb.init(
+            project=ctx.project,
+            id=ctx.id,
+            name=ctx.run_id,
+            resume="allow",
+            mode=ctx.wandb_mode,
+            dir=str(self.dir),
+            group=ctx.group or None,
+            tags=ctx.tags or None,
+            settings=settings,
+            reinit="create_new",
+        )
         # W&B keeps every value logged and wants steps to grow: skip what earlier processes recorded
         recorded = wandb_history(self.dir, ctx.id) if ctx.wandb_mode == "offline" else []
-        self.logged = {series: max((int(r["_step"]) for r in recorded if key in r), default=-1)
-                       for series, key in SERIES.items()}
+        self.logged = {
+            series: max((int(r["_step"]) for r in recorded if key in r), default=-1) for series, key in SERIES.items()
+        }
         if ctx.wandb_mode == "online":  # the server knows the resumed run's last step
             self.logged = {series: max(-1, int(self.run.step) - 1) for series in SERIES}
 
     def record(self) -> dict[str, Any]:
         offline_runs = f"{self.dir}/wandb/offline-run-*-{self.ctx.id}"
-        return {"dir": str(self.dir), "project": self.ctx.project, "id": self.ctx.id, "mode": self.ctx.wandb_mode,
-                "sync": f"wandb sync --id {self.ctx.id} -p {self.ctx.project} {offline_runs}"}
+        return {
+            "dir": str(self.dir),
+            "project": self.ctx.project,
+            "id": self.ctx.id,
+            "mode": self.ctx.wandb_mode,
+            "sync": f"wandb sync --id {self.ctx.id} -p {self.ctx.project} {offline_runs}",
+        }
 
     def log(self, series: str, step: int, values: dict[str, float], label: str = "") -> None:
         if step <= self.logged[series]:
@@ -331,11 +370,11 @@ def wandb_records(path: Path) -> Iterator[bytes]:
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # block padding
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         if len(chunk) < length:
             return
         pos += 7 + length
@@ -362,8 +401,9 @@ def wandb_history(wandb_dir: Path, run_id: str) -> list[dict[str, Any]]:
             except Exception:  # noqa: BLE001 - a torn record from a killed writer: the rest is untrusted
                 break
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -374,9 +414,12 @@ BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TensorBoardBackend, Ml
 
 def missing_extras(backends: list[str]) -> list[str]:
     """One config problem per requested backend whose package is not installed (checked without importing)."""
-    return [f"track.backends: {name!r} needs its package; install the extra: uv sync --extra {name} "
-            f"(or --extra tracking for all three)"
-            for name in backends if name in BACKENDS and importlib.util.find_spec(BACKENDS[name].module) is None]
+    return [
+        f"track.backends: {name!r} needs its package; install the extra: uv sync --extra {name} "
+        f"(or --extra tracking for all three)"
+        for name in backends
+        if name in BACKENDS and importlib.util.find_spec(BACKENDS[name].module) is None
+    ]
 
 
 class Tracker:
@@ -434,23 +477,33 @@ class Tracker:
                 backend.log("train", step, train_values(row))
             elif row.get("event") == "eval" and step > logged["period"]:
                 index = int(row.get("period", 0))
-                backend.log("period", step, period_values(index, row.get("scores", {})),
-                            f"{index}-{row.get('period_name', '')}")
+                backend.log(
+                    "period", step, period_values(index, row.get("scores", {})), f"{index}-{row.get('period_name', '')}"
+                )
 
     def _write_record(self) -> None:
         assert self.ctx is not None
         try:
-            atomic_write_json(RunDir(self.ctx.run_dir).tracking, {
-                "tracker_id": self.ctx.id, "run_id": self.ctx.run_id, "project": self.ctx.project,
-                "group": self.ctx.group, "backends": {b.name: b.record() for b in self.backends or []},
-                "failed": [n for n in self.names if n not in {b.name for b in self.backends or []}]})
+            atomic_write_json(
+                RunDir(self.ctx.run_dir).tracking,
+                {
+                    "tracker_id": self.ctx.id,
+                    "run_id": self.ctx.run_id,
+                    "project": self.ctx.project,
+                    "group": self.ctx.group,
+                    "backends": {b.name: b.record() for b in self.backends or []},
+                    "failed": [n for n in self.names if n not in {b.name for b in self.backends or []}],
+                },
+            )
         except Exception as exc:  # noqa: BLE001
             self.say(f"warning: tracking: cannot write {TRACKING_JSON} ({exc}); training goes on")
 
     def _warn(self, name: str, exc: BaseException) -> None:
         text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        self.say(f"warning: tracking backend {name} failed and is off for this process ({text}); "
-                 "training goes on, the run directory stays the record")
+        self.say(
+            f"warning: tracking backend {name} failed and is off for this process ({text}); "
+            "training goes on, the run directory stays the record"
+        )
 
     def _each(self, call: Callable[[Backend], None]) -> None:
         if not self.active:
@@ -507,14 +560,30 @@ def period_values(index: int, scores: dict[str, Any]) -> dict[str, float]:
     return {"period/index": float(index), **flatten(scores, "row")}
 
 
-def open_tracker(track: Any, run_id: str, run_dir: Path, is_main: bool, say: Callable[[str], None],
-                 config: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> Tracker:
+def open_tracker(
+    track: Any,
+    run_id: str,
+    run_dir: Path,
+    is_main: bool,
+    say: Callable[[str], None],
+    config: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> Tracker:
     """The run's Tracker from the config's `track` section (a NullTracker-like one when off or not rank 0)."""
     if not is_main or not track.backends:
         return Tracker([], None, say)
     track_dir = Path(track.dir).expanduser() if track.dir else run_dir / "tracking"
-    ctx = TrackContext(run_id, run_dir, track_dir, track.project, track.group, list(track.tags), track.wandb_mode,
-                       track.mlflow_uri, purge_from=None)
+    ctx = TrackContext(
+        run_id,
+        run_dir,
+        track_dir,
+        track.project,
+        track.group,
+        list(track.tags),
+        track.wandb_mode,
+        track.mlflow_uri,
+        purge_from=None,
+    )
     tracker = Tracker(list(dict.fromkeys(track.backends)), ctx, say)
     tracker.config = config or {}
     tracker.tags = tags or {}

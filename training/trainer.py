@@ -23,9 +23,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from artifacts import (RunDir, StepCheckpoints, append_text, atomic_write_json, atomic_write_text,
-                       commit_dir, read_jsonl, read_manifest, staging_dir, state_sha256,
-                       verify_manifest, write_manifest)
+from artifacts import (
+    RunDir,
+    StepCheckpoints,
+    append_text,
+    atomic_write_json,
+    atomic_write_text,
+    commit_dir,
+    read_jsonl,
+    read_manifest,
+    staging_dir,
+    state_sha256,
+    verify_manifest,
+    write_manifest,
+)
 from data.schema import Period
 from eval_and_metrics.evaluate import Budget, EvalInterrupted
 from eval_and_metrics.retention import RETENTION_FILE, RetentionTrack
@@ -46,22 +57,31 @@ from training.workload import Stage, Workload
 RESULTS_SCHEMA_VERSION = 1
 
 
-
-
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, paths: RunDir, model: torch.nn.Module, tokenizer: Any,
-                 device: torch.device, method: Method, workload: Workload, stop: StopFlag,
-                 log: Callable[[str], None] = print, world: World = World(),
-                 retention: RetentionTrack | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        paths: RunDir,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        method: Method,
+        workload: Workload,
+        stop: StopFlag,
+        log: Callable[[str], None] = print,
+        world: World = World(),
+        retention: RetentionTrack | None = None,
+    ) -> None:
         self.cfg = cfg
         self.paths = paths
         self.model = model
@@ -75,8 +95,9 @@ class Trainer:
         self.say = log if world.is_main else (lambda message: None)
         # train.mixed_precision resolved for this device and model dtype (auto: bf16 on a bf16 model)
         self.precision = resolve_precision(cfg.train.mixed_precision, cfg.model, device)
-        self.strategy: Strategy = STRATEGIES[resolve_strategy(cfg.train.strategy, world)](world, device,
-                                                                                          precision=self.precision)
+        self.strategy: Strategy = STRATEGIES[resolve_strategy(cfg.train.strategy, world)](
+            world, device, precision=self.precision
+        )
         self.strategy.prepare(model)
         self.wrapped = model  # what the training forward goes through (the strategy's wrapper)
         self.checkpointer = Checkpointer(self.strategy, method, model)  # what a checkpoint holds, saved and loaded
@@ -86,8 +107,15 @@ class Trainer:
         self.started_at = time.time()
         self.step_sleep = step_sleep()  # $CLKIT_STEP_SLEEP: tests slow the steps down to stop a run mid-period
         # rank 0 logs to the configured experiment trackers (training/tracking.py); none by default
-        self.tracker = open_tracker(cfg.track, paths.root.name, paths.root, world.is_main, self.say,
-                                    config=cfg.identity_dict(), tags=_provenance(paths))
+        self.tracker = open_tracker(
+            cfg.track,
+            paths.root.name,
+            paths.root,
+            world.is_main,
+            self.say,
+            config=cfg.identity_dict(),
+            tags=_provenance(paths),
+        )
 
     # -- outer loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -100,7 +128,7 @@ class Trainer:
                 self.say(f"resuming after committed period {done}/{len(stages)} ({stages[done - 1].name})")
             if done < 0:
                 self._commit_base()
-            for stage in stages[max(done, 0):]:
+            for stage in stages[max(done, 0) :]:
                 self.run_period(stage)
             results = self._write_results()
             finished = True
@@ -118,14 +146,15 @@ class Trainer:
         lengths = [len(t) for t in data.token_ids]
         # Every epoch's batch plan up front: bucketing can give epochs slightly different batch counts,
         # and the cosine horizon and the ETA need the exact number of optimizer steps.
-        plans = [epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size, cfg.seed, k, e)
-                 for e in range(cfg.train.epochs)]
+        plans = [
+            epoch_batches(lengths, cfg.train.max_tokens_per_batch, cfg.train.max_batch_size, cfg.seed, k, e)
+            for e in range(cfg.train.epochs)
+        ]
         total_steps = sum(math.ceil(len(plan) / cfg.train.grad_accum) for plan in plans)
         params = self.method.trainable_parameters(self.model)
         optimizer = OPTIMIZERS[cfg.train.optimizer](params, cfg.train)
         warmup = min(cfg.train.warmup_steps, int(cfg.train.warmup_max_frac * total_steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total_steps, warmup, cfg.train.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.train.min_lr_ratio))
         ckpts = StepCheckpoints(self.paths.checkpoint_root(k, period.name), keep=cfg.checkpoint.keep)
         if cfg.checkpoint.check_free_space and self.world.is_main:
             check_free_space(ckpts.root, k, params, cfg.checkpoint.keep)
@@ -142,8 +171,9 @@ class Trainer:
             self.say(f"warning: period {k} ({period.name}): {problem}")
             self._log({"event": "warning", "period": k, "message": problem})
         if latest is not None:
-            self._log({"event": "resume", "period": k, "from_step": pos.step, "total_steps": total_steps,
-                       **slurm_info()})
+            self._log(
+                {"event": "resume", "period": k, "from_step": pos.step, "total_steps": total_steps, **slurm_info()}
+            )
             self.say(f"period {k} ({period.name}): resuming from step checkpoint {pos.step}/{total_steps}")
 
         def save_step() -> None:
@@ -151,24 +181,38 @@ class Trainer:
             # wait until it is committed.
             snapshot = self.checkpointer.snapshot(parts)
             if self.world.is_main:
-                ckpts.save(pos.step, lambda d: self.checkpointer.write(d, snapshot),
-                           {"run_id": self.paths.root.name, "period_index": k, "period_name": period.name,
-                            "config_hash": cfg.config_hash(), **slurm_info(), **self._world_info()})
+                ckpts.save(
+                    pos.step,
+                    lambda d: self.checkpointer.write(d, snapshot),
+                    {
+                        "run_id": self.paths.root.name,
+                        "period_index": k,
+                        "period_name": period.name,
+                        "config_hash": cfg.config_hash(),
+                        **slurm_info(),
+                        **self._world_info(),
+                    },
+                )
                 self.tracker.flush()  # what the trackers hold up to a checkpoint is never replayed
             self.world.barrier()
 
         flat_params = [p for g in params for p in g["params"]]
         self.wrapped = self.strategy.wrap(self.model, self.method)
-        bar = tqdm(total=total_steps, initial=pos.step, desc=f"{self.method.name} {k}/{len(self.work.stages)} "
-                   f"{period.name}", disable=not (cfg.train.progress and self.world.is_main), dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(
+            total=total_steps,
+            initial=pos.step,
+            desc=f"{self.method.name} {k}/{len(self.work.stages)} {period.name}",
+            disable=not (cfg.train.progress and self.world.is_main),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         last_save, window_tokens, window_start = time.time(), 0, time.time()
         last_step = time.time()
         while pos.epoch < cfg.train.epochs:
             batches = plans[pos.epoch]
             epoch = pos.epoch
             while pos.epoch == epoch:
-                group = batches[pos.batch:pos.batch + cfg.train.grad_accum]
+                group = batches[pos.batch : pos.batch + cfg.train.grad_accum]
                 micro = [self._batch(data, idx) for idx in group]
                 seeds = [derive_seed(cfg.seed, "micro", k, pos.epoch, pos.batch + i) for i in range(len(group))]
                 loss, grad_norm = self.train_step(micro, optimizer, scheduler, flat_params, seeds)
@@ -181,14 +225,25 @@ class Trainer:
                 tok_s = window_tokens / max(1e-9, time.time() - window_start)
                 # each step's wall time, so a run's cost is the sum over the log (resumes keep each step once)
                 seconds, last_step = time.time() - last_step, time.time()
-                record = {"event": "train", "period": k, "step": pos.step, "global_step": offset + pos.step,
-                          "loss": loss, "grad_norm": grad_norm, "seconds": seconds,
-                          "lr": scheduler.get_last_lr()[0], "tokens": num_tokens, "padding": 1 - num_tokens / padded,
-                          **self.method.step_stats(), **optimizer_stats(optimizer)}
+                record = {
+                    "event": "train",
+                    "period": k,
+                    "step": pos.step,
+                    "global_step": offset + pos.step,
+                    "loss": loss,
+                    "grad_norm": grad_norm,
+                    "seconds": seconds,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": num_tokens,
+                    "padding": 1 - num_tokens / padded,
+                    **self.method.step_stats(),
+                    **optimizer_stats(optimizer),
+                }
                 self._log(record)
                 if self.tracker.active:
-                    self.tracker.log_step(offset + pos.step, record,
-                                          {"tokens_per_s": tok_s, "memory_bytes": self._peak_memory()})
+                    self.tracker.log_step(
+                        offset + pos.step, record, {"tokens_per_s": tok_s, "memory_bytes": self._peak_memory()}
+                    )
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
                 if self.step_sleep:
@@ -198,8 +253,10 @@ class Trainer:
                 now = time.time()
                 # Both decisions are agreed over the ranks: a signal to any rank, or rank 0's clock, stops or
                 # saves all of them at this same step boundary.
-                due = bool((cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0)
-                           or (cfg.checkpoint.every_seconds and now - last_save >= cfg.checkpoint.every_seconds))
+                due = bool(
+                    (cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0)
+                    or (cfg.checkpoint.every_seconds and now - last_save >= cfg.checkpoint.every_seconds)
+                )
                 stop = self.world.any(bool(self.stop))
                 if stop:
                     self._name_stop()
@@ -225,18 +282,31 @@ class Trainer:
         results = self._evaluate(f"eval after {period.name}")
         retained = self._evaluate_retention(f"retention after {period.name}")
         extras = self.method.eval_extras(self.model, self.probes)
-        self._commit_period(period, results, extras, retained=retained, train_info={"total_steps": total_steps,
-                                                                 "tokens": pos.tokens,
-                                                                 "num_texts": len(texts),
-                                                                 "eval_seconds": time.time() - eval_start,
-                                                                 "peak_memory_bytes": self._peak_memory()})
+        self._commit_period(
+            period,
+            results,
+            extras,
+            retained=retained,
+            train_info={
+                "total_steps": total_steps,
+                "tokens": pos.tokens,
+                "num_texts": len(texts),
+                "eval_seconds": time.time() - eval_start,
+                "peak_memory_bytes": self._peak_memory(),
+            },
+        )
         if self.world.is_main:
             ckpts.clear()
         self.world.barrier()
 
-    def train_step(self, micro: list[dict[str, Any]], optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, params: list[torch.nn.Parameter],
-                   seeds: list[int]) -> tuple[float, float]:
+    def train_step(
+        self,
+        micro: list[dict[str, Any]],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        params: list[torch.nn.Parameter],
+        seeds: list[int],
+    ) -> tuple[float, float]:
         """One optimizer step over `micro`, the step's micro-batches, dealt round-robin over the ranks
         (training/strategies.py): the summed gradient is the same for any number of ranks."""
         self.model.train()
@@ -247,13 +317,17 @@ class Trainer:
             i = r * world.size + world.rank
             real = i < len(micro)
             batch = micro[i] if real else micro[0]  # a zero-weight stand-in: every rank joins every backward
-            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                      for k, v in model_inputs(batch).items()}
+            inputs = {
+                k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()
+            }
             seed = seeds[i if real else 0]
             # the stand-in's forward must not count as a second read of its micro-batch
             counted = [] if real else [c.clone() for c in self.method.step_counters(self.model)]
-            with (self.strategy.sync(self.wrapped, last_round=r == rounds - 1), micro_rng(seed),
-                  training_autocast(self.precision, self.device)):
+            with (
+                self.strategy.sync(self.wrapped, last_round=r == rounds - 1),
+                micro_rng(seed),
+                training_autocast(self.precision, self.device),
+            ):
                 outputs = self.wrapped(**inputs)
                 loss = outputs.loss
                 declared = self.method.hook_inputs(micro_seed=seed)  # training/methods/base.py, HOOK_INPUTS
@@ -287,16 +361,22 @@ class Trainer:
         unpacked FLOPs (docs/benchmarks.md); flash-attention's variable-length path does not."""
         masked = [data.num_masked[i] for i in idx] if data.num_masked else None
         ids = [data.token_ids[i] for i in idx]
-        batch: dict[str, Any] = (collate_packed(ids, self.tokenizer.pad_token_id, masked)
-                                 if self.cfg.train.pack else collate(ids, self.tokenizer.pad_token_id, masked))
+        batch: dict[str, Any] = (
+            collate_packed(ids, self.tokenizer.pad_token_id, masked)
+            if self.cfg.train.pack
+            else collate(ids, self.tokenizer.pad_token_id, masked)
+        )
         batch.update(self.method.hook_inputs(texts=[data.texts[i] for i in idx]))  # declared hook inputs only
         return batch
 
     def _evaluate(self, desc: str) -> list[dict[str, Any]]:
         """Every eval item scored once: each rank scores its share of the batches (the same batches one
         process would form), and the rows are put back in one process's order on every rank."""
-        return self._scored(desc, self.work.num_eval_items(), lambda **kw: self.work.evaluate(
-            **kw, scope=lambda stage: self.method.eval_scope(self.model, stage)))
+        return self._scored(
+            desc,
+            self.work.num_eval_items(),
+            lambda **kw: self.work.evaluate(**kw, scope=lambda stage: self.method.eval_scope(self.model, stage)),
+        )
 
     def _evaluate_retention(self, desc: str) -> list[dict[str, Any]] | None:
         """The retention track's items, scored by the model as it stands (no stage scope: they belong to
@@ -308,14 +388,26 @@ class Trainer:
     def _scored(self, desc: str, total: int, evaluate: Callable[..., list[dict[str, Any]]]) -> list[dict[str, Any]]:
         world, shard = self.world, self.strategy.eval_shard()
         share = world.size if shard is world else 1  # rank 0 sees its share of the items, or all of them
-        bar = tqdm(total=total, desc=desc, disable=not (self.cfg.train.progress and world.is_main),
-                   dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=total,
+            desc=desc,
+            disable=not (self.cfg.train.progress and world.is_main),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         try:
             # the ranks agree on a stop before every batch (shard.agree), so they all leave at the same one
-            return evaluate(model=self.model, tokenizer=self.tokenizer, device=self.device,
-                            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
-                            should_stop=lambda: bool(self.stop), progress=lambda n: bar.update(n * share),
-                            shard=shard, budget=Budget(self.cfg.eval.max_length, self.cfg.eval.max_tokens_per_batch))
+            return evaluate(
+                model=self.model,
+                tokenizer=self.tokenizer,
+                device=self.device,
+                batch_size=self.cfg.eval.batch_size,
+                max_new_tokens=self.cfg.eval.max_new_tokens,
+                should_stop=lambda: bool(self.stop),
+                progress=lambda n: bar.update(n * share),
+                shard=shard,
+                budget=Budget(self.cfg.eval.max_length, self.cfg.eval.max_tokens_per_batch),
+            )
         except EvalInterrupted:
             self._name_stop()
             raise StopRequested(f"{self.stop.signal_name} during evaluation") from None
@@ -326,46 +418,85 @@ class Trainer:
         results = self._evaluate("eval base model")
         retained = self._evaluate_retention("retention base model")
         extras = self.method.eval_extras(self.model, self.probes)
-        self._commit_period(Period(index=0, name="base", passages=(), probes=()), results, extras,
-                            train_info={"peak_memory_bytes": self._peak_memory()}, retained=retained)
+        self._commit_period(
+            Period(index=0, name="base", passages=(), probes=()),
+            results,
+            extras,
+            train_info={"peak_memory_bytes": self._peak_memory()},
+            retained=retained,
+        )
 
-    def _commit_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
-                       train_info: dict[str, Any], retained: list[dict[str, Any]] | None = None) -> None:
+    def _commit_period(
+        self,
+        period: Period,
+        results: list[dict[str, Any]],
+        extras: dict[str, Any],
+        train_info: dict[str, Any],
+        retained: list[dict[str, Any]] | None = None,
+    ) -> None:
         snapshot = self.checkpointer.snapshot(self.checkpointer.period_parts())  # a collective under fsdp
         if self.world.is_main:
             self._write_period(period, results, extras, train_info, snapshot, retained)
         self.world.barrier()  # no rank goes on (or reads the commit) before it exists
 
-    def _write_period(self, period: Period, results: list[dict[str, Any]], extras: dict[str, Any],
-                      train_info: dict[str, Any], snapshot: dict[str, Any],
-                      retained: list[dict[str, Any]] | None = None) -> None:
+    def _write_period(
+        self,
+        period: Period,
+        results: list[dict[str, Any]],
+        extras: dict[str, Any],
+        train_info: dict[str, Any],
+        snapshot: dict[str, Any],
+        retained: list[dict[str, Any]] | None = None,
+    ) -> None:
         final = self.paths.period_dir(period.index, period.name)
         tmp = staging_dir(final)
         self.checkpointer.write(tmp, snapshot)
         trainable = snapshot["trainable"]
         (tmp / "eval").mkdir()
-        atomic_write_text(tmp / "eval" / "predictions.jsonl",
-                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
+        atomic_write_text(
+            tmp / "eval" / "predictions.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results)
+        )
         summary = self.work.row_summary(results)
         scores: dict[str, Any] = {"by_period": summary, "extras": extras}
         if retained is not None and self.retention is not None:
-            atomic_write_text(tmp / "eval" / RETENTION_FILE,
-                              "".join(json.dumps(r, sort_keys=True) + "\n" for r in retained))
+            atomic_write_text(
+                tmp / "eval" / RETENTION_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in retained)
+            )
             scores["retention"] = self.retention.summary(retained)
         atomic_write_json(tmp / "eval" / "scores.json", scores)
-        write_manifest(tmp, {
-            "kind": "period", "status": "complete", "run_id": self.paths.root.name, "method": self.method.name,
-            "is_bound": self.method.is_bound,
-            "period_index": period.index, "period_name": period.name, "config_hash": self.cfg.config_hash(),
-            "data_fingerprint": self.work.fingerprint, "code_version": _code_version(self.paths),
-            "metrics": scores, "train": train_info,
-            "trainable_sha256": state_sha256(trainable), "started_at": self.started_at,
-            "finished_at": time.time(), **slurm_info(), **self._world_info(),
-        })
+        write_manifest(
+            tmp,
+            {
+                "kind": "period",
+                "status": "complete",
+                "run_id": self.paths.root.name,
+                "method": self.method.name,
+                "is_bound": self.method.is_bound,
+                "period_index": period.index,
+                "period_name": period.name,
+                "config_hash": self.cfg.config_hash(),
+                "data_fingerprint": self.work.fingerprint,
+                "code_version": _code_version(self.paths),
+                "metrics": scores,
+                "train": train_info,
+                "trainable_sha256": state_sha256(trainable),
+                "started_at": self.started_at,
+                "finished_at": time.time(),
+                **slurm_info(),
+                **self._world_info(),
+            },
+        )
         commit_dir(tmp, final)
         step = self._step_offset(period.index) + train_info.get("total_steps", 0)  # where its training ended
-        self._log({"event": "eval", "period": period.index, "scores": summary, "global_step": step,
-                   "period_name": period.name})
+        self._log(
+            {
+                "event": "eval",
+                "period": period.index,
+                "scores": summary,
+                "global_step": step,
+                "period_name": period.name,
+            }
+        )
         self.tracker.log_period(step, period.index, period.name, summary)
         self.say(f"committed {final}")
 
@@ -403,9 +534,12 @@ class Trainer:
 
     def _world_info(self) -> dict[str, Any]:
         """How the run was spread, recorded with every commit: it must not change the numbers."""
-        return {"world_size": self.world.size, "strategy": self.strategy.name,
-                "global_batch_micro_batches": self.cfg.train.grad_accum,
-                "per_rank_micro_batches": math.ceil(self.cfg.train.grad_accum / self.world.size)}
+        return {
+            "world_size": self.world.size,
+            "strategy": self.strategy.name,
+            "global_batch_micro_batches": self.cfg.train.grad_accum,
+            "per_rank_micro_batches": math.ceil(self.cfg.train.grad_accum / self.world.size),
+        }
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.world.is_main:
@@ -424,6 +558,7 @@ class Trainer:
             if p < period:
                 return True
             return p == period and r.get("event") == "train" and r.get("step", 0) <= step
+
         kept = [r for r in rows if keep(r)]
         if kept != rows:
             atomic_write_text(self.paths.train_log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
@@ -438,31 +573,47 @@ class Trainer:
             extras[name] = scores.get("extras", {})
         metrics = self.work.derive(rows_per_row)
         if self.retention is not None:
-            retained = [read_jsonl(self.paths.period_dir(k, name) / "eval" / RETENTION_FILE)
-                        for k, name in enumerate(names)]
+            retained = [
+                read_jsonl(self.paths.period_dir(k, name) / "eval" / RETENTION_FILE) for k, name in enumerate(names)
+            ]
             metrics["retention"] = self.retention.metrics(retained)
         final = self.strategy.trainable_state(self.method, self.model)
         results = {
-            "schema_version": RESULTS_SCHEMA_VERSION, "run_id": self.paths.root.name, "method": self.method.name,
-            "mode": self.cfg.mode, "seed": self.cfg.seed, "benchmark": self.cfg.data.benchmark,
-            "benchmark_name": self.work.name, "data_fingerprint": self.work.fingerprint,
-            "model": model_label(self.cfg), "config_hash": self.cfg.config_hash(),
-            "periods": self.work.stage_names, "metrics": metrics, "method_extras": extras,
-            "final_state_sha256": state_sha256(final), "is_bound": self.method.is_bound,
-            "cost": self._cost(names), **self.work.result_fields(self.cfg),
+            "schema_version": RESULTS_SCHEMA_VERSION,
+            "run_id": self.paths.root.name,
+            "method": self.method.name,
+            "mode": self.cfg.mode,
+            "seed": self.cfg.seed,
+            "benchmark": self.cfg.data.benchmark,
+            "benchmark_name": self.work.name,
+            "data_fingerprint": self.work.fingerprint,
+            "model": results_model_name(self.cfg),
+            "config_hash": self.cfg.config_hash(),
+            "periods": self.work.stage_names,
+            "metrics": metrics,
+            "method_extras": extras,
+            "final_state_sha256": state_sha256(final),
+            "is_bound": self.method.is_bound,
+            "cost": self._cost(names),
+            **self.work.result_fields(self.cfg),
         }
         if self.world.is_main:
             atomic_write_json(self.paths.results, results)
-            self.tracker.log_final(self._step_offset(len(names)), metrics,
-                                   [self.paths.results, self.paths.config, self.paths.root / "run.json"])
+            self.tracker.log_final(
+                self._step_offset(len(names)),
+                metrics,
+                [self.paths.results, self.paths.config, self.paths.root / "run.json"],
+            )
         self.world.barrier()
         return results
 
     def _step_offset(self, k: int) -> int:
         """Optimizer steps of the periods before period k (each committed one records its count)."""
         names = ["base"] + self.work.stage_names
-        return sum((read_manifest(self.paths.period_dir(j, names[j])) or {}).get("train", {}).get("total_steps", 0)
-                   for j in range(1, min(k, len(names))))
+        return sum(
+            (read_manifest(self.paths.period_dir(j, names[j])) or {}).get("train", {}).get("total_steps", 0)
+            for j in range(1, min(k, len(names)))
+        )
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
@@ -481,18 +632,23 @@ class Trainer:
         rows = self.paths.log_rows()
         last = self.paths.period_dir(len(names) - 1, names[-1])
         manifests = [read_manifest(self.paths.period_dir(k, n)) or {} for k, n in enumerate(names)]
-        peak = max((m.get("train", {}).get("peak_memory_bytes", 0) for m in manifests), default=0) \
-            or self._peak_memory()  # runs committed before commits recorded it
+        peak = (
+            max((m.get("train", {}).get("peak_memory_bytes", 0) for m in manifests), default=0) or self._peak_memory()
+        )  # runs committed before commits recorded it
         return {
             "train_seconds": sum(r.get("seconds", 0.0) for r in rows if r.get("event") == "train"),
             "eval_seconds": sum(m.get("train", {}).get("eval_seconds", 0.0) for m in manifests),
             "train_tokens": sum(m.get("train", {}).get("tokens", 0) for m in manifests),
-            "peak_memory_bytes": peak, "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else "rss",
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else "rss",
             "checkpoint_bytes": sum((last / f).stat().st_size for f in ("trainable.safetensors", "method_state.pt")),
         }
 
 
-def model_label(cfg: RunConfig) -> str:
+def results_model_name(cfg: RunConfig) -> str:
+    """results.json's "model" field: "synthetic" or the model's name. Deliberately not the report's
+    display label (eval_and_metrics.report.model_label adds the synthetic sizes and the quantisation):
+    this one is part of results.json, whose bytes the runs and their fingerprints pin."""
     if cfg.mode == "synthetic":
         return "synthetic"
     return cfg.model.name or "embedded:SmolLM2-135M-Instruct"

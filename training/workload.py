@@ -104,9 +104,19 @@ class Workload:
         """The texts a synthetic model's tokenizer is built from (training.models.benchmark_texts)."""
         raise NotImplementedError
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device, batch_size: int,
-                 max_new_tokens: int, should_stop: Callable[[], bool], progress: Callable[[int], None],
-                 scope: Scope = _no_scope, shard: Shard = ONE, budget: Budget = UNBOUNDED) -> list[dict[str, Any]]:
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        device: torch.device,
+        batch_size: int,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool],
+        progress: Callable[[int], None],
+        scope: Scope = _no_scope,
+        shard: Shard = ONE,
+        budget: Budget = UNBOUNDED,
+    ) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def row_summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -126,15 +136,23 @@ class TemporalWorkload(Workload):
     # Storage (S: the cloze of a trained sentence) and extraction (X: a wording never trained on) side
     # by side, never averaged together; subset metrics are pooled over all their probes.
     summary_columns: ClassVar[list[tuple[str, str]]] = [
-        ("acc_storage", "ACC-S"), ("bwt_storage", "BWT-S"), ("forgetting_storage", "Fgt-S"),
-        ("plasticity_storage_pooled", "Plast-S"), ("plasticity_extraction_pooled", "Plast-X"),
-        ("stability_storage_pooled", "Stab-S"), ("stability_extraction_pooled", "Stab-X"),
-        ("temporal_recall_storage_final", "TRec-S"), ("temporal_recall_extraction_final", "TRec-X"),
-        ("outdated_storage_pooled", "Outd-S"), ("acc_extraction", "ACC-X")
+        ("acc_storage", "ACC-S"),
+        ("bwt_storage", "BWT-S"),
+        ("forgetting_storage", "Fgt-S"),
+        ("plasticity_storage_pooled", "Plast-S"),
+        ("plasticity_extraction_pooled", "Plast-X"),
+        ("stability_storage_pooled", "Stab-S"),
+        ("stability_extraction_pooled", "Stab-X"),
+        ("temporal_recall_storage_final", "TRec-S"),
+        ("temporal_recall_extraction_final", "TRec-X"),
+        ("outdated_storage_pooled", "Outd-S"),
+        ("acc_extraction", "ACC-X"),
     ]
-    summary_legend = ("-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
-                      "never trained on); Plast and Stab pooled over all their probes; Outd = answers to a period's "
-                      "changed facts that give an earlier value (DyKnow's outdated, docs/metrics.md)")
+    summary_legend = (
+        "-S = storage probes (the cloze of a trained sentence), -X = extraction probes (a wording "
+        "never trained on); Plast and Stab pooled over all their probes; Outd = answers to a period's "
+        "changed facts that give an earlier value (DyKnow's outdated, docs/metrics.md)"
+    )
 
     def __init__(self, bench: Benchmark) -> None:
         self.bench = bench
@@ -142,8 +160,7 @@ class TemporalWorkload(Workload):
         self.fingerprint = bench.fingerprint
         self.probes = bench.all_probes()
         self.warnings = tuple(bench.meta.get("warnings", ()))
-        self.stages = [Stage(p.index, p.name, p, tuple(("", x.text) for x in p.passages), True)
-                       for p in bench.periods]
+        self.stages = [Stage(p.index, p.name, p, tuple(("", x.text) for x in p.passages), True) for p in bench.periods]
 
     def tokenize(self, tokenizer, stage, texts, max_len):
         # passages are plain text with loss on every token, tokenised as they always were
@@ -155,18 +172,41 @@ class TemporalWorkload(Workload):
     def vocabulary_texts(self) -> list[str]:
         return benchmark_texts(self.bench)
 
-    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,
-                 shard=ONE, budget=UNBOUNDED):
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        device,
+        batch_size,
+        max_new_tokens,
+        should_stop,
+        progress,
+        scope=_no_scope,
+        shard=ONE,
+        budget=UNBOUNDED,
+    ):
         # a probe is one sentence and its answer, far below any budget: batches stay batch_size probes
         scopes = {p.name: scope(p.name) for p in self.bench.periods}
         # one set of batches over every probe unless a stage needs its own context (same numbers as always)
-        groups = ([(nullcontext(), self.probes)] if all(c is None for c in scopes.values()) else
-                  [(scopes[p.name] or nullcontext(), list(p.probes)) for p in self.bench.periods])
+        groups = (
+            [(nullcontext(), self.probes)]
+            if all(c is None for c in scopes.values())
+            else [(scopes[p.name] or nullcontext(), list(p.probes)) for p in self.bench.periods]
+        )
         results = []
         for context, probes in groups:
             with context:
-                results += evaluate_probes(model, tokenizer, probes, device, batch_size, max_new_tokens,
-                                           should_stop=should_stop, progress=progress, shard=shard)
+                results += evaluate_probes(
+                    model,
+                    tokenizer,
+                    probes,
+                    device,
+                    batch_size,
+                    max_new_tokens,
+                    should_stop=should_stop,
+                    progress=progress,
+                    shard=shard,
+                )
         return [r.to_json() for r in results]
 
     def row_summary(self, rows):
@@ -176,8 +216,11 @@ class TemporalWorkload(Workload):
             for family in PROBE_FAMILIES:
                 sel = [by_id[p.id] for p in period.probes if p.family == family]
                 if sel:
-                    summary[f"{period.name}/{family}"] = {"em": sum(r["em"] for r in sel) / len(sel),
-                                                          "f1": sum(r["f1"] for r in sel) / len(sel), "n": len(sel)}
+                    summary[f"{period.name}/{family}"] = {
+                        "em": sum(r["em"] for r in sel) / len(sel),
+                        "f1": sum(r["f1"] for r in sel) / len(sel),
+                        "n": len(sel),
+                    }
         return summary
 
     def derive(self, rows_per_row):
@@ -187,12 +230,14 @@ class TemporalWorkload(Workload):
         rows_pred = [{r["id"]: r["prediction"] for r in rows} for rows in rows_per_row]
         metrics = derive_metrics(rows_em, rows_f1, self.probes, self.bench.period_names, rows_pred)
         for family in PROBE_FAMILIES:
+
             def of_family(p: Probe, family: str = family) -> bool:
                 return p.family == family
 
             logprob = score_matrix(rows_lp, self.probes, self.bench.period_names, select=of_family)
-            metrics[f"matrix_{family}_logprob"] = [[None if math.isnan(v) else float(v) for v in row]
-                                                   for row in logprob]
+            metrics[f"matrix_{family}_logprob"] = [
+                [None if math.isnan(v) else float(v) for v in row] for row in logprob
+            ]
         return metrics
 
     def write_files(self, directory):
@@ -204,19 +249,35 @@ class StreamWorkload(Workload):
 
     kind = "stream"
     # higher-is-better tasks first, then the mean final NLL of the lower-is-better ones (never mixed)
-    summary_columns = [(f"higher_is_better_summary.{k}", label) for k, label in (
-        ("acc", "ACC"), ("acc_micro", "ACCmic"), ("avg_acc_over_time", "AvgAcc"), ("bwt", "BWT"), ("fwt", "FWT"),
-        ("forgetting", "Forget"), ("max_drop", "MaxDrop"), ("plasticity", "Plast"))] + [
-        ("lower_is_better_summary.final", "NLL↓"), ("lower_is_better_summary.bwt", "NLLBWT↓")]
+    summary_columns = [
+        (f"higher_is_better_summary.{k}", label)
+        for k, label in (
+            ("acc", "ACC"),
+            ("acc_micro", "ACCmic"),
+            ("avg_acc_over_time", "AvgAcc"),
+            ("bwt", "BWT"),
+            ("fwt", "FWT"),
+            ("forgetting", "Forget"),
+            ("max_drop", "MaxDrop"),
+            ("plasticity", "Plast"),
+        )
+    ] + [("lower_is_better_summary.final", "NLL↓"), ("lower_is_better_summary.bwt", "NLLBWT↓")]
 
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
         self.name = stream.name
         self.fingerprint = stream.fingerprint
         self.probes = []
-        self.stages = [Stage(k, t.name, Period(index=k, name=t.name, passages=(), probes=()),
-                             tuple((x.prompt, x.completion) for x in t.train), t.loss_on == "all")
-                       for k, t in enumerate(stream.tasks, start=1)]
+        self.stages = [
+            Stage(
+                k,
+                t.name,
+                Period(index=k, name=t.name, passages=(), probes=()),
+                tuple((x.prompt, x.completion) for x in t.train),
+                t.loss_on == "all",
+            )
+            for k, t in enumerate(stream.tasks, start=1)
+        ]
         self.scorers = {t.name: SCORERS[t.scorer]() for t in stream.tasks}
 
     def result_fields(self, cfg):
@@ -233,14 +294,34 @@ class StreamWorkload(Workload):
                 texts.extend([x.prompt + x.target, *(x.prompt + (x.delimiter or "") + c for c in x.choices), x.tests])
         return texts
 
-    def evaluate(self, model, tokenizer, device, batch_size, max_new_tokens, should_stop, progress, scope=_no_scope,
-                 shard=ONE, budget=UNBOUNDED):
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        device,
+        batch_size,
+        max_new_tokens,
+        should_stop,
+        progress,
+        scope=_no_scope,
+        shard=ONE,
+        budget=UNBOUNDED,
+    ):
         rows: list[dict[str, Any]] = []
         for task in self.stream.tasks:
             with scope(task.name) or nullcontext():
-                scored = self.scorers[task.name].score(model, tokenizer, list(task.eval), device, batch_size,
-                                                       max_new_tokens, should_stop=should_stop, progress=progress,
-                                                       shard=shard, budget=budget)
+                scored = self.scorers[task.name].score(
+                    model,
+                    tokenizer,
+                    list(task.eval),
+                    device,
+                    batch_size,
+                    max_new_tokens,
+                    should_stop=should_stop,
+                    progress=progress,
+                    shard=shard,
+                    budget=budget,
+                )
             rows.extend({**row, "task": task.name} for row in scored)
         return rows
 
@@ -250,8 +331,9 @@ class StreamWorkload(Workload):
     def derive(self, rows_per_row):
         # The derivation is shared with the report, which re-derives a run from its committed rows.
         tasks = self.stream.tasks
-        return derive_stream_metrics([t.name for t in tasks], [t.scorer for t in tasks], self.scorers,
-                                     [len(t.eval) for t in tasks], rows_per_row)
+        return derive_stream_metrics(
+            [t.name for t in tasks], [t.scorer for t in tasks], self.scorers, [len(t.eval) for t in tasks], rows_per_row
+        )
 
     def write_files(self, directory):
         directory.mkdir(parents=True, exist_ok=True)
@@ -290,8 +372,10 @@ def load_workload(cfg: DataConfig) -> Workload:
     problems = []
     for task in stream.tasks:
         if task.scorer not in SCORERS:
-            problems.append(f"{cfg.stream}: task {task.name!r}: scorer {task.scorer!r} is not registered; "
-                            f"valid: {', '.join(SCORERS)}")
+            problems.append(
+                f"{cfg.stream}: task {task.name!r}: scorer {task.scorer!r} is not registered; "
+                f"valid: {', '.join(SCORERS)}"
+            )
             continue
         problems += [f"{cfg.stream}: task {task.name!r}: {p}" for p in SCORERS[task.scorer]().check(list(task.eval))]
     if problems:

@@ -28,9 +28,26 @@ from data.streams.kinds import SCORER_KINDS
 from data.streams.schema import EvalItem, Stream, TaskData, TrainItem
 from data.streams.sources import SOURCES
 
-__all__ = ["PRESET_DIR", "SCORER_KINDS", "SOURCES", "DataError", "EvalItem", "FormatConfig", "SplitConfig",
-           "Stream", "StreamConfig", "StreamSpec", "TaskConfig", "TaskData", "TrainItem", "list_presets",
-           "load_stream", "read_stream_spec", "resolve_stream_path", "validate_stream_file"]
+__all__ = [
+    "PRESET_DIR",
+    "SCORER_KINDS",
+    "SOURCES",
+    "DataError",
+    "EvalItem",
+    "FormatConfig",
+    "SplitConfig",
+    "Stream",
+    "StreamConfig",
+    "StreamSpec",
+    "TaskConfig",
+    "TaskData",
+    "TrainItem",
+    "list_presets",
+    "load_stream",
+    "read_stream_spec",
+    "resolve_stream_path",
+    "validate_stream_file",
+]
 
 PRESET_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "streams"
 
@@ -73,7 +90,8 @@ def validate_stream_file(path: str | os.PathLike[str], scorers: Collection[str] 
     return read_stream_file(resolved, scorers)[1]
 
 
-def load_stream(path: str | os.PathLike[str], order: int = 0, seed: int = 0,
-                scorers: Collection[str] | None = None) -> Stream:
+def load_stream(
+    path: str | os.PathLike[str], order: int = 0, seed: int = 0, scorers: Collection[str] | None = None
+) -> Stream:
     """Load a stream file (or preset name): every task read, split, capped and checked for leakage."""
     return build_stream(read_stream_spec(path, scorers), order, seed)

@@ -65,14 +65,15 @@ def _gold_index(value: Any, raw_choices: list[str]) -> int:
         text = value.strip()
         if text in raw_choices:
             return raw_choices.index(text)
-        if len(text) == 1 and text.upper() in LETTERS[:len(raw_choices)]:
+        if len(text) == 1 and text.upper() in LETTERS[: len(raw_choices)]:
             return LETTERS.index(text.upper())
         raise TemplateError(f"gold {value!r} is neither a choice's text nor a letter A-{LETTERS[len(raw_choices) - 1]}")
     raise TemplateError(f"gold must be an index, a letter or a choice text (got {type(value).__name__})")
 
 
-def render_doc(doc: Doc, rt: ResolvedTask, split: str,
-               source_delimiter: str | None = None) -> tuple[TrainItem, EvalItem]:
+def render_doc(
+    doc: Doc, rt: ResolvedTask, split: str, source_delimiter: str | None = None
+) -> tuple[TrainItem, EvalItem]:
     """The training and eval item of one document; TemplateError says which format key failed.
 
     A multiple-choice item keeps its choices and the delimiter put before each (format.choice_prefix)
@@ -133,9 +134,19 @@ def render_doc(doc: Doc, rt: ResolvedTask, split: str,
     completion = field("completion") if fmt.completion else target
     eval_target = target.strip() if kind == "numeric" else target
     item_id = f"{rt.cfg.name}/{split}/{doc.id}"
-    return (TrainItem(prompt=prompt, completion=completion),
-            EvalItem(id=item_id, prompt=prompt, target=eval_target, choices=choices, gold=gold, tests=tests,
-                     entry_point=entry_point, delimiter=delimiter))
+    return (
+        TrainItem(prompt=prompt, completion=completion),
+        EvalItem(
+            id=item_id,
+            prompt=prompt,
+            target=eval_target,
+            choices=choices,
+            gold=gold,
+            tests=tests,
+            entry_point=entry_point,
+            delimiter=delimiter,
+        ),
+    )
 
 
 def _render_all(read: SourceRead, rt: ResolvedTask, split: str, what: str) -> list[tuple[TrainItem, EvalItem]]:
@@ -161,8 +172,9 @@ def split_key(item: EvalItem, kind: str) -> str:
     return norm(item.prompt + item.target)
 
 
-def seeded_split(pairs: list[tuple[TrainItem, EvalItem]], kind: str, eval_fraction: float,
-                 key_seed: str) -> tuple[list[tuple[TrainItem, EvalItem]], list[tuple[TrainItem, EvalItem]]]:
+def seeded_split(
+    pairs: list[tuple[TrainItem, EvalItem]], kind: str, eval_fraction: float, key_seed: str
+) -> tuple[list[tuple[TrainItem, EvalItem]], list[tuple[TrainItem, EvalItem]]]:
     """(train pairs, eval pairs): a disjoint split by a seeded hash of each item's split key."""
     keys = sorted({split_key(e, kind) for _, e in pairs}, key=lambda k: _rank(key_seed, k))
     if len(keys) < 2:
@@ -206,21 +218,33 @@ def build_task(rt: ResolvedTask, spec: StreamSpec, seed: int) -> TaskData:
     opts = cfg.source.options
     ctx = ReadContext(stream_file=spec.path, seed=seed, task=cfg.name, kind=rt.kind)
     where = spec.where(f"tasks[{[t.cfg.name for t in spec.tasks].index(cfg.name)}]")
-    meta: dict[str, Any] = {"source": {"type": cfg.source.type, **asdict(opts)}, "scorer": cfg.scorer,
-                            "kind": rt.kind, "format": asdict(rt.fmt), "stream_seed": seed, "read": {}}
+    meta: dict[str, Any] = {
+        "source": {"type": cfg.source.type, **asdict(opts)},
+        "scorer": cfg.scorer,
+        "kind": rt.kind,
+        "format": asdict(rt.fmt),
+        "stream_seed": seed,
+        "read": {},
+    }
     if cfg.split is not None:
         source_split = cfg.split.source_split or rt.source.default_split(opts)
         read = rt.source.read(opts, source_split, ctx)
         meta["read"][source_split] = read.meta
         pairs = _render_all(read, rt, source_split, f"task {cfg.name!r}")
         try:
-            train_pairs, eval_pairs = seeded_split(pairs, rt.kind, cfg.split.eval_fraction,
-                                                   f"{seed}:{cfg.split.seed}:{cfg.name}:split")
+            train_pairs, eval_pairs = seeded_split(
+                pairs, rt.kind, cfg.split.eval_fraction, f"{seed}:{cfg.split.seed}:{cfg.name}:split"
+            )
         except DataError as exc:
             raise DataError(f"{where}: task {cfg.name!r}: {exc}") from None
-        meta["split"] = {"method": "seeded", "source_split": source_split, "eval_fraction": cfg.split.eval_fraction,
-                         "seed": cfg.split.seed, "stream_seed": seed,
-                         "by": "sha256 of the whitespace-normalised prompt (text for perplexity)"}
+        meta["split"] = {
+            "method": "seeded",
+            "source_split": source_split,
+            "eval_fraction": cfg.split.eval_fraction,
+            "seed": cfg.split.seed,
+            "stream_seed": seed,
+            "by": "sha256 of the whitespace-normalised prompt (text for perplexity)",
+        }
         num_read = {"train": len(read.docs), "eval": len(read.docs)}
     else:
         train_pairs = []
@@ -250,16 +274,28 @@ def build_task(rt: ResolvedTask, spec: StreamSpec, seed: int) -> TaskData:
     if (cfg.train_split or cfg.split is not None) and not train:
         raise DataError(f"{where}: task {cfg.name!r} has no training items (read {num_read['train']} records)")
     if len({e.id for e in evals}) != len(evals):
-        raise DataError(f"{where}: task {cfg.name!r}: eval item ids are not unique (the source gave two records "
-                        "one id)")
+        raise DataError(
+            f"{where}: task {cfg.name!r}: eval item ids are not unique (the source gave two records one id)"
+        )
     meta["counts"] = {
-        "train": {"read": num_read["train"], "rendered": len(train_pairs), "duplicates_dropped": train_dups,
-                  "capped_from": num_train_unique, "used": len(train)},
-        "eval": {"read": num_read["eval"], "rendered": len(eval_pairs), "duplicates_dropped": eval_dups,
-                 "capped_from": num_eval_unique, "used": len(evals)},
+        "train": {
+            "read": num_read["train"],
+            "rendered": len(train_pairs),
+            "duplicates_dropped": train_dups,
+            "capped_from": num_train_unique,
+            "used": len(train),
+        },
+        "eval": {
+            "read": num_read["eval"],
+            "rendered": len(eval_pairs),
+            "duplicates_dropped": eval_dups,
+            "capped_from": num_eval_unique,
+            "used": len(evals),
+        },
     }
-    return TaskData(name=cfg.name, scorer=cfg.scorer, train=tuple(train), eval=tuple(evals), loss_on=cfg.loss_on,
-                    meta=meta)
+    return TaskData(
+        name=cfg.name, scorer=cfg.scorer, train=tuple(train), eval=tuple(evals), loss_on=cfg.loss_on, meta=meta
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +317,9 @@ def _eval_keys(item: EvalItem, kind: str) -> list[str]:
     return keys
 
 
-def check_leakage(tasks: list[TaskData], kinds: dict[str, str], spec: StreamSpec,
-                  policies: Mapping[str, str]) -> list[TaskData]:
+def check_leakage(
+    tasks: list[TaskData], kinds: dict[str, str], spec: StreamSpec, policies: Mapping[str, str]
+) -> list[TaskData]:
     """Refuse (or, with leaked_eval: drop, remove and count) eval items that are training items.
 
     Training items of every task count, not only of the earlier ones: every task is evaluated after
@@ -304,19 +341,25 @@ def check_leakage(tasks: list[TaskData], kinds: dict[str, str], spec: StreamSpec
                 leaked.append((eval_item, hit))
         if leaked and policies[task.name] == "error":
             first, (other, j) = leaked[0]
-            raise DataError(f"{spec.where(f'tasks[{names.index(task.name)}]')}: task {task.name!r}: {len(leaked)} eval "
-                            f"item(s) also occur in training data, first {first.id} (training item {j} of task "
-                            f"{other!r}); an eval item seen in training measures memorisation: fix the data or the "
-                            "splits, or set leaked_eval: drop to drop and count them")
+            raise DataError(
+                f"{spec.where(f'tasks[{names.index(task.name)}]')}: task {task.name!r}: {len(leaked)} eval "
+                f"item(s) also occur in training data, first {first.id} (training item {j} of task "
+                f"{other!r}); an eval item seen in training measures memorisation: fix the data or the "
+                "splits, or set leaked_eval: drop to drop and count them"
+            )
         if leaked:
             drop = {e.id for e, _ in leaked}
             kept = tuple(e for e in task.eval if e.id not in drop)
             if not kept:
-                raise DataError(f"{spec.where(f'tasks[{names.index(task.name)}]')}: task {task.name!r}: every eval "
-                                "item also occurs in training data")
+                raise DataError(
+                    f"{spec.where(f'tasks[{names.index(task.name)}]')}: task {task.name!r}: every eval "
+                    "item also occurs in training data"
+                )
             meta = dict(task.meta)
-            meta["counts"] = {**meta["counts"], "eval": {**meta["counts"]["eval"], "leaked_dropped": len(leaked),
-                                                          "used": len(kept)}}
+            meta["counts"] = {
+                **meta["counts"],
+                "eval": {**meta["counts"]["eval"], "leaked_dropped": len(leaked), "used": len(kept)},
+            }
             task = replace(task, eval=kept, meta=meta)
         out.append(task)
     return out

@@ -102,7 +102,8 @@ class StreamConfig:
     tasks: Annotated[list[TaskConfig], Seq(1, MAX_TASKS, what="task sections")] = field(default_factory=list)
     # alternative orders, each every task name exactly once; load_stream(order=k) picks orders[k]
     orders: Annotated[list[list[str]], Seq(0, 100, Items(1, MAX_TASKS, Name()), what="orders")] = field(
-        default_factory=list)
+        default_factory=list
+    )
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,10 @@ def _line_map(node: yaml.Node, prefix: str, out: dict[str, int], repeated: list[
         for key, value in node.value:
             dotted = f"{prefix}.{key.value}" if prefix else str(key.value)
             if dotted in out:
-                repeated.append(f"{dotted} is given twice (lines {out[dotted]} and {key.start_mark.line + 1}); "
-                                "YAML would keep only the last")
+                repeated.append(
+                    f"{dotted} is given twice (lines {out[dotted]} and {key.start_mark.line + 1}); "
+                    "YAML would keep only the last"
+                )
             out[dotted] = key.start_mark.line + 1
             _line_map(value, dotted, out, repeated)
     elif isinstance(node, yaml.SequenceNode):
@@ -249,8 +252,13 @@ def _merged_format(raw_fmt: Any, kind: str, source: Source, opts: Any) -> dict[s
 def format_problems(fmt: FormatConfig, kind: str, declared: dict[str, str], path: str) -> list[str]:
     """The format against the scorer's kind and the source's declared fields (offline)."""
     problems = []
-    templates = {"prompt": fmt.prompt, "target": fmt.target, "completion": fmt.completion,
-                 "tests": fmt.tests, "entry_point": fmt.entry_point}
+    templates = {
+        "prompt": fmt.prompt,
+        "target": fmt.target,
+        "completion": fmt.completion,
+        "tests": fmt.tests,
+        "entry_point": fmt.entry_point,
+    }
     templates.update({f"choice_templates[{i}]": t for i, t in enumerate(fmt.choice_templates)})
     for key, template in templates.items():
         for msg in template_problems(template, declared):
@@ -265,8 +273,7 @@ def format_problems(fmt: FormatConfig, kind: str, declared: dict[str, str], path
         for key in keys:
             if getattr(fmt, key):
                 owner = "code" if key in ("tests", "entry_point") else "multiple_choice"
-                problems.append(f"{path}.{key} applies to {owner} scorers only, not to a {kind} scorer; "
-                                "remove it")
+                problems.append(f"{path}.{key} applies to {owner} scorers only, not to a {kind} scorer; remove it")
 
     if kind in ("generate", "numeric"):
         need("prompt", "target")
@@ -281,17 +288,22 @@ def format_problems(fmt: FormatConfig, kind: str, declared: dict[str, str], path
         need("prompt", "gold")
         forbid("tests", "entry_point")
         if fmt.target:
-            problems.append(f"{path}.target must be empty for a multiple_choice scorer: the target is the "
-                            "gold choice")
+            problems.append(f"{path}.target must be empty for a multiple_choice scorer: the target is the gold choice")
         if bool(fmt.choices) == bool(fmt.choice_templates):
-            problems.append(f"{path} needs exactly one of choices (a field holding the list of choices) and "
-                            "choice_templates (one template per choice)")
+            problems.append(
+                f"{path} needs exactly one of choices (a field holding the list of choices) and "
+                "choice_templates (one template per choice)"
+            )
         if fmt.choices and declared.get(fmt.choices) != "list[str]":
-            problems.append(f"{path}.choices {fmt.choices!r} must name a list[str] field of this source; its "
-                            f"fields: {_fields_text(declared)}")
+            problems.append(
+                f"{path}.choices {fmt.choices!r} must name a list[str] field of this source; its "
+                f"fields: {_fields_text(declared)}"
+            )
         if fmt.gold and declared.get(fmt.gold) not in ("int", "str"):
-            problems.append(f"{path}.gold {fmt.gold!r} must name an int or str field of this source (an index, "
-                            f"a letter or the choice text); its fields: {_fields_text(declared)}")
+            problems.append(
+                f"{path}.gold {fmt.gold!r} must name an int or str field of this source (an index, "
+                f"a letter or the choice text); its fields: {_fields_text(declared)}"
+            )
     return problems
 
 
@@ -304,12 +316,16 @@ def _split_problems(task: TaskConfig, source: Source, path: str) -> list[str]:
     if task.split is not None and (task.train_split or task.eval_split):
         problems.append(f"{path}.split replaces train_split/eval_split; give one or the other")
     if task.split is None and not task.eval_split:
-        problems.append(f"{path}.eval_split is required (with train_split), or split: {{eval_fraction: 0.2}} "
-                        "for a seeded disjoint split of one source split")
+        problems.append(
+            f"{path}.eval_split is required (with train_split), or split: {{eval_fraction: 0.2}} "
+            "for a seeded disjoint split of one source split"
+        )
     if task.train_split and task.train_split == task.eval_split:
         # ../shared/LESSONS.md: a benchmark whose test rows were part of its training rows.
-        problems.append(f"{path}.eval_split {task.eval_split!r} is also the train_split: training and evaluating "
-                        "on one split measures memorisation; use another split or split: {eval_fraction: ...}")
+        problems.append(
+            f"{path}.eval_split {task.eval_split!r} is also the train_split: training and evaluating "
+            "on one split measures memorisation; use another split or split: {eval_fraction: ...}"
+        )
     available = source.splits(task.source.options)
     if available is not None:
         named = {"train_split": task.train_split, "eval_split": task.eval_split}
@@ -317,10 +333,14 @@ def _split_problems(task: TaskConfig, source: Source, path: str) -> list[str]:
             named["split.source_split"] = task.split.source_split
         for key, value in named.items():
             if value and value not in available:
-                hint = ("; use split: {eval_fraction: 0.2} for a seeded disjoint train/eval split"
-                        if len(available) == 1 else "")
-                problems.append(f"{path}.{key} {value!r}: source {source.name} has only the split(s) "
-                                f"{', '.join(available)}{hint}")
+                hint = (
+                    "; use split: {eval_fraction: 0.2} for a seeded disjoint train/eval split"
+                    if len(available) == 1
+                    else ""
+                )
+                problems.append(
+                    f"{path}.{key} {value!r}: source {source.name} has only the split(s) {', '.join(available)}{hint}"
+                )
     return problems
 
 
@@ -332,16 +352,21 @@ def _order_problems(cfg: StreamConfig) -> list[str]:
         unknown = [n for n in order if n not in names]
         repeated = sorted({n for n in order if order.count(n) > 1})
         if missing or unknown or repeated:
-            parts = [f"missing {', '.join(missing)}" if missing else "",
-                     f"unknown {', '.join(unknown)}" if unknown else "",
-                     f"repeated {', '.join(repeated)}" if repeated else ""]
-            problems.append(f"orders[{i}] must list every task exactly once ({'; '.join(p for p in parts if p)}); "
-                            f"tasks: {', '.join(names)}")
+            parts = [
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unknown {', '.join(unknown)}" if unknown else "",
+                f"repeated {', '.join(repeated)}" if repeated else "",
+            ]
+            problems.append(
+                f"orders[{i}] must list every task exactly once ({'; '.join(p for p in parts if p)}); "
+                f"tasks: {', '.join(names)}"
+            )
     return problems
 
 
-def parse_stream(doc: dict[str, Any],
-                 scorers: Collection[str] | None = None) -> tuple[StreamConfig, list[ResolvedTask], list[str]]:
+def parse_stream(
+    doc: dict[str, Any], scorers: Collection[str] | None = None
+) -> tuple[StreamConfig, list[ResolvedTask], list[str]]:
     """Build and check a stream config from a parsed YAML document; (config, tasks, problems)."""
     problems: list[str] = []
     # Tasks are built one by one below (each source has its own options dataclass), not generically.
@@ -367,8 +392,9 @@ def parse_stream(doc: dict[str, Any],
         task = build_section(TaskConfig, raw, path, problems, skip=("source", "format"))
         task.source, source = _build_source(raw.get("source"), f"{path}.source", problems)
         if task.name in seen:
-            problems.append(f"{path}.name {task.name!r} repeats the name of tasks[{seen[task.name]}]; task names "
-                            "must be unique")
+            problems.append(
+                f"{path}.name {task.name!r} repeats the name of tasks[{seen[task.name]}]; task names must be unique"
+            )
         elif task.name:
             seen[task.name] = i
         if task.scorer and task.scorer not in valid_scorers:

@@ -87,8 +87,10 @@ class Mapping:
     max_len: int = 1000
 
     def describe(self) -> str:
-        return (f"a mapping of {self.min_len} to {self.max_len} entries, each key {self.key.describe()} "
-                f"and each value {self.value.describe()}")
+        return (
+            f"a mapping of {self.min_len} to {self.max_len} entries, each key {self.key.describe()} "
+            f"and each value {self.value.describe()}"
+        )
 
     def problem(self, value: Any) -> str | None:
         if not isinstance(value, dict):
@@ -150,8 +152,10 @@ def rule_of(cls: type, name: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     tp = hints[name]
     if typing.get_origin(tp) is typing.Annotated:
-        return next((m for m in tp.__metadata__
-                     if isinstance(m, (Range, Name, Text, Items, Pattern, Choice, Mapping, Seq))), None)
+        return next(
+            (m for m in tp.__metadata__ if isinstance(m, (Range, Name, Text, Items, Pattern, Choice, Mapping, Seq))),
+            None,
+        )
     return None
 
 

@@ -90,8 +90,11 @@ class Stream:
         return [t.name for t in self.tasks]
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "order": self.order,
-                "tasks": [{**asdict(t), "eval": [eval_item_json(x) for x in t.eval]} for t in self.tasks]}
+        return {
+            "name": self.name,
+            "order": self.order,
+            "tasks": [{**asdict(t), "eval": [eval_item_json(x) for x in t.eval]} for t in self.tasks],
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Stream:
@@ -109,6 +112,14 @@ class Stream:
     @property
     def fingerprint(self) -> str:
         """sha256 of the content (not the meta): equal streams train and evaluate on the same items."""
-        body = [{"name": t.name, "scorer": t.scorer, "loss_on": t.loss_on, "train": [asdict(x) for x in t.train],
-                 "eval": [eval_item_json(x) for x in t.eval]} for t in self.tasks]
+        body = [
+            {
+                "name": t.name,
+                "scorer": t.scorer,
+                "loss_on": t.loss_on,
+                "train": [asdict(x) for x in t.train],
+                "eval": [eval_item_json(x) for x in t.eval],
+            }
+            for t in self.tasks
+        ]
         return hashlib.sha256(json.dumps({"name": self.name, "tasks": body}, sort_keys=True).encode()).hexdigest()

@@ -108,12 +108,12 @@ def _def_end(text: str, name: str) -> int:
 
 def _through_def(value: Any) -> str:
     text = _as_text(value, "through_def")
-    return text[:_def_end(text, "through_def")]
+    return text[: _def_end(text, "through_def")]
 
 
 def _after_def(value: Any) -> str:
     text = _as_text(value, "after_def")
-    return text[_def_end(text, "after_def"):]
+    return text[_def_end(text, "after_def") :]
 
 
 # Each filter is a small named function of the field's value, as lm-eval names its filters.
@@ -148,8 +148,10 @@ def _as_text(value: Any, what: str) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return str(value)
-    raise TemplateError(f"{what}: is a {type(value).__name__}; index it ({{x.0}}) or use a list filter "
-                        f"({', '.join(sorted(LIST_FILTERS))})")
+    raise TemplateError(
+        f"{what}: is a {type(value).__name__}; index it ({{x.0}}) or use a list filter "
+        f"({', '.join(sorted(LIST_FILTERS))})"
+    )
 
 
 def parse(template: str) -> list[Part]:
@@ -166,15 +168,16 @@ def parse(template: str) -> list[Part]:
             end = template.find("}", i + 1)
             if end < 0:
                 raise TemplateError(f"unclosed '{{' at character {i}")
-            inner = template[i + 1:end]
+            inner = template[i + 1 : end]
             path, *filters = [s.strip() for s in inner.split("|")]
             if not _REF_RE.match(path):
-                raise TemplateError(f"{{{inner}}} is not a field reference like {{question}}, {{choices.0}} "
-                                    "or {answer|final_number}; write {{ and }} for literal braces")
+                raise TemplateError(
+                    f"{{{inner}}} is not a field reference like {{question}}, {{choices.0}} "
+                    "or {answer|final_number}; write {{ and }} for literal braces"
+                )
             unknown = [f for f in filters if f not in FILTERS]
             if unknown:
-                raise TemplateError(f"{{{inner}}}: unknown filter {unknown[0]!r}; filters: "
-                                    f"{', '.join(FILTERS)}")
+                raise TemplateError(f"{{{inner}}}: unknown filter {unknown[0]!r}; filters: {', '.join(FILTERS)}")
             if buf:
                 parts.append("".join(buf))
                 buf = []
@@ -194,7 +197,7 @@ def lookup(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
     """The value at a field path: mapping keys, and integer indices into lists."""
     value: Any = doc
     for depth, key in enumerate(path):
-        where = ".".join(path[:depth + 1])
+        where = ".".join(path[: depth + 1])
         if isinstance(value, dict):
             if key not in value:
                 raise TemplateError(f"field {where!r} is missing")
@@ -233,7 +236,7 @@ def declared_type(path: tuple[str, ...], declared: dict[str, str]) -> str | None
     if len(path) > 1 and path[-1].isdigit():
         parent = declared_type(path[:-1], declared)
         if parent is not None and parent.startswith("list["):
-            return parent[len("list["):-1]
+            return parent[len("list[") : -1]
     return None
 
 
@@ -247,9 +250,12 @@ def template_problems(template: str, declared: dict[str, str]) -> list[str]:
     for ref in found:
         tp = declared_type(ref.path, declared)
         if tp is None:
-            problems.append(f"{{{ref.dotted}}} is not a field of this source; its fields: "
-                            f"{', '.join(sorted(declared)) or '(none)'}")
+            problems.append(
+                f"{{{ref.dotted}}} is not a field of this source; its fields: {', '.join(sorted(declared)) or '(none)'}"
+            )
         elif tp.startswith("list[") and not (ref.filters and ref.filters[0] in LIST_FILTERS):
-            problems.append(f"{{{ref.dotted}}} is a list; index it ({{{ref.dotted}.0}}) or use a list filter "
-                            f"({', '.join(sorted(LIST_FILTERS))})")
+            problems.append(
+                f"{{{ref.dotted}}} is a list; index it ({{{ref.dotted}.0}}) or use a list filter "
+                f"({', '.join(sorted(LIST_FILTERS))})"
+            )
     return problems

@@ -49,9 +49,10 @@ def _check_out(out: Path) -> None:
     if not out.is_dir():
         raise ReportError(f"--out {out} exists and is not a directory")
     if any(out.iterdir()) and (read_manifest(out) or {}).get("kind") != REPORT_KIND:
-        raise ReportError(f"--out {out} is a non-empty directory that is not a previous report; it would be "
-                          "replaced, so pick an empty or new directory")
-
+        raise ReportError(
+            f"--out {out} is a non-empty directory that is not a previous report; it would be "
+            "replaced, so pick an empty or new directory"
+        )
 
 
 def build_report(root: Path, out: Path, jobs: int = 4) -> dict[str, Any]:
@@ -67,8 +68,11 @@ def build_report(root: Path, out: Path, jobs: int = 4) -> dict[str, Any]:
     try:
         plots = make_plots(groups, tmp / "plots")
         result = {
-            "schema_version": REPORT_SCHEMA_VERSION, "generated_at": generated, "run_root": str(root),
-            "confidence": CONFIDENCE, "interval": "t-interval of the mean: mean ± t_{0.975,n-1} * sd / sqrt(n)",
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "generated_at": generated,
+            "run_root": str(root),
+            "confidence": CONFIDENCE,
+            "interval": "t-interval of the mean: mean ± t_{0.975,n-1} * sd / sqrt(n)",
             "counts": {s: sum(r.status == s for r in runs) for s in STATUSES},
             "runs": [{**r.summary(), "metrics": r.metrics} for r in runs],
             "groups": [g.to_json() for g in groups],
@@ -82,8 +86,9 @@ def build_report(root: Path, out: Path, jobs: int = 4) -> dict[str, Any]:
         (tmp / "results.csv").write_text(buf.getvalue())
         (tmp / "summary.md").write_text(render_summary_md(root, runs, groups, generated))
         (tmp / "report.html").write_text(render_html(root, runs, groups, plots, generated))
-        write_manifest(tmp, {"kind": REPORT_KIND, "run_root": str(root), "num_runs": len(runs),
-                             "counts": result["counts"]})
+        write_manifest(
+            tmp, {"kind": REPORT_KIND, "run_root": str(root), "num_runs": len(runs), "counts": result["counts"]}
+        )
         commit_dir(tmp, out)  # files are written plainly above; commit_dir fsyncs them all first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,9 +97,11 @@ def build_report(root: Path, out: Path, jobs: int = 4) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval_and_metrics.report",
-                                     description="Gather the runs under RUN_ROOT into summary.md, results.csv, "
-                                     "results.json, PNG plots and a self-contained report.html.")
+    parser = argparse.ArgumentParser(
+        prog="python -m eval_and_metrics.report",
+        description="Gather the runs under RUN_ROOT into summary.md, results.csv, "
+        "results.json, PNG plots and a self-contained report.html.",
+    )
     parser.add_argument("run_root", help="directory holding run directories (searched 3 levels deep)")
     parser.add_argument("--out", help="output directory (default: RUN_ROOT/report); replaced atomically")
     parser.add_argument("--jobs", type=int, default=4, help="runs read in parallel (checksumming is I/O bound)")
@@ -108,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = result["counts"]
-    print(f"report of {len(result['runs'])} runs (" + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
-          + f") written to {out} in {time.time() - started:.1f}s: summary.md, results.csv, results.json, "
-          "report.html, plots/")
+    print(
+        f"report of {len(result['runs'])} runs ("
+        + ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+        + f") written to {out} in {time.time() - started:.1f}s: summary.md, results.csv, results.json, "
+        "report.html, plots/"
+    )
     for run in result["runs"]:
         if run["status"] != "complete":
             print(f"  {run['status']:<9} {run['run_id']}: {run['reason']}")
     return 0
-

@@ -32,8 +32,7 @@ def mean_ci(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str, 
 
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(xs)
-    out: dict[str, Any] = {"n": n, "mean": None, "sd": None, "half": None, "low": None, "high": None,
-                           "values": xs}
+    out: dict[str, Any] = {"n": n, "mean": None, "sd": None, "half": None, "low": None, "high": None, "values": xs}
     if n == 0:
         return out
     mean = sum(xs) / n
@@ -87,17 +86,30 @@ class Group:
         return sorted((r.seed for r in self.complete), key=lambda s: (s is None, s))
 
     def to_json(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "model": self.model, "method": self.method, "variant": self.variant,
-                "label": self.label, "period_names": self.period_names, "n": self.n, "seeds": self.seeds,
-                "runs": [r.run_id for r in self.runs], "complete_runs": [r.run_id for r in self.complete],
-                "metrics": self.metrics, "per_period": self.per_period,
-                # a stream's matrix is of each task's primary metric, not EM: it is under "stream"
-                "matrix_storage_em_mean": self.matrix_mean if self.kind == "temporal" else None,
-                "matrix_storage_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
-                "forgetting_curve": self.forgetting_curve,
-                "method_extras": self.extras, "lm_eval": self.lm_eval, "landscape": self.landscape,
-                "retention": self.retention,
-                "kind": self.kind, "stream": self.stream or None}
+        return {
+            "benchmark": self.benchmark,
+            "model": self.model,
+            "method": self.method,
+            "variant": self.variant,
+            "label": self.label,
+            "period_names": self.period_names,
+            "n": self.n,
+            "seeds": self.seeds,
+            "runs": [r.run_id for r in self.runs],
+            "complete_runs": [r.run_id for r in self.complete],
+            "metrics": self.metrics,
+            "per_period": self.per_period,
+            # a stream's matrix is of each task's primary metric, not EM: it is under "stream"
+            "matrix_storage_em_mean": self.matrix_mean if self.kind == "temporal" else None,
+            "matrix_storage_em_ci95_half": self.matrix_half if self.kind == "temporal" else None,
+            "forgetting_curve": self.forgetting_curve,
+            "method_extras": self.extras,
+            "lm_eval": self.lm_eval,
+            "landscape": self.landscape,
+            "retention": self.retention,
+            "kind": self.kind,
+            "stream": self.stream or None,
+        }
 
 
 def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | None]:
@@ -110,9 +122,10 @@ def forgetting_curve(matrix: Sequence[Sequence[float | None]]) -> list[float | N
     for k in range(2, t_count + 1):
         terms = []
         for t in range(1, k):
-            best = [matrix[l][t - 1] for l in range(t, k) if matrix[l][t - 1] is not None]
-            if best and matrix[k][t - 1] is not None:
-                terms.append(max(best) - matrix[k][t - 1])
+            best = [v for i in range(t, k) if (v := matrix[i][t - 1]) is not None]
+            last = matrix[k][t - 1]
+            if best and last is not None:
+                terms.append(max(best) - last)
         out.append(sum(terms) / len(terms) if terms else None)
     return out
 
@@ -185,54 +198,69 @@ def lm_eval_scores(result: dict[str, Any] | None) -> dict[str, tuple[float, bool
     return out
 
 
+def _metrics(run: Run) -> dict[str, Any]:
+    """A complete run's recomputed metrics (groups aggregate complete runs only)."""
+    assert run.metrics is not None, run.run_id
+    return run.metrics
+
+
 def _aggregate_temporal(group: Group, runs: list[Run]) -> None:
     for key in SCALAR_KEYS:
-        group.metrics[key] = mean_ci(r.metrics.get(key) for r in runs)
+        group.metrics[key] = mean_ci(_metrics(r).get(key) for r in runs)
     for key in PER_PERIOD_KEYS:
-        group.per_period[key] = [mean_ci(r.metrics[key][k] for r in runs) for k in range(len(group.period_names))]
+        group.per_period[key] = [mean_ci(_metrics(r)[key][k] for r in runs) for k in range(len(group.period_names))]
     # The figures' matrix is the storage one (the extraction matrix stays in each run's results.json).
-    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix_storage_em"] for r in runs])
-    curves = [forgetting_curve(r.metrics["matrix_storage_em"]) for r in runs]
+    group.matrix_mean, group.matrix_half = _agg_matrix([_metrics(r)["matrix_storage_em"] for r in runs])
+    curves = [forgetting_curve(_metrics(r)["matrix_storage_em"]) for r in runs]
     group.forgetting_curve = [mean_ci(c[i] for c in curves) for i in range(len(group.period_names) - 1)]
 
 
 def _aggregate_stream(group: Group, runs: list[Run]) -> None:
     """Seed aggregates of a stream group. The runs share the stream (same fingerprint), so tasks, primary
     metrics and directions are those of the first run."""
-    first = runs[0].metrics
+    first = _metrics(runs[0])
     tasks = list(first["tasks"])
     t_count = len(tasks)
     for summary, keys in STREAM_SUMMARIES.items():
         for key, _, _ in keys:
-            group.metrics[f"{summary}.{key}"] = mean_ci((r.metrics.get(summary) or {}).get(key) for r in runs)
-    group.matrix_mean, group.matrix_half = _agg_matrix([r.metrics["matrix"] for r in runs])
+            group.metrics[f"{summary}.{key}"] = mean_ci((_metrics(r).get(summary) or {}).get(key) for r in runs)
+    group.matrix_mean, group.matrix_half = _agg_matrix([_metrics(r)["matrix"] for r in runs])
 
     def column(row_of: Any) -> dict[str, dict[str, Any]]:
-        return {t: mean_ci(r.metrics["matrix"][row_of(j)][j] for r in runs) for j, t in enumerate(tasks)}
+        return {t: mean_ci(_metrics(r)["matrix"][row_of(j)][j] for r in runs) for j, t in enumerate(tasks)}
 
     matrices: dict[str, dict[str, dict[str, list[float | None]]]] = {}
     for t in tasks:
         matrices[t] = {}
         for metric in first["matrices"][t]:
-            aggs = [mean_ci(r.metrics["matrices"][t][metric][k] for r in runs) for k in range(t_count + 1)]
+            aggs = [mean_ci(_metrics(r)["matrices"][t][metric][k] for r in runs) for k in range(t_count + 1)]
             matrices[t][metric] = {"mean": [a["mean"] for a in aggs], "ci95_half": [a["half"] for a in aggs]}
     group.stream = {
-        "order": runs[0].stream_order, "tasks": tasks, "primary_metric": dict(first["primary_metric"]),
+        "order": runs[0].stream_order,
+        "tasks": tasks,
+        "primary_metric": dict(first["primary_metric"]),
         "higher_is_better": dict(first["higher_is_better"]),
-        "scorers": {t: first["scorers"][t]["name"] for t in tasks}, "eval_counts": dict(first["eval_counts"]),
-        "matrix_mean": group.matrix_mean, "matrix_ci95_half": group.matrix_half,
+        "scorers": {t: first["scorers"][t]["name"] for t in tasks},
+        "eval_counts": dict(first["eval_counts"]),
+        "matrix_mean": group.matrix_mean,
+        "matrix_ci95_half": group.matrix_half,
         # R[0][t] (base model), R[t][t] (right after training on t) and R[T][t] (final), per task
-        "base": column(lambda j: 0), "just_trained": column(lambda j: j + 1), "final": column(lambda j: t_count),
+        "base": column(lambda j: 0),
+        "just_trained": column(lambda j: j + 1),
+        "final": column(lambda j: t_count),
         # in how many of the group's complete runs each higher-is-better task was base-solved
-        "base_solved": {t: sum(t in (r.metrics.get("base_solved") or []) for r in runs)
-                        for t in tasks if first["higher_is_better"][t]},
+        "base_solved": {
+            t: sum(t in (_metrics(r).get("base_solved") or []) for r in runs)
+            for t in tasks
+            if first["higher_is_better"][t]
+        },
         "base_solved_margin": first.get("base_solved_margin"),
         "matrices": matrices,
     }
 
 
 def _aggregate_group(group: Group) -> None:
-    runs = [r for r in group.complete if r.metrics]
+    runs = [r for r in group.complete if _metrics(r)]
     if not runs:
         return
     if group.kind == "stream":
@@ -279,7 +307,7 @@ def _aggregate_group(group: Group) -> None:
 def _aggregate_retention(group: Group, runs: list[Run]) -> None:
     """Each retention task's primary metric: its base value and its drop after every period (means over the
     group's runs with t intervals), and for one run the item-bootstrap interval of its final drop."""
-    tracks = [(r.metrics or {}).get("retention") for r in runs]
+    tracks: list[Any] = [(r.metrics or {}).get("retention") for r in runs]
     if not tracks or not all(tracks):
         return
     for task, metric in tracks[0]["primary_metric"].items():
@@ -310,10 +338,16 @@ def build_groups(runs: Sequence[Run]) -> list[Group]:
         bench, fp = key[0], key[1]
         bench_label = bench if len(fingerprints[bench]) == 1 else f"{bench} [data {fp[:8]}]"
         bound = " (bound)" if any(r.is_bound for r in by_key[key]) else ""
-        group = Group(benchmark=bench_label, model=key[2], method=key[3], variant=key[4], label=labels[key] + bound,
-                      period_names=by_key[key][0].period_names, kind=by_key[key][0].kind,
-                      runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)))
+        group = Group(
+            benchmark=bench_label,
+            model=key[2],
+            method=key[3],
+            variant=key[4],
+            label=labels[key] + bound,
+            period_names=by_key[key][0].period_names,
+            kind=by_key[key][0].kind,
+            runs=sorted(by_key[key], key=lambda r: (r.seed is None, r.seed, r.run_id)),
+        )
         _aggregate_group(group)
         groups.append(group)
     return groups
-

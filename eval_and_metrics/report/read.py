@@ -22,12 +22,24 @@ import yaml
 
 from artifacts import (
     MANIFEST_NAME,
-    TMP_PREFIX,
+    RunDir,
     live_holder,
+    read_jsonl,
     read_manifest,
     verify_manifest,
 )
 from artifacts.identity import identity_tree
+from artifacts.rundir import (
+    EVAL_DIR,
+    LANDSCAPE_DIR,
+    LANDSCAPE_FILE,
+    LM_EVAL_DIR,
+    LM_EVAL_FILE,
+    PERIODS_DIR,
+    PREDICTIONS_FILE,
+    SCORES_FILE,
+    period_dir_name,
+)
 from data.io import BENCHMARK_FILE, read_benchmark
 from data.schema import Benchmark
 from data.streams.schema import STREAM_FILE, Stream
@@ -35,10 +47,6 @@ from eval_and_metrics.metrics import derive_metrics, score_matrix
 from eval_and_metrics.report.records import (
     ANSWER_VIEWS,
     FAMILIES,
-    LANDSCAPE_DIR,
-    LANDSCAPE_FILE,
-    LM_EVAL_DIR,
-    LM_EVAL_FILE,
     SCALAR_KEYS,
     STREAM_CHECKED_KEYS,
     PeriodRow,
@@ -76,12 +84,16 @@ class StreamData:
     @classmethod
     def from_stream(cls, stream: Stream) -> StreamData:
         registry = _scorer_registry()
-        unknown = [f"task {t.name!r}: scorer {t.scorer!r} is not registered" for t in stream.tasks
-                   if t.scorer not in registry]
+        unknown = [
+            f"task {t.name!r}: scorer {t.scorer!r} is not registered" for t in stream.tasks if t.scorer not in registry
+        ]
         if unknown:
             raise ValueError(f"data/{STREAM_FILE}: " + "; ".join(unknown) + f" (valid: {', '.join(registry)})")
-        return cls(stream=stream, scorers={t.name: registry[t.scorer]() for t in stream.tasks},
-                   eval_ids={t.name: frozenset(x.id for x in t.eval) for t in stream.tasks})
+        return cls(
+            stream=stream,
+            scorers={t.name: registry[t.scorer]() for t in stream.tasks},
+            eval_ids={t.name: frozenset(x.id for x in t.eval) for t in stream.tasks},
+        )
 
     def summarise(self, preds: list[dict[str, Any]], where: str) -> dict[str, dict[str, Any]]:
         """One row's {task: metrics} re-aggregated from its predictions, after checking that they score
@@ -100,8 +112,9 @@ class StreamData:
         for task in self.task_names:
             missing = sorted(self.eval_ids[task] - seen[task])
             if missing:
-                raise ValueError(f"{where}: task {task!r}: {len(missing)} eval item(s) without a prediction, "
-                                 f"first {missing[0]!r}")
+                raise ValueError(
+                    f"{where}: task {task!r}: {len(missing)} eval item(s) without a prediction, first {missing[0]!r}"
+                )
         return row_summary(self.task_names, self.scorers, preds)
 
 
@@ -171,10 +184,6 @@ def _read_json(path: Path) -> Any:
     return json.loads(_read_text(path))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
-
-
 def variant_tree(config: dict[str, Any]) -> dict[str, Any]:
     """The config as the run identity sees it (artifacts/identity.py: no run_root, run_id, runtime settings,
     checkpointing or tracking), minus the seed: runs with equal trees are seeds of one setup."""
@@ -199,47 +208,32 @@ def model_label(config: dict[str, Any]) -> str:
 
 
 def _last_event(run_dir: Path, stage_names: Sequence[str] | None = None) -> str:
-    """A short description of the newest train_log record (cheap: reads the last 4 KiB).
+    """A short description of the newest train_log record (cheap: RunDir.last_record reads the last 4 KiB).
 
     stage_names: a stream's task names; its log records carry the task's index as "period", which is
     shown as "task k (name)"."""
-    path = run_dir / "train_log.jsonl"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 4096))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+    rec = RunDir(run_dir).last_record()
+    if rec is None:
         return ""
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            k = rec.get("period", "?")
-            if stage_names is None:
-                bits = [str(rec.get("event", "?")), f"period {k}"]
-            else:
-                name = (["base"] + list(stage_names))[k] if isinstance(k, int) and 0 <= k <= len(stage_names) else "?"
-                bits = [str(rec.get("event", "?")), f"task {k} ({name})"]
-            if "step" in rec:
-                bits.append(f"step {rec['step']}")
-            return "last log event: " + " ".join(bits)
-    return ""
+    k = rec.get("period", "?")
+    if stage_names is None:
+        bits = [str(rec.get("event", "?")), f"period {k}"]
+    else:
+        name = (["base"] + list(stage_names))[k] if isinstance(k, int) and 0 <= k <= len(stage_names) else "?"
+        bits = [str(rec.get("event", "?")), f"task {k} ({name})"]
+    if "step" in rec:
+        bits.append(f"step {rec['step']}")
+    return "last log event: " + " ".join(bits)
 
 
 def _step_checkpoints(run_dir: Path) -> str:
-    root = run_dir / "checkpoints"
+    """The newest step checkpoint of each period that has one, e.g. "step checkpoint 2-2020/step-00000040"."""
     found = []
     try:
-        for period in sorted(os.listdir(root)):
-            if period.startswith(TMP_PREFIX):
-                continue
-            steps = sorted(s for s in os.listdir(root / period) if s.startswith("step-"))
+        for _, root in RunDir(run_dir).checkpoint_entries():
+            steps = sorted(s for s in os.listdir(root) if s.startswith("step-"))
             if steps:
-                found.append(f"{period}/{steps[-1]}")
+                found.append(f"{root.name}/{steps[-1]}")
     except OSError:
         return ""
     return ("step checkpoint " + ", ".join(found)) if found else ""
@@ -262,8 +256,9 @@ def _read_subresult(row_dir: Path, sub: str, filename: str, run: Run, label: str
         return None
 
 
-def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
-              stream: StreamData | None = None) -> tuple[PeriodRow, dict[str, Any]] | str | None:
+def _read_row(
+    directory: Path, k: int, name: str, run: Run, attempts: int = 3, stream: StreamData | None = None
+) -> tuple[PeriodRow, dict[str, Any]] | str | None:
     """Verify one period dir and read it, all within one unchanged state of the dir.
 
     For a stream run (`stream` given) the row's predictions are checked against the stream's eval
@@ -282,31 +277,42 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
         token = _dir_token(directory)
         try:
             manifest = read_manifest(directory) or {}
-            scores = _read_json(directory / "eval" / "scores.json")
-            preds = _read_jsonl(directory / "eval" / "predictions.jsonl")
+            scores = _read_json(directory / EVAL_DIR / SCORES_FILE)
+            preds = read_jsonl(directory / EVAL_DIR / PREDICTIONS_FILE)
         except (OSError, ValueError):
             if _dir_token(directory) == token:
                 raise
             continue
         if _dir_token(directory) != token:
             continue
-        common = {"index": k, "name": name, "scores": scores.get("by_period") or {},
-                  "extras": scores.get("extras") or {}, "train": manifest.get("train") or {},
-                  "trainable_sha256": manifest.get("trainable_sha256")}
+        common: dict[str, Any] = {
+            "index": k,
+            "name": name,
+            "scores": scores.get("by_period") or {},
+            "extras": scores.get("extras") or {},
+            "train": manifest.get("train") or {},
+            "trainable_sha256": manifest.get("trainable_sha256"),
+        }
         if stream is None:
-            row = PeriodRow(**common, em={r["id"]: r["em"] for r in preds}, f1={r["id"]: r["f1"] for r in preds},
-                            logprob={r["id"]: r["logprob"] for r in preds},
-                            prediction={r["id"]: r["prediction"] for r in preds})
+            row = PeriodRow(
+                **common,
+                em={r["id"]: r["em"] for r in preds},
+                f1={r["id"]: r["f1"] for r in preds},
+                logprob={r["id"]: r["logprob"] for r in preds},
+                prediction={r["id"]: r["prediction"] for r in preds},
+            )
         else:
-            where = f"periods/{directory.name}/eval/predictions.jsonl"
+            where = f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{PREDICTIONS_FILE}"
             row = PeriodRow(**common, task_scores=stream.summarise(preds, where))
             # scores.json is in the manifest, so it can only disagree if whatever wrote it aggregated differently
             diffs = _differences(row.task_scores, row.scores, "")
             if diffs:
-                run.warnings.append(f"periods/{directory.name}/eval/scores.json disagrees with its re-aggregated "
-                                    "predictions (used the latter): " + "; ".join(d.lstrip(".") for d in diffs[:4]))
-        if (directory / "eval" / RETENTION_FILE).is_file():  # in the manifest: verified above
-            row.retention = _read_jsonl(directory / "eval" / RETENTION_FILE)
+                run.warnings.append(
+                    f"{PERIODS_DIR}/{directory.name}/{EVAL_DIR}/{SCORES_FILE} disagrees with its "
+                    "re-aggregated predictions (used the latter): " + "; ".join(d.lstrip(".") for d in diffs[:4])
+                )
+        if (directory / EVAL_DIR / RETENTION_FILE).is_file():  # in the manifest: verified above
+            row.retention = read_jsonl(directory / EVAL_DIR / RETENTION_FILE)
         row.landscape = _read_subresult(directory, LANDSCAPE_DIR, LANDSCAPE_FILE, run, "loss landscape")
         row.lm_eval = _read_subresult(directory, LM_EVAL_DIR, LM_EVAL_FILE, run, "lm-eval")
         return row, manifest
@@ -315,19 +321,28 @@ def _read_row(directory: Path, k: int, name: str, run: Run, attempts: int = 3,
 
 def _recompute_metrics(run: Run, bench: Benchmark) -> dict[str, Any]:
     probes = bench.all_probes()
-    metrics = derive_metrics([r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names,
-                             [r.prediction for r in run.rows])
+    metrics = derive_metrics(
+        [r.em for r in run.rows], [r.f1 for r in run.rows], probes, bench.period_names, [r.prediction for r in run.rows]
+    )
     for family in FAMILIES:
-        logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names,
-                               select=lambda p, family=family: p.family == family)
+
+        def of_family(p: Any, family: str = family) -> bool:
+            return bool(p.family == family)
+
+        logprob = score_matrix([r.logprob for r in run.rows], probes, bench.period_names, select=of_family)
         metrics[f"matrix_{family}_logprob"] = [[None if math.isnan(v) else float(v) for v in row] for row in logprob]
     return metrics
 
 
 def _recompute_stream_metrics(run: Run, stream: StreamData) -> dict[str, Any]:
     tasks = stream.stream.tasks
-    return derive_from_summaries([t.name for t in tasks], [t.scorer for t in tasks], stream.scorers,
-                                 [len(t.eval) for t in tasks], [r.task_scores for r in run.rows])
+    return derive_from_summaries(
+        [t.name for t in tasks],
+        [t.scorer for t in tasks],
+        stream.scorers,
+        [len(t.eval) for t in tasks],
+        [r.task_scores for r in run.rows],
+    )
 
 
 def _recompute_retention(run: Run) -> None:
@@ -335,7 +350,7 @@ def _recompute_retention(run: Run) -> None:
     if run.metrics is None or not all(r.retention is not None for r in run.rows):
         return
     try:
-        saved = (_read_json(run.path / "results.json").get("metrics") or {}).get("retention")
+        saved = (_read_json(RunDir(run.path).results).get("metrics") or {}).get("retention")
         if saved:
             run.metrics["retention"] = recompute_retention(saved, [r.retention or [] for r in run.rows])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -363,7 +378,7 @@ def _differences(ours: Any, theirs: Any, path: str) -> list[str]:
 
 def _cross_check_results(run: Run) -> None:
     """results.json is outside every manifest: compare it with what the committed files say."""
-    path = run.path / "results.json"
+    path = RunDir(run.path).results
     if not path.exists():
         run.warnings.append("results.json missing (metrics recomputed from the committed periods)")
         return
@@ -384,14 +399,15 @@ def _cross_check_results(run: Run) -> None:
         if key.startswith(ANSWER_VIEWS) and key not in theirs:
             continue  # written before the answer kinds existed: nothing to disagree with
         a, b = ours.get(key), theirs.get(key)
-        if (a is None) != (b is None) or (a is not None and abs(float(a) - float(b)) > 1e-9):
+        if (a is None) != (b is None) or (a is not None and b is not None and abs(float(a) - float(b)) > 1e-9):
             diffs.append(f"{key} {b} vs {a}")
     last = run.rows[-1].trainable_sha256
     if saved.get("final_state_sha256") and last and saved["final_state_sha256"] != last:
         diffs.append("final_state_sha256 differs from the last period's trainable_sha256")
     if diffs:
-        run.warnings.append("results.json disagrees with the committed predictions (used the latter): "
-                            + "; ".join(diffs[:4]))
+        run.warnings.append(
+            "results.json disagrees with the committed predictions (used the latter): " + "; ".join(diffs[:4])
+        )
 
 
 class _InFlux(Exception):
@@ -423,20 +439,24 @@ def read_run(path: Path, benches: _BenchmarkCache | None = None, attempts: int =
 def _confidence_trace(run_dir: Path, committed: int) -> list[tuple[int, int, float, bool]]:
     """CASMO's confidence per optimizer step of the committed periods (train_log.jsonl), in order."""
     try:
-        rows = _read_jsonl(run_dir / "train_log.jsonl")
+        rows = RunDir(run_dir).log_rows()
     except (OSError, ValueError):
         return []
-    trace = [(int(r["period"]), int(r["step"]), float(r["casmo_confidence"]), bool(r.get("casmo_calibrating")))
-             for r in rows if r.get("event") == "train" and "casmo_confidence" in r and r.get("period", 0) <= committed]
+    trace = [
+        (int(r["period"]), int(r["step"]), float(r["casmo_confidence"]), bool(r.get("casmo_calibrating")))
+        for r in rows
+        if r.get("event") == "train" and "casmo_confidence" in r and r.get("period", 0) <= committed
+    ]
     return sorted(trace)
 
 
 def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     path = run.path
-    if not (path / "config.yaml").is_file():
+    rundir = RunDir(path)
+    if not rundir.config.is_file():
         run.reason = "no config.yaml (the run never got past validation)"
         return
-    config = yaml.safe_load(_read_text(path / "config.yaml"))
+    config = yaml.safe_load(_read_text(rundir.config))
     if not isinstance(config, dict):
         run.reason = "config.yaml is not a mapping"
         return
@@ -450,34 +470,34 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     stream: StreamData | None = None
     bench: Benchmark | None = None
     # A stream run keeps data/stream.json; its config names the stream file (absent for temporal runs).
-    if (path / "data" / STREAM_FILE).is_file() or data_cfg.get("stream"):
+    if (rundir.data / STREAM_FILE).is_file() or data_cfg.get("stream"):
         run.kind = "stream"
-        if not (path / "data" / STREAM_FILE).is_file():
+        if not (rundir.data / STREAM_FILE).is_file():
             run.reason = f"data/{STREAM_FILE} missing (the run never committed its data)"
             run.benchmark = Path(str(data_cfg.get("stream"))).stem
             return
-        stream = benches.load_stream(path / "data")
+        stream = benches.load_stream(rundir.data)
         run.benchmark, run.fingerprint = stream.stream.name, stream.stream.fingerprint
         run.period_names, run.stream_order = stream.task_names, stream.stream.order
-    elif not (path / "data" / BENCHMARK_FILE).is_file():
+    elif not (rundir.data / BENCHMARK_FILE).is_file():
         run.reason = f"data/{BENCHMARK_FILE} missing (the run never committed its data)"
         run.benchmark = str(data_cfg.get("benchmark", "?"))
         return
     else:
-        bench = benches.load(path / "data")
+        bench = benches.load(rundir.data)
         run.benchmark, run.fingerprint, run.period_names = bench.name, bench.fingerprint, bench.period_names
 
     run_meta: dict[str, Any] = {}
     try:
-        run_meta = _read_json(path / "run.json")
+        run_meta = _read_json(rundir.run_meta)
     except (OSError, ValueError):
         pass
     expected_hash = run_meta.get("config_hash")
     names = ["base"] + run.period_names
     problem = ""
-    periods_dir = path / "periods"
+    periods_dir = rundir.periods
     for k, name in enumerate(names):
-        directory = periods_dir / f"{k}-{name}"
+        directory = rundir.period_dir(k, name)
         if not directory.is_dir():
             break
         got = _read_row(directory, k, name, run, stream=stream)
@@ -489,8 +509,10 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
         row, manifest = got
         expected_hash = expected_hash or manifest.get("config_hash")
         if manifest.get("config_hash") != expected_hash:
-            problem = (f"periods/{directory.name} was committed under config hash "
-                       f"{str(manifest.get('config_hash'))[:8]}, the run has {str(expected_hash)[:8]}")
+            problem = (
+                f"periods/{directory.name} was committed under config hash "
+                f"{str(manifest.get('config_hash'))[:8]}, the run has {str(expected_hash)[:8]}"
+            )
             break
         if manifest.get("data_fingerprint") not in (None, run.fingerprint):
             problem = f"periods/{directory.name} was evaluated on other data (fingerprint differs)"
@@ -500,21 +522,22 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
     run.confidence_trace = _confidence_trace(path, len(run.rows) - 1)
 
     # Period dirs beyond the valid prefix (a gap, or names the benchmark does not have).
-    known = {f"{k}-{n}" for k, n in enumerate(names)}
-    valid = {f"{r.index}-{r.name}" for r in run.rows}
+    known = {period_dir_name(k, n) for k, n in enumerate(names)}
+    valid = {period_dir_name(r.index, r.name) for r in run.rows}
     try:
         present = sorted(e for e in os.listdir(periods_dir) if not e.startswith("."))
     except OSError:
         present = []
-    stray = [e for e in present if e not in valid and (path / "periods" / e).is_dir()]
+    stray = [e for e in present if e not in valid and (periods_dir / e).is_dir()]
     if not problem:
         unknown = [e for e in stray if e not in known]
         later = [e for e in stray if e in known]
         if unknown:
-            run.warnings.append(f"period dirs not in the {'stream' if stream else 'benchmark'} ignored: "
-                                f"{', '.join(unknown)}")
+            run.warnings.append(
+                f"period dirs not in the {'stream' if stream else 'benchmark'} ignored: {', '.join(unknown)}"
+            )
         if later:
-            missing = f"{len(run.rows)}-{names[len(run.rows)]}" if len(run.rows) < len(names) else "?"
+            missing = period_dir_name(len(run.rows), names[len(run.rows)]) if len(run.rows) < len(names) else "?"
             # A writer re-committing that dir (commit_dir) leaves it absent for the instant between its
             # two renames; if it is back a moment later, this was that instant, not a gap: read again.
             time.sleep(0.05)
@@ -537,13 +560,19 @@ def _read_run(run: Run, benches: _BenchmarkCache) -> None:
             run.reason = f"{run.num_committed} of {t_count} {run.unit} committed; writer alive ({who})"
         else:
             run.status = "partial"
-            run.reason = (f"{run.num_committed} of {t_count} {run.unit} committed"
-                          + ("" if run.rows else " (not even the base row)")
-                          + "; no live writer (killed, preempted or crashed)")
+            run.reason = (
+                f"{run.num_committed} of {t_count} {run.unit} committed"
+                + ("" if run.rows else " (not even the base row)")
+                + "; no live writer (killed, preempted or crashed)"
+            )
         if hints:
             run.reason += "; " + "; ".join(hints)
     if run.status == "complete":
-        run.metrics = _recompute_stream_metrics(run, stream) if stream else _recompute_metrics(run, bench)
+        if stream:
+            run.metrics = _recompute_stream_metrics(run, stream)
+        else:
+            assert bench is not None  # a temporal run without its benchmark returned above
+            run.metrics = _recompute_metrics(run, bench)
         _recompute_retention(run)
         _cross_check_results(run)
 
@@ -553,7 +582,7 @@ def find_run_dirs(root: Path, skip: Iterable[Path] = (), max_depth: int = 3) -> 
     skip_set = {p.resolve() for p in skip}
 
     def is_run(d: Path) -> bool:
-        return (d / "config.yaml").is_file() or (d / "periods").is_dir()
+        return RunDir(d).config.is_file() or RunDir(d).periods.is_dir()
 
     if is_run(root):
         return [root]
@@ -581,8 +610,7 @@ def find_run_dirs(root: Path, skip: Iterable[Path] = (), max_depth: int = 3) -> 
 def gather(root: Path, skip: Iterable[Path] = (), jobs: int = 4) -> list[Run]:
     dirs = find_run_dirs(root, skip)
     benches = _BenchmarkCache()
-    if any((d / "data" / STREAM_FILE).is_file() for d in dirs):
+    if any((RunDir(d).data / STREAM_FILE).is_file() for d in dirs):
         _scorer_registry()  # the torch import, once, before the reader threads start
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # hashing releases the GIL
         return list(pool.map(lambda d: read_run(d, benches), dirs))
-

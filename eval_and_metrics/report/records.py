@@ -11,11 +11,6 @@ from typing import Any
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_KIND = "report"
-# Eval jobs store their results beside a period's eval, each dir with its own manifest.
-LANDSCAPE_DIR = "landscape"
-LANDSCAPE_FILE = "landscape.json"
-LM_EVAL_DIR = "lm_eval"
-LM_EVAL_FILE = "results.json"
 
 STATUSES = ("complete", "running", "partial", "corrupted", "failed")
 CONFIDENCE = 0.95
@@ -23,48 +18,97 @@ CONFIDENCE = 0.95
 # temporal key names its probe family (storage / extraction); the two are never averaged together.
 FAMILIES = ("storage", "extraction")
 SUBSET_METRICS = ("plasticity", "stability", "temporal_recall")
-SUMMARY_KEYS = ["acc_storage", "bwt_storage", "fwt_storage", "forgetting_storage",
-                "plasticity_storage_pooled", "plasticity_extraction_pooled",
-                "stability_storage_pooled", "stability_extraction_pooled",
-                "temporal_recall_storage_final", "temporal_recall_extraction_final",
-                "outdated_storage_pooled", "outdated_extraction_pooled", "acc_extraction"]
-SUMMARY_LABELS = {"acc_storage": "final ACC storage", "bwt_storage": "BWT storage", "fwt_storage": "FWT storage",
-                  "forgetting_storage": "forgetting storage",
-                  "plasticity_storage_pooled": "plasticity storage", "plasticity_extraction_pooled": "plasticity extraction",
-                  "stability_storage_pooled": "stability storage", "stability_extraction_pooled": "stability extraction",
-                  "temporal_recall_storage_final": "temporal recall storage",
-                  "temporal_recall_extraction_final": "temporal recall extraction",
-                  "outdated_storage_pooled": "outdated answers storage",
-                  "outdated_extraction_pooled": "outdated answers extraction",
-                  "acc_extraction": "final ACC extraction"}
+SUMMARY_KEYS = [
+    "acc_storage",
+    "bwt_storage",
+    "fwt_storage",
+    "forgetting_storage",
+    "plasticity_storage_pooled",
+    "plasticity_extraction_pooled",
+    "stability_storage_pooled",
+    "stability_extraction_pooled",
+    "temporal_recall_storage_final",
+    "temporal_recall_extraction_final",
+    "outdated_storage_pooled",
+    "outdated_extraction_pooled",
+    "acc_extraction",
+]
+SUMMARY_LABELS = {
+    "acc_storage": "final ACC storage",
+    "bwt_storage": "BWT storage",
+    "fwt_storage": "FWT storage",
+    "forgetting_storage": "forgetting storage",
+    "plasticity_storage_pooled": "plasticity storage",
+    "plasticity_extraction_pooled": "plasticity extraction",
+    "stability_storage_pooled": "stability storage",
+    "stability_extraction_pooled": "stability extraction",
+    "temporal_recall_storage_final": "temporal recall storage",
+    "temporal_recall_extraction_final": "temporal recall extraction",
+    "outdated_storage_pooled": "outdated answers storage",
+    "outdated_extraction_pooled": "outdated answers extraction",
+    "acc_extraction": "final ACC extraction",
+}
 # DyKnow's wrong answers (metrics.answer_kind_rates): stale answers to new facts, present answers to the past
 ANSWER_VIEWS = ("outdated", "overwritten")
 LOWER_IS_BETTER = {f"forgetting_{fam}{s}" for fam in FAMILIES for s in ("", "_f1")}
 LOWER_IS_BETTER |= {f"{view}_{fam}_{stat}" for view in ANSWER_VIEWS for fam in FAMILIES for stat in ("pooled", "mean")}
 _ALL_SCALARS = [f"{m}_{fam}{s}" for fam in FAMILIES for m in ("acc", "bwt", "fwt", "forgetting") for s in ("", "_f1")]
-_ALL_SCALARS += [f"{name}_{fam}_{stat}" for fam in FAMILIES for name in SUBSET_METRICS
-                 for stat in ("pooled", "pooled_f1", "n", "mean", "mean_f1")]
+_ALL_SCALARS += [
+    f"{name}_{fam}_{stat}"
+    for fam in FAMILIES
+    for name in SUBSET_METRICS
+    for stat in ("pooled", "pooled_f1", "n", "mean", "mean_f1")
+]
 _ALL_SCALARS += [f"temporal_recall_{fam}_{stat}" for fam in FAMILIES for stat in ("final", "final_f1")]
-_ALL_SCALARS += [f"{view}_{fam}_{stat}" for fam in FAMILIES for view in ANSWER_VIEWS for stat in ("pooled", "mean", "n")]
+_ALL_SCALARS += [
+    f"{view}_{fam}_{stat}" for fam in FAMILIES for view in ANSWER_VIEWS for stat in ("pooled", "mean", "n")
+]
 SCALAR_KEYS = SUMMARY_KEYS + [k for k in _ALL_SCALARS if k not in SUMMARY_KEYS]
 PER_PERIOD_KEYS = [f"{name}_{fam}" for fam in FAMILIES for name in (*SUBSET_METRICS, *ANSWER_VIEWS)]
-LANDSCAPE_KEYS = ["center_loss", "max_loss", "min_loss", "std_loss", "loss_range", "max_curvature",
-                  "fisher_top_eigenvalue", "delta_w_norm", "forgetting_estimate"]
+LANDSCAPE_KEYS = [
+    "center_loss",
+    "max_loss",
+    "min_loss",
+    "std_loss",
+    "loss_range",
+    "max_curvature",
+    "fisher_top_eigenvalue",
+    "delta_w_norm",
+    "forgetting_estimate",
+]
 # Task streams: the scalars of each summary of stream_metrics, in table order, as (key, label, higher is
 # better). The two summaries are never averaged together (docs/metrics.md section 10).
 STREAM_HIGHER_KEYS: list[tuple[str, str, bool]] = [
-    ("acc", "ACC (macro)", True), ("acc_micro", "ACC micro", True), ("avg_acc_over_time", "avg ACC over time", True),
-    ("bwt", "BWT", True), ("fwt", "FWT", True), ("forgetting", "forgetting", False), ("max_drop", "max drop", False),
-    ("fg_pct", "FG%", False), ("plasticity", "plasticity", True)]
+    ("acc", "ACC (macro)", True),
+    ("acc_micro", "ACC micro", True),
+    ("avg_acc_over_time", "avg ACC over time", True),
+    ("bwt", "BWT", True),
+    ("fwt", "FWT", True),
+    ("forgetting", "forgetting", False),
+    ("max_drop", "max drop", False),
+    ("fg_pct", "FG%", False),
+    ("plasticity", "plasticity", True),
+]
 # Every lower-is-better scalar is better when lower: final loss, a rise after training (BWT > 0 and
 # forgetting > 0 are forgetting), and learning < 0 (training lowered the task's loss).
 STREAM_LOWER_KEYS: list[tuple[str, str, bool]] = [
-    ("final", "final", False), ("bwt", "BWT", False), ("forgetting", "forgetting", False),
-    ("learning", "learning", False)]
+    ("final", "final", False),
+    ("bwt", "BWT", False),
+    ("forgetting", "forgetting", False),
+    ("learning", "learning", False),
+]
 STREAM_SUMMARIES = {"higher_is_better_summary": STREAM_HIGHER_KEYS, "lower_is_better_summary": STREAM_LOWER_KEYS}
 # What results.json's metrics must agree on with the re-derivation ("matrices" follow from the same rows).
-STREAM_CHECKED_KEYS = ["tasks", "primary_metric", "higher_is_better", "eval_counts", "matrix",
-                       "higher_is_better_summary", "lower_is_better_summary", "base_solved"]
+STREAM_CHECKED_KEYS = [
+    "tasks",
+    "primary_metric",
+    "higher_is_better",
+    "eval_counts",
+    "matrix",
+    "higher_is_better_summary",
+    "lower_is_better_summary",
+    "base_solved",
+]
 BASE_SOLVED_MARK = "†"
 
 
@@ -140,9 +184,21 @@ class Run:
         return max(0, len(self.rows) - 1)
 
     def summary(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "path": str(self.path), "status": self.status, "reason": self.reason,
-                "method": self.method, "seed": self.seed, "mode": self.mode, "benchmark": self.benchmark,
-                "data_fingerprint": self.fingerprint, "model": self.model, "variant": self.variant,
-                "periods": self.period_names, "committed_periods": self.num_committed, "warnings": self.warnings,
-                "kind": self.kind, "stream_order": self.stream_order}
-
+        return {
+            "run_id": self.run_id,
+            "path": str(self.path),
+            "status": self.status,
+            "reason": self.reason,
+            "method": self.method,
+            "seed": self.seed,
+            "mode": self.mode,
+            "benchmark": self.benchmark,
+            "data_fingerprint": self.fingerprint,
+            "model": self.model,
+            "variant": self.variant,
+            "periods": self.period_names,
+            "committed_periods": self.num_committed,
+            "warnings": self.warnings,
+            "kind": self.kind,
+            "stream_order": self.stream_order,
+        }

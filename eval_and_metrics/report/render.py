@@ -11,11 +11,11 @@ from typing import Any
 
 import yaml
 
+from artifacts.rundir import RunDir
 from eval_and_metrics.report.group import Group, _numeric_leaves, lm_eval_scores
 from eval_and_metrics.report.records import (
     BASE_SOLVED_MARK,
     FAMILIES,
-    LANDSCAPE_DIR,
     LOWER_IS_BETTER,
     PER_PERIOD_KEYS,
     SCALAR_KEYS,
@@ -32,8 +32,21 @@ from eval_and_metrics.report.records import (
 # tidy rows
 
 
-CSV_COLUMNS = ["run_id", "status", "benchmark", "model", "method", "variant", "seed", "period_index", "period_name",
-               "scope", "probe_period", "metric", "value"]
+CSV_COLUMNS = [
+    "run_id",
+    "status",
+    "benchmark",
+    "model",
+    "method",
+    "variant",
+    "seed",
+    "period_index",
+    "period_name",
+    "scope",
+    "probe_period",
+    "metric",
+    "value",
+]
 
 
 def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, Any]]:
@@ -47,16 +60,39 @@ def tidy_rows(runs: Sequence[Run], groups: Sequence[Group]) -> list[dict[str, An
     bench_label = {r.run_id: g.benchmark for g in groups for r in g.runs}
     out: list[dict[str, Any]] = []
     for run in runs:
-        base = {"run_id": run.run_id, "status": run.status, "benchmark": bench_label.get(run.run_id, run.benchmark),
-                "model": run.model, "method": run.method, "variant": run.variant, "seed": run.seed}
+        base = {
+            "run_id": run.run_id,
+            "status": run.status,
+            "benchmark": bench_label.get(run.run_id, run.benchmark),
+            "model": run.model,
+            "method": run.method,
+            "variant": run.variant,
+            "seed": run.seed,
+        }
 
-        def add(k: int, scope: str, metric: str, value: Any, probe_period: str = "", run: Run = run,
-                base: dict[str, Any] = base) -> None:
+        def add(
+            k: int,
+            scope: str,
+            metric: str,
+            value: Any,
+            probe_period: str = "",
+            run: Run = run,
+            base: dict[str, Any] = base,
+        ) -> None:
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 return
             name = "base" if k == 0 else run.period_names[k - 1]
-            out.append({**base, "period_index": k, "period_name": name, "scope": scope,
-                        "probe_period": probe_period, "metric": metric, "value": value})
+            out.append(
+                {
+                    **base,
+                    "period_index": k,
+                    "period_name": name,
+                    "scope": scope,
+                    "probe_period": probe_period,
+                    "metric": metric,
+                    "value": value,
+                }
+            )
 
         for row in run.rows:
             if run.kind == "stream":
@@ -139,6 +175,7 @@ def _summary_cells(g: Group, multi_model: bool) -> list[str]:
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def esc(s: str) -> str:
         return str(s).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -150,30 +187,54 @@ def _lm_eval_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for g in groups:
         for key, entry in sorted(g.lm_eval.items()):
-            rows.append([g.label, key, "higher" if entry["higher_is_better"] else "LOWER",
-                         fmt(entry["value"][0], g.n)] + [fmt(d, g.n) for d in entry["delta"][1:]])
+            rows.append(
+                [g.label, key, "higher" if entry["higher_is_better"] else "LOWER", fmt(entry["value"][0], g.n)]
+                + [fmt(d, g.n) for d in entry["delta"][1:]]
+            )
     return head, rows
 
 
 def _retention_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     names = max((g.period_names for g in groups), key=len)
-    head = (["method", "task/metric", "better", "base"] + [f"drop after {p}" for p in names]
-            + ["relative drop (final)", "final drop, 95% item interval (one run)"])
+    head = (
+        ["method", "task/metric", "better", "base"]
+        + [f"drop after {p}" for p in names]
+        + ["relative drop (final)", "final drop, 95% item interval (one run)"]
+    )
     rows = []
     for g in groups:
         for key, entry in g.retention.items():
             ci = entry["item_ci"]
-            rows.append([g.label, key, "higher" if entry["higher_is_better"] else "LOWER", fmt(entry["base"], g.n)]
-                        + [fmt(d, g.n) for d in entry["drop"][1:]] + [fmt(entry["rel_drop_final"], g.n)]
-                        + [f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "-"])
+            rows.append(
+                [g.label, key, "higher" if entry["higher_is_better"] else "LOWER", fmt(entry["base"], g.n)]
+                + [fmt(d, g.n) for d in entry["drop"][1:]]
+                + [fmt(entry["rel_drop_final"], g.n)]
+                + [f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "-"]
+            )
     return head, rows
 
 
 def _landscape_rows(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
-    head = ["method", "period", "center loss", "loss range", "std", "max curvature", "λmax (Fisher)",
-            "‖Δw‖", "forgetting estimate"]
-    keys = ["center_loss", "loss_range", "std_loss", "max_curvature", "fisher_top_eigenvalue", "delta_w_norm",
-            "forgetting_estimate"]
+    head = [
+        "method",
+        "period",
+        "center loss",
+        "loss range",
+        "std",
+        "max curvature",
+        "λmax (Fisher)",
+        "‖Δw‖",
+        "forgetting estimate",
+    ]
+    keys = [
+        "center_loss",
+        "loss_range",
+        "std_loss",
+        "max_curvature",
+        "fisher_top_eigenvalue",
+        "delta_w_norm",
+        "forgetting_estimate",
+    ]
     rows = []
     for g in groups:
         if not g.landscape:
@@ -206,34 +267,76 @@ def _stream_blocks(groups: Sequence[Group]) -> list[Block]:
     hi = [t for t in tasks if higher[t]]
     lo = [t for t in tasks if not higher[t]]
     multi_model = len({g.model for g in groups}) > 1
-    described = ", ".join(f"{t} ({info['scorers'][t]}: {primary[t]} {_arrow(higher[t])}, "
-                          f"{info['eval_counts'][t]} items)" for t in tasks)
-    blocks: list[Block] = [("p", f"Tasks in training order: {described}. R[i][t] is task t's primary metric after "
-                                 "training through task i (row 0 = the base model); formulas: docs/metrics.md §10.")]
+    described = ", ".join(
+        f"{t} ({info['scorers'][t]}: {primary[t]} {_arrow(higher[t])}, {info['eval_counts'][t]} items)" for t in tasks
+    )
+    blocks: list[Block] = [
+        (
+            "p",
+            (
+                f"Tasks in training order: {described}. R[i][t] is task t's primary metric after "
+                "training through task i (row 0 = the base model); formulas: docs/metrics.md §10."
+            ),
+        )
+    ]
 
     def prefix(g: Group) -> list[str]:
-        return [g.label] + ([g.model] if multi_model else []) + [
-            str(g.n), ",".join(str(s) for s in g.seeds) or "–", str(len(g.runs) - g.n)]
+        return (
+            [g.label]
+            + ([g.model] if multi_model else [])
+            + [str(g.n), ",".join(str(s) for s in g.seeds) or "–", str(len(g.runs) - g.n)]
+        )
 
     head0 = ["method"] + (["model"] if multi_model else []) + ["n", "seeds", "not complete"]
     if hi:
-        blocks += [("h", f"Higher-is-better tasks ({', '.join(hi)})"),
-                   ("p", "Summary over the tasks whose primary metric is higher-is-better (accuracy, pass@1, EM, "
-                         "F1, ROUGE-L). ACC is macro (each task once), ACC micro pools the eval items; ↓ marks the "
-                         "columns where lower is better (forgetting, max drop, FG%)."),
-                   ("table", head0 + [f"{label} {_arrow(up)}" for _, label, up in STREAM_HIGHER_KEYS],
-                    [prefix(g) + [fmt(g.metrics.get(f"higher_is_better_summary.{k}"), g.n)
-                                  for k, _, _ in STREAM_HIGHER_KEYS] for g in groups], len(head0))]
+        blocks += [
+            ("h", f"Higher-is-better tasks ({', '.join(hi)})"),
+            (
+                "p",
+                (
+                    "Summary over the tasks whose primary metric is higher-is-better (accuracy, pass@1, EM, "
+                    "F1, ROUGE-L). ACC is macro (each task once), ACC micro pools the eval items; ↓ marks the "
+                    "columns where lower is better (forgetting, max drop, FG%)."
+                ),
+            ),
+            (
+                "table",
+                head0 + [f"{label} {_arrow(up)}" for _, label, up in STREAM_HIGHER_KEYS],
+                [
+                    prefix(g)
+                    + [fmt(g.metrics.get(f"higher_is_better_summary.{k}"), g.n) for k, _, _ in STREAM_HIGHER_KEYS]
+                    for g in groups
+                ],
+                len(head0),
+            ),
+        ]
     if lo:
         metric = "/".join(sorted({primary[t] for t in lo}))
-        blocks += [("h", f"Lower-is-better tasks ({', '.join(lo)}): {metric}"),
-                   ("p", "Summarised apart and never averaged with the tasks above. Every column is lower-is-better "
-                         "(↓): BWT > 0 and forgetting > 0 mean the loss rose again after the task was trained, "
-                         "learning < 0 means training on the task lowered its loss."),
-                   ("table", head0 + [f"{metric} {label} {_arrow(up)}" if key != "final" else f"final {metric} ↓"
-                                      for key, label, up in STREAM_LOWER_KEYS],
-                    [prefix(g) + [fmt(g.metrics.get(f"lower_is_better_summary.{k}"), g.n)
-                                  for k, _, _ in STREAM_LOWER_KEYS] for g in groups], len(head0))]
+        blocks += [
+            ("h", f"Lower-is-better tasks ({', '.join(lo)}): {metric}"),
+            (
+                "p",
+                (
+                    "Summarised apart and never averaged with the tasks above. Every column is lower-is-better "
+                    "(↓): BWT > 0 and forgetting > 0 mean the loss rose again after the task was trained, "
+                    "learning < 0 means training on the task lowered its loss."
+                ),
+            ),
+            (
+                "table",
+                head0
+                + [
+                    f"{metric} {label} {_arrow(up)}" if key != "final" else f"final {metric} ↓"
+                    for key, label, up in STREAM_LOWER_KEYS
+                ],
+                [
+                    prefix(g)
+                    + [fmt(g.metrics.get(f"lower_is_better_summary.{k}"), g.n) for k, _, _ in STREAM_LOWER_KEYS]
+                    for g in groups
+                ],
+                len(head0),
+            ),
+        ]
     rows = []
     for t in tasks:
         cells = [t, info["scorers"][t], f"{primary[t]} {_arrow(higher[t])}"]
@@ -242,18 +345,27 @@ def _stream_blocks(groups: Sequence[Group]) -> list[Block]:
             cell = fmt((g.stream or {}).get("final", {}).get(t), g.n)
             cells.append(cell + (f" {BASE_SOLVED_MARK}{solved}/{g.n}" if solved else ""))
         rows.append(cells)
-    marked = [f"{g.label}: " + ", ".join(f"{t} ({k}/{g.n})" for t, k in g.stream["base_solved"].items() if k)
-              for g in ready if any(g.stream["base_solved"].values())]
+    marked = [
+        f"{g.label}: " + ", ".join(f"{t} ({k}/{g.n})" for t, k in g.stream["base_solved"].items() if k)
+        for g in ready
+        if any(g.stream["base_solved"].values())
+    ]
     labels = [g.label + (f" ({g.model})" if multi_model else "") for g in groups]
-    blocks += [("h", "Final score per task"),
-               ("table", ["task", "scorer", "primary metric"] + labels, rows, 3)]
+    blocks += [("h", "Final score per task"), ("table", ["task", "scorer", "primary metric"] + labels, rows, 3)]
     if marked:
         margin = info.get("base_solved_margin")
-        blocks.append(("p", f"{BASE_SOLVED_MARK}k/n: base-solved in k of the method's n complete runs, i.e. "
-                            f"R[0][t] ≥ R[t][t] − {margin} (docs/metrics.md §10): training on the task added "
-                            "nothing measurable over the base model, so a later change of its score is drift, not "
-                            "forgetting of something learnt. Such tasks still count in the summaries above. "
-                            f"Base-solved: {'; '.join(marked)}."))
+        blocks.append(
+            (
+                "p",
+                (
+                    f"{BASE_SOLVED_MARK}k/n: base-solved in k of the method's n complete runs, i.e. "
+                    f"R[0][t] ≥ R[t][t] − {margin} (docs/metrics.md §10): training on the task added "
+                    "nothing measurable over the base model, so a later change of its score is drift, not "
+                    "forgetting of something learnt. Such tasks still count in the summaries above. "
+                    f"Base-solved: {'; '.join(marked)}."
+                ),
+            )
+        )
     return blocks
 
 
@@ -264,14 +376,19 @@ def _attention_runs(runs: Sequence[Run]) -> list[Run]:
 def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], generated: str) -> str:
     counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
     lines = [
-        "# Continual-learning report", "",
+        "# Continual-learning report",
+        "",
         f"Run root: `{root}`  ",
         f"Generated: {generated}  ",
-        f"Runs: {len(runs)} (" + ", ".join(f"{counts[s]} {s}" for s in STATUSES) + ")", "",
-        ("Cells are the mean over seeds ± the half-width of the 95% confidence interval of the mean "
-         "(t-distribution, n−1 degrees of freedom; sd with ddof = 1), over the complete runs of the group. "
-         "`(n=k)` marks a cell averaged over k runs, when that differs from the group's n or when "
-         "k = 1 (no interval). ↑ higher is better, ↓ lower is better. Metric formulas: docs/metrics.md."), "",
+        f"Runs: {len(runs)} (" + ", ".join(f"{counts[s]} {s}" for s in STATUSES) + ")",
+        "",
+        (
+            "Cells are the mean over seeds ± the half-width of the 95% confidence interval of the mean "
+            "(t-distribution, n−1 degrees of freedom; sd with ddof = 1), over the complete runs of the group. "
+            "`(n=k)` marks a cell averaged over k runs, when that differs from the group's n or when "
+            "k = 1 (no interval). ↑ higher is better, ↓ lower is better. Metric formulas: docs/metrics.md."
+        ),
+        "",
     ]
     for bench, gs in _by_benchmark(groups).items():
         models = ", ".join(sorted({g.model for g in gs}))
@@ -290,12 +407,26 @@ def render_summary_md(root: Path, runs: Sequence[Run], groups: Sequence[Group], 
             lines += [_md_table(head, [_summary_cells(g, multi_model) for g in gs]), ""]
         # the optional sections: (present?, title, note, the table's rows)
         sections = [
-            (any(g.lm_eval for g in gs), "General ability (lm-eval), change vs the base model",
-             ("Δ = score after the period − the same run's base score; for a metric marked LOWER (e.g. perplexity, "
-              "CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is an improvement."), _lm_eval_rows),
-            (any(g.retention for g in gs), "Retention: held-out tasks, drop vs the base model",
-             ("drop = base − value for a higher-is-better metric, value − base for a LOWER one, so a positive drop is "
-              "ability lost in both; relative drop = drop / |base| (docs/metrics.md, section 11)."), _retention_rows),
+            (
+                any(g.lm_eval for g in gs),
+                "General ability (lm-eval), change vs the base model",
+                (
+                    "Δ = score after the period − the same run's base score; for a metric marked LOWER "
+                    "(e.g. perplexity, "
+                    "CrowS-Pairs likelihood difference / pct stereotype) a negative Δ is an improvement."
+                ),
+                _lm_eval_rows,
+            ),
+            (
+                any(g.retention for g in gs),
+                "Retention: held-out tasks, drop vs the base model",
+                (
+                    "drop = base − value for a higher-is-better metric, value − base for a LOWER one, "
+                    "so a positive drop is "
+                    "ability lost in both; relative drop = drop / |base| (docs/metrics.md, section 11)."
+                ),
+                _retention_rows,
+            ),
             (any(g.landscape for g in gs), "Loss landscape per period checkpoint", "", _landscape_rows),
         ]
         for present, title, note, table in sections:
@@ -372,28 +503,45 @@ class _Raw(str):
 
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_h(caption)}">'
-            f"<figcaption>{_h(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{_h(caption)}">'
+        f"<figcaption>{_h(caption)}</figcaption></figure>"
+    )
 
 
-def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots: dict[str, list[tuple[Path, str]]],
-                generated: str) -> str:
+def render_html(
+    root: Path, runs: Sequence[Run], groups: Sequence[Group], plots: dict[str, list[tuple[Path, str]]], generated: str
+) -> str:
     counts = {s: sum(r.status == s for r in runs) for s in STATUSES}
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             "<title>Continual-learning report</title>", f"<style>{_CSS}</style>", f"<script>{_JS}</script>",
-             "</head><body>", "<h1>Continual-learning report</h1>",
-             f"<p class='note'>Run root <code>{_h(root)}</code> · generated {_h(generated)} · {len(runs)} runs</p>",
-             "<p>" + "".join(f"<span class='badge {s}'>{counts[s]} {s}</span>" for s in STATUSES) + "</p>"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<title>Continual-learning report</title>",
+        f"<style>{_CSS}</style>",
+        f"<script>{_JS}</script>",
+        "</head><body>",
+        "<h1>Continual-learning report</h1>",
+        f"<p class='note'>Run root <code>{_h(root)}</code> · generated {_h(generated)} · {len(runs)} runs</p>",
+        "<p>" + "".join(f"<span class='badge {s}'>{counts[s]} {s}</span>" for s in STATUSES) + "</p>",
+    ]
     attention = _attention_runs(runs)
     if attention:
         parts.append("<h2>Runs not in the aggregates</h2>")
-        rows = [[r.run_id, _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
-                 f"{r.num_committed}/{r.num_periods or '?'}", r.reason] for r in attention]
+        rows = [
+            [
+                r.run_id,
+                _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
+                f"{r.num_committed}/{r.num_periods or '?'}",
+                r.reason,
+            ]
+            for r in attention
+        ]
         parts.append(_html_table(["run", "status", "periods committed", "reason"], rows))
-    parts.append("<p class='note'>Cells: mean over seeds ± half-width of the 95% t-interval of the mean "
-                 "(n−1 degrees of freedom), over complete runs; (n=k) marks cells over k runs when k differs "
-                 "from the group's n or k = 1. ↑ higher is better, ↓ lower is better. Formulas: "
-                 "docs/metrics.md.</p>")
+    parts.append(
+        "<p class='note'>Cells: mean over seeds ± half-width of the 95% t-interval of the mean "
+        "(n−1 degrees of freedom), over complete runs; (n=k) marks cells over k runs when k differs "
+        "from the group's n or k = 1. ↑ higher is better, ↓ lower is better. Formulas: "
+        "docs/metrics.md.</p>"
+    )
     for bench, gs in _by_benchmark(groups).items():
         models = ", ".join(sorted({g.model for g in gs}))
         if gs[0].kind == "stream":
@@ -408,21 +556,32 @@ def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots:
         else:
             head, multi_model = _summary_header(gs)
             numeric = len(head) - len(SUMMARY_KEYS)
-            parts += [f"<h2>{_h(bench)}</h2>",
-                      f"<p class='note'>Periods {_h(', '.join(gs[0].period_names))} · model {_h(models)}</p>",
-                      _html_table(head, [_summary_cells(g, multi_model) for g in gs], numeric)]
+            parts += [
+                f"<h2>{_h(bench)}</h2>",
+                f"<p class='note'>Periods {_h(', '.join(gs[0].period_names))} · model {_h(models)}</p>",
+                _html_table(head, [_summary_cells(g, multi_model) for g in gs], numeric),
+            ]
         parts.append("<div class='plots'>" + "".join(_img(p, c) for p, c in plots.get(bench, [])) + "</div>")
         if any(g.lm_eval for g in gs):
             h, rows = _lm_eval_rows(gs)
-            parts += ["<h3>General ability (lm-eval): change vs the base model</h3>",
-                      ("<p class='note'>Δ = score after the period − the same run's base score. For metrics "
-                       "marked LOWER a negative Δ is an improvement.</p>"), _html_table(h, rows, 3)]
+            parts += [
+                "<h3>General ability (lm-eval): change vs the base model</h3>",
+                (
+                    "<p class='note'>Δ = score after the period − the same run's base score. For metrics "
+                    "marked LOWER a negative Δ is an improvement.</p>"
+                ),
+                _html_table(h, rows, 3),
+            ]
         if any(g.retention for g in gs):
             h, rows = _retention_rows(gs)
-            parts += ["<h3>Retention: held-out tasks, drop vs the base model</h3>",
-                      ("<p class='note'>A positive drop is ability lost (base − value, or value − base for LOWER "
-                       "metrics); relative drop = drop / |base| (docs/metrics.md, section 11).</p>"),
-                      _html_table(h, rows, 3)]
+            parts += [
+                "<h3>Retention: held-out tasks, drop vs the base model</h3>",
+                (
+                    "<p class='note'>A positive drop is ability lost (base − value, or value − base for LOWER "
+                    "metrics); relative drop = drop / |base| (docs/metrics.md, section 11).</p>"
+                ),
+                _html_table(h, rows, 3),
+            ]
         if any(g.landscape for g in gs):
             h, rows = _landscape_rows(gs)
             parts += ["<h3>Loss landscape per period checkpoint</h3>", _html_table(h, rows, 2)]
@@ -430,22 +589,36 @@ def render_html(root: Path, runs: Sequence[Run], groups: Sequence[Group], plots:
             for g in gs:
                 for run in g.complete[:1]:
                     for row in run.rows:
-                        d = run.path / "periods" / f"{row.index}-{row.name}" / LANDSCAPE_DIR
+                        d = RunDir(run.path).landscape_dir(row.index, row.name)
                         if row.landscape and (d / "contour.png").is_file():
                             figures.append(_img(d / "contour.png", f"{g.label} seed {run.seed}: {row.name}"))
             if figures:
                 parts.append("<div class='plots'>" + "".join(figures[:12]) + "</div>")
     parts.append("<h2>All runs</h2>")
-    rows = [[r.run_id, r.benchmark, r.method, r.seed, _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
-             f"{r.num_committed}/{r.num_periods or '?'}", "; ".join(r.warnings)] for r in runs]
-    parts.append(_html_table(["run", "benchmark", "method", "seed", "status", "periods", "warnings"], rows))
-    parts.append("<h2>Configs</h2><p class='note'>The resolved config.yaml of the first run of each group; "
-                 "the other runs differ only in the seed.</p>")
+    all_rows: list[list[Any]] = [
+        [
+            r.run_id,
+            r.benchmark,
+            r.method,
+            r.seed,
+            _Raw(f"<span class='badge {r.status}'>{r.status}</span>"),
+            f"{r.num_committed}/{r.num_periods or '?'}",
+            "; ".join(r.warnings),
+        ]
+        for r in runs
+    ]
+    parts.append(_html_table(["run", "benchmark", "method", "seed", "status", "periods", "warnings"], all_rows))
+    parts.append(
+        "<h2>Configs</h2><p class='note'>The resolved config.yaml of the first run of each group; "
+        "the other runs differ only in the seed.</p>"
+    )
     for g in groups:
         first = g.runs[0]
-        parts.append(f"<details><summary>{_h(g.benchmark)} · {_h(g.label)} · {_h(g.model)} · "
-                     f"{len(g.runs)} runs</summary><p class='note'>runs: {_h(', '.join(r.run_id for r in g.runs))}"
-                     f"</p><pre>{_h(yaml.safe_dump(first.config, sort_keys=False))}</pre></details>")
+        parts.append(
+            f"<details><summary>{_h(g.benchmark)} · {_h(g.label)} · {_h(g.model)} · "
+            f"{len(g.runs)} runs</summary><p class='note'>runs: {_h(', '.join(r.run_id for r in g.runs))}"
+            f"</p><pre>{_h(yaml.safe_dump(first.config, sort_keys=False))}</pre></details>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -486,4 +659,3 @@ def make_plots(groups: Sequence[Group], directory: Path) -> dict[str, list[tuple
                 made.append((path, f"{bench}: {caption}"))
         out[bench] = made
     return out
-

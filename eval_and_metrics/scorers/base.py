@@ -32,10 +32,19 @@ class Scorer(ABC):
     metrics: ClassVar[dict[str, bool]]  # metric -> higher is better; the first one is the primary metric
 
     @abstractmethod
-    def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
-              max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
-              budget: Budget = UNBOUNDED) -> list[Row]:
+    def score(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        items: list[EvalItem],
+        device: torch.device,
+        batch_size: int,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        shard: Shard = ONE,
+        budget: Budget = UNBOUNDED,
+    ) -> list[Row]:
         """One row per item, in item order: {"id", "prediction", <per-item values>}.
 
         should_stop() is polled before every batch (EvalInterrupted when it holds); progress(n) is
@@ -114,10 +123,19 @@ class GenerationScorer(Scorer):
     def aggregate(self, rows: list[Row]) -> dict[str, float]:
         return {metric: mean_of(rows, metric) for metric in self.metrics}
 
-    def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
-              max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
-              budget: Budget = UNBOUNDED) -> list[Row]:
+    def score(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        items: list[EvalItem],
+        device: torch.device,
+        batch_size: int,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        shard: Shard = ONE,
+        budget: Budget = UNBOUNDED,
+    ) -> list[Row]:
         positions = budget.window(model)
         if max_new_tokens <= 0:
             # The default leaves at least half of a small model's positions to the prompt; an
@@ -127,8 +145,9 @@ class GenerationScorer(Scorer):
         # does (the question is at the end of a few-shot prompt); the row records that it was cut.
         room = positions - max_new_tokens
         if room < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                             f"{positions} positions")
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's {positions} positions"
+            )
         encoded = [encode(tokenizer, item.prompt) for item in items]
         prompts = [ids[-room:] for ids in encoded]
         order = sorted(range(len(items)), key=lambda i: (len(prompts[i]), i))
@@ -139,16 +158,19 @@ class GenerationScorer(Scorer):
             # a generation's width is its prompt and the tokens it may add (the KV cache holds both)
             lengths = [len(p) + max_new_tokens for p in prompts]
             for idx in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
+
                 def done(row: int, text: str, idx: list[int] = idx) -> bool:
                     return self.is_done(items[idx[row]], text)
 
-                texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens,
-                                        done=done)
+                texts = generate_greedy(model, tokenizer, [prompts[i] for i in idx], device, max_new_tokens, done=done)
                 for i, text in zip(idx, texts):
                     if not shard.active:  # between batches only when ranks must agree on it
                         poll(should_stop)  # scoring one row can take seconds (the code sandbox)
-                    rows[i] = {"id": items[i].id, **self.score_generation(items[i], text),
-                               "prompt_truncated": len(encoded[i]) > room}
+                    rows[i] = {
+                        "id": items[i].id,
+                        **self.score_generation(items[i], text),
+                        "prompt_truncated": len(encoded[i]) > room,
+                    }
                 progress(len(idx))
         finally:
             model.train(was_training)

@@ -59,7 +59,7 @@ def split_code(generation: str, continues_line: bool = False) -> tuple[str, bool
 def _fenced(lines: list[str], opening: int) -> tuple[str, bool]:
     body: list[str] = []
     closed = False
-    for line in lines[opening + 1:]:
+    for line in lines[opening + 1 :]:
         if line.lstrip().startswith(_FENCE):
             closed = True
             break
@@ -103,8 +103,14 @@ def run_item(item: EvalItem, completion: str, timeout_s: float, memory_mb: int =
     """The completion against the item's tests in the sandbox; the verdict out of the program's reach
     where the item allows it (`checked`), else HumanEval's one program."""
     if checked(item):
-        return run_program(item.prompt + completion, timeout_s, memory_mb, tests=item.tests,
-                           entry_point=item.entry_point, context=item.prompt)
+        return run_program(
+            item.prompt + completion,
+            timeout_s,
+            memory_mb,
+            tests=item.tests,
+            entry_point=item.entry_point,
+            context=item.prompt,
+        )
     return run_program(build_program(item, completion), timeout_s, memory_mb)
 
 
@@ -114,8 +120,9 @@ def check_reference_solutions(items: list[EvalItem], timeout_s: float = 10) -> l
     for item in items:
         result = run_item(item, item.target, timeout_s)
         if not result.passed:
-            problems.append(f"code_pass_at_1: item {item.id!r}: the reference solution fails its own tests: "
-                            f"{result.reason}")
+            problems.append(
+                f"code_pass_at_1: item {item.id!r}: the reference solution fails its own tests: {result.reason}"
+            )
     return problems
 
 
@@ -137,16 +144,19 @@ class CodePassAt1(GenerationScorer):
             if not item.entry_point.isidentifier():
                 problems.append(f"entry_point {item.entry_point!r} is not a Python identifier")
             if "def check" not in item.tests:
-                problems.append(f"entry_point is set but the tests define no check(): check({item.entry_point}) "
-                                "would raise NameError")
+                problems.append(
+                    f"entry_point is set but the tests define no check(): check({item.entry_point}) "
+                    "would raise NameError"
+                )
             if f"def {item.entry_point}" not in item.prompt:
                 problems.append(f"the prompt does not define {item.entry_point}: the model completes that function")
         if item.prompt and item.target.strip() and item.tests.strip():
             try:
                 compile(build_program(item, item.target), f"<{item.id}>", "exec")
             except SyntaxError as exc:
-                problems.append(f"prompt + reference solution + tests is not valid Python ({exc.msg}, line "
-                                f"{exc.lineno})")
+                problems.append(
+                    f"prompt + reference solution + tests is not valid Python ({exc.msg}, line {exc.lineno})"
+                )
         return problems
 
     def is_done(self, item: EvalItem, generation: str) -> bool:
@@ -156,5 +166,9 @@ class CodePassAt1(GenerationScorer):
         completion = extract_code(generation, continues_line=not item.prompt.endswith("\n"))
         result = run_item(item, completion, self.timeout_s, self.memory_mb)
         warn_once(result)
-        return {"prediction": completion, "generation": generation, "pass_at_1": float(result.passed),
-                "reason": result.reason}
+        return {
+            "prediction": completion,
+            "generation": generation,
+            "pass_at_1": float(result.passed),
+            "reason": result.reason,
+        }

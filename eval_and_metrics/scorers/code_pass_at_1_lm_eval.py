@@ -24,7 +24,7 @@ UNTIL: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 def cut_at_stop(generation: str, until: tuple[str, ...] = UNTIL) -> tuple[str, bool]:
     """(the generation up to the first stop sequence, whether one was found), as lm-eval's until cuts it."""
     cuts = [generation.find(s) for s in until if s in generation]
-    return (generation[:min(cuts)], True) if cuts else (generation, False)
+    return (generation[: min(cuts)], True) if cuts else (generation, False)
 
 
 class CodePassAt1LmEval(CodePassAt1):
@@ -38,5 +38,9 @@ class CodePassAt1LmEval(CodePassAt1):
         completion, _ = cut_at_stop(generation)
         result = run_item(item, completion, self.timeout_s, self.memory_mb)
         warn_once(result)
-        return {"prediction": completion, "generation": generation, "pass_at_1": float(result.passed),
-                "reason": result.reason}
+        return {
+            "prediction": completion,
+            "generation": generation,
+            "pass_at_1": float(result.passed),
+            "reason": result.reason,
+        }

@@ -36,5 +36,9 @@ class ExactMatch(GenerationScorer):
     def score_generation(self, item: EvalItem, generation: str) -> Row:
         prediction = clean_generation(generation)
         (metric,) = self.metrics
-        return {"prediction": prediction, "generation": generation, "target": item.target,
-                metric: self.compare(prediction, item.target)}
+        return {
+            "prediction": prediction,
+            "generation": generation,
+            "target": item.target,
+            metric: self.compare(prediction, item.target),
+        }

@@ -76,25 +76,41 @@ def argmax_first(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda j: (values[j], -j))
 
 
-def choice_metrics(loglikelihoods: Sequence[float], choice_chars: Sequence[int], choice_bytes: Sequence[int],
-                   gold: int) -> dict[str, Any]:
+def choice_metrics(
+    loglikelihoods: Sequence[float], choice_chars: Sequence[int], choice_bytes: Sequence[int], gold: int
+) -> dict[str, Any]:
     """acc, acc_norm, acc_bytes and the three argmax indices of one item."""
     if min(choice_chars, default=0) <= 0 or min(choice_bytes, default=0) <= 0:
         raise ValueError("every choice needs a non-empty text to length-normalise by")
     pred = argmax_first(loglikelihoods)
     pred_norm = argmax_first([ll / n for ll, n in zip(loglikelihoods, choice_chars)])
     pred_bytes = argmax_first([ll / n for ll, n in zip(loglikelihoods, choice_bytes)])
-    return {"pred_index": pred, "pred_index_norm": pred_norm, "pred_index_bytes": pred_bytes,
-            "acc": float(pred == gold), "acc_norm": float(pred_norm == gold), "acc_bytes": float(pred_bytes == gold)}
+    return {
+        "pred_index": pred,
+        "pred_index_norm": pred_norm,
+        "pred_index_bytes": pred_bytes,
+        "acc": float(pred == gold),
+        "acc_norm": float(pred_norm == gold),
+        "acc_bytes": float(pred_bytes == gold),
+    }
 
 
 # (item index, choice index, context ids, continuation ids) of one loglikelihood request
 Request = tuple[int, int, list[int], list[int]]
 
 
-def per_request_loglikelihoods(model: nn.Module, tokenizer: Any, requests: list[Request], num_items: int,
-                               device: torch.device, batch_size: int, should_stop: Callable[[], bool],
-                               progress: Callable[[int], None], shard: Shard, budget: Budget) -> list[float]:
+def per_request_loglikelihoods(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: list[Request],
+    num_items: int,
+    device: torch.device,
+    batch_size: int,
+    should_stop: Callable[[], bool],
+    progress: Callable[[int], None],
+    shard: Shard,
+    budget: Budget,
+) -> list[float]:
     """The log-likelihood of every request, one padded row per request (batch_size counts requests)."""
     order = sorted(range(len(requests)), key=lambda r: (len(requests[r][2]) + len(requests[r][3]), r))
     request_ll: list[float | None] = [None] * len(requests)
@@ -103,8 +119,9 @@ def per_request_loglikelihoods(model: nn.Module, tokenizer: Any, requests: list[
         remaining[i] += 1
     lengths = [len(context) + len(cont) for _, _, context, cont in requests]
     for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
-        logps = continuation_logprobs(model, [requests[r][2] for r in batch],
-                                      [requests[r][3] for r in batch], tokenizer.pad_token_id, device)
+        logps = continuation_logprobs(
+            model, [requests[r][2] for r in batch], [requests[r][3] for r in batch], tokenizer.pad_token_id, device
+        )
         finished = 0
         for r, lp in zip(batch, logps):
             request_ll[r] = lp.double().sum().item()
@@ -139,10 +156,20 @@ def pack_requests(requests: list[Request], max_len: int) -> list[tuple[list[int]
     return rows
 
 
-def shared_context_loglikelihoods(model: nn.Module, tokenizer: Any, requests: list[Request], num_items: int,
-                                  device: torch.device, batch_size: int, should_stop: Callable[[], bool],
-                                  progress: Callable[[int], None], shard: Shard, budget: Budget, max_len: int,
-                                  mask_kind: str) -> list[float]:
+def shared_context_loglikelihoods(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: list[Request],
+    num_items: int,
+    device: torch.device,
+    batch_size: int,
+    should_stop: Callable[[], bool],
+    progress: Callable[[int], None],
+    shard: Shard,
+    budget: Budget,
+    max_len: int,
+    mask_kind: str,
+) -> list[float]:
     """The log-likelihood of every request, each distinct context run once (pack_requests,
     evaluate.shared_context_logprobs); batch_size counts packed rows, the token budget their real
     length. Rows are sorted by length, so documents with contexts of about the same length share a
@@ -163,8 +190,9 @@ def shared_context_loglikelihoods(model: nn.Module, tokenizer: Any, requests: li
             waiting[i].add(row)
     row_ll: list[list[float] | None] = [None] * len(rows)
     for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
-        logps = shared_context_logprobs(model, [rows[r][0] for r in batch], [rows[r][1] for r in batch],
-                                        tokenizer.pad_token_id, device, mask_kind)
+        logps = shared_context_logprobs(
+            model, [rows[r][0] for r in batch], [rows[r][1] for r in batch], tokenizer.pad_token_id, device, mask_kind
+        )
         finished = 0
         for row, lps in zip(batch, logps):
             row_ll[row] = [lp.double().sum().item() for lp in lps]
@@ -174,8 +202,9 @@ def shared_context_loglikelihoods(model: nn.Module, tokenizer: Any, requests: li
         if finished:
             progress(finished)
     merged = shard.merge(row_ll)
-    pair_ll = {(tuple(context), tuple(cont)): ll
-               for (context, group), lls in zip(rows, merged) for cont, ll in zip(group, lls)}
+    pair_ll = {
+        (tuple(context), tuple(cont)): ll for (context, group), lls in zip(rows, merged) for cont, ll in zip(group, lls)
+    }
     return [pair_ll[(tuple(context), tuple(cont))] for _, _, context, cont in requests]
 
 
@@ -191,8 +220,10 @@ class MultipleChoice(Scorer):
         if not 0 <= item.gold < len(item.choices):
             problems.append(f"gold {item.gold} is not an index into its {len(item.choices)} choices")
         elif item.target and item.target != (item.delimiter or "") + item.choices[item.gold]:
-            problems.append(f"target {item.target!r} is not delimiter + choices[gold] = "
-                            f"{(item.delimiter or '') + item.choices[item.gold]!r}")
+            problems.append(
+                f"target {item.target!r} is not delimiter + choices[gold] = "
+                f"{(item.delimiter or '') + item.choices[item.gold]!r}"
+            )
         if any(not c for c in item.choices):
             problems.append("has an empty choice (nothing to score, no length to normalise by)")
         if len(set(item.choices)) != len(item.choices):
@@ -203,31 +234,53 @@ class MultipleChoice(Scorer):
         # False: one request per (item, choice), the reference the shared-context path is tested against
         self.shared_context = shared_context
 
-    def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
-              max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
-              budget: Budget = UNBOUNDED) -> list[Row]:
+    def score(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        items: list[EvalItem],
+        device: torch.device,
+        batch_size: int,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        shard: Shard = ONE,
+        budget: Budget = UNBOUNDED,
+    ) -> list[Row]:
         max_len = budget.window(model)
         requests: list[Request] = []
         for i, item in enumerate(items):
             for j, choice in enumerate(item.choices):
-                context, cont = encode_request(tokenizer, item.prompt,
-                                               continuation_text(item.prompt, choice, item.delimiter))
+                context, cont = encode_request(
+                    tokenizer, item.prompt, continuation_text(item.prompt, choice, item.delimiter)
+                )
                 if not cont or len(cont) >= max_len:
                     raise ValueError(f"item {item.id!r} choice {j}: {len(cont)} tokens, need 1 to {max_len - 1}")
                 # Too long: the context keeps its end (lm-eval truncates from the left as well).
-                requests.append((i, j, context[-(max_len - len(cont)):], cont))
+                requests.append((i, j, context[-(max_len - len(cont)) :], cont))
         mask_kind = packed_mask_kind(model) if self.shared_context else None
         was_training = model.training
         model.eval()
         try:
             if mask_kind is None:
-                request_ll = per_request_loglikelihoods(model, tokenizer, requests, len(items), device, batch_size,
-                                                        should_stop, progress, shard, budget)
+                request_ll = per_request_loglikelihoods(
+                    model, tokenizer, requests, len(items), device, batch_size, should_stop, progress, shard, budget
+                )
             else:
-                request_ll = shared_context_loglikelihoods(model, tokenizer, requests, len(items), device,
-                                                           batch_size, should_stop, progress, shard, budget,
-                                                           max_len, mask_kind)
+                request_ll = shared_context_loglikelihoods(
+                    model,
+                    tokenizer,
+                    requests,
+                    len(items),
+                    device,
+                    batch_size,
+                    should_stop,
+                    progress,
+                    shard,
+                    budget,
+                    max_len,
+                    mask_kind,
+                )
         finally:
             model.train(was_training)
         lls: list[list[float]] = [[math.nan] * len(item.choices) for item in items]
@@ -243,13 +296,23 @@ class MultipleChoice(Scorer):
             result = choice_metrics(lls[i], chars, nbytes, item.gold)
             # the prediction is the scored continuation, comparable with `target`
             prediction = (item.delimiter or "") + item.choices[result["pred_index"]]
-            rows.append({"id": item.id, "prediction": prediction, "gold": item.gold,
-                         "loglikelihoods": lls[i], "num_tokens": num_tokens[i], "choice_chars": chars,
-                         "choice_bytes": nbytes, **result})
+            rows.append(
+                {
+                    "id": item.id,
+                    "prediction": prediction,
+                    "gold": item.gold,
+                    "loglikelihoods": lls[i],
+                    "num_tokens": num_tokens[i],
+                    "choice_chars": chars,
+                    "choice_bytes": nbytes,
+                    **result,
+                }
+            )
         return rows
 
     def aggregate(self, rows: list[Row]) -> dict[str, float]:
         # Recomputed from the stored log-likelihoods, so rows re-aggregate without the model.
-        recomputed = [choice_metrics(r["loglikelihoods"], r["choice_chars"], r["choice_bytes"], r["gold"])
-                      for r in rows]
+        recomputed = [
+            choice_metrics(r["loglikelihoods"], r["choice_chars"], r["choice_bytes"], r["gold"]) for r in rows
+        ]
         return {metric: mean_of(recomputed, metric) for metric in self.metrics}

@@ -50,7 +50,7 @@ def number_closed(generation: str) -> bool:
     if STOP_SEQUENCE in generation:
         return True
     final = FINAL_RE.search(generation)
-    return final is not None and "\n" in generation[final.end():]
+    return final is not None and "\n" in generation[final.end() :]
 
 
 class Numeric(GenerationScorer):
@@ -70,5 +70,9 @@ class Numeric(GenerationScorer):
     def score_generation(self, item: EvalItem, generation: str) -> Row:
         prediction = extract_number(generation)
         gold = extract_number(item.target)
-        return {"prediction": prediction, "generation": generation, "target": gold,
-                "numeric_match": float(numbers_equal(prediction, gold))}
+        return {
+            "prediction": prediction,
+            "generation": generation,
+            "target": gold,
+            "numeric_match": float(numbers_equal(prediction, gold)),
+        }

@@ -60,16 +60,25 @@ def rolling_metrics(nll: float, num_tokens: int, num_bytes: int, num_words: int)
     if num_tokens <= 0 or num_bytes <= 0 or num_words <= 0:
         raise ValueError("no scored tokens: perplexity of an empty text is undefined")
     per_token = nll / num_tokens
-    return {"nll_per_token": per_token, "perplexity": math.exp(per_token),
-            "bits_per_byte": nll / num_bytes / math.log(2), "byte_perplexity": math.exp(nll / num_bytes),
-            "word_perplexity": math.exp(nll / num_words)}
+    return {
+        "nll_per_token": per_token,
+        "perplexity": math.exp(per_token),
+        "bits_per_byte": nll / num_bytes / math.log(2),
+        "byte_perplexity": math.exp(nll / num_bytes),
+        "word_perplexity": math.exp(nll / num_words),
+    }
 
 
 class Perplexity(Scorer):
     name: ClassVar[str] = "perplexity"
     output_type: ClassVar[str] = "loglikelihood_rolling"
-    metrics: ClassVar[dict[str, bool]] = {"nll_per_token": False, "perplexity": False, "bits_per_byte": False,
-                                          "byte_perplexity": False, "word_perplexity": False}
+    metrics: ClassVar[dict[str, bool]] = {
+        "nll_per_token": False,
+        "perplexity": False,
+        "bits_per_byte": False,
+        "byte_perplexity": False,
+        "word_perplexity": False,
+    }
 
     def __init__(self, max_length: int | None = None) -> None:
         self.max_length = max_length  # window length in tokens; None = the budget's window (eval.max_length)
@@ -77,10 +86,19 @@ class Perplexity(Scorer):
     def check_item(self, item: EvalItem) -> list[str]:
         return [] if item.target.strip() else ["target is empty: no text to score"]
 
-    def score(self, model: nn.Module, tokenizer: Any, items: list[EvalItem], device: torch.device, batch_size: int,
-              max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False,
-              progress: Callable[[int], None] = lambda n: None, shard: Shard = ONE,
-              budget: Budget = UNBOUNDED) -> list[Row]:
+    def score(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        items: list[EvalItem],
+        device: torch.device,
+        batch_size: int,
+        max_new_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        shard: Shard = ONE,
+        budget: Budget = UNBOUNDED,
+    ) -> list[Row]:
         max_len = self.max_length or budget.window(model)
         windows: list[tuple[int, list[int], list[int]]] = []  # (item, context ids, scored ids)
         num_tokens, num_windows = [], []
@@ -102,8 +120,13 @@ class Perplexity(Scorer):
         try:
             lengths = [len(context) + len(scored) for _, context, scored in windows]
             for batch in owned_batches(order, batch_size, shard, should_stop, lengths, budget.max_tokens):
-                logps = continuation_logprobs(model, [windows[w][1] for w in batch], [windows[w][2] for w in batch],
-                                              tokenizer.pad_token_id, device)
+                logps = continuation_logprobs(
+                    model,
+                    [windows[w][1] for w in batch],
+                    [windows[w][2] for w in batch],
+                    tokenizer.pad_token_id,
+                    device,
+                )
                 finished = 0
                 for w, lp in zip(batch, logps):
                     window_nll[w] = lp.double().sum().item()
@@ -118,12 +141,25 @@ class Perplexity(Scorer):
         nll = [0.0] * len(items)
         for w in order:
             nll[windows[w][0]] -= merged[w]
-        return [{"id": item.id, "prediction": None, "nll": nll[i], "num_tokens": num_tokens[i],
-                 "num_bytes": len(item.target.encode("utf-8")), "num_words": count_words(item.target),
-                 "num_windows": num_windows[i]} for i, item in enumerate(items)]
+        return [
+            {
+                "id": item.id,
+                "prediction": None,
+                "nll": nll[i],
+                "num_tokens": num_tokens[i],
+                "num_bytes": len(item.target.encode("utf-8")),
+                "num_words": count_words(item.target),
+                "num_windows": num_windows[i],
+            }
+            for i, item in enumerate(items)
+        ]
 
     def aggregate(self, rows: list[Row]) -> dict[str, float]:
         if not rows:
             raise ValueError("no rows to aggregate: a task with no eval items has no score")
-        return rolling_metrics(math.fsum(r["nll"] for r in rows), sum(r["num_tokens"] for r in rows),
-                               sum(r["num_bytes"] for r in rows), sum(r["num_words"] for r in rows))
+        return rolling_metrics(
+            math.fsum(r["nll"] for r in rows),
+            sum(r["num_tokens"] for r in rows),
+            sum(r["num_bytes"] for r in rows),
+            sum(r["num_words"] for r in rows),
+        )

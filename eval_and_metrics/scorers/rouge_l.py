@@ -43,5 +43,9 @@ class RougeL(GenerationScorer):
 
     def score_generation(self, item: EvalItem, generation: str) -> Row:
         prediction = response(generation)
-        return {"prediction": prediction, "generation": generation, "target": item.target,
-                "rouge_l": rouge_l_f(prediction, item.target)}
+        return {
+            "prediction": prediction,
+            "generation": generation,
+            "target": item.target,
+            "rouge_l": rouge_l_f(prediction, item.target),
+        }

@@ -38,7 +38,6 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-
 def capability_problems(cfg: Any, kind: str | None = None, strategy: str | None = None) -> list[str]:
     """The one check of a run configuration against what its method declares it supports (the class
     attributes of training/methods/base.py Method): one line per refusal. `kind` is the workload's kind of
@@ -48,26 +47,36 @@ def capability_problems(cfg: Any, kind: str | None = None, strategy: str | None 
     method = METHODS[name]
     problems = []
     if kind is not None and kind not in method.benchmarks:
-        problems.append(f"method.name {name!r} runs only on {', '.join(method.benchmarks)} benchmarks, not on a "
-                        f"{kind}; valid here: {', '.join(n for n, m in METHODS.items() if kind in m.benchmarks)}")
+        problems.append(
+            f"method.name {name!r} runs only on {', '.join(method.benchmarks)} benchmarks, not on a "
+            f"{kind}; valid here: {', '.join(n for n, m in METHODS.items() if kind in m.benchmarks)}"
+        )
     if strategy is not None and strategy not in method.strategies:
-        problems.append(f"train.strategy {strategy} runs only "
-                        f"{', '.join(n for n, m in METHODS.items() if strategy in m.strategies)}, not method "
-                        f"{name!r}: its trainable state is small enough to replicate, use train.strategy ddp")
+        problems.append(
+            f"train.strategy {strategy} runs only "
+            f"{', '.join(n for n, m in METHODS.items() if strategy in m.strategies)}, not method "
+            f"{name!r}: its trainable state is small enough to replicate, use train.strategy ddp"
+        )
     if cfg.train.gradient_checkpointing and not method.gradient_checkpointing:
-        problems.append(f"train.gradient_checkpointing cannot be used with method {name!r}: it counts memory reads "
-                        f"in the forward, which checkpointing runs twice; valid: false")
+        problems.append(
+            f"train.gradient_checkpointing cannot be used with method {name!r}: it counts memory reads "
+            f"in the forward, which checkpointing runs twice; valid: false"
+        )
     if cfg.train.pack and not method.packs:
-        problems.append(f"train.pack cannot be used with method {name!r}: it reads the training batch per row or "
-                        f"per sequence, which packing changes; valid: false (methods that pack: "
-                        f"{', '.join(n for n, m in METHODS.items() if m.packs)})")
+        problems.append(
+            f"train.pack cannot be used with method {name!r}: it reads the training batch per row or "
+            f"per sequence, which packing changes; valid: false (methods that pack: "
+            f"{', '.join(n for n, m in METHODS.items() if m.packs)})"
+        )
     # 4-bit packs the backbone's weights into frozen NF4 bytes: refuse a configuration that would train them
     # (full_ft, or a regulariser with `on: full`), asked of the method for these very options
     if cfg.model.quantize == "4bit" and method.trains_backbone(cfg.method.options):
         what = f"method {name!r}" + (f" with on: {cfg.method.options.on}" if hasattr(cfg.method.options, "on") else "")
-        problems.append(f"model.quantize 4bit freezes the backbone in NF4, so {what} (which trains the backbone's "
-                        f"weights) cannot run on it; valid with 4bit: an adapter or memory method such as lora, or "
-                        f"on: lora")
+        problems.append(
+            f"model.quantize 4bit freezes the backbone in NF4, so {what} (which trains the backbone's "
+            f"weights) cannot run on it; valid with 4bit: an adapter or memory method such as lora, or "
+            f"on: lora"
+        )
     return problems
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -49,8 +49,15 @@ def param_adapter(param_name: str) -> int | None:
 
 
 def _peft_config(cfg: LoraOptions) -> LoraConfig:
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    # peft annotates lora_alpha as int, but takes a float (its scaling is alpha / r)
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -60,14 +67,16 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
 
 def adapters(model: nn.Module) -> list[int]:
     """Period indices of the adapters the model holds, ascending."""
-    return sorted(int(n[len(PREFIX):]) for n in model.peft_config if n.startswith(PREFIX))
+    peft_config: dict[str, Any] = model.peft_config  # type: ignore[assignment]  # a PeftModel's adapter configs
+    return sorted(int(n[len(PREFIX) :]) for n in peft_config if n.startswith(PREFIX))
 
 
 def lora_pair(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of adapter `name` in one layer: A is r x in (a Linear's input, an Embedding's vocabulary)."""
+    # peft's ModuleDicts hold Linear layers and its ParameterDicts parameters; nn.Module types them Tensor | Module
     if name in layer.lora_A:
-        return layer.lora_A[name].weight, layer.lora_B[name].weight
-    return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+        return cast(torch.Tensor, layer.lora_A[name].weight), cast(torch.Tensor, layer.lora_B[name].weight)
+    return cast(torch.Tensor, layer.lora_embedding_A[name]), cast(torch.Tensor, layer.lora_embedding_B[name])
 
 
 def _init(model: nn.Module, k: int, seed: int) -> None:
@@ -101,7 +110,7 @@ def ensure(model: nn.Module, cfg: LoraOptions, k: int, seed: int) -> bool:
     if k in adapters(model):
         return False
     with torch.random.fork_rng(devices=[]):  # nn.Linear draws its init from the global RNG
-        model.add_adapter(adapter_name(k), _peft_config(cfg))
+        model.add_adapter(adapter_name(k), _peft_config(cfg))  # type: ignore[operator]  # a PeftModel's method
     _init(model, k, seed)
     return True
 
@@ -109,7 +118,7 @@ def ensure(model: nn.Module, cfg: LoraOptions, k: int, seed: int) -> bool:
 def activate(model: nn.Module, active: list[int], trainable: int | None) -> None:
     """Sum the outputs of the `active` adapters (in ascending order); only `trainable` gets gradients."""
     assert active, "peft needs at least one active adapter; use disable_adapter() for the base model"
-    model.base_model.set_adapter([adapter_name(k) for k in sorted(active)])
+    model.base_model.set_adapter([adapter_name(k) for k in sorted(active)])  # type: ignore[union-attr, operator]  # peft's tuner model
     for n, p in model.named_parameters():
         k = param_adapter(n)
         if k is not None:
@@ -121,8 +130,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if param_adapter(n) is not None}
 
 
-def load_adapter_state(model: nn.Module, cfg: LoraOptions, state: dict[str, torch.Tensor], method: str,
-                       seed_of: Any) -> None:
+def load_adapter_state(
+    model: nn.Module, cfg: LoraOptions, state: dict[str, torch.Tensor], method: str, seed_of: Any
+) -> None:
     """Load `state` (from adapter_state), first creating the adapters it holds that the model lacks.
 
     `seed_of(k)` gives adapter k's init seed; the init is overwritten here, but creating it the usual
@@ -131,7 +141,7 @@ def load_adapter_state(model: nn.Module, cfg: LoraOptions, state: dict[str, torc
     outside = [n for n in state if param_adapter(n) is None]
     if outside:
         raise RuntimeError(f"{method}: trainable state holds non-adapter tensors {outside[:5]}")
-    for k in sorted({param_adapter(n) for n in state}):
+    for k in sorted({k for n in state if (k := param_adapter(n)) is not None}):  # every n is one (checked above)
         ensure(model, cfg, k, seed_of(k))
     params = {n: p for n, p in model.named_parameters() if param_adapter(n) is not None}
     missing = [n for n in params if n not in state]

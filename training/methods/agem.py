@@ -89,9 +89,10 @@ class AveragedGEM(Adapted):
     def reference_batch(self, step: int) -> dict[str, torch.Tensor]:
         """Step `step`'s reference batch: `ref_batch` memory items without replacement, from a local generator."""
         gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "agem", self.period, step))
-        picked = torch.randperm(len(self.token_ids), generator=gen)[:self.cfg.ref_batch].tolist()
-        return collate([self.token_ids[i] for i in picked], self.ctx.tokenizer.pad_token_id,
-                       [self.num_masked[i] for i in picked])
+        picked = torch.randperm(len(self.token_ids), generator=gen)[: self.cfg.ref_batch].tolist()
+        return collate(
+            [self.token_ids[i] for i in picked], self.ctx.tokenizer.pad_token_id, [self.num_masked[i] for i in picked]
+        )
 
     def after_backward(self, model: nn.Module) -> None:
         step, self.step = self.step, self.step + 1
@@ -133,7 +134,7 @@ class AveragedGEM(Adapted):
         self.num_masked = [self.num_masked[i] for i in keep]
         self.periods = [self.periods[i] for i in keep]
         gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "agem", period.index, "memory"))
-        picked = sorted(torch.randperm(len(data.token_ids), generator=gen)[:self.cfg.memory_per_period].tolist())
+        picked = sorted(torch.randperm(len(data.token_ids), generator=gen)[: self.cfg.memory_per_period].tolist())
         masked = data.num_masked or [0] * len(data.token_ids)
         self.token_ids += [list(data.token_ids[i]) for i in picked]
         self.num_masked += [int(masked[i]) for i in picked]
@@ -141,12 +142,21 @@ class AveragedGEM(Adapted):
 
     def eval_extras(self, model: nn.Module, probes: list[Probe]) -> dict[str, Any]:
         num_tokens = sum(len(t) for t in self.token_ids)
-        return {"agem_memory_items": len(self.token_ids), "agem_memory_tokens": num_tokens,
-                "agem_memory_bytes": 8 * num_tokens}
+        return {
+            "agem_memory_items": len(self.token_ids),
+            "agem_memory_tokens": num_tokens,
+            "agem_memory_bytes": 8 * num_tokens,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"token_ids": [list(t) for t in self.token_ids], "num_masked": list(self.num_masked),
-                "periods": list(self.periods), "period": self.period, "step": self.step, "last": dict(self.last)}
+        return {
+            "token_ids": [list(t) for t in self.token_ids],
+            "num_masked": list(self.num_masked),
+            "periods": list(self.periods),
+            "period": self.period,
+            "step": self.step,
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.token_ids = [list(t) for t in state["token_ids"]]

@@ -57,7 +57,6 @@ from torch import nn
 from data.schema import Period, Probe
 from training.batching import PeriodData
 
-
 TEXTS = "texts"
 MICRO_SEED = "micro_seed"
 HOOK_INPUTS: tuple[str, ...] = (TEXTS, MICRO_SEED)  # what each means: this module's docstring
@@ -191,8 +190,9 @@ class Method:
         missing = [n for n, p in params.items() if p.requires_grad and n not in state]
         unexpected = [n for n in state if n not in params]
         if missing or unexpected:
-            raise RuntimeError(f"{self.name}: trainable state mismatch, missing={missing[:5]} "
-                               f"unexpected={unexpected[:5]}")
+            raise RuntimeError(
+                f"{self.name}: trainable state mismatch, missing={missing[:5]} unexpected={unexpected[:5]}"
+            )
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t.to(params[n].device, params[n].dtype))

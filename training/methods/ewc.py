@@ -31,7 +31,7 @@ is computed on the host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -69,8 +69,9 @@ def fisher_sample(n: int, k: int, seed: int, period: Period) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
 
 
-def empirical_fisher(model: nn.Module, data: PeriodData, indices: Sequence[int], pad_id: int,
-                     device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+def empirical_fisher(
+    model: nn.Module, data: PeriodData, indices: Sequence[int], pad_id: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], int]:
     """Diagonal empirical Fisher of the trainable parameters: the mean over items of the squared gradient
     of each item's own mean token NLL (one item per backward). Returns (Fisher by name, items used);
     an item with no trained token (cannot happen for tokenised data) is skipped.
@@ -119,8 +120,12 @@ def fisher_stats(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"sum": float(flat.sum()), "mean": float(flat.mean()), "max": float(flat.max())}
 
 
-def ewc_penalty(params: dict[str, torch.Tensor], fishers: Sequence[dict[str, torch.Tensor]],
-                anchors: Sequence[dict[str, torch.Tensor]], lam: float) -> torch.Tensor:
+def ewc_penalty(
+    params: Mapping[str, torch.Tensor],
+    fishers: Sequence[dict[str, torch.Tensor]],
+    anchors: Sequence[dict[str, torch.Tensor]],
+    lam: float,
+) -> torch.Tensor:
     """(lam / 2) * sum over pairs and parameters of F * (theta - theta*)^2, in fp32."""
     total: torch.Tensor | None = None
     for fisher, anchor in zip(fishers, anchors):
@@ -191,15 +196,20 @@ class EWC(Adapted):
         if not self.fisher_info:
             return {}
         numel = sum(t.numel() for d in self.fishers for t in d.values())
-        return {"ewc_fisher": [dict(x) for x in self.fisher_info], "ewc_pairs": len(self.fishers),
-                "ewc_state_numel": 2 * numel}
+        return {
+            "ewc_fisher": [dict(x) for x in self.fisher_info],
+            "ewc_pairs": len(self.fishers),
+            "ewc_state_numel": 2 * numel,
+        }
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"fishers": [{n: t.detach().cpu() for n, t in d.items()} for d in self.fishers],
-                "anchors": [{n: t.detach().cpu() for n, t in d.items()} for d in self.anchors],
-                "periods": [list(p) for p in self.periods],
-                "fisher_info": [dict(x) for x in self.fisher_info]}
+        return {
+            "fishers": [{n: t.detach().cpu() for n, t in d.items()} for d in self.fishers],
+            "anchors": [{n: t.detach().cpu() for n, t in d.items()} for d in self.anchors],
+            "periods": [list(p) for p in self.periods],
+            "fisher_info": [dict(x) for x in self.fisher_info],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         fishers, anchors = list(state["fishers"]), list(state["anchors"])

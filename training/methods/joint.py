@@ -48,7 +48,7 @@ class Joint(Adapted):
         if self._own is None or self._own[0] != period.index:
             raise RuntimeError(f"joint: on_period_end for {period.name} without its on_period_start")
         own = self._own[1]
-        if own and list(data.texts[-len(own):]) != own:
+        if own and list(data.texts[-len(own) :]) != own:
             raise RuntimeError(f"joint: the tokenised data of {period.name} does not end with its own items")
         self.texts += own
         self.origin += [period.index] * len(own)
@@ -56,13 +56,17 @@ class Joint(Adapted):
         self._own = None
 
     def eval_extras(self, model: nn.Module, probes: list[Probe]) -> dict[str, Any]:
-        return {"joint_items": len(self.texts),
-                "joint_items_per_period": {self.period_names[k]: self.origin.count(k)
-                                           for k in sorted(self.period_names)}}
+        return {
+            "joint_items": len(self.texts),
+            "joint_items_per_period": {self.period_names[k]: self.origin.count(k) for k in sorted(self.period_names)},
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"texts": list(self.texts), "origin": list(self.origin),
-                "period_names": {str(k): v for k, v in sorted(self.period_names.items())}}
+        return {
+            "texts": list(self.texts),
+            "origin": list(self.origin),
+            "period_names": {str(k): v for k, v in sorted(self.period_names.items())},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         texts, origin = list(state["texts"]), [int(k) for k in state["origin"]]

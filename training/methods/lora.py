@@ -35,8 +35,12 @@ def check_targets(method: str, cfg: LoraOptions, model: nn.Module) -> list[str]:
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t not in present]
     if missing:
-        return [f"method.{method}.target_modules {missing} are not modules of this model; "
-                f"candidates: {sorted(m for m in present if m.endswith('proj'))}"]
+        return [
+            (
+                f"method.{method}.target_modules {missing} are not modules of this model; "
+                f"candidates: {sorted(m for m in present if m.endswith('proj'))}"
+            )
+        ]
     return []
 
 
@@ -50,8 +54,14 @@ class LoRA(Method):
         return check_targets(cls.name, cfg, model)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        peft_cfg = LoraConfig(r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
-                              target_modules=list(self.cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+        peft_cfg = LoraConfig(
+            r=self.cfg.r,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=self.cfg.dropout,
+            target_modules=list(self.cfg.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, peft_cfg)
 
     def trainable_parameters(self, model: nn.Module) -> list[dict]:

@@ -51,8 +51,9 @@ class LwfOptions(AdaptedOptions):
     temperature: Annotated[float, Range(0, 1e3, lo_open=True)] = 2.0  # T: both distributions are softmax(logits / T)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Mean over trained positions of KL(softmax(teacher / T) || softmax(student / T)), in float32.
 
     Logits are (B, L, V) and labels (B, L) with -100 where no loss is taken (padding, a supervised
@@ -106,10 +107,9 @@ class LearningWithoutForgetting(Adapted):
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         if self.teacher is None or self.cfg.weight == 0:
             return None
-        kl = distillation_kl(outputs.logits, self.teacher_logits(model, batch), batch["labels"],
-                             self.cfg.temperature)
+        kl = distillation_kl(outputs.logits, self.teacher_logits(model, batch), batch["labels"], self.cfg.temperature)
         self.kl_sum += torch.stack([kl.detach().double(), kl.new_ones((), dtype=torch.float64)])
-        return self.cfg.weight * self.cfg.temperature ** 2 * kl
+        return self.cfg.weight * self.cfg.temperature**2 * kl
 
     def step_counters(self, model: nn.Module) -> list[torch.Tensor]:
         return [self.kl_sum]

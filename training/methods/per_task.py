@@ -63,7 +63,7 @@ class PerTask(adapters.PerPeriodAdapters):
                 adapters.activate(model, [k], None)
                 yield
             else:  # not trained yet: the base model, as that period's row-0 entry was
-                with model.disable_adapter():
+                with model.disable_adapter():  # type: ignore[operator]  # a PeftModel's method
                     yield
         finally:
             self._sync(model)  # peft re-marks adapters trainable on the way out; restore ours

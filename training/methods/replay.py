@@ -99,7 +99,7 @@ class Replay(Adapted):
         if self._own is None or self._own[0] != period.index:
             raise RuntimeError(f"replay: on_period_end for {period.name} without its on_period_start")
         own = self._own[1]
-        if list(data.texts[:len(own)]) != own:
+        if list(data.texts[: len(own)]) != own:
             raise RuntimeError(f"replay: the tokenised data of {period.name} does not start with its own items")
         self.add(period, own)
         self._own = None
@@ -130,7 +130,7 @@ class Replay(Adapted):
                 kept[k] = kept.get(k, 0) + 1
                 texts_out.append(t)
                 origin_out.append(k)
-        picked = rng.permutation(len(texts))[:quotas[period.index]]
+        picked = rng.permutation(len(texts))[: quotas[period.index]]
         texts_out += [texts[int(i)] for i in picked]
         origin_out += [period.index] * len(picked)
         self.texts, self.origin = texts_out, origin_out
@@ -140,17 +140,24 @@ class Replay(Adapted):
         per_period: dict[str, int] = {}
         for k in sorted(self.period_names):
             per_period[self.period_names[k]] = sum(1 for o in self.origin if o == k)
-        return {"replay_items": len(self.texts), "replay_items_per_period": per_period,
-                "replay_bytes": sum(len(t.encode("utf-8")) for t in self.texts), "replay_items_seen": self.num_seen}
+        return {
+            "replay_items": len(self.texts),
+            "replay_items_per_period": per_period,
+            "replay_bytes": sum(len(t.encode("utf-8")) for t in self.texts),
+            "replay_items_seen": self.num_seen,
+        }
 
     def eval_extras(self, model: nn.Module, probes: list[Probe]) -> dict[str, Any]:
         return self.buffer_report()
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"texts": list(self.texts), "origin": list(self.origin),
-                "period_names": {str(k): v for k, v in sorted(self.period_names.items())},
-                "num_seen": self.num_seen}
+        return {
+            "texts": list(self.texts),
+            "origin": list(self.origin),
+            "period_names": {str(k): v for k, v in sorted(self.period_names.items())},
+            "num_seen": self.num_seen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         texts, origin = list(state["texts"]), [int(k) for k in state["origin"]]

@@ -37,9 +37,17 @@ from torch import nn
 from data.schema import Probe
 from training.batching import PeriodData
 from training.methods.base import Method
-from training.methods.memory import (MemoryOptions, ProductKeyMemory, SparseSlotUpdater, attach_memories,
-                                     install_mask_hook, load_memory_state_dict, memory_state_dict,
-                                     read_background, value_group)
+from training.methods.memory import (
+    MemoryOptions,
+    ProductKeyMemory,
+    SparseSlotUpdater,
+    attach_memories,
+    install_mask_hook,
+    load_memory_state_dict,
+    memory_state_dict,
+    read_background,
+    value_group,
+)
 
 BACKGROUND_MAX_LEN = 512  # tokens of a passage read for the background (passages are one sentence)
 
@@ -73,16 +81,16 @@ class SparseMemoryFinetune(Method):
     def prepare(self, model: nn.Module) -> nn.Module:
         self.memories = attach_memories(model, self.cfg, num_banks=1, seed=self.ctx.seed, section="smf")
         install_mask_hook(model, self.memories)
-        self.updater = SparseSlotUpdater(self.memories, self.cfg.top_t,
-                                         grow_background=self.cfg.background == "steps")
+        self.updater = SparseSlotUpdater(self.memories, self.cfg.top_t, grow_background=self.cfg.background == "steps")
         return model
 
     def on_period_start(self, model: nn.Module, period: Any, texts: list[str]) -> list[str]:
         if self.cfg.background == "passages":
             assert self.updater is not None, "prepare() first"
             # a pure function of the model at the period start and the texts, as a resume requires
-            self.updater.set_background(*read_background(model, self.memories, self.ctx.tokenizer, texts,
-                                                         BACKGROUND_MAX_LEN))
+            self.updater.set_background(
+                *read_background(model, self.memories, self.ctx.tokenizer, texts, BACKGROUND_MAX_LEN)
+            )
         return texts
 
     def trainable_parameters(self, model: nn.Module) -> list[dict[str, Any]]:

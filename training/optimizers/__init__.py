@@ -132,8 +132,8 @@ class AdamW(SgdGroups, RowGroups, torch.optim.AdamW):
         chosen = p[rows]
         if group["weight_decay"] != 0:
             chosen.mul_(1 - lr * group["weight_decay"])
-        step_size = lr / (1 - beta1 ** step)
-        denom = (exp_avg_sq[rows].sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
+        step_size = lr / (1 - beta1**step)
+        denom = (exp_avg_sq[rows].sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
         chosen.addcdiv_(exp_avg[rows], denom, value=-step_size)
         p[rows] = chosen
         return True
@@ -150,8 +150,13 @@ def adamw(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
 def casmo(params: list[dict[str, Any]], train: Any) -> torch.optim.Optimizer:
     # AdamW's lr, betas and weight decay, so casmo with a calibration window longer than the period is
     # exactly the adamw run; the train.casmo section (training/optimizer_options.py) adds the rest.
-    return Casmo(params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
-                 **dataclasses.asdict(train.casmo))
+    return Casmo(
+        params,
+        lr=train.lr,
+        betas=tuple(train.betas),
+        weight_decay=train.weight_decay,
+        **dataclasses.asdict(train.casmo),
+    )
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], Any], torch.optim.Optimizer]] = {

@@ -71,10 +71,20 @@ def group_confidence(agar: float, tau: float, sigma: float, c_min: float) -> flo
 class CASMO(torch.optim.Optimizer):
     """AdamW scaled by an AGAR confidence; see the module docstring for the formulas and options."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, calibration_steps: int = 20,
-                 granularity: str = "group", c_min: float = 0.1, robustness: float = 0.5,
-                 rel_floor: float = 0.1, calibrating_confidence: str = "one"):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        calibration_steps: int = 20,
+        granularity: str = "group",
+        c_min: float = 0.1,
+        robustness: float = 0.5,
+        rel_floor: float = 0.1,
+        calibrating_confidence: str = "one",
+    ):
         if granularity not in ("group", "element"):
             raise ValueError(f"granularity must be 'group' or 'element' (got {granularity!r})")
         if calibrating_confidence not in ("one", "agar"):
@@ -82,8 +92,9 @@ class CASMO(torch.optim.Optimizer):
         if calibration_steps < 2:
             raise ValueError(f"calibration_steps must be >= 2 for a spread (got {calibration_steps})")
         if not (0 <= c_min <= 1 and 0 <= rel_floor <= 1 and robustness >= 0):
-            raise ValueError(f"need 0 <= c_min, rel_floor <= 1 and robustness >= 0 "
-                             f"(got {c_min}, {rel_floor}, {robustness})")
+            raise ValueError(
+                f"need 0 <= c_min, rel_floor <= 1 and robustness >= 0 (got {c_min}, {rel_floor}, {robustness})"
+            )
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.calibration_steps = calibration_steps
         self.granularity = granularity
@@ -92,9 +103,17 @@ class CASMO(torch.optim.Optimizer):
         self.rel_floor = rel_floor
         self.calibrating_confidence = calibrating_confidence
         # Global (not per-parameter) state; state_dict() carries it under "casmo".
-        self.casmo: dict[str, Any] = {"num_steps": 0, "agar_samples": [], "calibrated": False,
-                                      "tau": 0.0, "sigma": 0.0, "c_min": 0.0,
-                                      "last_agar": 0.0, "last_confidence": 1.0, "last_calibrating": 1}
+        self.casmo: dict[str, Any] = {
+            "num_steps": 0,
+            "agar_samples": [],
+            "calibrated": False,
+            "tau": 0.0,
+            "sigma": 0.0,
+            "c_min": 0.0,
+            "last_agar": 0.0,
+            "last_confidence": 1.0,
+            "last_calibrating": 1,
+        }
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -113,14 +132,18 @@ class CASMO(torch.optim.Optimizer):
     def horizon_problem(self, total_steps: int) -> str | None:
         """Why this optimizer cannot do what it is configured for in a period of `total_steps` steps."""
         if self.calibration_steps >= total_steps:
-            return (f"train.casmo.calibration_steps={self.calibration_steps} >= the {total_steps} optimizer steps "
-                    "of this period: it never leaves calibration and trains as plain AdamW (lower the window)")
+            return (
+                f"train.casmo.calibration_steps={self.calibration_steps} >= the {total_steps} optimizer steps "
+                "of this period: it never leaves calibration and trains as plain AdamW (lower the window)"
+            )
         return None
 
     def stats(self) -> dict[str, float]:
-        return {"casmo_confidence": float(self.casmo["last_confidence"]),
-                "casmo_agar": float(self.casmo["last_agar"]),
-                "casmo_calibrating": float(self.casmo["last_calibrating"])}
+        return {
+            "casmo_confidence": float(self.casmo["last_confidence"]),
+            "casmo_agar": float(self.casmo["last_agar"]),
+            "casmo_calibrating": float(self.casmo["last_calibrating"]),
+        }
 
     # -- the step --------------------------------------------------------------------------
     # torch.optim.Optimizer.step's overloads: no closure, no loss
@@ -184,8 +207,8 @@ class CASMO(torch.optim.Optimizer):
         for (p, state, group), gate in zip(active, gates):
             beta1, beta2 = group["betas"]
             step = state["step"].item()
-            bias_correction1 = 1 - beta1 ** step
-            bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = (1 - beta2**step) ** 0.5
             denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
             exp_avg = state["exp_avg"] if gate is None else state["exp_avg"] * gate.to(p.dtype)
             lr = group["lr"] * confidence if gate is None else group["lr"]
@@ -203,8 +226,8 @@ class CASMO(torch.optim.Optimizer):
         """AGAR_i of one tensor from its bias-corrected moments, in float32."""
         beta1, beta2 = group["betas"]
         step = state["step"].item()
-        m = state["exp_avg"].float() / (1 - beta1 ** step)
-        v = state["exp_avg_sq"].float() / (1 - beta2 ** step)
+        m = state["exp_avg"].float() / (1 - beta1**step)
+        v = state["exp_avg_sq"].float() / (1 - beta2**step)
         signal = m.square()
         return signal / (torch.maximum(v, signal) + AGAR_EPS)
 

@@ -62,13 +62,17 @@ class ReadContext:
 
     def path(self, raw: str, option: str) -> Path:
         """A path option: ${VAR} expanded (unset -> DataError), relative to the stream file's directory."""
+
         def env(m: re.Match[str]) -> str:
             value = os.environ.get(m.group(1))
             if not value:
-                raise DataError(f"{self.stream_file}: task {self.task!r}: source.{option} {raw!r} needs the "
-                                f"environment variable {m.group(1)}, which is not set; set it to the path "
-                                "of your copy of the data")
+                raise DataError(
+                    f"{self.stream_file}: task {self.task!r}: source.{option} {raw!r} needs the "
+                    f"environment variable {m.group(1)}, which is not set; set it to the path "
+                    "of your copy of the data"
+                )
             return value
+
         expanded = Path(_ENV_RE.sub(env, raw)).expanduser()
         return expanded if expanded.is_absolute() else (self.stream_file.parent / expanded)
 
@@ -129,12 +133,11 @@ def _has_type(value: Any, tp: str) -> bool:
     if tp == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if tp == "float":
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(float(value)))
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
     if tp == "bool":
         return isinstance(value, bool)
     if tp.startswith("list["):
-        inner = tp[len("list["):-1]
+        inner = tp[len("list[") : -1]
         return isinstance(value, list) and all(_has_type(v, inner) for v in value)
     raise AssertionError(f"unknown field type {tp}")  # declared types are validated at config time
 
@@ -154,8 +157,7 @@ def check_fields(fields: dict[str, Any], declared: dict[str, str], where: str) -
         if missing:
             problems.append(f"{where}: missing field {name!r} (declared {tp})")
         elif not _has_type(value, tp):
-            problems.append(f"{where}: field {name!r} must be {tp} (got {type_name(value)} "
-                            f"{_short(value)})")
+            problems.append(f"{where}: field {name!r} must be {tp} (got {type_name(value)} {_short(value)})")
     return problems
 
 
@@ -165,8 +167,10 @@ def apply_labels(fields: dict[str, Any], labels: dict[str, list[str]], where: st
     for name, names in labels.items():
         value = fields.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
-            problems.append(f"{where}: field {name!r} must be a class id 0..{len(names) - 1} to map "
-                            f"through labels.{name} (got {_short(value)})")
+            problems.append(
+                f"{where}: field {name!r} must be a class id 0..{len(names) - 1} to map "
+                f"through labels.{name} (got {_short(value)})"
+            )
         else:
             fields[name] = names[value]
     return problems

@@ -53,8 +53,10 @@ def _file_meta(path: Path, text: str) -> dict[str, Any]:
 def _split_path(raw: str, split: str, ctx: ReadContext, option: str = "path") -> Path:
     if "{split}" not in raw and split != SINGLE_SPLIT:
         # Config validation refuses this; kept as an invariant for direct callers.
-        raise DataError(f"task {ctx.task!r}: source.{option} {raw!r} has no {{split}}, so its only split is "
-                        f"{SINGLE_SPLIT!r} (got {split!r})")
+        raise DataError(
+            f"task {ctx.task!r}: source.{option} {raw!r} has no {{split}}, so its only split is "
+            f"{SINGLE_SPLIT!r} (got {split!r})"
+        )
     return ctx.path(raw.replace("{split}", split), option)
 
 
@@ -83,13 +85,16 @@ def table_check(opts: TableOptions, kind: str) -> list[str]:
     problems = []
     for name in opts.labels:
         if declared.get(name) != "int":
-            problems.append(f"labels.{name}: labels map integer class ids, but {name!r} is not declared as an int "
-                            f"field (fields: {', '.join(f'{k}: {v}' for k, v in declared.items())})")
+            problems.append(
+                f"labels.{name}: labels map integer class ids, but {name!r} is not declared as an int "
+                f"field (fields: {', '.join(f'{k}: {v}' for k, v in declared.items())})"
+            )
     return problems
 
 
-def _record_fields(obj: dict[str, Any], declared: dict[str, str], labels: dict[str, list[str]], where: str,
-                   problems: RecordProblems) -> dict[str, Any] | None:
+def _record_fields(
+    obj: dict[str, Any], declared: dict[str, str], labels: dict[str, list[str]], where: str, problems: RecordProblems
+) -> dict[str, Any] | None:
     found = check_fields(obj, declared, where)
     if not found:
         found = apply_labels(obj, labels, where)
@@ -202,8 +207,10 @@ def _read_csv(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tu
 def _need_columns(path: Path, header: list[str], needed: list[str], what: str) -> None:
     missing = [c for c in needed if c not in header]
     if missing:
-        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} ({what}); the header has: "
-                        f"{', '.join(repr(h) for h in header)}")
+        raise DataError(
+            f"{path}:1: missing column(s) {', '.join(missing)} ({what}); the header has: "
+            f"{', '.join(repr(h) for h in header)}"
+        )
 
 
 class CsvSource(Source):
@@ -225,9 +232,11 @@ class CsvSource(Source):
         declared = opts.fields or STANDARD_FIELDS[kind]
         for name, tp in declared.items():
             if tp.startswith("list[") or "." in name:
-                problems.append(f"fields.{name}: a CSV cell holds one value, so {tp} fields and nested names "
-                                "are not possible; use separate columns (and format.choice_templates for "
-                                "multiple-choice options)")
+                problems.append(
+                    f"fields.{name}: a CSV cell holds one value, so {tp} fields and nested names "
+                    "are not possible; use separate columns (and format.choice_templates for "
+                    "multiple-choice options)"
+                )
         return problems
 
     def read(self, opts: CsvOptions, split: str, ctx: ReadContext) -> SourceRead:
@@ -235,8 +244,12 @@ class CsvSource(Source):
         text = _read_text(path, ctx.task)
         declared = opts.fields or STANDARD_FIELDS[ctx.kind]
         header, rows = _read_csv(path, text, opts.delimiter)
-        _need_columns(path, header, list(declared), "declared in fields:" if opts.fields else
-                      "the standard schema of the scorer's kind")
+        _need_columns(
+            path,
+            header,
+            list(declared),
+            "declared in fields:" if opts.fields else "the standard schema of the scorer's kind",
+        )
         problems = RecordProblems(str(path))
         docs = []
         for lineno, cells in rows:
@@ -287,7 +300,7 @@ def _json_list_with_lines(path: Path, text: str) -> list[tuple[int, Any]]:
 
     i = skip(0)
     if i >= len(text) or text[i] != "[":
-        raise DataError(f"{path}:{line(i)}: must be a JSON list of {{\"prompt\", \"answer\"}} objects (TRACE layout)")
+        raise DataError(f'{path}:{line(i)}: must be a JSON list of {{"prompt", "answer"}} objects (TRACE layout)')
     out: list[tuple[int, Any]] = []
     i = skip(i + 1)
     if i < len(text) and text[i] == "]":
@@ -383,8 +396,12 @@ class DialogueCsvSource(Source):
 
     def check(self, opts: DialogueOptions, kind: str) -> list[str]:
         if bool(opts.speaker.strip()) == bool(opts.speaker_rank):
-            return [("speaker: give exactly one of speaker (a name) and speaker_rank (1 = most utterances) "
-                     f"(got speaker {opts.speaker!r}, speaker_rank {opts.speaker_rank})")]
+            return [
+                (
+                    "speaker: give exactly one of speaker (a name) and speaker_rank (1 = most utterances) "
+                    f"(got speaker {opts.speaker!r}, speaker_rank {opts.speaker_rank})"
+                )
+            ]
         return []
 
     def read(self, opts: DialogueOptions, split: str, ctx: ReadContext) -> SourceRead:
@@ -416,16 +433,31 @@ class DialogueCsvSource(Source):
         listing = ", ".join(f"{s} ({counts[s]})" for s in ranked[:20]) + (" ..." if len(ranked) > 20 else "")
         if opts.speaker_rank:
             if opts.speaker_rank > len(ranked):
-                raise DataError(f"{path}: task {ctx.task!r}: source.speaker_rank {opts.speaker_rank}, but the file has "
-                                f"{len(ranked)} speakers: {listing}")
+                raise DataError(
+                    f"{path}: task {ctx.task!r}: source.speaker_rank {opts.speaker_rank}, but the file has "
+                    f"{len(ranked)} speakers: {listing}"
+                )
             speaker = ranked[opts.speaker_rank - 1]
         else:
             speaker = opts.speaker.strip()
             if speaker not in counts:
-                raise DataError(f"{path}: task {ctx.task!r}: source.speaker {speaker!r} has no utterances; speakers "
-                                f"by number of utterances: {listing or '(none)'}")
-        docs = [Doc(id=f"{path.name}:{lineno}", where=f"{path}:{lineno}", fields={"speaker": s, "text": u})
-                for lineno, s, u in utterances if s == speaker]
-        return SourceRead(docs, {**_file_meta(path, text), "speaker": speaker, "num_rows": len(rows),
-                                 "num_speakers": len(ranked), "num_utterances": len(docs),
-                                 "num_empty_dropped": num_empty})
+                raise DataError(
+                    f"{path}: task {ctx.task!r}: source.speaker {speaker!r} has no utterances; speakers "
+                    f"by number of utterances: {listing or '(none)'}"
+                )
+        docs = [
+            Doc(id=f"{path.name}:{lineno}", where=f"{path}:{lineno}", fields={"speaker": s, "text": u})
+            for lineno, s, u in utterances
+            if s == speaker
+        ]
+        return SourceRead(
+            docs,
+            {
+                **_file_meta(path, text),
+                "speaker": speaker,
+                "num_rows": len(rows),
+                "num_speakers": len(ranked),
+                "num_utterances": len(docs),
+                "num_empty_dropped": num_empty,
+            },
+        )

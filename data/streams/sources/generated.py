@@ -41,21 +41,79 @@ MAX_ITEMS = 20_000
 # row means the domain is exhausted, not unlucky (code has about 1,400 distinct functions).
 MAX_REPEATS = 20_000
 
-NAMES = ("Zorva", "Kelbin", "Thessa", "Drumo", "Vaelin", "Mirrek", "Osska", "Brannoc", "Quilla", "Tovrin",
-         "Yselde", "Pellin", "Grenna", "Lutho", "Faskar", "Imbra")
-PLACES = ("Veltrassa", "Kormoth", "Dunvik", "Silvaran", "Orrowyn", "Thalmor", "Brisk Hollow", "Quenmar",
-          "Ashgrad", "Pellithane", "Morrowek", "Zanthora")
-ITEMS = (("glass beads", "glass bead"), ("copper rings", "copper ring"), ("river stones", "river stone"),
-         ("clay bowls", "clay bowl"), ("paper lanterns", "paper lantern"), ("wool scarves", "wool scarf"),
-         ("brass keys", "brass key"), ("seed packets", "seed packet"), ("tin whistles", "tin whistle"),
-         ("candle stubs", "candle stub"))
+NAMES = (
+    "Zorva",
+    "Kelbin",
+    "Thessa",
+    "Drumo",
+    "Vaelin",
+    "Mirrek",
+    "Osska",
+    "Brannoc",
+    "Quilla",
+    "Tovrin",
+    "Yselde",
+    "Pellin",
+    "Grenna",
+    "Lutho",
+    "Faskar",
+    "Imbra",
+)
+PLACES = (
+    "Veltrassa",
+    "Kormoth",
+    "Dunvik",
+    "Silvaran",
+    "Orrowyn",
+    "Thalmor",
+    "Brisk Hollow",
+    "Quenmar",
+    "Ashgrad",
+    "Pellithane",
+    "Morrowek",
+    "Zanthora",
+)
+ITEMS = (
+    ("glass beads", "glass bead"),
+    ("copper rings", "copper ring"),
+    ("river stones", "river stone"),
+    ("clay bowls", "clay bowl"),
+    ("paper lanterns", "paper lantern"),
+    ("wool scarves", "wool scarf"),
+    ("brass keys", "brass key"),
+    ("seed packets", "seed packet"),
+    ("tin whistles", "tin whistle"),
+    ("candle stubs", "candle stub"),
+)
 COLOURS = ("crimson", "teal", "ochre", "indigo", "amber", "violet", "silver", "olive", "cobalt", "saffron")
-CREATURES = ("glimmerfox", "stonebeetle", "marsh owl", "reed hare", "dune moth", "frost newt", "cliff goat",
-             "lantern fish", "bramble wren", "salt lizard")
+CREATURES = (
+    "glimmerfox",
+    "stonebeetle",
+    "marsh owl",
+    "reed hare",
+    "dune moth",
+    "frost newt",
+    "cliff goat",
+    "lantern fish",
+    "bramble wren",
+    "salt lizard",
+)
 ANIMALS = ("goat", "heron", "otter", "badger", "lizard", "moth", "crab", "sparrow", "eel", "ox")
 TOOLS = ("hammer", "ladle", "chisel", "spade", "kettle", "rake", "anvil", "awl")
-WORDS = ("banana", "level", "tomato", "bookkeeper", "lantern", "mississippi", "parallel", "cobbler", "tundra",
-         "harbour", "kettle", "velvet")
+WORDS = (
+    "banana",
+    "level",
+    "tomato",
+    "bookkeeper",
+    "lantern",
+    "mississippi",
+    "parallel",
+    "cobbler",
+    "tundra",
+    "harbour",
+    "kettle",
+    "velvet",
+)
 SUFFIXES = ("ish", "ward", "ling", "ster", "kin", "ful")
 PREFIXES = ("zor", "vel", "kip", "tam", "rus", "mob", "dex", "lun", "fay", "gor", "hib", "jex")
 
@@ -103,8 +161,10 @@ def _math(rng: random.Random, i: int) -> dict[str, Any]:
         a, b = rng.randint(5, 30), rng.randint(5, 30)
         c = rng.randint(1, a + b - 1)
         r = a + b - c
-        q = (f"{n} buys {a} {items} on market day and {b} more the next day, then uses {c} of them. "
-             f"How many {items} does {n} have now?")
+        q = (
+            f"{n} buys {a} {items} on market day and {b} more the next day, then uses {c} of them. "
+            f"How many {items} does {n} have now?"
+        )
         s = f"{n} buys {a} + {b} = {a + b} {items} and uses {c}, so {a + b} - {c} = {r} remain."
     elif kind == 4:
         r, b = rng.randint(2, 12), rng.randint(2, 9)
@@ -153,25 +213,96 @@ def _words(rng: random.Random, p: Any) -> str:
 
 
 _FAMILIES = (
-    _CodeFamily("add", "x: int", "int", "Return x plus {p}.", "    return x + {p}\n",
-                lambda p, x: x + p, lambda r: r.randint(2, 20), _ints),
-    _CodeFamily("times", "x: int", "int", "Return x multiplied by {p}.", "    return x * {p}\n",
-                lambda p, x: x * p, lambda r: r.randint(2, 12), _ints),
-    _CodeFamily("sum_plus", "xs: list[int]", "int", "Return the sum of the numbers in xs plus {p}.",
-                "    return sum(xs) + {p}\n", lambda p, xs: sum(xs) + p, lambda r: r.randint(2, 20), _lists),
-    _CodeFamily("count", "s: str", "int", "Return how many times the letter '{p}' occurs in s.",
-                "    return s.count('{p}')\n", lambda p, s: s.count(p), lambda r: r.choice("aeiklnoprst"), _words),
-    _CodeFamily("repeat", "s: str", "str", "Return s repeated {p} times.", "    return s * {p}\n",
-                lambda p, s: s * p, lambda r: r.randint(2, 4), _words),
-    _CodeFamily("divisible", "x: int", "bool", "Return True if x is divisible by {p}, otherwise False.",
-                "    return x % {p} == 0\n", lambda p, x: x % p == 0, lambda r: r.randint(2, 9), _maybe_multiples),
-    _CodeFamily("shift", "xs: list[int]", "list[int]", "Return a new list with {p} added to every number in xs.",
-                "    return [x + {p} for x in xs]\n", lambda p, xs: [x + p for x in xs], lambda r: r.randint(2, 20),
-                _lists),
-    _CodeFamily("max_minus", "xs: list[int]", "int", "Return the largest number in xs minus {p}.",
-                "    return max(xs) - {p}\n", lambda p, xs: max(xs) - p, lambda r: r.randint(2, 20), _lists),
-    _CodeFamily("suffix", "s: str", "str", "Return s followed by the text '{p}'.", "    return s + '{p}'\n",
-                lambda p, s: s + p, lambda r: r.choice(SUFFIXES), _words),
+    _CodeFamily(
+        "add",
+        "x: int",
+        "int",
+        "Return x plus {p}.",
+        "    return x + {p}\n",
+        lambda p, x: x + p,
+        lambda r: r.randint(2, 20),
+        _ints,
+    ),
+    _CodeFamily(
+        "times",
+        "x: int",
+        "int",
+        "Return x multiplied by {p}.",
+        "    return x * {p}\n",
+        lambda p, x: x * p,
+        lambda r: r.randint(2, 12),
+        _ints,
+    ),
+    _CodeFamily(
+        "sum_plus",
+        "xs: list[int]",
+        "int",
+        "Return the sum of the numbers in xs plus {p}.",
+        "    return sum(xs) + {p}\n",
+        lambda p, xs: sum(xs) + p,
+        lambda r: r.randint(2, 20),
+        _lists,
+    ),
+    _CodeFamily(
+        "count",
+        "s: str",
+        "int",
+        "Return how many times the letter '{p}' occurs in s.",
+        "    return s.count('{p}')\n",
+        lambda p, s: s.count(p),
+        lambda r: r.choice("aeiklnoprst"),
+        _words,
+    ),
+    _CodeFamily(
+        "repeat",
+        "s: str",
+        "str",
+        "Return s repeated {p} times.",
+        "    return s * {p}\n",
+        lambda p, s: s * p,
+        lambda r: r.randint(2, 4),
+        _words,
+    ),
+    _CodeFamily(
+        "divisible",
+        "x: int",
+        "bool",
+        "Return True if x is divisible by {p}, otherwise False.",
+        "    return x % {p} == 0\n",
+        lambda p, x: x % p == 0,
+        lambda r: r.randint(2, 9),
+        _maybe_multiples,
+    ),
+    _CodeFamily(
+        "shift",
+        "xs: list[int]",
+        "list[int]",
+        "Return a new list with {p} added to every number in xs.",
+        "    return [x + {p} for x in xs]\n",
+        lambda p, xs: [x + p for x in xs],
+        lambda r: r.randint(2, 20),
+        _lists,
+    ),
+    _CodeFamily(
+        "max_minus",
+        "xs: list[int]",
+        "int",
+        "Return the largest number in xs minus {p}.",
+        "    return max(xs) - {p}\n",
+        lambda p, xs: max(xs) - p,
+        lambda r: r.randint(2, 20),
+        _lists,
+    ),
+    _CodeFamily(
+        "suffix",
+        "s: str",
+        "str",
+        "Return s followed by the text '{p}'.",
+        "    return s + '{p}'\n",
+        lambda p, s: s + p,
+        lambda r: r.choice(SUFFIXES),
+        _words,
+    ),
 )
 
 
@@ -193,15 +324,21 @@ def _code(rng: random.Random, i: int) -> dict[str, Any]:
             break
     name = f"{rng.choice(PREFIXES)}_{fam.stem}_{p}"
     doc = fam.doc.format(p=p)
-    prompt = (f"def {name}({fam.arg}) -> {fam.returns}:\n"
-              f"    \"\"\"{doc}\n"
-              f"    >>> {name}({args[0]!r})\n"
-              f"    {fam.func(p, args[0])!r}\n"
-              f"    \"\"\"\n")
-    test = "def check(candidate):\n" + "".join(
-        f"    assert candidate({x!r}) == {fam.func(p, x)!r}\n" for x in args[1:])
-    return {"task_id": f"generated/{i}", "prompt": prompt, "canonical_solution": fam.body.format(p=p),
-            "test": test, "entry_point": name}
+    prompt = (
+        f"def {name}({fam.arg}) -> {fam.returns}:\n"
+        f'    """{doc}\n'
+        f"    >>> {name}({args[0]!r})\n"
+        f"    {fam.func(p, args[0])!r}\n"
+        f'    """\n'
+    )
+    test = "def check(candidate):\n" + "".join(f"    assert candidate({x!r}) == {fam.func(p, x)!r}\n" for x in args[1:])
+    return {
+        "task_id": f"generated/{i}",
+        "prompt": prompt,
+        "canonical_solution": fam.body.format(p=p),
+        "test": test,
+        "entry_point": name,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +351,10 @@ def _multiple_choice(rng: random.Random, i: int) -> dict[str, Any]:
         place, creature = rng.choice(PLACES), rng.choice(CREATURES)
         options = rng.sample(COLOURS, 4)
         gold = rng.randrange(4)
-        q = (f"In {place}, every {creature} is {options[gold]}. What colour is {_article(creature)} {creature} "
-             f"from {place}?")
+        q = (
+            f"In {place}, every {creature} is {options[gold]}. What colour is {_article(creature)} {creature} "
+            f"from {place}?"
+        )
     elif kind == 1:
         numbers = rng.sample(range(1, 100), 4)
         options = [str(x) for x in numbers]
@@ -249,36 +388,60 @@ def _style_text(rng: random.Random, style: str) -> str:
         sky = rng.choice(("clear", "grey", "hazy", "stormy", "bright", "misty"))
         wind = rng.choice(("light", "steady", "gusty", "cold", "warm"))
         direction = rng.choice(("north", "south", "east", "west"))
-        advice = rng.choice(("Carry an umbrella", "A good day for the harbour", "Expect frost after dark",
-                             "Keep the shutters closed", "Fine weather for the fields"))
-        return (f"Weather for {place}: {sky} skies in the morning, {rng.randint(2, 31)} degrees by noon, and a "
-                f"{wind} wind from the {direction}. {advice}.")
+        advice = rng.choice(
+            (
+                "Carry an umbrella",
+                "A good day for the harbour",
+                "Expect frost after dark",
+                "Keep the shutters closed",
+                "Fine weather for the fields",
+            )
+        )
+        return (
+            f"Weather for {place}: {sky} skies in the morning, {rng.randint(2, 31)} degrees by noon, and a "
+            f"{wind} wind from the {direction}. {advice}."
+        )
     if style == "recipe":
         dish = rng.choice(("barley cakes", "river soup", "honey loaf", "pepper stew", "plum tart"))
         a, b = rng.sample(("oat flour", "goat milk", "crushed nuts", "dried plums", "root broth", "butter"), 2)
         spice = rng.choice(("salt", "cinnamon", "thyme", "pepper", "saffron"))
         finish = rng.choice(("golden", "firm", "bubbling", "dark at the edges"))
-        return (f"To make {dish}, stir {rng.randint(1, 4)} cups of {a} into the {b}, add a pinch of {spice}, and "
-                f"bake for {rng.randint(10, 60)} minutes until {finish}.")
+        return (
+            f"To make {dish}, stir {rng.randint(1, 4)} cups of {a} into the {b}, add a pinch of {spice}, and "
+            f"bake for {rng.randint(10, 60)} minutes until {finish}."
+        )
     if style == "ship_log":
         ship = rng.choice(("Grey Heron", "Saltwind", "Lady of Kormoth", "Tidebreaker", "Amber Gull"))
         direction = rng.choice(("north", "south", "east", "west"))
-        event = rng.choice(("Sighted whales at dusk", "Mended the foresail", "Rationed the water",
-                            "Calm seas all day", "Lost a barrel overboard"))
-        return (f"Day {rng.randint(1, 90)} of the voyage. The {ship} sailed {direction} past {place} with a crew "
-                f"of {rng.randint(6, 40)}. {event}.")
+        event = rng.choice(
+            (
+                "Sighted whales at dusk",
+                "Mended the foresail",
+                "Rationed the water",
+                "Calm seas all day",
+                "Lost a barrel overboard",
+            )
+        )
+        return (
+            f"Day {rng.randint(1, 90)} of the voyage. The {ship} sailed {direction} past {place} with a crew "
+            f"of {rng.randint(6, 40)}. {event}."
+        )
     if style == "match_report":
         home, away = rng.sample(PLACES, 2)
         s1 = rng.randint(1, 6)
         s2 = rng.randint(0, s1 - 1)
         day = rng.choice(("Monday", "Wednesday", "Friday", "Saturday", "Sunday"))
-        return (f"{home} Rovers beat {away} United {s1} to {s2} on {day}. {rng.choice(NAMES)} scored twice "
-                f"before the break and the crowd sang until the final whistle.")
+        return (
+            f"{home} Rovers beat {away} United {s1} to {s2} on {day}. {rng.choice(NAMES)} scored twice "
+            f"before the break and the crowd sang until the final whistle."
+        )
     facility = rng.choice(("library", "bridge", "bathhouse", "market hall", "east gate"))
     reason = rng.choice(("repairs", "cleaning", "a festival", "an inspection", "flood works"))
     d1 = rng.randint(1, 20)
-    return (f"Notice to the residents of {place}: the {facility} will be closed from the {d1}th to the "
-            f"{d1 + rng.randint(1, 8)}th for {reason}. We regret any inconvenience.")
+    return (
+        f"Notice to the residents of {place}: the {facility} will be closed from the {d1}th to the "
+        f"{d1 + rng.randint(1, 8)}th for {reason}. We regret any inconvenience."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,12 +456,13 @@ _FIELDS: dict[str, dict[str, str]] = {
 
 _FORMATS: dict[str, dict[str, Any]] = {
     # The training completion is the worked solution; the eval target is its final number only.
-    "math": {"prompt": "Question: {question}\nAnswer:", "target": " {answer|final_number}",
-             "completion": " {answer}"},
-    "code": {"prompt": "{prompt}", "target": "{canonical_solution}", "tests": "{test}",
-             "entry_point": "{entry_point}"},
-    "multiple_choice": {"prompt": "Question: {question}\n{choices|lettered}\nAnswer:", "choices": "choices",
-                        "gold": "gold"},
+    "math": {"prompt": "Question: {question}\nAnswer:", "target": " {answer|final_number}", "completion": " {answer}"},
+    "code": {"prompt": "{prompt}", "target": "{canonical_solution}", "tests": "{test}", "entry_point": "{entry_point}"},
+    "multiple_choice": {
+        "prompt": "Question: {question}\n{choices|lettered}\nAnswer:",
+        "choices": "choices",
+        "gold": "gold",
+    },
     "style": {"prompt": "", "target": "{text}"},
 }
 
@@ -314,8 +478,10 @@ def generate_items(opts: GeneratedOptions, stream_seed: int) -> list[dict[str, A
     num_repeats = 0  # draws in a row that gave nothing new: the domain's templates are used up
     while len(out) < wanted:
         if num_repeats > MAX_REPEATS:
-            raise DataError(f"generated source, domain {opts.domain}: only {len(out)} distinct items exist for these "
-                            f"options, {wanted} asked (num_train + num_eval); lower num_train/num_eval")
+            raise DataError(
+                f"generated source, domain {opts.domain}: only {len(out)} distinct items exist for these "
+                f"options, {wanted} asked (num_train + num_eval); lower num_train/num_eval"
+            )
         i = len(out)
         if opts.domain == "math":
             item = _math(rng, i)
@@ -358,5 +524,13 @@ class GeneratedSource(Source):
         items = generate_items(opts, ctx.seed)
         part = range(opts.num_train) if split == "train" else range(opts.num_train, len(items))
         docs = [Doc(id=f"{opts.domain}-{i}", where=f"generated:{opts.domain} item {i}", fields=items[i]) for i in part]
-        return SourceRead(docs, {"domain": opts.domain, "style": opts.style, "seed": opts.seed,
-                                 "stream_seed": ctx.seed, "num_records": len(docs)})
+        return SourceRead(
+            docs,
+            {
+                "domain": opts.domain,
+                "style": opts.style,
+                "seed": opts.seed,
+                "stream_seed": ctx.seed,
+                "num_records": len(docs),
+            },
+        )

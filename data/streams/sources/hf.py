@@ -39,7 +39,8 @@ class HfOptions(TableOptions):
     revision: Annotated[str, Text()] = ""  # a hub commit or tag to pin; "" = the default branch
     # split name -> file or glob, for builders such as json (relative to the stream file); {} = none
     data_files: Annotated[dict[str, str], Mapping(_SPLIT_NAME, Text(empty_ok=False), 0, 20)] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
 
 
 def _is_local(path: str) -> bool:
@@ -75,27 +76,36 @@ class HfSource(Source):
         if opts.data_files:
             kwargs["data_files"] = {k: str(ctx.path(v, f"data_files.{k}")) for k, v in opts.data_files.items()}
         # Messages name the file for a builder on local files, else the data set (and configuration).
-        where_ds = (kwargs["data_files"][split] if split in kwargs.get("data_files", {}) else
-                    opts.path + (f" ({opts.name})" if opts.name else ""))
+        where_ds = (
+            kwargs["data_files"][split]
+            if split in kwargs.get("data_files", {})
+            else opts.path + (f" ({opts.name})" if opts.name else "")
+        )
         try:
             ds = datasets.load_dataset(path, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the library raises many types; each becomes one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DataError(f"task {ctx.task!r}: hf source {where_ds} split {split!r}: cannot load "
-                            f"({type(exc).__name__}: {first}); offline, use a local copy (./dir or data_files) "
-                            "or a warm cache with HF_DATASETS_OFFLINE=1") from None
+            raise DataError(
+                f"task {ctx.task!r}: hf source {where_ds} split {split!r}: cannot load "
+                f"({type(exc).__name__}: {first}); offline, use a local copy (./dir or data_files) "
+                "or a warm cache with HF_DATASETS_OFFLINE=1"
+            ) from None
         declared = opts.fields or STANDARD_FIELDS[ctx.kind]
         columns = set(ds.column_names)
         missing = sorted({name.split(".")[0] for name in declared} - columns)
         if missing:
-            raise DataError(f"{where_ds}[{split}]: missing column(s) {', '.join(missing)} (declared in fields:); "
-                            f"the dataset has: {', '.join(sorted(columns))}")
+            raise DataError(
+                f"{where_ds}[{split}]: missing column(s) {', '.join(missing)} (declared in fields:); "
+                f"the dataset has: {', '.join(sorted(columns))}"
+            )
         for name, names in opts.labels.items():
             feature = ds.features.get(name)
             known = getattr(feature, "names", None)
             if known is not None and list(known) != list(names):
-                raise DataError(f"{where_ds}[{split}]: labels.{name} {names} differ from the dataset's class names "
-                                f"{list(known)}; copy them in that order")
+                raise DataError(
+                    f"{where_ds}[{split}]: labels.{name} {names} differ from the dataset's class names "
+                    f"{list(known)}; copy them in that order"
+                )
         problems = RecordProblems(f"{where_ds}[{split}]")
         docs = []
         for i, row in enumerate(ds):
@@ -107,5 +117,14 @@ class HfSource(Source):
                 docs.append(Doc(id=f"row{i}", where=where, fields=row))
         problems.raise_if_any()
         fingerprint = getattr(ds, "_fingerprint", "")
-        return SourceRead(docs, {"path": opts.path, "name": opts.name, "revision": opts.revision, "split": split,
-                                 "num_rows": len(ds), "datasets_fingerprint": fingerprint})
+        return SourceRead(
+            docs,
+            {
+                "path": opts.path,
+                "name": opts.name,
+                "revision": opts.revision,
+                "split": split,
+                "num_rows": len(ds),
+                "datasets_fingerprint": fingerprint,
+            },
+        )

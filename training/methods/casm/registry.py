@@ -107,8 +107,7 @@ class TemplateParser:
             for i, tok in enumerate(toks):
                 if _is_capitalised(tok) and not _starts_sentence(toks, i):
                     mid_caps.add(tok)
-        function_words = {w for w, n in doc_freq.items()
-                          if n >= max(2, self.function_word_share * len(all_texts))}
+        function_words = {w for w, n in doc_freq.items() if n >= max(2, self.function_word_share * len(all_texts))}
         statements: list[Statement] = []
         unparsed: list[str] = []
         for period, texts in by_period:
@@ -125,8 +124,9 @@ class TemplateParser:
         return statements, unparsed
 
     # -- one passage -------------------------------------------------------------------------
-    def _parse_one(self, period: str, text: str, toks: list[str], mid_caps: set[str]
-                   ) -> tuple[list[str], tuple[int, int], tuple[int, int] | None, int] | None:
+    def _parse_one(
+        self, period: str, text: str, toks: list[str], mid_caps: set[str]
+    ) -> tuple[list[str], tuple[int, int], tuple[int, int] | None, int] | None:
         if toks and toks[-1] == ".":
             toks = toks[:-1]
         p_idx = next((i for i, t in enumerate(toks) if t == period), None)
@@ -171,14 +171,14 @@ class TemplateParser:
 
     def _lowercase_value(self, i: int, parsed: list[Any], function_words: set[str]) -> tuple[int, int]:
         toks, s_span, _, p_idx = parsed[i]
-        subject = toks[s_span[0]:s_span[1]]
+        subject = toks[s_span[0] : s_span[1]]
         floor = max(s_span[1], p_idx + 1)
         best = 0
         for j, other in enumerate(parsed):
             if j == i or other is None:
                 continue
-            o_toks, o_s, o_v, _ = other
-            if o_toks[o_s[0]:o_s[1]] != subject:
+            o_toks, o_s, _o_v, _ = other
+            if o_toks[o_s[0] : o_s[1]] != subject:
                 continue
             n = 0
             while n < len(toks) - floor and n < len(o_toks) and toks[-1 - n] == o_toks[-1 - n]:
@@ -190,8 +190,9 @@ class TemplateParser:
         return start, len(toks)
 
     @staticmethod
-    def _statement(period: str, text: str, toks: list[str], s_span: tuple[int, int], v_span: tuple[int, int],
-                   p_idx: int) -> Statement:
+    def _statement(
+        period: str, text: str, toks: list[str], s_span: tuple[int, int], v_span: tuple[int, int], p_idx: int
+    ) -> Statement:
         out: list[str] = []
         for i, tok in enumerate(toks):
             if s_span[0] <= i < s_span[1]:
@@ -204,8 +205,13 @@ class TemplateParser:
                 out.append(PERIOD)
             else:
                 out.append(tok)
-        return Statement(period=period, text=text, subject=_join(toks[s_span[0]:s_span[1]]),
-                         value=_join(toks[v_span[0]:v_span[1]]), skeleton=_join(out))
+        return Statement(
+            period=period,
+            text=text,
+            subject=_join(toks[s_span[0] : s_span[1]]),
+            value=_join(toks[v_span[0] : v_span[1]]),
+            skeleton=_join(out),
+        )
 
 
 def _join(toks: Iterable[str]) -> str:
@@ -241,8 +247,9 @@ class _UnionFind:
         return keep
 
 
-def build_registry(statements: Sequence[Statement], period_order: Sequence[str],
-                   slots: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_registry(
+    statements: Sequence[Statement], period_order: Sequence[str], slots: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The registry as plain JSON data, from the log of statements (a pure function of it).
 
     facts: one entry per (subject, relation cluster) with its versions in time order. A version has
@@ -260,10 +267,10 @@ def build_registry(statements: Sequence[Statement], period_order: Sequence[str],
         uf.find(st.skeleton)
     # Co-statements: one subject and value in one period under two wordings -> one relation.
     for period, sts in by_period.items():
-        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        wordings: dict[tuple[str, str], list[str]] = defaultdict(list)
         for st in sts:
-            groups[(st.subject, st.value)].append(st.skeleton)
-        for skels in groups.values():
+            wordings[(st.subject, st.value)].append(st.skeleton)
+        for skels in wordings.values():
             for other in skels[1:]:
                 uf.union(skels[0], other)
 
@@ -314,28 +321,55 @@ def build_registry(statements: Sequence[Statement], period_order: Sequence[str],
                     versions[-1]["confirmed_in"].append(period)
                 continue
             vid = f"{fact_id} @ {period}"
-            version = {"id": vid, "value": value, "valid_from": period, "valid_until": None,
-                       "parent": versions[-1]["id"] if versions else None, "contradicts": [],
-                       "contradicted_by": [], "confirmed_in": [period], "evidence": {period: list(texts)},
-                       "slot": slots.get(f"{period}|{subj}|{value}")}
+            version: dict[str, Any] = {
+                "id": vid,
+                "value": value,
+                "valid_from": period,
+                "valid_until": None,
+                "parent": versions[-1]["id"] if versions else None,
+                "contradicts": [],
+                "contradicted_by": [],
+                "confirmed_in": [period],
+                "evidence": {period: list(texts)},
+                "slot": slots.get(f"{period}|{subj}|{value}"),
+            }
             if versions:
                 prev = versions[-1]
                 prev["valid_until"] = period
                 prev["contradicted_by"].append(vid)
                 version["contradicts"].append(prev["id"])
             versions.append(version)
-        facts.append({"id": fact_id, "subject": subj, "relation": label,
-                      "wordings": sorted(s for s in first_skeleton if uf.find(s) == root),
-                      "versions": versions})
+        facts.append(
+            {
+                "id": fact_id,
+                "subject": subj,
+                "relation": label,
+                "wordings": sorted(s for s in first_skeleton if uf.find(s) == root),
+                "versions": versions,
+            }
+        )
     num_versions = sum(len(f["versions"]) for f in facts)
-    return {"schema_version": 1, "periods": list(period_order), "facts": facts,
-            "num_facts": len(facts), "num_versions": num_versions,
-            "num_contradictions": num_versions - len(facts), "relation_links": links}
+    return {
+        "schema_version": 1,
+        "periods": list(period_order),
+        "facts": facts,
+        "num_facts": len(facts),
+        "num_versions": num_versions,
+        "num_contradictions": num_versions - len(facts),
+        "relation_links": links,
+    }
 
 
-def _link_target(subj: str, root: str, value: str, sts: list[Statement],
-                 observations: dict[tuple[str, str], list[tuple[str, str, list[str]]]],
-                 stated_now: set[tuple[str, str]], uf: _UnionFind, period: str) -> tuple[str, str] | None:
+def _link_target(
+    subj: str,
+    root: str,
+    value: str,
+    sts: list[Statement],
+    observations: dict[tuple[str, str], list[tuple[str, str, list[str]]]],
+    stated_now: set[tuple[str, str]],
+    uf: _UnionFind,
+    period: str,
+) -> tuple[str, str] | None:
     """An existing fact of `subj` that this unseen wording most plausibly restates or contradicts."""
     shape = value_shape(value)
     words = set().union(*(_content_words(s.skeleton) for s in sts))

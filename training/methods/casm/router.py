@@ -126,10 +126,12 @@ class PeriodRouting:
     def attach(self, model: nn.Module, memories: dict[int, ProductKeyMemory]) -> PeriodRouter:
         """Add the router (frozen until its first period trains it) and the hook that routes every forward."""
         self.memories = memories
-        hidden = int(model.config.hidden_size)
+        hf_config: Any = model.config  # a transformers model's config; nn.Module's __getattr__ types it Tensor | Module
+        hidden = int(hf_config.hidden_size)
         ref = next(iter(self.memories.values())).values[0]
-        self.router = PeriodRouter(hidden, self.cfg.router_hidden, len(self.period_names),
-                                   derive_seed(self.ctx.seed, "casm", "router")).to(ref.device)
+        self.router = PeriodRouter(
+            hidden, self.cfg.router_hidden, len(self.period_names), derive_seed(self.ctx.seed, "casm", "router")
+        ).to(ref.device)
         for p in self.router.parameters():
             p.requires_grad_(False)
         model.add_module(ROUTER_ATTR, self.router)
@@ -137,7 +139,7 @@ class PeriodRouting:
         self.router_layer = min(self.cfg.router_layer, min(self.memories))
         decoder_layers(model)[self.router_layer].register_forward_pre_hook(self._route_hook, with_kwargs=True)
         # the router pools over the whole row: a packed row would let one choice steer another's route
-        decoder_layers(model)[self.router_layer].mixes_positions = True
+        decoder_layers(model)[self.router_layer].mixes_positions = True  # type: ignore[assignment]  # a plain flag: nn.Module.__setattr__ is typed for tensors and modules
         return self.router
 
     def forget_history(self) -> None:
@@ -160,7 +162,7 @@ class PeriodRouting:
             dev = logits.device
             target = self.replay["target"][idx].to(dev)
             old = self.router(self.replay["x"][idx].to(dev).float(), self.replay["mask"][idx].to(dev))
-            rows.append(old[..., :self.current][target >= 0])
+            rows.append(old[..., : self.current][target >= 0])
             targets.append(target[target >= 0])
         if not rows:
             return None
@@ -184,7 +186,7 @@ class PeriodRouting:
         # picks the banks a token reads, an address like the slots' (ProductKeyMemory.lookup): float32
         # outside autocast, so training under bf16 routes as evaluation does.
         with torch.autocast(x.device.type, enabled=False):
-            logits = self.router(full_x, full_mask)[:, -x.shape[1]:, :avail]
+            logits = self.router(full_x, full_mask)[:, -x.shape[1] :, :avail]
         probs = torch.softmax(logits, dim=-1)
         route = probs.argmax(-1)
         banks = torch.arange(avail, device=x.device)
@@ -208,18 +210,22 @@ class PeriodRouting:
         tokens, so the inputs of the earlier steps of the same generation are kept and prepended."""
         first = next(iter(self.memories.values()))
         mask, past = first.token_mask, first.past_len
-        new_mask = None if mask is None else mask[:, -x.shape[1]:]
+        new_mask = None if mask is None else mask[:, -x.shape[1] :]
         history = self._history
-        if (past > 0 and history is not None and history[0].shape[0] == x.shape[0]
-                and history[0].shape[1] == past and not torch.is_grad_enabled()):
+        if (
+            past > 0
+            and history is not None
+            and history[0].shape[0] == x.shape[0]
+            and history[0].shape[1] == past
+            and not torch.is_grad_enabled()
+        ):
             full_x = torch.cat([history[0], x.float()], dim=1)
             if new_mask is None:
                 new_mask = torch.ones(x.shape[:2], dtype=history[1].dtype, device=x.device)
             full_mask = torch.cat([history[1], new_mask.to(history[1].device)], dim=1)
         else:
             full_x = x.float()
-            full_mask = new_mask if new_mask is not None else torch.ones(x.shape[:2], dtype=torch.long,
-                                                                         device=x.device)
+            full_mask = new_mask if new_mask is not None else torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         # Only inference forwards continue a generation; a training forward never keeps history.
         self._history = None if torch.is_grad_enabled() else (full_x, full_mask)
         return full_x, full_mask
@@ -244,7 +250,7 @@ class PeriodRouting:
         return mask.to(logits.device), label_map[mask].to(logits.device)
 
     def _positions_after_mention(self, text: str, width: int) -> list[tuple[int, int]]:
-        mention = period_mention(text, self.period_names[:self.current])
+        mention = period_mention(text, self.period_names[: self.current])
         if mention is None:
             return []
         label, end = mention
@@ -255,8 +261,9 @@ class PeriodRouting:
             out.append((len(offsets), label))  # the EOS the trainer appends
         return out
 
-    def rehearsal_set(self, model: nn.Module, log: list[list[Any]], periods: list[str],
-                      upto: int) -> dict[str, torch.Tensor] | None:
+    def rehearsal_set(
+        self, model: nn.Module, log: list[list[Any]], periods: list[str], upto: int
+    ) -> dict[str, torch.Tensor] | None:
         """Router inputs of the logged passages of `periods`, each re-dated to every period 1..upto.
 
         The date is the only thing that should decide the route, yet a later period has few passages,
@@ -278,16 +285,17 @@ class PeriodRouting:
                 if mention is None:
                     continue
                 start = mention[1] - len(self.period_names[mention[0]])
-                texts.extend(text[:start] + other + text[mention[1]:] for other in names)
+                texts.extend(text[:start] + other + text[mention[1] :] for other in names)
         return self._router_inputs_of(model, texts) if texts else None
 
-    def text_batches(self, texts: list[str], size: int = 32, left: bool = False
-                      ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    def text_batches(
+        self, texts: list[str], size: int = 32, left: bool = False
+    ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
         """(texts, input_ids, attention_mask) in chunks of `size`, tokenised as the trainer does."""
         tok = self.ctx.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         for start in range(0, len(texts), size):
-            chunk = texts[start:start + size]
+            chunk = texts[start : start + size]
             ids, mask = pad([list(tok(t, add_special_tokens=False)["input_ids"]) for t in chunk], pad_id, left)
             yield chunk, ids, mask
 
@@ -298,7 +306,7 @@ class PeriodRouting:
         model.eval()
         out: dict[str, torch.Tensor] | None = None
         self._stop_after_capture = True
-        stream_dtype = model.get_input_embeddings().weight.dtype
+        stream_dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]  # a transformers model's method
         try:
             for chunk, ids, mask in self.text_batches(texts):
                 self._capture = []
@@ -344,7 +352,7 @@ class PeriodRouting:
         opt = torch.optim.Adam(params, lr=self.cfg.router_fit_lr)
         with torch.enable_grad():
             for _ in range(self.cfg.router_fit_steps):
-                logits = self.router(x, mask)[..., :self.current]
+                logits = self.router(x, mask)[..., : self.current]
                 loss = F.cross_entropy(logits[target >= 0], target[target >= 0], weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -354,7 +362,6 @@ class PeriodRouting:
             p.grad = None
 
     @torch.no_grad()
-
     @torch.no_grad()
     def route_prompts(self, model: nn.Module, prompts: list[str], batch_size: int = 64) -> list[int]:
         """0-based period index chosen for each prompt, read at its last token (the query alone)."""
@@ -367,8 +374,11 @@ class PeriodRouting:
             # left padding, as in generation: the last column is the end of every query
             for _, ids, mask in self.text_batches(prompts, batch_size, left=True):
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                model(input_ids=ids.to(self.ctx.device), attention_mask=mask.to(self.ctx.device),
-                      position_ids=position_ids.to(self.ctx.device))
+                model(
+                    input_ids=ids.to(self.ctx.device),
+                    attention_mask=mask.to(self.ctx.device),
+                    position_ids=position_ids.to(self.ctx.device),
+                )
                 assert self._route is not None
                 out.extend(int(r) for r in self._route[:, -1].cpu())
         finally:

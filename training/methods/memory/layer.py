@@ -67,11 +67,12 @@ class ProductKeyMemory(nn.Module):
     touching what an earlier period wrote there.
     """
 
-    def __init__(self, hidden_size: int, opts: MemoryOptions, num_banks: int, seed: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, hidden_size: int, opts: MemoryOptions, num_banks: int, seed: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         super().__init__()
         self.num_keys = opts.num_keys
-        self.num_slots = opts.num_keys ** 2
+        self.num_slots = opts.num_keys**2
         self.top_k = opts.top_k
         half = opts.key_dim // 2
         gen = torch.Generator().manual_seed(seed)
@@ -81,9 +82,12 @@ class ProductKeyMemory(nn.Module):
         self.query = nn.Parameter(query.to(dtype=dtype, device=device), requires_grad=False)
         self.keys = nn.Parameter(keys.to(dtype=dtype, device=device), requires_grad=False)
         # Zero values: the branch adds exactly 0 until training writes a slot.
-        self.values = nn.ParameterList([
-            nn.Parameter(torch.zeros(self.num_slots, hidden_size, dtype=dtype, device=device))
-            for _ in range(num_banks)])
+        self.values = nn.ParameterList(
+            [
+                nn.Parameter(torch.zeros(self.num_slots, hidden_size, dtype=dtype, device=device))
+                for _ in range(num_banks)
+            ]
+        )
         # Per-forward bookkeeping, set by the owning method (never saved).
         self.counts: torch.Tensor | None = None  # slot access counts of the current optimizer step
         # sequences that read each slot at least once, while a background is being read (smf background)
@@ -158,7 +162,7 @@ class ProductKeyMemory(nn.Module):
             return self.read(0, indices, weights).to(x.dtype)
         out = torch.zeros_like(x)
         for bank in range(self.gates.shape[-1]):
-            out = out + self.gates[..., bank:bank + 1].to(x.dtype) * self.read(bank, indices, weights).to(x.dtype)
+            out = out + self.gates[..., bank : bank + 1].to(x.dtype) * self.read(bank, indices, weights).to(x.dtype)
         return out
 
     def _sequences_reading(self, indices: torch.Tensor) -> torch.Tensor:

@@ -34,21 +34,29 @@ def tfidf_top_t(counts: torch.Tensor, doc_freq: torch.Tensor, num_docs: int, top
 
 
 @torch.no_grad()
-def read_background(model: nn.Module, memories: dict[int, ProductKeyMemory], tokenizer: Any, texts: list[str],
-                    max_len: int, batch_size: int = 16) -> tuple[dict[int, torch.Tensor], int]:
+def read_background(
+    model: nn.Module,
+    memories: dict[int, ProductKeyMemory],
+    tokenizer: Any,
+    texts: list[str],
+    max_len: int,
+    batch_size: int = 16,
+) -> tuple[dict[int, torch.Tensor], int]:
     """Document frequencies of every slot over `texts` (one document per text, tokenised as training
     tokenises passages), read by the model as it is now: (per memory layer, how many texts read the
     slot), and the number of texts."""
     device = next(iter(memories.values())).values[0].device
-    for mem in memories.values():
-        mem.seq_counts = torch.zeros(mem.num_slots, dtype=torch.long, device=device)
+    # the memories add to these in place (ProductKeyMemory.forward), so they hold the counts afterwards
+    counts = {i: torch.zeros(mem.num_slots, dtype=torch.long, device=device) for i, mem in memories.items()}
+    for i, mem in memories.items():
+        mem.seq_counts = counts[i]
     try:
         data = tokenize(tokenizer, texts, max_len)
         with eval_mode(model):
             for start in range(0, len(data.token_ids), batch_size):
-                batch = collate(data.token_ids[start:start + batch_size], tokenizer.pad_token_id)
+                batch = collate(data.token_ids[start : start + batch_size], tokenizer.pad_token_id)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        return {i: m.seq_counts.cpu().clone() for i, m in memories.items()}, len(texts)
+        return {i: c.cpu().clone() for i, c in counts.items()}, len(texts)
     finally:
         for mem in memories.values():
             mem.seq_counts = None

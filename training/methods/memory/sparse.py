@@ -71,8 +71,11 @@ class SparseSlotUpdater:
         self.num_docs = num_docs
 
     def state_dict(self) -> dict[str, Any]:
-        return {"doc_freq": {str(i): t.clone() for i, t in self.doc_freq.items()}, "num_docs": self.num_docs,
-                "ever_updated": {str(i): t.clone() for i, t in self.ever_updated.items()}}
+        return {
+            "doc_freq": {str(i): t.clone() for i, t in self.doc_freq.items()},
+            "num_docs": self.num_docs,
+            "ever_updated": {str(i): t.clone() for i, t in self.ever_updated.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.doc_freq = {int(i): t.clone() for i, t in state["doc_freq"].items()}

@@ -4,7 +4,7 @@ attention mask, the optimizer group of their value tables, and their compact che
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,10 +18,10 @@ def _attach_hook(mlp: nn.Module, memory: ProductKeyMemory) -> None:
     mlp.add_module(MEMORY_ATTR, memory)
     # a token's lookup reads its own hidden state, unless the query is the prefix mean: shared-context
     # scoring (eval_and_metrics/evaluate.py packed_mask_kind) may pack rows only in the first case
-    mlp.mixes_positions = memory.query_input == "prefix_mean"
+    mlp.mixes_positions = memory.query_input == "prefix_mean"  # type: ignore[assignment]  # a plain flag: nn.Module.__setattr__ is typed for tensors and modules
 
     def add_memory(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + module.memory(args[0])
+        return output + cast(nn.Module, module.memory)(args[0])
 
     mlp.register_forward_hook(add_memory)
 
@@ -43,13 +43,16 @@ def resolve_layers(requested: list[int], num_layers: int, section: str) -> list[
         return [(3 * num_layers) // 4]
     out = sorted({i % num_layers for i in requested if -num_layers <= i < num_layers})
     if len(out) != len(set(requested)):
-        raise ValueError(f"method.{section}.layers {requested} must be distinct indices in "
-                         f"[{-num_layers}, {num_layers - 1}] for this {num_layers}-layer model")
+        raise ValueError(
+            f"method.{section}.layers {requested} must be distinct indices in "
+            f"[{-num_layers}, {num_layers - 1}] for this {num_layers}-layer model"
+        )
     return out
 
 
-def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed: int,
-                    section: str) -> dict[int, ProductKeyMemory]:
+def attach_memories(
+    model: nn.Module, opts: MemoryOptions, num_banks: int, seed: int, section: str
+) -> dict[int, ProductKeyMemory]:
     """Freeze the backbone and add a memory next to the FFN of each chosen layer."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -57,21 +60,24 @@ def attach_memories(model: nn.Module, opts: MemoryOptions, num_banks: int, seed:
     chosen = resolve_layers(list(opts.layers), len(layers), section)
     memories: dict[int, ProductKeyMemory] = {}
     for i in chosen:
-        mlp = layers[i].mlp
+        mlp = cast(nn.Module, layers[i].mlp)  # decoder_layers found an .mlp submodule on every layer
         if hasattr(mlp, MEMORY_ATTR):
             raise ValueError(f"layer {i} already has a memory; prepare() was called twice")
         ref = next(mlp.parameters())
-        hidden = int(getattr(model.config, "hidden_size"))
+        hf_config: Any = model.config  # a transformers model's config; nn.Module's __getattr__ types it Tensor | Module
+        hidden = int(hf_config.hidden_size)
         # float32 whatever the backbone holds: the values train (master weights, training/models.py) and
         # the layer's own weights may be bf16 or packed 4-bit bytes (uint8), never a memory's dtype
-        memories[i] = ProductKeyMemory(hidden, opts, num_banks, derive_seed(seed, section, "memory", i),
-                                       torch.float32, ref.device)
+        memories[i] = ProductKeyMemory(
+            hidden, opts, num_banks, derive_seed(seed, section, "memory", i), torch.float32, ref.device
+        )
         _attach_hook(mlp, memories[i])
     return memories
 
 
 def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -> None:
     """Give the memories the attention mask of each forward, so padding never counts as an access."""
+
     def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         cache = kwargs.get("past_key_values")
@@ -82,7 +88,7 @@ def install_mask_hook(model: nn.Module, memories: dict[int, ProductKeyMemory]) -
             mem.past_len = past
 
     model.register_forward_pre_hook(grab, with_kwargs=True)
-    model.mixes_positions = False  # it only hands the memories the mask; packed_mask_kind may pack
+    model.mixes_positions = False  # type: ignore[assignment]  # (a plain flag, as above) it only hands the memories the mask; packed_mask_kind may pack
 
 
 def value_group(params: list[nn.Parameter], opts: MemoryOptions, default_lr: float) -> dict[str, Any]:
@@ -122,8 +128,9 @@ def memory_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str,
-                           extra: tuple[str, ...] = ()) -> None:
+def load_memory_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, extra: tuple[str, ...] = ()
+) -> None:
     """Inverse of memory_state_dict (plus the named `extra` dense tensors); a missing or unknown
     name is an error, as in Method.load_trainable_state_dict."""
     params = dict(model.named_parameters())
@@ -139,7 +146,7 @@ def load_memory_state_dict(model: nn.Module, state: dict[str, torch.Tensor], nam
             if n.endswith(DATA):
                 continue
             if n.endswith(ROWS):
-                base = n[:-len(ROWS)]
+                base = n[: -len(ROWS)]
                 table = params[base]
                 table.zero_()
                 rows = state[n].to(table.device, torch.long)
