@@ -83,8 +83,7 @@ def device_card(device: torch.device) -> Card:
     if device.type != "cuda":
         return Card(f"cpu ({torch.get_num_threads()} threads)", "cpu", None)
     props = torch.cuda.get_device_properties(device)
-    return identify_card(torch.cuda.get_device_name(device), props.multi_processor_count,
-                         props.total_memory / 2**30)
+    return identify_card(torch.cuda.get_device_name(device), props.multi_processor_count, props.total_memory / 2**30)
 
 
 # -- parameters and FLOPs -----------------------------------------------------------------------------
@@ -192,7 +191,7 @@ def packed_sequences(passages: list[list[int]], eos: int, seq_len: int, count: i
     for _ in range(count):
         seq: list[int] = []
         while len(seq) < seq_len:
-            take = stream[pos:pos + seq_len - len(seq)]
+            take = stream[pos : pos + seq_len - len(seq)]
             seq += take
             pos = (pos + len(take)) % len(stream)
         out.append(seq)
@@ -235,8 +234,12 @@ def wrap_for_world(model: nn.Module, method: Method, world: World, device: torch
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=method.leaves_parameters_unused)
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=method.leaves_parameters_unused,
+    )
 
 
 def param_dtype(model: nn.Module, trainable: bool) -> str:
@@ -253,10 +256,22 @@ def random_4bit_source(model_cfg: ModelConfig, bench: Any, seed: int) -> str:
     return where
 
 
-def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes: int, seed: int = 0,
-                 model_cfg: ModelConfig | None = None, world: World = World(), precision: str = "auto",
-                 checkpointing: bool = False, seq_len: int = 128, num_facts: int = 48,
-                 warmup: int = 2, items: str = "") -> dict | None:
+def bench_method(
+    name: str,
+    mode: str,
+    steps: int,
+    max_tokens: int,
+    eval_probes: int,
+    seed: int = 0,
+    model_cfg: ModelConfig | None = None,
+    world: World = World(),
+    precision: str = "auto",
+    checkpointing: bool = False,
+    seq_len: int = 128,
+    num_facts: int = 48,
+    warmup: int = 2,
+    items: str = "",
+) -> dict | None:
     """One method's training rate. items "": every step is rows of exactly seq_len tokens (the passages
     end to end, no separation: raw speed); "unpacked" / "packed": the passages as training items in
     length-bucketed micro-batches under the token budget, right-padded (collate) or end to end in one row
@@ -306,8 +321,11 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
         if items:
             idx = plan[i % len(plan)]
             chosen = [item_ids[j] for j in idx]
-            full = (collate_packed(chosen, tokenizer.pad_token_id) if items == "packed"
-                    else collate(chosen, tokenizer.pad_token_id))
+            full = (
+                collate_packed(chosen, tokenizer.pad_token_id)
+                if items == "packed"
+                else collate(chosen, tokenizer.pad_token_id)
+            )
         else:
             full = collate([sequences[j] for j in idx], tokenizer.pad_token_id)
         # counted on the host: reading a CUDA tensor would synchronise inside the timed steps
@@ -337,13 +355,24 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
     flops = train_flops_per_token(model, seq_len)
     card = device_card(device)
     row = {
-        "method": name, "mode": mode, "device": str(device), "card": card.label, "precision": precision,
-        "base_dtype": param_dtype(model, trainable=False), "trainable_dtype": param_dtype(model, trainable=True),
-        "quantize": model_cfg.quantize, "gradient_checkpointing": checkpointing, "ranks": world.size,
-        "strategy": "ddp" if world.active else "single", "threads": torch.get_num_threads(),
+        "method": name,
+        "mode": mode,
+        "device": str(device),
+        "card": card.label,
+        "precision": precision,
+        "base_dtype": param_dtype(model, trainable=False),
+        "trainable_dtype": param_dtype(model, trainable=True),
+        "quantize": model_cfg.quantize,
+        "gradient_checkpointing": checkpointing,
+        "ranks": world.size,
+        "strategy": "ddp" if world.active else "single",
+        "threads": torch.get_num_threads(),
         "params_m": round(count_params(model) / 1e6, 3),
         "trainable_params_m": round(count_params(model, trainable_only=True) / 1e6, 3),
-        "steps": steps, "seq_len": seq_len, "max_tokens": max_tokens, "items": items or "concatenated",
+        "steps": steps,
+        "seq_len": seq_len,
+        "max_tokens": max_tokens,
+        "items": items or "concatenated",
         "tokens_per_step_per_rank": real_tokens // steps,
         "step_time_s": round(train_s / steps, 4),
         "train_tokens_per_s_per_rank": round(per_rank, 1),
@@ -361,9 +390,11 @@ def bench_method(name: str, mode: str, steps: int, max_tokens: int, eval_probes:
     t0 = time.perf_counter()
     evaluate_probes(model, tokenizer, probes, device, batch_size=32)
     state = method.trainable_state_dict(model)
-    row.update({
-        "eval_probes_per_s": round(len(probes) / (time.perf_counter() - t0), 2),
-        "trainable_state_mb": round(sum(t.numel() * t.element_size() for t in state.values()) / 2**20, 3),
-        "model_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
-    })
+    row.update(
+        {
+            "eval_probes_per_s": round(len(probes) / (time.perf_counter() - t0), 2),
+            "trainable_state_mb": round(sum(t.numel() * t.element_size() for t in state.values()) / 2**20, 3),
+            "model_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+        }
+    )
     return row
